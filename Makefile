@@ -1,0 +1,42 @@
+# The two commands of the quick start:
+#   make run    set everything up, then run the main job on the built-in data
+#   make test   set everything up, then run every test tier CI runs
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build from the local wheel here. On a GPU host, e.g.:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+
+.PHONY: setup run test test-fast test-slow lint bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+run: setup
+	$(BIN)/dvc repro
+
+test: setup lint
+	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m slow
+
+test-fast: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check pipelines flows tests benchmarks
+	$(BIN)/ruff format --check pipelines flows tests benchmarks
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV)

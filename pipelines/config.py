@@ -1,0 +1,213 @@
+"""Typed, frozen models of `params.yaml`, loaded once.
+
+Every key is required (no second default in code) and unknown keys are rejected. A bad value or
+an unknown key raises `ParamsError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipelines.errors import ParamsError
+from pipelines.models import ARCHITECTURES
+
+DEFAULT_PARAMS = Path("params.yaml")
+BUILTIN_SOURCES = ("digits",)
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FeatureRange(Section):
+    """Columns named `{prefix}0` .. `{prefix}{count-1}`."""
+
+    prefix: str = Field(min_length=1)
+    count: int = Field(gt=0)
+
+
+class DataConfig(Section):
+    source: str
+    label_column: str = Field(min_length=1)
+    features: list[str] | FeatureRange
+    labels: list[int] | list[str] = Field(min_length=2)
+    value_range: tuple[float, float]
+    image_shape: tuple[int, int] | None
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        if value in BUILTIN_SOURCES or value.lower().endswith(TABLE_SUFFIXES):
+            return value
+        raise ValueError(
+            f"{value!r} is neither a built-in source ({', '.join(BUILTIN_SOURCES)}) "
+            f"nor a table file ({', '.join(TABLE_SUFFIXES)})"
+        )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        low, high = self.value_range
+        if low > high:
+            raise ValueError(f"value_range: low {low} is above high {high}")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels: the label set has repeated values")
+        if self.image_shape is not None:
+            h, w = self.image_shape
+            if h * w != len(self.feature_columns):
+                raise ValueError(
+                    f"image_shape: {h}x{w}={h * w} does not match "
+                    f"{len(self.feature_columns)} feature columns"
+                )
+        return self
+
+    @property
+    def feature_columns(self) -> list[str]:
+        if isinstance(self.features, FeatureRange):
+            return [f"{self.features.prefix}{i}" for i in range(self.features.count)]
+        return list(self.features)
+
+
+class PrepareConfig(Section):
+    val_fraction: float = Field(gt=0, lt=1)
+    test_fraction: float = Field(gt=0, lt=1)
+    seed: int
+
+    @model_validator(mode="after")
+    def _leaves_training_rows(self) -> PrepareConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction must stay below 0.9")
+        return self
+
+
+class ValidateConfig(Section):
+    min_rows_per_class: int = Field(ge=1)
+    max_class_imbalance: float = Field(ge=1.0)
+    max_duplicate_fraction: float = Field(ge=0.0, le=1.0)
+
+
+class ModelConfig(Section):
+    arch: str
+    width: int = Field(gt=0)
+    depth: int = Field(gt=0, le=8)
+    dropout: float = Field(ge=0.0, lt=1.0)
+
+    @field_validator("arch")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in ARCHITECTURES:
+            raise ValueError(f"{value!r} is not registered; allowed: {', '.join(ARCHITECTURES)}")
+        return value
+
+
+class TrainConfig(Section):
+    model: ModelConfig
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    scheduler: Literal["cosine", "constant"]
+    patience: int = Field(gt=0)
+    min_delta: float = Field(ge=0)
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    bf16: bool
+    num_workers: int = Field(ge=0)
+    resume: bool
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(gt=0)
+
+
+class TrackingConfig(Section):
+    uri: str = Field(min_length=1)
+    artifacts: str = Field(min_length=1)
+    experiment: str = Field(min_length=1)
+
+
+class Params(Section):
+    data: DataConfig
+    prepare: PrepareConfig
+    validate_: ValidateConfig = Field(alias="validate")
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    tracking: TrackingConfig
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+def load_params(
+    path: Path | str = DEFAULT_PARAMS, overrides: Mapping[str, Any] | None = None
+) -> Params:
+    """Read `path`, apply `overrides` (nested or dotted keys), validate everything once."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ParamsError(f"{path}: no such params file") from exc
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return validate_params(apply_overrides(raw, overrides or {}), source=str(path))
+
+
+def validate_params(raw: Mapping[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(error, raw) for error in exc.errors()]
+        raise ParamsError(f"{source}: invalid parameters:\n  " + "\n  ".join(lines)) from None
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge `overrides` into a copy of `raw`; a key "train.epochs" means nested keys."""
+    merged = copy.deepcopy(dict(raw))
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = merged
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ParamsError(f"override {key}: {part} is not a section")
+        if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+            node[leaf] = apply_overrides(node[leaf], value)
+        else:
+            node[leaf] = copy.deepcopy(value)
+    return merged
+
+
+def _describe(error: Any, raw: Mapping[str, Any]) -> str:
+    loc = [str(part) for part in error["loc"] if not str(part).startswith(("list[", "tuple["))]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        return f"{key}: unknown key; allowed keys here: {', '.join(allowed)}"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+    return f"{key}: {error['msg']}{shown}"
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(f.alias or n for n, f in model.model_fields.items())
+
+
+def section_dict(section: BaseModel) -> dict[str, Any]:
+    """The section as plain data (for hashing, MLflow params, metadata)."""
+    return section.model_dump(mode="json", by_alias=True)

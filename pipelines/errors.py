@@ -1,0 +1,21 @@
+"""Typed errors a user can act on. Stage CLIs print the message and exit non-zero."""
+
+
+class PipelineError(Exception):
+    """Base of every error the pipeline raises on purpose (bad input, failed gate)."""
+
+
+class ParamsError(PipelineError, ValueError):
+    """params.yaml (or an override) has an unknown key or a bad value."""
+
+
+class DataSourceError(PipelineError):
+    """The configured data source cannot be read as a table."""
+
+
+class DataValidationError(PipelineError):
+    """The data failed the Great Expectations gate; the message lists each failed expectation."""
+
+
+class CheckpointError(PipelineError):
+    """A checkpoint or model file cannot be used."""
