@@ -1,0 +1,178 @@
+"""`prepare`: read the configured source, split it train/val/test by seed, write Parquet + manifest.
+
+Checks here are only what splitting needs (a readable table with the label column); the
+`validate` stage is the data gate, so odd values pass through to be reported there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipelines.artifacts import atomic_path, file_sha256, write_json
+from pipelines.cli import run_cli
+from pipelines.config import DataConfig, Params, PrepareConfig, load_params, section_dict
+from pipelines.errors import DataSourceError
+from pipelines.preprocessing import make_spec
+
+SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
+
+
+def load_source(data: DataConfig, root: Path) -> tuple[pd.DataFrame, str | None]:
+    """The source as a frame of feature columns + label, and the source file's sha256."""
+    if data.source == "digits":
+        return _digits(data), None
+    path = root / data.source
+    frame = _read_table(path)
+    if data.label_column not in frame.columns:
+        raise DataSourceError(
+            f"{data.source}: label column {data.label_column!r} not found; "
+            f"columns are: {', '.join(map(str, frame.columns)) or '(none)'}"
+        )
+    keep = [c for c in data.feature_columns if c in frame.columns] + [data.label_column]
+    dropped = sorted(set(map(str, frame.columns)) - set(keep))
+    if dropped:
+        log.info("prepare: ignoring columns not in data.features: %s", ", ".join(dropped))
+    return frame[keep].reset_index(drop=True), file_sha256(path)
+
+
+def _digits(data: DataConfig) -> pd.DataFrame:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    if len(data.feature_columns) != bunch.data.shape[1]:
+        raise DataSourceError(
+            f"digits has {bunch.data.shape[1]} features but data.features names "
+            f"{len(data.feature_columns)}"
+        )
+    frame = pd.DataFrame(bunch.data, columns=data.feature_columns)
+    frame[data.label_column] = bunch.target.astype(np.int64)
+    return frame
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataSourceError(f"{path}: no such file (data.source in params.yaml)")
+    if path.stat().st_size == 0:
+        raise DataSourceError(f"{path}: the file is empty (no header, no rows)")
+    try:
+        if path.suffix.lower() == ".csv":
+            return pd.read_csv(path)
+        return pd.read_parquet(path)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise DataSourceError(f"{path}: cannot be read as a table: {exc}") from exc
+
+
+def split(frame: pd.DataFrame, label: str, cfg: PrepareConfig) -> dict[str, pd.DataFrame]:
+    """Stratified train/val/test split by seed; plain random where stratifying is impossible
+    (nulls in the label, a class with too few rows): `validate` then reports why."""
+    if len(frame) < 3:
+        return {"train": frame, "val": frame.iloc[:0], "test": frame.iloc[:0]}
+    holdout = cfg.val_fraction + cfg.test_fraction
+    try:
+        rest, held = _split(frame, holdout, label, cfg.seed, stratify=True)
+        val, test = _split(held, cfg.test_fraction / holdout, label, cfg.seed, stratify=True)
+    except ValueError as exc:
+        log.warning("prepare: cannot stratify (%s); splitting at random", exc)
+        rest, held = _split(frame, holdout, label, cfg.seed, stratify=False)
+        val, test = _split(held, cfg.test_fraction / holdout, label, cfg.seed, stratify=False)
+    return {"train": rest, "val": val, "test": test}
+
+
+def _split(
+    frame: pd.DataFrame, fraction: float, label: str, seed: int, *, stratify: bool
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from sklearn.model_selection import train_test_split
+
+    strata = frame[label] if stratify else None
+    if stratify and frame[label].isna().any():
+        raise ValueError("the label column has nulls")
+    first, second = train_test_split(frame, test_size=fraction, random_state=seed, stratify=strata)
+    return first.sort_index(), second.sort_index()
+
+
+def content_hash(splits: dict[str, pd.DataFrame]) -> str:
+    """A hash of the split contents (values, columns and split membership), not of file bytes."""
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        frame = splits[name]
+        digest.update(f"{name}:{list(frame.columns)}:{len(frame)}".encode())
+        digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def manifest(
+    data: DataConfig, splits: dict[str, pd.DataFrame], source_sha256: str | None
+) -> dict[str, Any]:
+    frame = splits["train"]
+    return {
+        "source": data.source,
+        "source_sha256": source_sha256,
+        "label_column": data.label_column,
+        "labels": list(data.labels),
+        "feature_columns": data.feature_columns,
+        "schema": {str(c): str(t) for c, t in frame.dtypes.items()},
+        "image_shape": list(data.image_shape) if data.image_shape else None,
+        "preprocessing": make_spec(data.feature_columns, data.value_range, data.image_shape),
+        "splits": {
+            name: {
+                "rows": len(part),
+                "class_counts": {
+                    str(k): int(v) for k, v in part[data.label_column].value_counts().items()
+                },
+            }
+            for name, part in splits.items()
+        },
+        "content_hash": content_hash(splits),
+    }
+
+
+def prepare(data: DataConfig, cfg: PrepareConfig, root: Path, out_dir: Path) -> dict[str, Any]:
+    """Write `out_dir`/{train,val,test}.parquet and manifest.json; return the manifest."""
+    frame, source_sha = load_source(data, root)
+    splits = split(frame, data.label_column, cfg)
+    for name, part in splits.items():
+        with atomic_path(out_dir / f"{name}.parquet") as tmp:
+            part.reset_index(drop=True).to_parquet(tmp, index=False)
+    result = manifest(data, splits, source_sha)
+    write_json(out_dir / "manifest.json", result)  # last: its presence means a complete output
+    return result
+
+
+def read_split(out_dir: Path, name: str) -> pd.DataFrame:
+    return pd.read_parquet(Path(out_dir) / f"{name}.parquet")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--out", type=Path, required=True, help="output folder of the splits")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    args = parser.parse_args(argv)
+    run_cli(lambda: _run(load_params(args.params), args.out, args.metrics))
+
+
+def _run(params: Params, out_dir: Path, metrics_path: Path) -> None:
+    from pipelines.tracking import stage_run
+
+    root = Path.cwd()
+    section = {"data": section_dict(params.data), "prepare": section_dict(params.prepare)}
+    with stage_run("prepare", params, section, root) as run:
+        result = prepare(params.data, params.prepare, root, out_dir)
+        metrics = {f"rows_{name}": split_["rows"] for name, split_ in result["splits"].items()}
+        write_json(metrics_path, metrics)
+        run.set_tags({"data.content_hash": result["content_hash"]})
+        run.log_metrics(metrics)
+        run.log_artifact(out_dir / "manifest.json")
+        log.info("prepare: %s -> %s (%s)", params.data.source, out_dir, metrics)
+
+
+if __name__ == "__main__":
+    main()
