@@ -249,7 +249,7 @@ def stage_run(
     run.parent_run_id = parent_id
     if owns_parent:
         client.update_run(parent_id, status="RUNNING")
-    run.log_params({stage: dict(section)})
+    run.log_params(section)
     run.log_dict({"python": sys.version, "packages": package_versions()}, "environment.json")
     status = "FAILED"
     try:

@@ -1,0 +1,54 @@
+"""Shared fixtures. Every store (MLflow, Prefect, BentoML, DVC cache) is isolated per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import Params, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point MLflow, Prefect, BentoML and GX at a session temp dir; never the network."""
+    base = tmp_path_factory.mktemp("stores")
+    env = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{base / 'mlflow.db'}",
+        "PREFECT_HOME": str(base / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "BENTOML_HOME": str(base / "bentoml"),
+        "GX_ANALYTICS_ENABLED": "false",
+        "DVC_NO_ANALYTICS": "1",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    os.environ.pop("MLOPS_PARENT_RUN_ID", None)
+    yield base
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def params() -> Params:
+    """The real params.yaml, shrunk for tests (few epochs, small model)."""
+    return load_params(
+        REPO / "params.yaml",
+        overrides={"train.epochs": 3, "train.model.width": 8, "train.patience": 3},
+    )
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A temp project root with a copy of params.yaml, for stage CLIs run as subprocesses."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "data").mkdir()
+    return tmp_path

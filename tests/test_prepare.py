@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.artifacts import read_json
+from pipelines.config import Params, load_params
+from pipelines.errors import DataSourceError
+from pipelines.prepare import prepare, read_split
+from tests.conftest import REPO
+
+TABLE = {
+    "data.features": ["a", "b", "c"],
+    "data.labels": ["cat", "dog"],
+    "data.value_range": [0, 10],
+    "data.image_shape": None,
+}
+
+
+def table_params(source: str) -> Params:
+    return load_params(REPO / "params.yaml", overrides={"data.source": source, **TABLE})
+
+
+def user_table(rows: int = 200, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(rng.uniform(0, 10, size=(rows, 3)), columns=["a", "b", "c"])
+    frame["label"] = np.where(frame["a"] > 5, "cat", "dog")
+    frame["row_id"] = range(rows)  # an extra column, not a feature
+    return frame
+
+
+def test_digits_default_splits_stratified_with_manifest(params: Params, tmp_path: Path) -> None:
+    manifest = prepare(params.data, params.prepare, tmp_path, tmp_path / "out")
+    sizes = {name: split["rows"] for name, split in manifest["splits"].items()}
+    assert sizes == {"train": 1257, "val": 270, "test": 270}
+    for name in ("val", "test"):  # stratified: every class in every held-out split, evenly
+        counts = manifest["splits"][name]["class_counts"]
+        assert len(counts) == 10 and max(counts.values()) - min(counts.values()) <= 2
+    assert manifest["preprocessing"]["input_shape"] == [1, 8, 8]
+    assert manifest["schema"]["label"] == "int64"
+    assert read_json(tmp_path / "out" / "manifest.json") == manifest
+    train = read_split(tmp_path / "out", "train")
+    assert list(train.columns) == [*params.data.feature_columns, "label"]
+
+
+def test_same_seed_same_split_other_seed_other_split(params: Params, tmp_path: Path) -> None:
+    first = prepare(params.data, params.prepare, tmp_path, tmp_path / "a")
+    again = prepare(params.data, params.prepare, tmp_path, tmp_path / "b")
+    other = params.prepare.model_copy(update={"seed": 7})
+    moved = prepare(params.data, other, tmp_path, tmp_path / "c")
+    assert first["content_hash"] == again["content_hash"] != moved["content_hash"]
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_user_table_is_a_params_change_only(tmp_path: Path, suffix: str) -> None:
+    source = tmp_path / "data" / f"mine.{suffix}"
+    source.parent.mkdir()
+    frame = user_table()
+    frame.to_csv(source, index=False) if suffix == "csv" else frame.to_parquet(source)
+    params = table_params(f"data/mine.{suffix}")
+    manifest = prepare(params.data, params.prepare, tmp_path, tmp_path / "out")
+    assert sum(s["rows"] for s in manifest["splits"].values()) == 200
+    assert manifest["source_sha256"] and manifest["preprocessing"]["input_shape"] == [3]
+    assert "row_id" not in read_split(tmp_path / "out", "test").columns
+
+
+def test_unreadable_sources_name_the_problem(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "empty.csv").write_text("")
+    user_table().drop(columns="label").to_csv(tmp_path / "data" / "nolabel.csv", index=False)
+    cases = {
+        "data/absent.csv": "no such file",
+        "data/empty.csv": "the file is empty",
+        "data/nolabel.csv": "label column 'label' not found; columns are: a, b, c, row_id",
+    }
+    for source, message in cases.items():
+        params = table_params(source)
+        with pytest.raises(DataSourceError, match=message):
+            prepare(params.data, params.prepare, tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_tiny_class_falls_back_to_a_random_split(tmp_path: Path) -> None:
+    frame = user_table()
+    frame.loc[0, "label"] = "bird"  # one row: cannot be stratified; validate reports it
+    (tmp_path / "data").mkdir()
+    frame.to_csv(tmp_path / "data" / "t.csv", index=False)
+    params = table_params("data/t.csv")
+    manifest = prepare(params.data, params.prepare, tmp_path, tmp_path / "out")
+    assert sum(s["rows"] for s in manifest["splits"].values()) == 200
