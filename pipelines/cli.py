@@ -8,9 +8,13 @@ from collections.abc import Callable
 
 from pipelines.errors import PipelineError
 
+# A stage that rejects its input (bad params, data that fails validation) exits with this code,
+# like argparse does for a bad command line: the orchestrator never retries it.
+EXIT_REJECTED = 2
+
 
 def run_cli(body: Callable[[], object]) -> None:
-    """Run `body`; a `PipelineError` prints its message (no traceback) and exits with status 1."""
+    """Run `body`; a `PipelineError` prints its message (no traceback) and exits EXIT_REJECTED."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("great_expectations", "mlflow", "alembic", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -18,4 +22,4 @@ def run_cli(body: Callable[[], object]) -> None:
         body()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_REJECTED)

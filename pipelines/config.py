@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +20,21 @@ from pipelines.models import ARCHITECTURES
 DEFAULT_PARAMS = Path("params.yaml")
 BUILTIN_SOURCES = ("digits",)
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+# Value types shared by params.yaml's models and the flow's UI parameters (one definition each).
+Epochs = Annotated[int, Field(gt=0, description="training epochs (early stopping may end sooner)")]
+LearningRate = Annotated[float, Field(gt=0, lt=10, description="AdamW learning rate")]
+BatchSize = Annotated[int, Field(gt=0, le=65536, description="training batch size")]
+Arch = Literal[tuple(ARCHITECTURES)]  # type: ignore[valid-type]
+DataSource = Annotated[
+    str,
+    Field(
+        min_length=1,
+        description='"digits" or a CSV/Parquet path under data/',
+        pattern=r"(?i)^(digits|.+\.(csv|parquet|pq))$",
+    ),
+]
 
 
 class Section(BaseModel):
@@ -93,24 +108,17 @@ class ValidateConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: str
+    arch: Arch
     width: int = Field(gt=0)
     depth: int = Field(gt=0, le=8)
     dropout: float = Field(ge=0.0, lt=1.0)
 
-    @field_validator("arch")
-    @classmethod
-    def _registered(cls, value: str) -> str:
-        if value not in ARCHITECTURES:
-            raise ValueError(f"{value!r} is not registered; allowed: {', '.join(ARCHITECTURES)}")
-        return value
-
 
 class TrainConfig(Section):
     model: ModelConfig
-    epochs: int = Field(gt=0)
-    batch_size: int = Field(gt=0)
-    lr: float = Field(gt=0)
+    epochs: Epochs
+    batch_size: BatchSize
+    lr: LearningRate
     weight_decay: float = Field(ge=0)
     scheduler: Literal["cosine", "constant"]
     patience: int = Field(gt=0)
@@ -130,6 +138,44 @@ class TrackingConfig(Section):
     uri: str = Field(min_length=1)
     artifacts: str = Field(min_length=1)
     experiment: str = Field(min_length=1)
+    ui_url: str = Field(min_length=1)
+
+
+class OrchestrationConfig(Section):
+    stage_timeout_s: dict[str, float]
+    retries: int = Field(ge=0, le=10)
+    retry_delay_s: float = Field(ge=0)
+    gpu_stages: list[str]
+
+    @field_validator("stage_timeout_s")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {stage: t for stage, t in value.items() if t <= 0}
+        if bad:
+            raise ValueError(f"timeouts must be positive: {bad}")
+        return value
+
+
+class RunOverrides(Section):
+    """The values users change between runs (the Prefect UI's form); None keeps params.yaml's."""
+
+    epochs: Epochs | None = None
+    lr: LearningRate | None = None
+    batch_size: BatchSize | None = None
+    arch: Arch | None = None
+    data_source: DataSource | None = None
+
+    KEYS: ClassVar[dict[str, str]] = {
+        "epochs": "train.epochs",
+        "lr": "train.lr",
+        "batch_size": "train.batch_size",
+        "arch": "train.model.arch",
+        "data_source": "data.source",
+    }
+
+    def as_dotted(self) -> dict[str, Any]:
+        """{"train.epochs": 5, ...} for the values that are set."""
+        return {self.KEYS[k]: v for k, v in self.model_dump().items() if v is not None}
 
 
 class Params(Section):
@@ -139,6 +185,7 @@ class Params(Section):
     train: TrainConfig
     evaluate: EvaluateConfig
     tracking: TrackingConfig
+    orchestration: OrchestrationConfig
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

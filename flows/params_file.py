@@ -1,0 +1,49 @@
+"""UI overrides of params.yaml: validated by the same models, applied for the run, then undone."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from io import StringIO
+from pathlib import Path
+
+from pipelines.config import Params, RunOverrides, load_params
+
+PARAMS_FILE = "params.yaml"
+
+
+def effective_params(root: Path, overrides: RunOverrides) -> Params:
+    """params.yaml with the overrides applied, validated (raises ParamsError)."""
+    return load_params(root / PARAMS_FILE, overrides.as_dotted())
+
+
+def render_overridden(text: str, overrides: RunOverrides) -> str:
+    """params.yaml's text with the overridden values replaced, comments kept."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    doc = yaml.load(text)
+    for key, value in overrides.as_dotted().items():
+        *parents, leaf = key.split(".")
+        node = doc
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    out = StringIO()
+    yaml.dump(doc, out)
+    return out.getvalue()
+
+
+@contextlib.contextmanager
+def overridden_params_file(root: Path, overrides: RunOverrides) -> Iterator[Path]:
+    """params.yaml holds the overrides while the stages run (DVC reads it), then is restored."""
+    path = root / PARAMS_FILE
+    original = path.read_text()
+    if overrides.as_dotted():
+        path.write_text(render_overridden(original, overrides))
+    try:
+        yield path
+    finally:
+        if path.read_text() != original:
+            path.write_text(original)
