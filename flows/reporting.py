@@ -14,7 +14,7 @@ def mlflow_run_url(params: Params, root: Path, run_id: str) -> str:
     """The run's page in the MLflow UI (`tracking.ui_url`, or the server itself)."""
     import os
 
-    client, experiment = client_for(params.tracking, root)
+    _, experiment = client_for(params.tracking, root)
     tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
     base = tracking if tracking.startswith("http") else params.tracking.ui_url
     return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
