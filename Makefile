@@ -9,6 +9,12 @@ BIN := $(VENV)/bin
 #   make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
+# Stage commands in dvc.yaml call `python`: make it the venv's.
+export PATH := $(abspath $(BIN)):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export GX_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
 
 .PHONY: setup run test test-fast test-slow lint bench clean
 setup: $(VENV)/.installed

@@ -1,0 +1,106 @@
+"""End to end with real DVC: `dvc repro` in a copy of this repository (slow tier)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+FAST = {"  epochs: 30": "  epochs: 2", "  width: 32": "  width: 8"}
+
+
+def copy_project(dest: Path) -> Path:
+    """The repo's tracked and new (non-ignored) files, committed in a fresh git repo."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in listed:
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    edit_params(dest, FAST)
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
+        git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        subprocess.run(git, cwd=dest, check=True)
+    return dest
+
+
+def edit_params(root: Path, replacements: dict[str, str]) -> None:
+    text = (root / "params.yaml").read_text()
+    for old, new in replacements.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    (root / "params.yaml").write_text(text)
+
+
+def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlruns' / 'test.db'}"
+    command = [sys.executable, "-m", "dvc", *args]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def ran(output: str) -> set[str]:
+    return {
+        s for s in ("prepare", "validate", "train", "evaluate") if f"Running stage '{s}'" in output
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = copy_project(tmp_path_factory.mktemp("project"))
+    first = dvc(root, "repro")
+    assert ran(first.stdout) == {"prepare", "validate", "train", "evaluate"}
+    yield root
+
+
+def test_first_repro_runs_every_stage_under_one_mlflow_parent(project: Path) -> None:
+    for name in ("prepare", "validate", "train", "evaluate"):
+        assert (project / "metrics" / f"{name}.json").is_file()
+    assert (project / "reports" / "validate" / "index.html").is_file()
+    assert (project / "plots" / "evaluate" / "confusion_matrix.png").is_file()
+    client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'test.db'}")
+    runs = client.search_runs(client.get_experiment_by_name("digits").experiment_id)
+    stages = [r for r in runs if "mlops.stage" in r.data.tags]
+    parents = {r.data.tags["mlflow.parentRunId"] for r in stages}
+    assert sorted(r.data.tags["mlops.stage"] for r in stages) == sorted(
+        ["prepare", "validate", "train", "evaluate"]
+    )
+    assert len(parents) == 1
+    assert client.get_run(parents.pop()).info.status == "FINISHED"
+
+
+def test_second_repro_runs_nothing(project: Path) -> None:
+    again = dvc(project, "repro")
+    assert ran(again.stdout) == set()
+    assert "up to date" in again.stdout
+
+
+def test_one_train_param_reruns_only_train_and_evaluate(project: Path) -> None:
+    edit_params(project, {"  lr: 0.003": "  lr: 0.002"})
+    changed = dvc(project, "repro")
+    assert ran(changed.stdout) == {"train", "evaluate"}
+
+
+def test_failed_validation_stops_the_pipeline(project: Path) -> None:
+    edit_params(project, {"value_range: [0.0, 16.0]": "value_range: [0.0, 8.0]"})
+    failed = dvc(project, "repro", check=False)
+    assert failed.returncode != 0
+    assert ran(failed.stdout) == {"prepare", "validate"}  # train never starts
+    assert "px_" in failed.stdout + failed.stderr  # names the failing columns
