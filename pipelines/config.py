@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipelines.errors import ParamsError
 from pipelines.models import ARCHITECTURES
@@ -26,7 +34,19 @@ TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 Epochs = Annotated[int, Field(gt=0, description="training epochs (early stopping may end sooner)")]
 LearningRate = Annotated[float, Field(gt=0, lt=10, description="AdamW learning rate")]
 BatchSize = Annotated[int, Field(gt=0, le=65536, description="training batch size")]
-Arch = Literal[tuple(ARCHITECTURES)]  # type: ignore[valid-type]
+
+
+def _registered(value: str) -> str:
+    if value not in ARCHITECTURES:
+        raise ValueError(f"{value!r} is not registered; allowed: {', '.join(ARCHITECTURES)}")
+    return value
+
+
+Arch = Annotated[
+    str,
+    AfterValidator(_registered),
+    Field(description="a registered architecture", json_schema_extra={"enum": list(ARCHITECTURES)}),
+]
 DataSource = Annotated[
     str,
     Field(
@@ -134,6 +154,54 @@ class EvaluateConfig(Section):
     batch_size: int = Field(gt=0)
 
 
+class ExportConfig(Section):
+    opset: int = Field(ge=17)
+    max_batch: int = Field(gt=1)
+    parity_max_abs_diff: float = Field(gt=0)
+    parity_min_agreement: float = Field(gt=0, le=1)
+
+
+class QuantizeConfig(Section):
+    calibration_samples: int = Field(gt=0)
+    calibration_method: Literal["minmax", "entropy", "percentile"]
+    parity_min_agreement: float = Field(gt=0, le=1)
+
+
+class DistillConfig(Section):
+    model: ModelConfig
+    temperature: float = Field(gt=0)
+    alpha: float = Field(ge=0, le=1)
+
+
+class ConvertConfig(Section):
+    precisions: list[Literal["fp16", "int8"]]
+    max_batch: int = Field(gt=0)
+    opt_batch: int = Field(gt=0)
+    workspace_mib: int = Field(gt=0)
+    timeout_s: float = Field(gt=0)
+    parity_min_agreement: float = Field(gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _profile(self) -> ConvertConfig:
+        if self.opt_batch > self.max_batch:
+            raise ValueError(f"opt_batch {self.opt_batch} exceeds max_batch {self.max_batch}")
+        return self
+
+
+class SelectConfig(Section):
+    policy: Literal["throughput", "p99"]
+    max_accuracy_drop: float = Field(ge=0, le=1)
+    serving_batch: int = Field(gt=0)
+    latency_iters: int = Field(gt=0)
+    throughput_iters: int = Field(gt=0)
+    threads: int = Field(ge=0)
+
+
+class RegisterConfig(Section):
+    model_name: str = Field(min_length=1)
+    tolerance: float = Field(ge=0, le=1)
+
+
 class TrackingConfig(Section):
     uri: str = Field(min_length=1)
     artifacts: str = Field(min_length=1)
@@ -146,6 +214,8 @@ class OrchestrationConfig(Section):
     retries: int = Field(ge=0, le=10)
     retry_delay_s: float = Field(ge=0)
     gpu_stages: list[str]
+    nightly_cron: str = Field(min_length=1)  # the `train/nightly` deployment's schedule
+    timezone: str = Field(min_length=1)  # IANA name the cron is read in
 
     @field_validator("stage_timeout_s")
     @classmethod
@@ -153,6 +223,17 @@ class OrchestrationConfig(Section):
         bad = {stage: t for stage, t in value.items() if t <= 0}
         if bad:
             raise ValueError(f"timeouts must be positive: {bad}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name, e.g. UTC)") from None
         return value
 
 
@@ -184,6 +265,12 @@ class Params(Section):
     validate_: ValidateConfig = Field(alias="validate")
     train: TrainConfig
     evaluate: EvaluateConfig
+    export: ExportConfig
+    quantize: QuantizeConfig
+    distill: DistillConfig
+    convert: ConvertConfig
+    select: SelectConfig
+    register_: RegisterConfig = Field(alias="register")
     tracking: TrackingConfig
     orchestration: OrchestrationConfig
 

@@ -19,3 +19,11 @@ class DataValidationError(PipelineError):
 
 class CheckpointError(PipelineError):
     """A checkpoint or model file cannot be used."""
+
+
+class ParityError(PipelineError):
+    """A converted model (ONNX, quantized, TensorRT) disagrees with its source beyond the gate."""
+
+
+class SelectionError(PipelineError):
+    """No candidate model satisfies the selection policy."""

@@ -32,7 +32,9 @@ def test_bad_value_names_the_key_and_the_allowed_values() -> None:
 
 
 def test_unregistered_architecture_lists_registered_ones() -> None:
-    with pytest.raises(ParamsError, match=r"train\.model\.arch: .*'mlp' or 'cnn' \(got 'resnet'\)"):
+    with pytest.raises(
+        ParamsError, match=r"train\.model\.arch: .*'resnet' is not registered; allowed: mlp, cnn"
+    ):
         load_params(REPO / "params.yaml", overrides={"train.model.arch": "resnet"})
 
 

@@ -1,0 +1,323 @@
+"""`select`: the candidate tournament, measured on this host, and the policy that picks a winner.
+
+Every candidate (PyTorch eager, ONNX Runtime FP32/INT8/FP16, TensorRT plans where built) of every
+family (the teacher, the distilled student) is measured on the test split: accuracy, macro-F1,
+p50/p99 latency at batch 1, throughput at the serving batch, size on disk, parity with its source.
+The policy (params `select`): among servable candidates within `max_accuracy_drop` of the FP32
+reference, the highest throughput (or the lowest p99). PyTorch eager is measured as the baseline
+but is not servable: the serving image carries no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.artifacts import atomic_path, read_json, write_json
+from pipelines.cli import run_cli
+from pipelines.config import Params, SelectConfig, load_params, section_dict
+from pipelines.errors import SelectionError
+from pipelines.quantize import VARIANTS, split_inputs
+from pipelines.runtime import logits, parity, read_metadata, session
+
+log = logging.getLogger(__name__)
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Candidate:
+    name: str
+    family: str
+    engine: str
+    precision: str
+    servable: bool
+    path: str
+    accuracy: float = 0.0
+    macro_f1: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    throughput: float = 0.0
+    size_bytes: int = 0
+    agreement: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- the policy -------------------------------------------------------------------------------
+
+
+def choose(candidates: Sequence[Candidate], cfg: SelectConfig) -> tuple[Candidate, str]:
+    """The winner by policy, and a one-line explanation naming the runner-up."""
+    reference = _reference(candidates)
+    floor = reference.accuracy - cfg.max_accuracy_drop
+    eligible = [c for c in candidates if c.servable and c.accuracy >= floor]
+    if not eligible:
+        best = max((c for c in candidates if c.servable), key=lambda c: c.accuracy, default=None)
+        detail = f"; best servable: {best.name} at {best.accuracy:.4f}" if best else ""
+        raise SelectionError(
+            f"select: no servable candidate reaches accuracy {floor:.4f} (reference "
+            f"{reference.name} {reference.accuracy:.4f} - max_accuracy_drop "
+            f"{cfg.max_accuracy_drop:g}){detail}"
+        )
+    ranked = sorted(eligible, key=_score(cfg.policy))
+    winner = ranked[0]
+    return winner, _explain(winner, ranked[1] if len(ranked) > 1 else None, cfg, floor)
+
+
+def _reference(candidates: Sequence[Candidate]) -> Candidate:
+    for name in ("teacher/onnxruntime-fp32", "teacher/pytorch-fp32"):
+        found = next((c for c in candidates if c.name == name), None)
+        if found:
+            return found
+    raise SelectionError("select: no FP32 teacher candidate to compare against")
+
+
+def _score(policy: str) -> Callable[[Candidate], tuple[float, float]]:
+    if policy == "throughput":
+        return lambda c: (-c.throughput, c.p99_ms)
+    return lambda c: (c.p99_ms, -c.throughput)
+
+
+def _explain(winner: Candidate, runner: Candidate | None, cfg: SelectConfig, floor: float) -> str:
+    unit = "samples/s" if cfg.policy == "throughput" else "ms p99"
+    value = (lambda c: c.throughput) if cfg.policy == "throughput" else (lambda c: c.p99_ms)
+    line = (
+        f"{winner.name} wins on {cfg.policy}: {value(winner):.4g} {unit}, accuracy "
+        f"{winner.accuracy:.4f} (floor {floor:.4f})"
+    )
+    if runner is None:
+        return line + "; no other candidate qualified"
+    return (
+        line
+        + f"; runner-up {runner.name}: {value(runner):.4g} {unit}, accuracy {runner.accuracy:.4f}"
+    )
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+def timings(predict: Predict, x: np.ndarray, cfg: SelectConfig) -> dict[str, float]:
+    """p50/p99 latency of single rows and throughput at the serving batch, warm."""
+    singles = [x[i % len(x) : i % len(x) + 1] for i in range(cfg.latency_iters)]
+    batch = np.resize(x, (cfg.serving_batch, *x.shape[1:]))
+    for _ in range(5):
+        predict(singles[0])
+        predict(batch)
+    latencies = []
+    for row in singles:
+        start = time.perf_counter()
+        predict(row)
+        latencies.append((time.perf_counter() - start) * 1e3)
+    start = time.perf_counter()
+    for _ in range(cfg.throughput_iters):
+        predict(batch)
+    elapsed = time.perf_counter() - start
+    return {
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+        "throughput": cfg.throughput_iters * cfg.serving_batch / elapsed,
+    }
+
+
+def score(
+    candidate: Candidate,
+    predict: Predict,
+    x: np.ndarray,
+    y: np.ndarray,
+    reference: np.ndarray,
+    cfg: SelectConfig,
+) -> Candidate:
+    """Fill in a candidate's accuracy, macro-F1, parity and timings."""
+    from sklearn.metrics import f1_score
+
+    out = np.concatenate([predict(x[i : i + 256]) for i in range(0, len(x), 256)])
+    predicted = out.argmax(axis=1)
+    candidate.accuracy = float(np.mean(predicted == y))
+    candidate.macro_f1 = float(f1_score(y, predicted, average="macro"))
+    candidate.agreement = parity(reference, out)["argmax_agreement"]
+    candidate.size_bytes = Path(candidate.path).stat().st_size
+    for key, value in timings(predict, x, cfg).items():
+        setattr(candidate, key, value)
+    return candidate
+
+
+def onnx_predictor(path: Path, threads: int) -> Predict:
+    sess = session(path, threads)
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def torch_predictor(model_path: Path, threads: int) -> Predict:
+    import torch
+
+    from pipelines.train import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, _ = load_model(model_path)
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+
+    return predict
+
+
+# --- the candidates ---------------------------------------------------------------------------
+
+
+@dataclass
+class Family:
+    """One model's files: the PyTorch model, its FP32 ONNX, its quantized variants."""
+
+    name: str
+    model: Path
+    onnx: Path
+    variants: Path
+
+
+def family_candidates(family: Family, cfg: SelectConfig) -> list[tuple[Candidate, Predict]]:
+    f = family.name
+    found = [
+        (
+            Candidate(f"{f}/pytorch-fp32", f, "pytorch", "fp32", False, str(family.model)),
+            torch_predictor(family.model, cfg.threads),
+        ),
+        (
+            Candidate(f"{f}/onnxruntime-fp32", f, "onnxruntime", "fp32", True, str(family.onnx)),
+            onnx_predictor(family.onnx, cfg.threads),
+        ),
+    ]
+    for variant in VARIANTS:
+        path = family.variants / f"{variant}.onnx"
+        if path.is_file():
+            precision = variant.split("_", maxsplit=1)[0]
+            candidate = Candidate(
+                f"{f}/onnxruntime-{variant}", f, "onnxruntime", precision, True, str(path)
+            )
+            candidate.extra["variant"] = variant
+            found.append((candidate, onnx_predictor(path, cfg.threads)))
+    return found
+
+
+def tensorrt_candidates(convert_dir: Path | None) -> list[tuple[Candidate, Predict]]:
+    """Plans the convert stage built on this host (none where TensorRT is skipped)."""
+    if convert_dir is None or not (convert_dir / "plans.json").is_file():
+        return []
+    from pipelines import tensorrt_engine
+
+    found: list[tuple[Candidate, Predict]] = []
+    for entry in read_json(convert_dir / "plans.json").get("plans", []):
+        candidate = Candidate(
+            f"{entry['family']}/tensorrt-{entry['precision']}",
+            entry["family"],
+            "tensorrt",
+            entry["precision"],
+            True,
+            entry["plan"],
+            extra={"onnx": entry["onnx"]},
+        )
+        found.append((candidate, tensorrt_engine.predictor(Path(entry["plan"]))))
+    return found
+
+
+def tournament(
+    families: Sequence[Family], convert_dir: Path | None, prepared_dir: Path, cfg: SelectConfig
+) -> list[Candidate]:
+    """Measure every candidate side by side, in one process."""
+    spec = read_metadata(families[0].onnx)["preprocessing"]
+    x, y = split_inputs(prepared_dir, "test", spec)
+    reference = logits(session(families[0].onnx), x)
+    pairs = [pair for fam in families for pair in family_candidates(fam, cfg)]
+    pairs += tensorrt_candidates(convert_dir)
+    return [score(c, predict, x, y, reference, cfg) for c, predict in pairs]
+
+
+def markdown(candidates: Sequence[Candidate], winner: Candidate, explanation: str) -> str:
+    columns = "candidate engine precision accuracy macro-F1 p50-ms p99-ms samples/s KiB agreement"
+    rows = ["| " + " | ".join(columns.split()) + " |", "|" + "---|" * 10]
+    for c in sorted(candidates, key=lambda c: -c.throughput):
+        mark = " **(winner)**" if c is winner else ("" if c.servable else " (baseline)")
+        rows.append(
+            f"| {c.name}{mark} | {c.engine} | {c.precision} | {c.accuracy:.4f} | {c.macro_f1:.4f} "
+            f"| {c.p50_ms:.3f} | {c.p99_ms:.3f} | {c.throughput:,.0f} | {c.size_bytes / 1024:.1f} "
+            f"| {c.agreement:.4f} |"
+        )
+    return "\n".join(rows) + f"\n\n{explanation}\n"
+
+
+def select(
+    families: Sequence[Family],
+    convert_dir: Path | None,
+    prepared_dir: Path,
+    out_dir: Path,
+    cfg: SelectConfig,
+) -> dict[str, Any]:
+    """Measure, choose, and write out_dir/{model.onnx, winner.json, candidates.md}."""
+    candidates = tournament(families, convert_dir, prepared_dir, cfg)
+    winner, explanation = choose(candidates, cfg)
+    log.info("select: %s", explanation)
+    onnx_path = Path(winner.extra.get("onnx", winner.path))
+    with atomic_path(out_dir / "model.onnx") as tmp:
+        shutil.copyfile(onnx_path, tmp)
+    summary = {
+        "winner": asdict(winner),
+        "explanation": explanation,
+        "policy": section_dict(cfg),
+        "candidates": [asdict(c) for c in candidates],
+    }
+    write_json(out_dir / "winner.json", summary)
+    with atomic_path(out_dir / "candidates.md") as tmp:
+        tmp.write_text(markdown(candidates, winner, explanation))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument(
+        "--family",
+        nargs=4,
+        action="append",
+        required=True,
+        metavar=("NAME", "MODEL", "ONNX", "VARIANTS_DIR"),
+    )
+    parser.add_argument("--convert", type=Path, default=None, help="convert stage's output folder")
+    parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args(argv)
+    run_cli(lambda: _run(load_params(args.params), args))
+
+
+def _run(params: Params, args: argparse.Namespace) -> None:
+    from pipelines.tracking import stage_run
+
+    families = [Family(n, Path(m), Path(o), Path(v)) for n, m, o, v in args.family]
+    data_hash = read_json(args.prepared / "manifest.json")["content_hash"]
+    section = {"select": section_dict(params.select)}
+    with stage_run("select", params, section, Path.cwd(), data_hash) as run:
+        summary = select(families, args.convert, args.prepared, args.out, params.select)
+        winner = summary["winner"]
+        metrics = {k: winner[k] for k in ("accuracy", "macro_f1", "p50_ms", "p99_ms", "throughput")}
+        write_json(
+            args.metrics,
+            {"winner": winner["name"], **metrics, "explanation": summary["explanation"]},
+        )
+        run.log_metrics(metrics)
+        run.set_tags(
+            {"select.winner": winner["name"], "select.explanation": summary["explanation"]}
+        )
+        run.log_artifact(args.out / "candidates.md")
+        run.log_artifact(args.out / "winner.json")
+
+
+if __name__ == "__main__":
+    main()
