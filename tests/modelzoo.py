@@ -1,0 +1,28 @@
+"""Small trained models for tests: digits prepared and trained for a couple of epochs, once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.config import Params, load_params
+from pipelines.prepare import prepare
+from tests.conftest import REPO
+
+TINY = {"train.epochs": 2, "train.model.width": 8, "train.patience": 2}
+
+
+def tiny_params(**overrides: object) -> Params:
+    return load_params(REPO / "params.yaml", overrides={**TINY, **overrides})
+
+
+def trained_model(root: Path, params: Params | None = None) -> tuple[Path, Path]:
+    """(prepared dir, model file) under `root`."""
+    from pipelines.train import save_model, train
+
+    params = params or tiny_params()
+    prepared = root / "prepared"
+    prepare(params.data, params.prepare, root, prepared)
+    result = train(params.train, prepared, root / "checkpoints")
+    model = root / "model.pt"
+    save_model(model, result)
+    return prepared, model

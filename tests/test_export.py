@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from pipelines.config import Params
+from pipelines.errors import ParityError
+from pipelines.export import export, verify_onnx
+from pipelines.runtime import read_metadata, session
+from tests.modelzoo import tiny_params, trained_model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, Path, Path, Path]:
+    root = tmp_path_factory.mktemp("export")
+    params = tiny_params()
+    prepared, model = trained_model(root, params)
+    out = root / "model.onnx"
+    export(params.export, model, prepared, out)
+    return params, prepared, model, out
+
+
+def test_export_has_a_dynamic_batch_axis_and_describes_itself(exported: tuple) -> None:
+    *_, out = exported
+    sess = session(out)
+    name = sess.get_inputs()[0].name
+    for batch in (1, 33):
+        assert sess.run(None, {name: np.zeros((batch, 1, 8, 8), np.float32)})[0].shape == (
+            batch,
+            10,
+        )
+    meta = read_metadata(out)
+    assert meta["labels"] == list(range(10)) and meta["input_shape"] == [1, 8, 8]
+    assert meta["precision"] == "fp32" and meta["preprocessing"]["value_range"] == [0.0, 16.0]
+
+
+def test_export_records_parity_within_the_gate(exported: tuple, tmp_path: Path) -> None:
+    params, prepared, model, _ = exported
+    metrics = export(params.export, model, prepared, tmp_path / "again.onnx")
+    assert metrics["max_abs_diff"] <= params.export.parity_max_abs_diff
+    assert metrics["argmax_agreement"] >= params.export.parity_min_agreement
+    assert metrics["test_rows"] == 270
+
+
+def tamper(src: Path, dst: Path) -> None:
+    """Scale the last layer's weights: a graph that still loads and runs, but is wrong."""
+    proto = onnx.load(str(src))
+    weights = max(proto.graph.initializer, key=lambda t: len(t.dims) == 2 and t.dims[0] == 10)
+    array = numpy_helper.to_array(weights)
+    weights.CopyFrom(numpy_helper.from_array(-3 * array, weights.name))
+    onnx.save(proto, str(dst))
+
+
+def test_parity_gate_fails_on_a_tampered_graph(exported: tuple, tmp_path: Path) -> None:
+    import torch
+
+    from pipelines.export import test_inputs
+    from pipelines.train import load_model
+
+    params, prepared, model_path, out = exported
+    model, meta = load_model(model_path)
+    x = test_inputs(prepared, meta["preprocessing"])
+    with torch.inference_mode():
+        reference = model(torch.from_numpy(x)).numpy()
+    assert verify_onnx(out, x, reference, params.export)["argmax_agreement"] == 1.0
+    tamper(out, tmp_path / "tampered.onnx")
+    with pytest.raises(ParityError, match=r"parity gate failed: max \|logit diff\|"):
+        verify_onnx(tmp_path / "tampered.onnx", x, reference, params.export)
+
+
+def test_failed_gate_leaves_no_file(exported: tuple, tmp_path: Path) -> None:
+    params, prepared, model, _ = exported
+    strict = params.export.model_copy(update={"parity_max_abs_diff": 1e-30})
+    with pytest.raises(ParityError):
+        export(strict, model, prepared, tmp_path / "strict.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import SelectConfig
+from pipelines.errors import SelectionError
+from pipelines.export import export
+from pipelines.quantize import quantize
+from pipelines.select import Candidate, Family, choose, select
+from tests.modelzoo import tiny_params, trained_model
+
+
+def cand(
+    name: str, accuracy: float, throughput: float, p99: float, servable: bool = True
+) -> Candidate:
+    family, engine_precision = name.split("/")
+    engine, precision = engine_precision.split("-")
+    c = Candidate(name, family, engine, precision, servable, f"/x/{name}")
+    c.accuracy, c.throughput, c.p99_ms = accuracy, throughput, p99
+    return c
+
+
+TABLE = [
+    cand("teacher/pytorch-fp32", 0.980, 5_000, 0.40, servable=False),
+    cand("teacher/onnxruntime-fp32", 0.980, 20_000, 0.10),
+    cand("teacher/onnxruntime-int8_cpu", 0.978, 45_000, 0.12),
+    cand("student/onnxruntime-fp32", 0.960, 90_000, 0.05),  # fast but too inaccurate
+    cand("student/onnxruntime-int8_cpu", 0.976, 60_000, 0.08),
+]
+
+
+def policy(**changes: object) -> SelectConfig:
+    return tiny_params().select.model_copy(update=changes)
+
+
+def test_throughput_policy_picks_the_fastest_within_the_accuracy_drop() -> None:
+    winner, why = choose(TABLE, policy(policy="throughput", max_accuracy_drop=0.005))
+    assert winner.name == "student/onnxruntime-int8_cpu"
+    assert "runner-up teacher/onnxruntime-int8_cpu" in why and "floor 0.9750" in why
+
+
+def test_p99_policy_picks_the_lowest_tail_latency() -> None:
+    winner, why = choose(TABLE, policy(policy="p99", max_accuracy_drop=0.005))
+    assert winner.name == "student/onnxruntime-int8_cpu"
+    winner, why = choose(TABLE, policy(policy="p99", max_accuracy_drop=0.001))
+    assert winner.name == "teacher/onnxruntime-fp32" and "runner-up" not in why.split(";")[0]
+
+
+def test_a_wider_drop_admits_the_student_and_baselines_never_win() -> None:
+    assert choose(TABLE, policy(max_accuracy_drop=0.05))[0].name == "student/onnxruntime-fp32"
+    only_torch = [TABLE[0], cand("teacher/onnxruntime-fp32", 0.5, 1, 1)]
+    with pytest.raises(SelectionError):
+        choose(only_torch, policy(max_accuracy_drop=0.0))
+
+
+def test_none_qualifies_is_a_clear_error() -> None:
+    table = [TABLE[0], cand("teacher/onnxruntime-fp32", 0.98, 1, 1)]
+    table[1].servable = False
+    with pytest.raises(SelectionError, match=r"no servable candidate reaches accuracy 0\.9750"):
+        choose(table, policy(max_accuracy_drop=0.005))
+
+
+def test_tournament_measures_every_candidate_and_writes_the_winner(tmp_path: Path) -> None:
+    params = tiny_params()
+    prepared, model = trained_model(tmp_path, params)
+    export(params.export, model, prepared, tmp_path / "model.onnx")
+    quantize(params.quantize, tmp_path / "model.onnx", prepared, tmp_path / "variants")
+    cfg = params.select.model_copy(
+        update={"latency_iters": 20, "throughput_iters": 5, "max_accuracy_drop": 1.0}
+    )
+    family = Family("teacher", model, tmp_path / "model.onnx", tmp_path / "variants")
+    summary = select([family], None, prepared, tmp_path / "out", cfg)
+    names = {c["name"] for c in summary["candidates"]}
+    assert names == {
+        f"teacher/{e}"
+        for e in (
+            "pytorch-fp32",
+            "onnxruntime-fp32",
+            "onnxruntime-int8_cpu",
+            "onnxruntime-int8_qdq",
+            "onnxruntime-fp16",
+        )
+    }
+    for c in summary["candidates"]:
+        assert c["throughput"] > 0 and 0 < c["p50_ms"] <= c["p99_ms"] and c["size_bytes"] > 0
+    assert summary["winner"]["servable"]
+    assert (tmp_path / "out" / "model.onnx").read_bytes() == Path(
+        summary["winner"]["path"]
+    ).read_bytes()
+    assert summary["explanation"] in (tmp_path / "out" / "candidates.md").read_text()
