@@ -55,8 +55,8 @@ def test_champion_gate_refuses_a_worse_model_and_keeps_the_alias(
         params, tmp_path, parent, select_dir(tmp_path / "b", tmp_path / "bad.onnx"), prepared
     )
     assert worse.alias == CHALLENGER and worse.accuracy < first.accuracy
-    assert registry.get_model_version_by_alias(name, CHAMPION).version == first.version
-    assert registry.get_model_version_by_alias(name, CHALLENGER).version == worse.version
+    assert str(registry.get_model_version_by_alias(name, CHAMPION).version) == first.version
+    assert str(registry.get_model_version_by_alias(name, CHALLENGER).version) == worse.version
     assert (
         "kept as challenger" in registry.get_model_version(name, worse.version).tags["gate.reason"]
     )
