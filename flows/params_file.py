@@ -6,10 +6,29 @@ import contextlib
 from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
+from typing import Any
 
 from pipelines.config import Params, RunOverrides, load_params
+from pipelines.errors import ParamsError
 
 PARAMS_FILE = "params.yaml"
+
+
+def run_overrides(**values: Any) -> RunOverrides:
+    """The UI's values as overrides; a bad one raises ParamsError naming its params.yaml key."""
+    from pydantic import ValidationError
+
+    try:
+        return RunOverrides(**values)
+    except ValidationError as exc:
+        lines = [_describe_override(error) for error in exc.errors()]
+        raise ParamsError("invalid override:\n  " + "\n  ".join(lines)) from None
+
+
+def _describe_override(error: Any) -> str:
+    name = str(error["loc"][0]) if error["loc"] else "?"
+    key = RunOverrides.KEYS.get(name, name)
+    return f"{key} ({name}): {error['msg']} (got {error.get('input')!r})"
 
 
 def effective_params(root: Path, overrides: RunOverrides) -> Params:

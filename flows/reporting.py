@@ -1,8 +1,9 @@
-"""What a flow run shows in the Prefect UI: links and tables built from DVC's metrics files."""
+"""What a flow run shows in the Prefect UI: links, and a table of DVC's metrics files."""
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +21,12 @@ def mlflow_run_url(params: Params, root: Path, run_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
 
-def dvc_metrics(root: Path) -> dict[str, dict[str, Any]]:
-    """Every metrics file dvc.yaml declares, as {path: flat metrics}."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        shown = repo.metrics.show()
-    files = shown.get("", {}).get("data", {})
-    return {path: flatten(entry.get("data", {})) for path, entry in files.items()}
-
-
-def metrics_table(root: Path) -> str:
-    """A Markdown table of the run's scalar metrics (per-class details left to MLflow)."""
+def metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
+    """A Markdown table of the scalar metrics of {metrics file: content} (per-class details
+    left to MLflow)."""
     rows = ["| file | metric | value |", "|---|---|---|"]
-    for path, metrics in sorted(dvc_metrics(root).items()):
-        for name, value in metrics.items():
+    for path, content in sorted(metrics.items()):
+        for name, value in flatten(content).items():
             if isinstance(value, int | float) and "per_class" not in name:
                 rows.append(f"| {path} | {name} | {value:.6g} |")
     return "\n".join(rows)

@@ -1,35 +1,35 @@
 """The `train` flow: the stages of dvc.yaml, in DVC's order, one Prefect task run each.
 
 Operations only: which stages run is DVC's business (`dvc repro --single-item`, so an up-to-date
-stage is skipped and shown as such); this flow adds parameters from the UI, retries, timeouts,
-the `gpu` concurrency limit, the MLflow parent run, and links to the results.
+stage is skipped and shown as such), done by one DVC process per flow run (flows/dvc_runner.py);
+this flow adds parameters from the UI, retries, timeouts, the `gpu` concurrency limit, the
+MLflow parent run, and links to the results.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import gc
 import os
-import re
-import shlex
-import signal
-import subprocess
-import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
-from flows.params_file import effective_params, overridden_params_file
+from flows.dvc_runner import DvcSession, StageOutcome
+from flows.params_file import effective_params, overridden_params_file, run_overrides
 from pipelines.cli import EXIT_REJECTED
 from pipelines.config import Arch, BatchSize, DataSource, Epochs, LearningRate, Params, RunOverrides
 from pipelines.tracking import PARENT_ENV, end_parent_run, start_parent_run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SKIPPED = re.compile(r"Stage '[^']+' didn't change, skipping|is cached - skipping run")
+PROJECT_DIR_ENV = "MLOPS_PROJECT_DIR"  # a worker's checkout (see flows/deploy.py)
 
 
 class StageFailed(RuntimeError):
@@ -41,74 +41,52 @@ class StageRejected(RuntimeError):
 
 
 def stage_order(root: Path) -> list[str]:
-    """The stages of dvc.yaml in an order DVC would run them (dependencies first)."""
-    import networkx as nx
+    """The stages of the project at `root` in DVC's order, read in this process."""
     from dvc.repo import Repo
 
+    from flows.dvc_runner import stage_order as order
+
     with Repo(str(root)) as repo:
-        graph = repo.index.graph
-        return [stage.addressing for stage in reversed(list(nx.topological_sort(graph)))]
+        return order(repo)
 
 
 def _retryable(task: Any, task_run: Any, state: State[Any]) -> bool:
-    return not isinstance(state.data, StageRejected)
+    """Retry a failed stage unless it rejected its input."""
+    return not isinstance(state.result(raise_on_failure=False), StageRejected)
 
 
-@task(retry_condition_fn=_retryable, log_prints=True)
-def run_stage(stage: str, root: Path, env: Mapping[str, str], timeout_s: float) -> State[Any]:
-    """`dvc repro --single-item <stage>` in its own process group, its output in the task log."""
+@task(retry_condition_fn=_retryable, cache_policy=NO_CACHE, log_prints=True)
+def run_stage(
+    stage: str,
+    session: DvcSession,
+    timeout_s: float,
+    force: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> State[Any]:
+    """`dvc repro --single-item <stage>` (in the flow run's DVC process), output in the task log.
+
+    DVC decides whether the stage runs: Prefect never caches a stage (`NO_CACHE`).
+    """
     logger = get_run_logger()
-    command = ["dvc", "repro", "--single-item", stage]
-    logger.info("$ %s", shlex.join(command))
-    lines = _run_streaming(command, root, env, timeout_s, logger.info)
-    output = "\n".join(lines)
-    if SKIPPED.search(output):
+    logger.info("$ dvc repro --single-item%s %s", " --force" if force else "", stage)
+    try:
+        outcome = session.reproduce(stage, force, timeout_s, logger.info, env)
+    except TimeoutError as exc:
+        raise StageFailed(f"{exc}; its process group was killed") from None
+    _raise_for(outcome)
+    if not outcome.ran:
         return Completed(message=f"{stage}: up to date in DVC, not re-run", name="Cached")
     return Completed(message=f"{stage}: ran")
 
 
-def _run_streaming(
-    command: list[str], root: Path, env: Mapping[str, str], timeout_s: float, emit: Any
-) -> list[str]:
-    """Run `command`, sending each output line to `emit`; kill its group past `timeout_s`."""
-    proc = subprocess.Popen(
-        command,
-        cwd=root,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=_pump, args=(proc, lines, emit), daemon=True)
-    reader.start()
-    try:
-        code = proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise StageFailed(f"{shlex.join(command)}: timed out after {timeout_s:g} s") from None
-    reader.join()
-    _raise_for_exit(command, code, lines)
-    return lines
-
-
-def _pump(proc: subprocess.Popen[str], lines: list[str], emit: Any) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line.rstrip())
-        emit(line.rstrip())
-
-
-def _raise_for_exit(command: list[str], code: int, lines: list[str]) -> None:
-    if code == 0:
+def _raise_for(outcome: StageOutcome) -> None:
+    """StageRejected for exit status EXIT_REJECTED (bad input), StageFailed for any other."""
+    if outcome.code == 0:
         return
-    errors = [line for line in lines if line.startswith("error: ")]
-    detail = "\n".join(errors) or "\n".join(lines[-20:])
-    rejected = re.search(rf"exited with {EXIT_REJECTED}\b", "\n".join(lines))
-    kind = StageRejected if rejected else StageFailed
-    raise kind(f"{shlex.join(command)} failed (exit {code}):\n{detail}")
+    errors = [line for line in outcome.lines if line.startswith("error: ")]
+    detail = "\n".join(errors) or "\n".join(outcome.lines[-20:])
+    kind = StageRejected if outcome.code == EXIT_REJECTED else StageFailed
+    raise kind(f"stage {outcome.stage!r} failed (exit {outcome.code}): {outcome.error}\n{detail}")
 
 
 @contextlib.contextmanager
@@ -123,23 +101,31 @@ def gpu_slot(stage: str, params: Params) -> Iterator[None]:
         yield
 
 
-def run_stages(params: Params, root: Path, parent_run_id: str) -> dict[str, str]:
+def run_stages(
+    params: Params, session: DvcSession, parent_run_id: str, force: bool = False
+) -> dict[str, str]:
     """Each stage as its own task run, in order; returns stage -> final state name."""
     cfg = params.orchestration
     env = {PARENT_ENV: parent_run_id}
     states: dict[str, str] = {}
-    for stage in stage_order(root):
-        configured = run_stage.with_options(
-            name=stage,
-            retries=cfg.retries,
-            retry_delay_seconds=exponential_backoff(cfg.retry_delay_s) if cfg.retry_delay_s else 0,
-        )
+    for stage in session.stage_order():
         timeout = cfg.stage_timeout_s.get(stage, max(cfg.stage_timeout_s.values()))
         with gpu_slot(stage, params):
-            state = configured(stage, root, env, timeout, return_state=True)
+            state = _stage_task(stage, params)(
+                stage, session, timeout, force, env, return_state=True
+            )
         states[stage] = state.name or state.type.value
         state.result()  # raises the stage's error: later stages never run
     return states
+
+
+def _stage_task(stage: str, params: Params) -> Any:
+    """`run_stage` named after the stage, with the configured retries."""
+    cfg = params.orchestration
+    delays = exponential_backoff(cfg.retry_delay_s) if cfg.retry_delay_s else 0
+    return run_stage.with_options(
+        name=stage, task_run_name=stage, retries=cfg.retries, retry_delay_seconds=delays
+    )
 
 
 @flow(name="train", log_prints=True)
@@ -149,45 +135,45 @@ def train(
     batch_size: BatchSize | None = None,
     arch: Arch | None = None,
     data_source: DataSource | None = None,
+    force: bool = False,
     project_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Run the DVC pipeline (prepare → validate → train → evaluate), tracked in MLflow.
+    """Run the stages of dvc.yaml in DVC's order, one task run each, tracked in MLflow.
 
-    Leave a value empty to use params.yaml's. `project_dir` is the checkout to run in
-    (default: this file's project, or $MLOPS_PROJECT_DIR on a worker).
+    Leave a value empty to use params.yaml's. `force` re-runs every stage even when DVC has it
+    up to date. `project_dir` is the checkout to run in (default: $MLOPS_PROJECT_DIR, else the
+    checkout this file was loaded from).
     """
-    root = Path(project_dir or os.environ.get("MLOPS_PROJECT_DIR") or PROJECT_ROOT).resolve()
-    overrides = RunOverrides(
+    root = Path(project_dir or os.environ.get(PROJECT_DIR_ENV) or PROJECT_ROOT).resolve()
+    overrides = run_overrides(
         epochs=epochs, lr=lr, batch_size=batch_size, arch=arch, data_source=data_source
     )
     params = effective_params(root, overrides)  # rejects a bad value before any stage runs
-    with overridden_params_file(root, overrides):
+    with overridden_params_file(root, overrides), DvcSession(root) as session:
+        session.start()  # DVC gets ready in its own process while MLflow starts here
         parent = start_parent_run(params, root, name="train-flow")
         try:
-            states = run_stages(params, root, parent)
+            states = run_stages(params, session, parent, force)
         except BaseException:
             end_parent_run(params, root, parent, status="FAILED")
-            _publish(params, root, parent, overrides, failed=True)
+            _publish(params, session, parent, overrides, failed=True)
             raise
         end_parent_run(params, root, parent)
-    return {
-        "mlflow_parent_run_id": parent,
-        "stages": states,
-        **_publish(params, root, parent, overrides),
-    }
+        links = _publish(params, session, parent, overrides)
+    return {"mlflow_parent_run_id": parent, "stages": states, **links}
 
 
 def _publish(
-    params: Params, root: Path, parent: str, overrides: RunOverrides, failed: bool = False
+    params: Params, session: DvcSession, parent: str, overrides: RunOverrides, failed: bool = False
 ) -> dict[str, Any]:
     """Prefect artifacts: the MLflow run link, the Data Docs location, metrics, how to reproduce."""
     from flows.reporting import metrics_table, mlflow_run_url, reproduce_command
 
-    url = mlflow_run_url(params, root, parent)
+    url = mlflow_run_url(params, session.root, parent)
     create_link_artifact(url, link_text="MLflow parent run", key="mlflow-run")
-    docs = root / "reports" / "validate" / "index.html"
+    docs = session.root / "reports" / "validate" / "index.html"
     create_link_artifact(docs.as_uri(), link_text="Great Expectations Data Docs", key="data-docs")
-    table = metrics_table(root)
+    table = metrics_table(session.metrics())
     create_markdown_artifact(
         f"{table}\n\n**Reproduce:** `{reproduce_command(overrides)}`",
         key="run-metrics",
@@ -211,12 +197,16 @@ def ensure_gpu_limit(slots: int = 1) -> None:
             )
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """The main job: the `train` flow on params.yaml, on a temporary local Prefect server
     unless PREFECT_API_URL points at one."""
+    parser = argparse.ArgumentParser(prog="python -m flows.train", description=main.__doc__)
+    parser.add_argument("--force", action="store_true", help="re-run up-to-date stages too")
+    args = parser.parse_args(argv)
     ensure_gpu_limit()
-    result = train()
+    result = train(force=args.force)
     print(f"stages: {result['stages']}\nMLflow parent run: {result['mlflow_run_url']}")
+    gc.freeze()  # exit without a last full collection of Prefect's and MLflow's heap: ~1 s
 
 
 if __name__ == "__main__":

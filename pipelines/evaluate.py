@@ -132,9 +132,7 @@ def _run(params: Params, args: argparse.Namespace) -> None:
         run.log_artifact(args.plots / "confusion_matrix.png", "plots")
         run.log_artifact(args.plots / "confusion.csv", "plots")
         run.log_artifact(args.metrics)
-        log.info(
-            "evaluate: accuracy %.4f, macro-F1 %.4f", metrics["accuracy"], metrics["macro_f1"]
-        )
+        log.info("evaluate: accuracy %.4f, macro-F1 %.4f", metrics["accuracy"], metrics["macro_f1"])
 
 
 if __name__ == "__main__":

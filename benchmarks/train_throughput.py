@@ -1,0 +1,211 @@
+"""Train-stage throughput: the real `pipelines.train.train()` against a bare PyTorch loop.
+
+Run: `python benchmarks/train_throughput.py [--repeats 5] [--epochs N] [--out result.json]`.
+
+Both sides use the default `train` section of params.yaml (model, batch size, AdamW, LR schedule,
+seed, device, bf16 autocast on CUDA), the default digits data prepared into a temp dir, and a full
+validation pass after every epoch (the stage needs it for early stopping). Early stopping is off
+(`patience` = epochs), so both sides run exactly `epochs` epochs.
+
+- stage: one call of `train()`, timed end to end: reading the prepared Parquet files and the
+  manifest, seeding, building the model, the DataLoader (batch-level fetching), every epoch
+  (train + validation), the checkpoint after every epoch (atomic write of model, optimizer,
+  scheduler, RNG states, best weights, history), the progress line, keeping the best weights, and
+  rebuilding the best model at the end. MLflow is not involved (that is `main()`'s part).
+- bare: what any script needs: reading the same Parquet files and converting them (the same
+  `to_model_input`), building the model and optimizer, then per epoch: a `torch.randperm` shuffle,
+  slicing tensors in memory, `.to(device)`, forward, backward, AdamW step, the LR schedule step,
+  and the same validation pass. Losses stay on the device and are read once per epoch, like the
+  stage. No DataLoader, no checkpoints, no logging, no checks.
+
+samples/s = epochs x train rows / wall seconds. Each side runs once untimed to warm up, then the
+sides alternate (the order flips every repeat); the figures are medians over the repeats. The
+ratio stage / bare measures the overhead of the stage's machinery; the goal is >= 0.95. `ratio`
+is the median of the per-repeat ratios (the two runs of a repeat are back to back, so they share
+the machine's load at that moment, which matters on a shared host); the ratio of the two medians
+is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines.config import TrainConfig, load_params  # noqa: E402
+from pipelines.prepare import prepare  # noqa: E402
+from pipelines.preprocessing import to_model_input  # noqa: E402
+from pipelines.train import model_args, read_manifest, resolve_device, train  # noqa: E402
+from pipelines.train import rebuild as build  # noqa: E402
+
+GOAL = 0.95
+
+
+def bare_data(prepared: Path) -> list[torch.Tensor]:
+    """x_train, y_train, x_val, y_val straight from the prepared files."""
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    spec, classes = manifest["preprocessing"], {v: i for i, v in enumerate(manifest["labels"])}
+    tensors = []
+    for name in ("train", "val"):
+        frame = pd.read_parquet(prepared / f"{name}.parquet")
+        tensors.append(torch.from_numpy(to_model_input(frame[spec["feature_columns"]], spec)))
+        tensors.append(torch.tensor(frame[manifest["label_column"]].map(classes).to_numpy()))
+    return tensors
+
+
+def bare_loop(cfg: TrainConfig, prepared: Path, args: dict[str, Any], epochs: int) -> float:
+    """Seconds for reading the data and `epochs` epochs of a plain loop with validation."""
+    start = time.perf_counter()
+    x_train, y_train, x_val, y_val = bare_data(prepared)
+    device = resolve_device(cfg.device)
+    bf16 = cfg.bf16 and device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    model = build(args).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    x_val, y_val = x_val.to(device), y_val.to(device)
+    for _ in range(epochs):
+        model.train()
+        total = torch.zeros((), device=device)
+        for index in torch.randperm(len(y_train), generator=shuffle).split(cfg.batch_size):
+            xb = x_train[index].to(device, non_blocking=True)
+            yb = y_train[index].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total.add_(loss.detach(), alpha=len(yb))
+        scheduler.step()
+        total.item()
+        validate(model, x_val, y_val, cfg.batch_size, bf16)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, bf16: bool
+) -> tuple[float, float]:
+    model.eval()
+    loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(xb).float()
+        loss += F.cross_entropy(logits, yb, reduction="sum")
+        correct += (logits.argmax(dim=1) == yb).sum()
+    return loss.item() / len(x), correct.item() / len(x)
+
+
+def stage_run(cfg: TrainConfig, prepared: Path, scratch: Path) -> float:
+    """Seconds for one `train()` call with a fresh checkpoint dir (so it never resumes)."""
+    checkpoints = Path(tempfile.mkdtemp(dir=scratch))
+    start = time.perf_counter()
+    train(cfg, prepared, checkpoints)
+    return time.perf_counter() - start
+
+
+def measure(
+    cfg: TrainConfig, prepared: Path, scratch: Path, repeats: int
+) -> dict[str, list[float]]:
+    args = model_args(cfg, read_manifest(prepared))
+    sides = {
+        "stage": lambda: stage_run(cfg, prepared, scratch),
+        "bare": lambda: bare_loop(cfg, prepared, args, cfg.epochs),
+    }
+    for run in sides.values():  # warm-up, untimed
+        run()
+    seconds: dict[str, list[float]] = {"stage": [], "bare": []}
+    for repeat in range(repeats):
+        order = ["stage", "bare"] if repeat % 2 == 0 else ["bare", "stage"]
+        for name in order:
+            seconds[name].append(sides[name]())
+    return seconds
+
+
+def report(cfg: TrainConfig, rows: int, seconds: dict[str, list[float]]) -> dict[str, Any]:
+    samples = cfg.epochs * rows
+    per_side = {name: [samples / s for s in runs] for name, runs in seconds.items()}
+    stage, bare = (statistics.median(per_side[name]) for name in ("stage", "bare"))
+    paired = [b / s for s, b in zip(seconds["stage"], seconds["bare"], strict=True)]
+    return {
+        "stage_samples_per_sec": stage,
+        "bare_samples_per_sec": bare,
+        "ratio": statistics.median(paired),
+        "ratio_of_medians": stage / bare,
+        "ratios": paired,
+        "goal": GOAL,
+        "stage_runs_samples_per_sec": per_side["stage"],
+        "bare_runs_samples_per_sec": per_side["bare"],
+        "settings": {
+            "arch": cfg.model.arch,
+            "width": cfg.model.width,
+            "depth": cfg.model.depth,
+            "batch_size": cfg.batch_size,
+            "epochs": cfg.epochs,
+            "train_rows": rows,
+            "device": str(resolve_device(cfg.device)),
+            "bf16": cfg.bf16,
+            "num_workers": cfg.num_workers,
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "repeats": len(seconds["stage"]),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--epochs", type=int, help="default: train.epochs of params.yaml")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = load_params(args.params)
+    epochs = args.epochs or params.train.epochs
+    cfg = params.train.model_copy(update={"epochs": epochs, "patience": epochs})
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared"
+        manifest = prepare(params.data, params.prepare, REPO, prepared)
+        seconds = measure(cfg, prepared, Path(tmp), args.repeats)
+    figures = report(cfg, manifest["splits"]["train"]["rows"], seconds)
+    print_figures(figures)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def print_figures(figures: dict[str, Any]) -> None:
+    s = figures["settings"]
+    print(
+        f"train throughput: {s['arch']} width {s['width']} depth {s['depth']}, batch "
+        f"{s['batch_size']}, {s['epochs']} epochs x {s['train_rows']} rows, {s['device']}, "
+        f"{s['torch_threads']} threads, medians of {s['repeats']} repeats"
+    )
+    print(f"  stage train(): {figures['stage_samples_per_sec']:10.0f} samples/s")
+    print(f"  bare loop:     {figures['bare_samples_per_sec']:10.0f} samples/s")
+    verdict = "ok" if figures["ratio"] >= figures["goal"] else "BELOW GOAL"
+    print(f"  ratio stage/bare: {figures['ratio']:.3f} (goal >= {figures['goal']}: {verdict})")
+    runs = " ".join(f"{r:.3f}" for r in figures["ratios"])
+    print(f"    per repeat: {runs}; ratio of the medians: {figures['ratio_of_medians']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

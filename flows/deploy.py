@@ -1,0 +1,224 @@
+"""Work pools, work queues, the `gpu` limit and the `train` deployments, made idempotently.
+
+    python -m flows.deploy                 # workers run their own checkout: $MLOPS_PROJECT_DIR
+    python -m flows.deploy --git-url URL   # workers clone URL for each run
+
+Run it against the server in PREFECT_API_URL, from any host: nothing of the deploying host's
+file system is recorded. The entrypoint is relative (`flows/train.py:train`) and the first pull
+step finds the code on the worker's host, at run time:
+
+- by default `set_working_directory` to `{{ $MLOPS_PROJECT_DIR }}`. Prefect fills `{{ $VAR }}`
+  in a pull step when the step runs, on the worker's host, from the environment the worker
+  gave the run. Each training host sets MLOPS_PROJECT_DIR to its own checkout before
+  `prefect worker start`. (`prefect deploy` with a prefect.yaml would fill it in on the
+  deploying host already, where that variable is set: this script sends it unfilled.)
+- with `--git-url`, `git_clone` of that repository (and `--branch`) into the run's working
+  directory, and the flow runs in the clone: `--work-dir` keeps it between runs (DVC's cache
+  and outputs too); without it each run gets a fresh temporary directory, so point
+  MLFLOW_TRACKING_URI at a lasting store on the workers.
+
+Pools: `training` (one run at a time: one checkout, one GPU) with the queues `on-demand`
+(priority 1, the UI's Run button) and `nightly` (below it), and `inference`. Deployments:
+`train/nightly` on `orchestration.nightly_cron` in `orchestration.timezone` (params.yaml) and
+`train/on-demand` without a schedule. The API rejects a run whose parameters break the flow's
+schema (`enforce_parameter_schema`), before any worker sees it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from flows.train import PROJECT_DIR_ENV, PROJECT_ROOT, ensure_gpu_limit, train
+from pipelines.config import OrchestrationConfig, load_params
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.runner.storage import RunnerStorage
+
+TRAINING_POOL = "training"
+INFERENCE_POOL = "inference"
+POOL_TYPE = "process"
+TRAINING_RUNS_AT_ONCE = 1  # one checkout and one GPU per training host
+QUEUES = {  # the training pool's queues; a lower number is served first
+    "on-demand": (1, "Runs asked for from the UI or the CLI; ahead of scheduled ones"),
+    "nightly": (2, "Scheduled off-peak runs"),
+}
+ENTRYPOINT = "flows/train.py:train"  # relative to the checkout the pull step enters
+PARAMS = PROJECT_ROOT / "params.yaml"
+
+
+class WorkerCheckout:
+    """Deployment storage: the worker host's own checkout, named by $MLOPS_PROJECT_DIR there.
+
+    The pull step keeps the `{{ $VAR }}` placeholder: the worker's flow run fills it in.
+    """
+
+    pull_interval: int | None = None
+
+    def __init__(self, env_var: str = PROJECT_DIR_ENV) -> None:
+        self.env_var = env_var
+
+    @property
+    def destination(self) -> Path:
+        return Path()
+
+    def set_base_path(self, path: Path) -> None:
+        """Nothing to place: the code is on the worker already."""
+
+    async def pull_code(self) -> None:
+        """Nothing to pull: the code is on the worker already."""
+
+    def to_pull_step(self) -> dict[str, Any]:
+        directory = "{{ $" + self.env_var + " }}"
+        return {"prefect.deployments.steps.set_working_directory": {"directory": directory}}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WorkerCheckout) and other.env_var == self.env_var
+
+    def __hash__(self) -> int:
+        return hash(self.env_var)
+
+
+def code_source(git_url: str | None, branch: str | None = None) -> RunnerStorage:
+    """Where a worker finds the code: its own checkout, or a clone of `git_url`."""
+    if not git_url:
+        return WorkerCheckout()
+    from prefect.runner.storage import GitRepository
+
+    return GitRepository(url=git_url, branch=branch, pull_interval=None)
+
+
+def job_variables(git_url: str | None, work_dir: str | None) -> dict[str, Any]:
+    """For a clone: the flow runs in it (the run's working directory after `git_clone`)."""
+    if not git_url:
+        return {}
+    variables: dict[str, Any] = {"env": {PROJECT_DIR_ENV: "."}}
+    if work_dir:
+        variables["working_dir"] = work_dir
+    return variables
+
+
+def ensure_pool(client: SyncPrefectClient, name: str, runs_at_once: int | None) -> None:
+    """A `process` work pool with Prefect's default job template; its limit set if given."""
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    try:
+        client.read_work_pool(name)
+    except ObjectNotFound:
+        template = ProcessWorker.get_default_base_job_template()
+        pool = WorkPoolCreate(name=name, type=POOL_TYPE, base_job_template=template)
+        client.create_work_pool(pool)
+    if runs_at_once is not None:
+        client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=runs_at_once))
+
+
+def ensure_queue(
+    client: SyncPrefectClient, pool: str, name: str, priority: int, description: str
+) -> None:
+    """A work queue of `pool` with this priority (created, or its priority corrected)."""
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        queue = client.read_work_queue_by_name(name, work_pool_name=pool)
+    except ObjectNotFound:
+        client.create_work_queue(
+            name, description=description, priority=priority, work_pool_name=pool
+        )
+        return
+    if queue.priority != priority:
+        client.update_work_queue(queue.id, priority=priority)
+
+
+def ensure_infrastructure() -> None:
+    """The pools, the training pool's queues, and the global concurrency limit `gpu`."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        ensure_pool(client, TRAINING_POOL, TRAINING_RUNS_AT_ONCE)
+        ensure_pool(client, INFERENCE_POOL, None)
+        for name, (priority, description) in QUEUES.items():
+            ensure_queue(client, TRAINING_POOL, name, priority, description)
+    ensure_gpu_limit()
+
+
+def train_deployments(
+    cfg: OrchestrationConfig, storage: RunnerStorage, variables: dict[str, Any]
+) -> list[RunnerDeployment]:
+    """`train/nightly` (cron in its time zone) and `train/on-demand` (no schedule)."""
+    from prefect.schedules import Cron
+
+    nightly = _train_deployment("nightly", storage, variables, Cron(cfg.nightly_cron, cfg.timezone))
+    return [nightly, _train_deployment("on-demand", storage, variables, None)]
+
+
+def _train_deployment(
+    queue: str, storage: RunnerStorage, variables: dict[str, Any], schedule: Any
+) -> RunnerDeployment:
+    from prefect.deployments.runner import RunnerDeployment
+
+    deployment = RunnerDeployment.from_flow(
+        train,
+        name=queue,
+        schedule=schedule,
+        work_pool_name=TRAINING_POOL,
+        work_queue_name=queue,
+        job_variables=dict(variables),
+        enforce_parameter_schema=True,
+        tags=["training"],
+        description=f"{(train.description or '').strip()}\n\nQueue: {queue}.",
+    )
+    deployment.entrypoint = ENTRYPOINT  # never the deploying host's path
+    deployment.storage = storage
+    return deployment
+
+
+def deploy(
+    git_url: str | None = None,
+    branch: str | None = None,
+    work_dir: str | None = None,
+    params_file: Path = PARAMS,
+) -> dict[str, UUID]:
+    """Everything above, created or brought up to date; returns {deployment name: id}."""
+    cfg = load_params(params_file).orchestration
+    ensure_infrastructure()
+    storage = code_source(git_url, branch)
+    deployments = train_deployments(cfg, storage, job_variables(git_url, work_dir))
+    return {f"train/{d.name}": _apply(d) for d in deployments}
+
+
+def _apply(deployment: RunnerDeployment) -> UUID:
+    """Create the deployment, or update the one of that name (its schedules replaced)."""
+    deployment_id = deployment.apply()  # sync here: no event loop is running
+    assert isinstance(deployment_id, UUID)
+    return deployment_id
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--git-url", help="workers clone this repository for each run")
+    parser.add_argument("--branch", help="the branch to clone (default: the remote's default)")
+    parser.add_argument(
+        "--work-dir",
+        help="with --git-url: an existing directory on the workers to keep the clone in"
+        " (default: a new temporary one per run)",
+    )
+    parser.add_argument("--params", type=Path, default=PARAMS, help="params.yaml to read")
+    args = parser.parse_args(argv)
+    if args.work_dir and not args.git_url:
+        parser.error("--work-dir goes with --git-url")
+    ids = deploy(args.git_url, args.branch, args.work_dir, args.params)
+    source = args.git_url or f"${PROJECT_DIR_ENV} on each worker"
+    for name, deployment_id in ids.items():
+        print(f"{name}: {deployment_id} (code: {source})")
+
+
+if __name__ == "__main__":
+    main()

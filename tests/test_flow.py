@@ -1,0 +1,395 @@
+"""The `train` flow and the deployments, against one Prefect test harness per session.
+
+The flow runs a tiny fake DVC project (stages are a few lines of Python) so these stay fast;
+the real stages run in the slow tier (tests/test_flow_e2e.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psutil
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import TaskRun
+from prefect.exceptions import ParameterTypeError
+from prefect.states import State
+
+from flows import deploy
+from flows.params_file import overridden_params_file, render_overridden
+from flows.reporting import reproduce_command
+from flows.train import StageFailed, StageRejected, ensure_gpu_limit, stage_order, train
+from pipelines.config import RunOverrides
+from pipelines.errors import ParamsError
+from tests.conftest import REPO
+
+STAGE_SCRIPT = '''
+"""A fake stage. FAKE_<STAGE>="exit:<code>:<times>" fails the first <times> attempts with
+<code>; FAKE_<STAGE>="hang:<times>" starts a child process and sleeps, <times> times."""
+import json, os, pathlib, subprocess, sys, time
+import yaml
+
+stage = sys.argv[1]
+tries = pathlib.Path("attempts") / stage
+tries.parent.mkdir(exist_ok=True)
+attempt = int(tries.read_text()) + 1 if tries.exists() else 1
+tries.write_text(str(attempt))
+mode = os.environ.get(f"FAKE_{stage.upper()}", "")
+if mode.startswith("exit:"):
+    _, code, times = mode.split(":")
+    if attempt <= int(times):
+        print(f"error: {stage} was told to fail", file=sys.stderr)
+        sys.exit(int(code))
+if mode.startswith("hang:") and attempt <= int(mode.split(":")[1]):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    (tries.parent / f"{stage}.child").write_text(str(child.pid))
+    time.sleep(300)
+epochs = yaml.safe_load(open("params.yaml"))["train"]["epochs"]
+for folder in ("out", "metrics"):
+    pathlib.Path(folder).mkdir(exist_ok=True)
+pathlib.Path(f"out/{stage}.txt").write_text(f"{stage} epochs={epochs}")
+json.dump({"epochs": epochs, "score": 0.5}, open(f"metrics/{stage}.json", "w"))
+print(f"{stage} done")
+'''
+
+# Listed last-first: the order must come from the dependency graph, not from the file.
+DVC_YAML = """
+stages:
+  evaluate:
+    cmd: python stage.py evaluate
+    deps: [stage.py, out/train.txt]
+    outs: [out/evaluate.txt]
+    metrics: [{metrics/evaluate.json: {cache: false}}]
+  train:
+    cmd: python stage.py train
+    deps: [stage.py, out/prepare.txt]
+    params: [train.epochs]
+    outs: [out/train.txt]
+    metrics: [{metrics/train.json: {cache: false}}]
+  prepare:
+    cmd: python stage.py prepare
+    deps: [stage.py]
+    outs: [out/prepare.txt]
+    metrics: [{metrics/prepare.json: {cache: false}}]
+"""
+STAGES = ["prepare", "train", "evaluate"]
+
+
+@pytest.fixture(scope="session")
+def prefect_api(isolated_stores: Path) -> Iterator[None]:
+    """One Prefect test harness (temporary server and database) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+    os.environ["DO_NOT_TRACK"] = "true"  # Prefect's and MLflow's client telemetry: off
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    with prefect_test_harness(server_startup_timeout=120):
+        ensure_gpu_limit()
+        yield
+
+
+@pytest.fixture
+def fake_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A git + DVC project with three fake stages and a copy of params.yaml (fast settings)."""
+    from dvc.repo import Repo
+
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "stage.py").write_text(STAGE_SCRIPT)
+    (root / "dvc.yaml").write_text(textwrap.dedent(DVC_YAML))
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    timeouts = dict.fromkeys(STAGES, 60)
+    set_orchestration(root, retries=1, retry_delay_s=0, stage_timeout_s=timeouts, gpu_stages=[])
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    Repo.init(str(root)).close()
+    for name in STAGES:
+        monkeypatch.delenv(f"FAKE_{name.upper()}", raising=False)
+    return root
+
+
+def set_orchestration(root: Path, **values: Any) -> None:
+    """Change keys of the project's `orchestration` section (comments kept)."""
+    from ruamel.yaml import YAML
+
+    parser = YAML()
+    path = root / "params.yaml"
+    doc = parser.load(path.read_text())
+    doc["orchestration"].update(values)
+    with path.open("w") as out:
+        parser.dump(doc, out)
+
+
+def run_flow(root: Path, **parameters: Any) -> State[Any]:
+    return train(project_dir=str(root), return_state=True, **parameters)  # type: ignore[no-any-return]
+
+
+def task_runs(state: State[Any]) -> dict[str, TaskRun]:
+    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=flow_run)
+    return {run.name: run for run in runs}
+
+
+def attempts(root: Path, stage: str) -> int:
+    path = root / "attempts" / stage
+    return int(path.read_text()) if path.exists() else 0
+
+
+def test_stage_order_comes_from_the_dependency_graph(fake_project: Path) -> None:
+    assert stage_order(fake_project) == STAGES
+
+
+def test_stages_run_as_task_runs_then_show_as_cached(prefect_api: None, fake_project: Path) -> None:
+    first = run_flow(fake_project)
+    assert first.is_completed(), first
+    result = first.result()
+    assert result["stages"] == dict.fromkeys(STAGES, "Completed")
+    runs = task_runs(first)
+    assert sorted(runs) == sorted(STAGES)
+    assert all(run.state and run.state.is_completed() for run in runs.values())
+    assert (fake_project / "out" / "evaluate.txt").exists()
+
+    again = run_flow(fake_project)
+    assert again.result()["stages"] == dict.fromkeys(STAGES, "Cached")
+    assert {stage: attempts(fake_project, stage) for stage in STAGES} == dict.fromkeys(STAGES, 1)
+
+    forced = run_flow(fake_project, force=True)
+    assert forced.result()["stages"] == dict.fromkeys(STAGES, "Completed")
+
+
+def test_a_gpu_stage_waits_for_a_slot_of_the_gpu_limit(
+    prefect_api: None, fake_project: Path
+) -> None:
+    from prefect.concurrency.sync import concurrency
+
+    set_orchestration(fake_project, gpu_stages=["train"])
+    with ThreadPoolExecutor(1) as pool:
+        with concurrency("gpu", occupy=1, strict=True):  # another job holds the only slot
+            running = pool.submit(run_flow, fake_project)
+            wait_until(lambda: attempts(fake_project, "prepare") == 1, timeout_s=60)
+            time.sleep(2)
+            assert attempts(fake_project, "train") == 0
+            assert not running.done()
+        state = running.result(timeout=120)
+    assert state.is_completed(), state
+    assert attempts(fake_project, "train") == 1
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.1)
+
+
+def test_run_publishes_links_metrics_and_how_to_reproduce(
+    prefect_api: None, fake_project: Path
+) -> None:
+    state = run_flow(fake_project, epochs=3)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=flow_run)}
+    assert set(artifacts) == {"mlflow-run", "data-docs", "run-metrics"}
+    parent = state.result()["mlflow_parent_run_id"]
+    assert parent in str(artifacts["mlflow-run"].data)
+    assert "reports/validate/index.html" in str(artifacts["data-docs"].data)
+    table = str(artifacts["run-metrics"].data)
+    assert "| metrics/train.json | epochs | 3 |" in table
+    assert "dvc exp run -S train.epochs=3" in table
+
+
+def test_overrides_reach_the_stages_and_params_yaml_is_restored(
+    prefect_api: None, fake_project: Path
+) -> None:
+    before = (fake_project / "params.yaml").read_text()
+    state = run_flow(fake_project, epochs=7)
+    assert state.is_completed(), state
+    assert (fake_project / "out" / "train.txt").read_text() == "train epochs=7"
+    assert (fake_project / "params.yaml").read_text() == before
+
+
+def test_rejected_stage_is_not_retried_and_later_stages_never_run(
+    prefect_api: None, fake_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_TRAIN", "exit:2:5")
+    before = (fake_project / "params.yaml").read_text()
+    state = run_flow(fake_project, epochs=4)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, StageRejected)
+    assert "train was told to fail" in str(error)
+    assert (attempts(fake_project, "train"), attempts(fake_project, "evaluate")) == (1, 0)
+    assert task_runs(state)["train"].run_count == 1
+    assert (fake_project / "params.yaml").read_text() == before
+
+
+def test_transient_failure_is_retried(
+    prefect_api: None, fake_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_TRAIN", "exit:3:1")
+    state = run_flow(fake_project)
+    assert state.is_completed(), state
+    assert attempts(fake_project, "train") == 2
+    assert task_runs(state)["train"].run_count == 2
+
+
+def test_timeout_kills_the_stage_process_group_and_the_retry_starts_afresh(
+    prefect_api: None, fake_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_orchestration(fake_project, stage_timeout_s={"train": 2})
+    monkeypatch.setenv("FAKE_TRAIN", "hang:1")
+    state = run_flow(fake_project)
+    assert state.is_completed(), state
+    child = int((fake_project / "attempts" / "train.child").read_text())
+    assert not alive(child)
+    train_run = task_runs(state)["train"]
+    assert (train_run.run_count, attempts(fake_project, "train")) == (2, 2)
+    log = task_log(train_run)
+    assert f"{StageFailed.__name__}(\"stage 'train' timed out after 2 s; its process" in log
+
+
+def task_log(task_run: TaskRun) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run.id])))
+    return "\n".join(log.message for log in logs)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_bad_override_is_rejected_before_any_stage_runs(
+    prefect_api: None, fake_project: Path
+) -> None:
+    checked = run_flow(fake_project, epochs=-1).result(raise_on_failure=False)
+    assert isinstance(checked, ParameterTypeError)
+    assert "epochs: Input should be greater than 0" in str(checked)
+    unchecked = train.with_options(validate_parameters=False)
+    state = unchecked(project_dir=str(fake_project), arch="resnet", return_state=True)
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ParamsError)
+    assert "train.model.arch" in str(error)
+    assert not (fake_project / "attempts").exists()
+
+
+def test_reproduce_command_names_each_override() -> None:
+    assert reproduce_command(RunOverrides()) == "dvc repro"
+    command = reproduce_command(RunOverrides(epochs=2, arch="mlp", data_source="data/my set.csv"))
+    assert command == (
+        "dvc exp run -S train.epochs=2 -S train.model.arch=mlp -S 'data.source=data/my set.csv'"
+    )
+
+
+def test_overridden_params_keep_comments_and_are_undone(tmp_path: Path) -> None:
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    original = (tmp_path / "params.yaml").read_text()
+    rendered = render_overridden(original, RunOverrides(epochs=5))
+    assert "# The one configuration" in rendered
+    assert yaml.safe_load(rendered)["train"]["epochs"] == 5
+    with pytest.raises(RuntimeError), overridden_params_file(tmp_path, RunOverrides(lr=0.1)):
+        assert yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["lr"] == 0.1
+        raise RuntimeError("a stage failed")
+    assert (tmp_path / "params.yaml").read_text() == original
+
+
+# --- deployments -------------------------------------------------------------------------
+
+
+def read_deployment(name: str) -> Any:
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name)
+
+
+def test_deploy_creates_pools_queues_limit_and_deployments(
+    prefect_api: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLOPS_PROJECT_DIR", "/path/of/the/deploying/host")
+    first = deploy.deploy()
+    assert deploy.deploy() == first  # idempotent: same deployments, updated in place
+    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool("training")
+        queues = {q.name: q.priority for q in client.read_work_queues(work_pool_name="training")}
+        assert client.read_work_pool("inference").type == "process"
+        assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
+    assert (pool.type, pool.concurrency_limit) == ("process", 1)
+    assert queues["on-demand"] == 1 and queues["nightly"] > 1
+    nightly, on_demand = read_deployment("train/nightly"), read_deployment("train/on-demand")
+    for deployment in (nightly, on_demand):
+        assert deployment.entrypoint == "flows/train.py:train"
+        assert deployment.enforce_parameter_schema
+        assert deployment.work_pool_name == "training"
+        assert deployment.pull_steps == [
+            {
+                "prefect.deployments.steps.set_working_directory": {
+                    "directory": "{{ $MLOPS_PROJECT_DIR }}"
+                }
+            }
+        ]
+        assert "/path/of/the/deploying/host" not in str(deployment.model_dump())
+    assert (nightly.work_queue_name, on_demand.work_queue_name) == ("nightly", "on-demand")
+    assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [
+        ("0 2 * * *", "UTC")
+    ]
+    assert on_demand.schedules == []
+
+
+def test_redeploy_replaces_the_schedule(prefect_api: None, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    set_orchestration(tmp_path, nightly_cron="30 3 * * 1-5", timezone="Europe/Berlin")
+    deploy.deploy(params_file=params)
+    schedules = read_deployment("train/nightly").schedules
+    assert [(s.schedule.cron, s.schedule.timezone) for s in schedules] == [
+        ("30 3 * * 1-5", "Europe/Berlin")
+    ]
+    deploy.deploy()  # back to params.yaml's schedule for the other tests
+
+
+def test_deploy_from_git_clones_on_the_worker(prefect_api: None) -> None:
+    ids = deploy.deploy(git_url="file:///srv/git/mlops.git", branch="main", work_dir="/srv/run")
+    deployment = read_deployment("train/on-demand")
+    assert deployment.id == ids["train/on-demand"]
+    step = deployment.pull_steps[0]["prefect.deployments.steps.git_clone"]
+    assert (step["repository"], step["branch"]) == ("file:///srv/git/mlops.git", "main")
+    assert deployment.job_variables == {
+        "env": {"MLOPS_PROJECT_DIR": "."},
+        "working_dir": "/srv/run",
+    }
+    deploy.deploy()
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [({"epochs": -1}, "epochs"), ({"arch": "resnet"}, "resnet"), ({"lr": "fast"}, "lr")],
+)
+def test_bad_parameters_are_rejected_when_the_run_is_created(
+    prefect_api: None, parameters: dict[str, Any], message: str
+) -> None:
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    deployment_id: UUID = deploy.deploy()["train/on-demand"]
+    with get_client(sync_client=True) as client:
+        with pytest.raises(PrefectHTTPStatusError, match="Validation failed") as caught:
+            client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+        good = client.create_flow_run_from_deployment(deployment_id, parameters={"epochs": 2})
+    assert message in caught.value.response.text
+    assert good.parameters == {"epochs": 2}

@@ -1,0 +1,335 @@
+"""End to end (slow tier): a real `prefect server`, `python -m flows.deploy`, a real process
+worker running a copy of this repository, a run made like the UI's Run button, and the UI page
+of that run in headless Chromium.
+
+Everything listens on loopback ports picked at random; every store lives in a temp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import FlowRun
+from prefect.exceptions import PrefectHTTPStatusError
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.train import stage_order
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright never downloads a browser
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SCREENSHOT = REPO / "test-artifacts" / "flow-run.png"
+RUN_TIMEOUT_S = 900
+PIPELINE_STAGES = {"prepare", "validate", "train", "evaluate"}  # the stages that log to MLflow
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The running server, the checkout the worker uses, and where things are."""
+
+    api: str
+    ui: str
+    checkout: Path
+    mlflow_uri: str
+    logs: Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def snapshot(dest: Path) -> Path:
+    """This repository's tracked and new (non-ignored) files, committed in a fresh git repo:
+    what a fresh clone holds once everything is committed."""
+    listed = git(REPO, "ls-files", "-co", "--exclude-standard").split("\n")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    git(dest, "init", "-q")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "snapshot")
+    return dest
+
+
+def git(cwd: Path, *args: str) -> str:
+    command = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args]
+    return subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def base_env(home: Path, api: str | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLOPS_"))}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="true",  # Prefect's and MLflow's client telemetry: nothing leaves the host
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DVC_NO_ANALYTICS="1",
+        GX_ANALYTICS_ENABLED="false",
+        **extra,
+    )
+    if api:
+        env["PREFECT_API_URL"] = api
+    return env
+
+
+def start(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, SIGKILL what is left after 15 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"prefect server exited:\n{tail(log)}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"prefect server not healthy after {timeout_s} s:\n{tail(log)}")
+
+
+def tail(log: Path, lines: int = 60) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def deploy(stack: Stack, *args: str) -> str:
+    """`python -m flows.deploy` from the checkout, as a deploying host would run it."""
+    env = base_env(stack.logs / "deployer-home", stack.api, MLOPS_PROJECT_DIR="/not/on/workers")
+    command = [sys.executable, "-m", "flows.deploy", *args]
+    done = subprocess.run(
+        command, cwd=stack.checkout, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Server + deployments + one worker of pool `training`; both killed at teardown."""
+    base = tmp_path_factory.mktemp("e2e")
+    port = free_port()
+    api, ui = f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{port}"
+    server_cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
+    server_env = base_env(base / "server-home", PREFECT_UI_API_URL=api)
+    server = start([*server_cmd, "--port", str(port)], server_env, base, base / "server.log")
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        wait_healthy(api, server, base / "server.log", timeout_s=120)
+        checkout = snapshot(base / "checkout")
+        stack = Stack(api, ui, checkout, f"sqlite:///{base / 'mlflow.db'}", base)
+        deploy(stack)
+        worker = start_worker(stack)
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            yield stack
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(server)
+
+
+def start_worker(stack: Stack) -> subprocess.Popen[bytes]:
+    """A worker whose flow runs use `stack.checkout` ($MLOPS_PROJECT_DIR) and a temp MLflow."""
+    env = base_env(
+        stack.logs / "worker-home",
+        stack.api,
+        MLOPS_PROJECT_DIR=str(stack.checkout),
+        MLFLOW_TRACKING_URI=stack.mlflow_uri,
+        PREFECT_WORKER_QUERY_SECONDS="2",
+    )
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "training"]
+    return start([*command, "--name", "e2e-worker"], env, stack.logs, stack.logs / "worker.log")
+
+
+def run_deployment(stack: Stack, name: str, parameters: dict[str, Any]) -> FlowRun:
+    """What the UI's Run button does, then wait for the run to end."""
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(name)
+        flow_run = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+        return wait_final(client, flow_run.id, stack)
+
+
+def wait_final(client: SyncPrefectClient, flow_run_id: Any, stack: Stack) -> FlowRun:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        flow_run = client.read_flow_run(flow_run_id)
+        if flow_run.state and flow_run.state.is_final():
+            return flow_run
+        time.sleep(2)
+    log = tail(stack.logs / "worker.log")
+    pytest.fail(f"flow run not finished after {RUN_TIMEOUT_S} s:\n{log}")
+
+
+@pytest.fixture(scope="module")
+def finished(stack: Stack) -> FlowRun:
+    """One run of `train/on-demand` with epochs=2, finished."""
+    flow_run = run_deployment(stack, "train/on-demand", {"epochs": 2})
+    assert flow_run.state is not None
+    assert flow_run.state.is_completed(), (
+        f"{flow_run.state!r}\n{tail(stack.logs / 'worker.log', 120)}"
+    )
+    return flow_run
+
+
+def artifacts(flow_run: FlowRun) -> dict[str, Any]:
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+    with get_client(sync_client=True) as client:
+        return {a.key: a for a in client.read_artifacts(flow_run_filter=flow_runs)}
+
+
+def link(artifact: Any) -> str:
+    """The URL of a link artifact (stored as Markdown: `[text](url)`)."""
+    found = re.fullmatch(r"\[[^\]]*\]\((.+)\)", artifact.data)
+    assert found, artifact.data
+    return found.group(1)
+
+
+def test_deployment_records_no_path_of_the_deploying_host(stack: Stack) -> None:
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("train/on-demand")
+    assert deployment.entrypoint == "flows/train.py:train"
+    assert deployment.path is None
+    directory = deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"]
+    assert directory == {"directory": "{{ $MLOPS_PROJECT_DIR }}"}
+    assert str(stack.checkout) not in deployment.model_dump_json()
+
+
+def test_each_stage_is_a_completed_task_run(stack: Stack, finished: FlowRun) -> None:
+    flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[finished.id]))
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=flow_runs)
+    states = {run.name: run.state.type.value for run in runs if run.state}
+    assert states == dict.fromkeys(stage_order(stack.checkout), "COMPLETED")
+    assert finished.parameters["epochs"] == 2
+
+
+def test_run_links_mlflow_data_docs_and_metrics(stack: Stack, finished: FlowRun) -> None:
+    found = artifacts(finished)
+    assert "/#/experiments/" in link(found["mlflow-run"])
+    docs = link(found["data-docs"])
+    assert docs.startswith("file://") and docs.endswith("reports/validate/index.html")
+    assert (stack.checkout / "reports" / "validate" / "index.html").is_file()
+    table = found["run-metrics"].data
+    assert "| metrics/train.json |" in table and "| metrics/evaluate.json |" in table
+    assert "dvc exp run -S train.epochs=2" in table
+
+
+def test_mlflow_parent_run_holds_one_nested_run_per_stage(stack: Stack, finished: FlowRun) -> None:
+    parent_id = link(artifacts(finished)["mlflow-run"]).rsplit("/", 1)[-1]
+    client = MlflowClient(tracking_uri=stack.mlflow_uri)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.epochs"] == "2"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
+    assert {run.info.run_name for run in children} >= PIPELINE_STAGES
+    assert all(run.info.status == "FINISHED" for run in children)
+    assert (stack.checkout / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("parameters", "reason"),
+    [
+        ({"epochs": -1}, "-1 is less than or equal to the minimum of 0"),
+        ({"arch": "resnet"}, "'resnet' is not one of ['mlp', 'cnn']"),
+    ],
+)
+def test_bad_parameters_are_rejected_when_the_run_is_created(
+    stack: Stack, parameters: dict[str, Any], reason: str
+) -> None:
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("train/on-demand")
+        with pytest.raises(PrefectHTTPStatusError) as caught:
+            client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+    assert caught.value.response.status_code == 409
+    detail = caught.value.response.json()["detail"]
+    field = next(iter(parameters))
+    assert f"Validation failed for field '{field}'" in detail
+    assert reason in detail
+
+
+def test_the_ui_shows_the_run_and_its_stages(stack: Stack, finished: FlowRun) -> None:
+    """The flow run's page in headless Chromium: each stage in its Task Runs tab."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1100})
+            page.goto(f"{stack.ui}/runs/flow-run/{finished.id}")
+            page.get_by_text(finished.name, exact=True).first.wait_for(timeout=60_000)
+            page.locator("li#task-runs").click()
+            task_runs = page.locator("#task-runs-content")
+            for stage in stage_order(stack.checkout):
+                task_runs.get_by_text(stage, exact=True).first.wait_for(timeout=30_000)
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_a_git_deployment_runs_a_fresh_clone(stack: Stack, finished: FlowRun) -> None:
+    """`--git-url`: the worker clones the repository for the run and the flow runs in the clone
+    (its commit is on the MLflow run); a missing data file is rejected without retries."""
+    source = stack.logs / "source"
+    git(stack.logs, "clone", "-q", str(stack.checkout), str(source))
+    git(source, "commit", "-q", "--allow-empty", "-m", "only in the git server")
+    bare = stack.logs / "mlops.git"
+    git(stack.logs, "clone", "-q", "--bare", str(source), str(bare))
+    head = git(bare, "rev-parse", "HEAD").strip()
+    assert head != git(stack.checkout, "rev-parse", "HEAD").strip()
+    work = stack.logs / "git-work"  # the worker host's directory for clones: it must exist
+    work.mkdir()
+    deploy(stack, "--git-url", bare.as_uri(), "--work-dir", str(work))
+    try:
+        flow_run = run_deployment(stack, "train/on-demand", {"data_source": "data/missing.csv"})
+    finally:
+        deploy(stack)
+    assert flow_run.state is not None and flow_run.state.is_failed()
+    assert "no such file" in (flow_run.state.message or ""), flow_run.state.message
+    client = MlflowClient(tracking_uri=stack.mlflow_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("digits").experiment_id],
+        filter_string="tags.`mlops.kind` = 'pipeline' and attributes.status = 'FAILED'",
+    )
+    commits = [run.data.tags["git.commit"].removesuffix("-dirty") for run in runs]
+    assert commits == [head]  # "-dirty": params.yaml holds the run's overrides while it runs
+    assert (work / "mlops" / ".git").is_dir()

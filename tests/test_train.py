@@ -1,0 +1,398 @@
+"""The `train` stage: learning, determinism, checkpoints and resume, outputs, MLflow."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipelines.artifacts import read_json, write_json
+from pipelines.config import Params, load_params
+from pipelines.errors import CheckpointError, DataSourceError, ParamsError
+from pipelines.prepare import prepare, read_split
+from pipelines.train import (
+    TrainResult,
+    latest_checkpoint,
+    load_model,
+    main,
+    pack,
+    read_checkpoint,
+    save_model,
+    split_arrays,
+    train,
+    unpack,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"train.epochs": 3, "train.model.width": 8, "train.patience": 10, "train.num_workers": 0}
+TINY_MODEL = {"arch": "cnn", "width": 8, "depth": 2, "dropout": 0.1}
+
+
+class Crash(Exception):
+    """Stands for a process dying after some epoch."""
+
+
+def tiny(**overrides: Any) -> Params:
+    """The real params.yaml, shrunk: keys like train__lr mean "train.lr"."""
+    dotted = {key.replace("__", "."): value for key, value in overrides.items()}
+    return load_params(REPO / "params.yaml", overrides={**TINY, **dotted})
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default digits, prepared once for this module."""
+    params = load_params(REPO / "params.yaml")
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(params.data, params.prepare, REPO, out)
+    return out
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLOPS_PARENT_RUN_ID", raising=False)
+    return uri
+
+
+def crash_after(epoch: int) -> Any:
+    def on_epoch(done: int, row: dict[str, float]) -> None:
+        if done == epoch:
+            raise Crash
+
+    return on_epoch
+
+
+def numbers(result: TrainResult) -> tuple[Any, ...]:
+    """Everything a run computes, without wall-clock times."""
+    history = [{k: v for k, v in row.items() if k != "seconds"} for row in result.history]
+    metrics = {k: v for k, v in result.metrics.items() if "sec" not in k}
+    metrics.pop("resumed_from_epoch")
+    return history, metrics
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def val_inputs(prepared: Path) -> torch.Tensor:
+    manifest = read_json(prepared / "manifest.json")
+    x, _ = split_arrays(read_split(prepared, "val"), manifest, "val")
+    return torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_each_arch_learns_well_above_chance(arch: str, prepared: Path, tmp_path: Path) -> None:
+    cfg = tiny(train__model__arch=arch, train__epochs=5, train__model__width=32).train
+    result = train(cfg, prepared, tmp_path / "ckpt")
+    assert result.metrics["val_accuracy"] > 0.6  # 10 classes: chance is 0.1
+    assert result.metrics["epochs_run"] == len(result.history) == 5
+    assert result.metrics["resumed_from_epoch"] is None
+    assert result.model_args["arch"] == arch == result.metadata["arch"]
+    assert not result.model.training
+    lrs = [row["lr"] for row in result.history]
+    assert lrs[0] == cfg.lr and lrs == sorted(lrs, reverse=True)  # cosine decay
+
+
+def test_same_seed_gives_identical_numbers_and_weights(prepared: Path, tmp_path: Path) -> None:
+    cfg = tiny().train
+    first, second = (train(cfg, prepared, tmp_path / name) for name in ("a", "b"))
+    assert numbers(first) == numbers(second)
+    assert_same_weights(first.model, second.model)
+    other = train(cfg.model_copy(update={"seed": 1}), prepared, tmp_path / "c")
+    assert numbers(other) != numbers(first)
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(
+    prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny(train__epochs=4).train
+    whole = train(cfg, prepared, tmp_path / "whole")
+    with pytest.raises(Crash):
+        train(cfg, prepared, tmp_path / "ckpt", on_epoch=crash_after(2))
+    assert latest_checkpoint(tmp_path / "ckpt") == tmp_path / "ckpt" / "epoch-00002.pt"
+    assert read_checkpoint(tmp_path / "ckpt" / "epoch-00002.pt")["epoch"] == 2
+    with caplog.at_level(logging.INFO, logger="pipelines.train"):
+        resumed = train(cfg, prepared, tmp_path / "ckpt")
+    assert "resuming from epoch 2" in caplog.text
+    assert resumed.metrics["resumed_from_epoch"] == 2
+    assert numbers(resumed) == numbers(whole)
+    assert_same_weights(resumed.model, whole.model)
+
+
+def test_loader_workers_change_nothing_even_across_a_resume(prepared: Path, tmp_path: Path) -> None:
+    cfg = tiny().train
+    plain = train(cfg, prepared, tmp_path / "plain")
+    workers = cfg.model_copy(update={"num_workers": 2})
+    with pytest.raises(Crash):
+        train(workers, prepared, tmp_path / "workers", on_epoch=crash_after(1))
+    resumed = train(workers, prepared, tmp_path / "workers")
+    assert resumed.metrics["resumed_from_epoch"] == 1
+    assert numbers(resumed) == numbers(plain)
+    assert_same_weights(resumed.model, plain.model)
+
+
+def test_a_changed_config_or_resume_off_starts_fresh(
+    prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny().train
+    with pytest.raises(Crash):
+        train(cfg, prepared, tmp_path, on_epoch=crash_after(1))
+    with caplog.at_level(logging.INFO, logger="pipelines.train"):
+        changed = train(cfg.model_copy(update={"lr": cfg.lr / 2}), prepared, tmp_path)
+    assert changed.metrics["resumed_from_epoch"] is None
+    assert "other params or data" in caplog.text and "starting fresh" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.train"):
+        again = train(cfg.model_copy(update={"lr": cfg.lr / 2}), prepared, tmp_path)
+    assert "finished run; starting fresh" in caplog.text  # stale code must not skip training
+    assert again.metrics["resumed_from_epoch"] is None
+    with pytest.raises(Crash):
+        train(cfg, prepared, tmp_path, on_epoch=crash_after(1))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.train"):
+        off = train(cfg.model_copy(update={"resume": False}), prepared, tmp_path)
+    assert "train.resume is false" in caplog.text
+    assert off.metrics["resumed_from_epoch"] is None
+
+
+def test_early_stopping_keeps_the_best_epoch(
+    prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny(train__epochs=10, train__patience=2, train__min_delta=100.0).train
+    with caplog.at_level(logging.INFO, logger="pipelines.train"):
+        result = train(cfg, prepared, tmp_path)
+    # No epoch beats the first by min_delta: two more epochs, then stop; epoch 1 is kept.
+    assert result.metrics["epochs_run"] == 3
+    assert result.metrics["best_epoch"] == 1 == result.metadata["best_epoch"]
+    assert result.metrics["best_val_loss"] == result.history[0]["val_loss"]
+    assert "early stop after epoch 3" in caplog.text
+
+
+def test_constant_schedule_and_one_log_line_per_epoch(
+    prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny(train__scheduler="constant", train__model__arch="mlp").train
+    with caplog.at_level(logging.INFO, logger="pipelines.train"):
+        result = train(cfg, prepared, tmp_path)
+    assert {row["lr"] for row in result.history} == {cfg.lr}
+    lines = [r.getMessage() for r in caplog.records if "train: epoch" in r.getMessage()]
+    assert len(lines) == 3
+    for word in ("epoch 3/3", "train_loss", "val_loss", "val_acc", "lr", "s"):
+        assert word in lines[-1]
+
+
+def test_checkpoint_every_epoch_holds_the_whole_state(prepared: Path, tmp_path: Path) -> None:
+    cfg = tiny().train
+    seen = []
+    for epoch in (1, 2):  # die after each epoch in turn: every run resumes the previous one
+        with pytest.raises(Crash):
+            train(cfg, prepared, tmp_path, on_epoch=crash_after(epoch))
+        seen.append(read_checkpoint(tmp_path / f"epoch-{epoch:05d}.pt"))
+    result = train(cfg, prepared, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch-00003.pt"]  # older ones removed
+    last = read_checkpoint(tmp_path / "epoch-00003.pt")
+    assert [c["epoch"] for c in [*seen, last]] == [1, 2, 3]
+    assert last["finished"] and not seen[-1]["finished"]
+    assert set(last) >= {"model", "optimizer", "scheduler", "rng", "early_stopping", "history"}
+    assert set(last["rng"]) == {"torch", "cuda", "numpy", "python", "shuffle"}
+    assert last["model_args"] == result.model_args
+    assert last["fingerprint"] == result.metadata["fingerprint"]
+    assert last["history"]["columns"][0] == "epoch"
+    assert last["history"]["values"][:, 0].tolist() == [1, 2, 3]
+    assert result.metrics["resumed_from_epoch"] == 2
+
+
+def test_pack_round_trips_nested_tensors() -> None:
+    tree: dict[Any, Any] = {
+        "a": [torch.arange(6).reshape(2, 3), {"b": torch.tensor(1.5)}],
+        "c": (torch.ones(2, dtype=torch.uint8), 3, "s", None),
+        1: torch.zeros(0),
+    }
+    back = unpack(pack(tree))
+    assert torch.equal(back["a"][0], tree["a"][0]) and back["a"][1]["b"].item() == 1.5
+    assert torch.equal(back["c"][0], tree["c"][0]) and back["c"][1:] == (3, "s", None)
+    assert back[1].shape == (0,)
+
+
+def test_model_file_reloads_and_predicts_the_same(prepared: Path, tmp_path: Path) -> None:
+    result = train(tiny().train, prepared, tmp_path / "ckpt")
+    save_model(tmp_path / "model.pt", result)
+    content = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert set(content) == {"format", "model_args", "state_dict", "metadata"}
+    model, metadata = load_model(tmp_path / "model.pt")
+    assert not model.training
+    x = val_inputs(prepared)
+    with torch.no_grad():
+        assert torch.equal(model(x), result.model(x))
+    assert metadata["labels"] == list(range(10)) and metadata["label_column"] == "label"
+    assert metadata["input_shape"] == [1, 8, 8] == metadata["preprocessing"]["input_shape"]
+    assert metadata["content_hash"] == read_json(prepared / "manifest.json")["content_hash"]
+    assert metadata["torch_version"] == torch.__version__
+    assert metadata["val_accuracy"] == result.metrics["val_accuracy"]
+
+
+def test_unusable_inputs_raise_errors_a_user_can_act_on(prepared: Path, tmp_path: Path) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match="not a readable model file"):
+        load_model(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="run the train stage"):
+        load_model(tmp_path / "missing.pt")
+    with pytest.raises(DataSourceError, match="run the prepare stage"):
+        train(tiny().train, tmp_path / "nothing", tmp_path / "ckpt")
+    odd = tmp_path / "odd"
+    shutil.copytree(prepared, odd)
+    manifest = read_json(odd / "manifest.json")
+    write_json(odd / "manifest.json", {**manifest, "labels": list(range(9))})
+    with pytest.raises(DataSourceError, match="label values 9 are not in"):
+        train(tiny().train, odd, tmp_path / "ckpt")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_requested_without_a_gpu_is_rejected(prepared: Path, tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="no CUDA device"):
+        train(tiny(train__device="cuda").train, prepared, tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_with_loader_workers(prepared: Path, tmp_path: Path) -> None:
+    cfg = tiny(train__device="cuda", train__bf16=True, train__num_workers=2).train
+    result = train(cfg, prepared, tmp_path)
+    assert result.metrics["val_accuracy"] > 0.3
+    assert next(result.model.parameters()).device.type == "cpu"
+
+
+def run_main(project: Path, prepared: Path) -> dict[str, Path]:
+    outputs = {
+        "model": project / "models" / "train" / "model.pt",
+        "metrics": project / "metrics" / "train.json",
+        "plots": project / "plots" / "train.csv",
+        "checkpoint-dir": project / "checkpoints" / "train",
+    }
+    argv = ["--params", str(project / "params.yaml"), "--prepared", str(prepared)]
+    for name, path in outputs.items():
+        argv += [f"--{name}", str(path)]
+    main(argv)
+    return outputs
+
+
+def write_params(project: Path, **train: Any) -> None:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"].update(train)
+    project.mkdir(parents=True, exist_ok=True)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+
+
+def test_main_writes_outputs_and_tracks_epochs_and_a_reloadable_mlflow_model(
+    prepared: Path, tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    write_params(tmp_path, epochs=3, patience=10, model=TINY_MODEL)
+    monkeypatch.chdir(tmp_path)
+    out = run_main(tmp_path, prepared)
+    metrics = read_json(out["metrics"])
+    assert set(metrics) == {
+        "best_epoch",
+        "epochs_run",
+        "best_val_loss",
+        "val_accuracy",
+        "train_samples_per_sec",
+        "train_seconds",
+        "resumed_from_epoch",
+    }
+    with out["plots"].open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["epoch", "train_loss", "val_loss", "val_accuracy", "lr"]
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3]
+    model, _ = load_model(out["model"])
+
+    client = mlflow.MlflowClient(mlflow_uri)
+    (run,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`mlops.stage` = 'train'"
+    )
+    history = client.get_metric_history(run.info.run_id, "epoch.val_loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert [m.value for m in history] == [float(row["val_loss"]) for row in rows]
+    assert run.data.metrics["val_accuracy"] == metrics["val_accuracy"]
+    assert run.data.tags["train.resumed"] == "False"
+    assert len(run.data.tags["train.fingerprint"]) == 64
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model.pt", "train.csv"} <= names
+
+    logged = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    x = val_inputs(prepared)[:7]  # the input example has 4 rows: the batch axis is dynamic
+    with torch.no_grad():
+        np.testing.assert_allclose(logged(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def read_epoch(checkpoint_dir: Path) -> int:
+    """The newest checkpoint's epoch; 0 before the first (or while it is being replaced)."""
+    path = latest_checkpoint(checkpoint_dir)
+    try:
+        return int(read_checkpoint(path)["epoch"]) if path else 0
+    except CheckpointError:  # removed between listing and reading: a newer one exists
+        return 0
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_restart_resumes_to_the_same_result(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """A real `python -m pipelines.train` killed with SIGKILL after epoch 2, started again."""
+    epochs = 8
+    model = {"arch": "cnn", "width": 48, "depth": 2, "dropout": 0.1}  # ~0.3 s per epoch
+    write_params(tmp_path, epochs=epochs, patience=epochs, model=model, device="cpu")
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PYTHONPATH": str(REPO),
+    }
+    env.pop("MLOPS_PARENT_RUN_ID", None)
+    command = [sys.executable, "-m", "pipelines.train", "--prepared", str(prepared)]
+    command += ["--model", "models/train/model.pt", "--metrics", "metrics/train.json"]
+    command += ["--plots", "plots/train.csv", "--checkpoint-dir", "checkpoints/train"]
+    checkpoints = tmp_path / "checkpoints" / "train"
+
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while read_epoch(checkpoints) < 2:
+        assert first.poll() is None, first.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint of epoch 2 within 60 s"
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = read_epoch(checkpoints)
+    assert 2 <= killed_at < epochs, "the run finished before it was killed: make epochs slower"
+    assert not (tmp_path / "metrics" / "train.json").exists()
+
+    second = subprocess.run(
+        command, check=False, cwd=tmp_path, env=env, capture_output=True, timeout=120
+    )
+    assert second.returncode == 0, second.stderr.decode()[-2000:]
+    assert f"resuming from epoch {killed_at}" in second.stderr.decode()
+    metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert metrics["resumed_from_epoch"] == killed_at
+
+    cfg = load_params(tmp_path / "params.yaml").train
+    whole = train(cfg, prepared, tmp_path / "uninterrupted")
+    resumed, _ = load_model(tmp_path / "models" / "train" / "model.pt")
+    assert_same_weights(resumed, whole.model)
+    for key in ("best_epoch", "epochs_run", "best_val_loss", "val_accuracy"):
+        assert metrics[key] == whole.metrics[key], key
