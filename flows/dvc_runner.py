@@ -49,7 +49,9 @@ def stage_order(repo: Any) -> list[str]:
     import networkx as nx
     from dvc.stage import PipelineStage
 
-    ordered = reversed(list(nx.topological_sort(repo.index.graph)))
+    graph = repo.index.graph.reverse(copy=False)  # edges: dependency -> dependent
+    written = {stage: i for i, stage in enumerate(repo.index.stages)}  # ties: dvc.yaml's order
+    ordered = nx.lexicographical_topological_sort(graph, key=lambda s: written.get(s, 0))
     return [_address(stage) for stage in ordered if isinstance(stage, PipelineStage)]
 
 

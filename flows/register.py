@@ -33,6 +33,15 @@ class Decision:
     reason: str
 
 
+def stage_output(root: Path, stage: str) -> Path:
+    """The first output that dvc.yaml declares for `stage` (paths live in dvc.yaml only)."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        found = repo.stage.collect(stage)
+        return root / str(found[0].outs[0].def_path)
+
+
 def accuracy_on(onnx_path: Path, prepared_dir: Path) -> float:
     """Accuracy of an ONNX model on this run's test split."""
     x, y = split_inputs(prepared_dir, "test", read_metadata(onnx_path)["preprocessing"])

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -154,13 +155,14 @@ def train(
         parent = start_parent_run(params, root, name="train-flow")
         try:
             states = run_stages(params, session, parent, force)
+            decision = register_task(params, root, parent)
         except BaseException:
             end_parent_run(params, root, parent, status="FAILED")
             _publish(params, session, parent, overrides, failed=True)
             raise
         end_parent_run(params, root, parent)
         links = _publish(params, session, parent, overrides)
-    return {"mlflow_parent_run_id": parent, "stages": states, **links}
+    return {"mlflow_parent_run_id": parent, "stages": states, "register": decision, **links}
 
 
 def _publish(
@@ -171,15 +173,36 @@ def _publish(
 
     url = mlflow_run_url(params, session.root, parent)
     create_link_artifact(url, link_text="MLflow parent run", key="mlflow-run")
-    docs = session.root / "reports" / "validate" / "index.html"
+    metrics = session.metrics()
+    found = [m["docs_index"] for m in metrics.values() if isinstance(m, dict) and "docs_index" in m]
+    docs = session.root / (found[0] if found else "reports/validate/index.html")
     create_link_artifact(docs.as_uri(), link_text="Great Expectations Data Docs", key="data-docs")
-    table = metrics_table(session.metrics())
+    table = metrics_table(metrics)
     create_markdown_artifact(
         f"{table}\n\n**Reproduce:** `{reproduce_command(overrides)}`",
         key="run-metrics",
         description="Failed run: metrics of the stages that finished" if failed else None,
     )
     return {"mlflow_run_url": url, "data_docs": str(docs)}
+
+
+@task(cache_policy=NO_CACHE, task_run_name="register")
+def register_task(params: Params, root: Path, parent: str) -> dict[str, Any]:
+    """The selected model into the MLflow registry through the champion gate (flows/register.py)."""
+    from flows.register import register, stage_output
+
+    decision = register(
+        params, root, parent, stage_output(root, "select"), stage_output(root, "prepare")
+    )
+    create_markdown_artifact(
+        f"Model `{params.register_.model_name}` version {decision.version} is "
+        f"**{decision.alias}**: {decision.reason}",
+        key="champion-gate",
+    )
+    get_run_logger().info(
+        "register: version %s -> %s (%s)", decision.version, decision.alias, decision.reason
+    )
+    return asdict(decision)
 
 
 def ensure_gpu_limit(slots: int = 1) -> None:

@@ -18,8 +18,8 @@ import pandas as pd
 from pipelines.artifacts import atomic_path, read_json, write_json
 from pipelines.cli import run_cli
 from pipelines.config import EvaluateConfig, Params, load_params, section_dict
-from pipelines.preprocessing import to_model_input
 from pipelines.prepare import read_split
+from pipelines.preprocessing import to_model_input
 
 log = logging.getLogger(__name__)
 

@@ -61,6 +61,13 @@ EXAMPLE_ROWS = 4  # rows in the MLflow input example: > 1 keeps the batch axis d
 
 log = logging.getLogger(__name__)
 OnEpoch = Callable[[int, dict[str, float]], None]
+# The training objective: (logits, model input, class indices) -> scalar loss. Cross-entropy by
+# default; knowledge distillation (pipelines/distill.py) passes its own.
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y)
 
 
 @dataclass
@@ -94,6 +101,7 @@ class Loop:
     shuffle: torch.Generator
     device: torch.device
     bf16: bool
+    loss: LossFn = cross_entropy
 
 
 @dataclass
@@ -181,10 +189,13 @@ def rebuild(args: dict[str, Any]) -> nn.Module:
     return build_model(args["arch"], **kwargs)
 
 
-def fingerprint(cfg: TrainConfig, content_hash: str) -> str:
-    """Identifies what a run computes: the train section (less NOT_FINGERPRINTED) + the data."""
+def fingerprint(cfg: TrainConfig, content_hash: str, objective: str = "") -> str:
+    """Identifies what a run computes: the train section (less NOT_FINGERPRINTED), the data, and
+    a non-default objective's description (e.g. the teacher and settings of a distillation)."""
     section = {k: v for k, v in section_dict(cfg).items() if k not in NOT_FINGERPRINTED}
-    blob = json.dumps({"train": section, "data": content_hash}, sort_keys=True)
+    blob = json.dumps(
+        {"train": section, "data": content_hash, "objective": objective}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -258,9 +269,10 @@ def train_epoch(loop: Loop, loader: DataLoader[Any]) -> float:
     total = torch.zeros((), device=loop.device)
     seen = 0
     for x_host, y_host in loader:
+        xb = x_host.to(loop.device, non_blocking=True)
         yb = y_host.to(loop.device, non_blocking=True)
         with autocast(loop):
-            loss = F.cross_entropy(loop.model(x_host.to(loop.device, non_blocking=True)), yb)
+            loss = loop.loss(loop.model(xb), xb, yb)
         loop.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         loop.optimizer.step()
@@ -594,15 +606,19 @@ def train(
     prepared_dir: Path,
     checkpoint_dir: Path,
     on_epoch: OnEpoch | None = None,
+    objective: tuple[LossFn, str] | None = None,
 ) -> TrainResult:
     """Train on `prepared_dir`, checkpointing into `checkpoint_dir` after every epoch (resuming
     from there when `cfg.resume` and the fingerprint match). `on_epoch(epoch, row)` is called
-    after each epoch, once its checkpoint is written."""
+    after each epoch, once its checkpoint is written. `objective` = (loss, description) replaces
+    cross-entropy; the description enters the checkpoint fingerprint."""
     manifest = read_manifest(prepared_dir)
     data = load_data(prepared_dir, manifest)
     args = model_args(cfg, manifest)
-    fp = fingerprint(cfg, manifest["content_hash"])
+    fp = fingerprint(cfg, manifest["content_hash"], objective[1] if objective else "")
     loop = make_loop(cfg, args, resolve_device(cfg.device))
+    if objective is not None:
+        loop.loss = objective[0]
     state, resumed_from = start_state(loop, checkpoint_dir, fp, cfg.resume)
 
     def save() -> None:

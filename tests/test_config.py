@@ -53,7 +53,7 @@ def test_missing_key_and_missing_file(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(
         (REPO / "params.yaml").read_text().replace("  epochs: ", "  #")
     )
-    with pytest.raises(ParamsError, match="train.epochs: required key is missing"):
+    with pytest.raises(ParamsError, match=r"train\.epochs: required key is missing"):
         load_params(tmp_path / "p.yaml")
     with pytest.raises(ParamsError, match="no such params file"):
         load_params(tmp_path / "absent.yaml")

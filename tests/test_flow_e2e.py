@@ -173,6 +173,7 @@ def start_worker(stack: Stack) -> subprocess.Popen[bytes]:
         PREFECT_WORKER_QUERY_SECONDS="2",
     )
     command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", "training"]
+    command += ["--work-queue", "on-demand"]  # never a `train/nightly` run that falls due now
     return start([*command, "--name", "e2e-worker"], env, stack.logs, stack.logs / "worker.log")
 
 
