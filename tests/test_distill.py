@@ -1,0 +1,34 @@
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from pipelines.distill import distill, distillation_loss
+from pipelines.train import load_model, save_model
+from tests.modelzoo import tiny_params, trained_model
+
+
+def test_loss_mixes_soft_targets_and_labels() -> None:
+    teacher = torch.nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    logits = torch.randn(8, 3)
+    hard_only = distillation_loss(teacher, temperature=4.0, alpha=0.0)(logits, x, y)
+    assert torch.allclose(hard_only, F.cross_entropy(logits, y))
+    with torch.no_grad():
+        copy = distillation_loss(teacher, temperature=4.0, alpha=1.0)(teacher(x), x, y)
+    assert copy.abs().item() < 1e-6  # a student equal to its teacher has nothing to learn
+
+
+def test_student_is_smaller_learns_and_describes_its_teacher(tmp_path: Path) -> None:
+    params = tiny_params(
+        **{"distill.model": {"arch": "mlp", "width": 16, "depth": 1, "dropout": 0.0}}
+    )
+    prepared, teacher = trained_model(tmp_path, params)
+    result = distill(params.train, params.distill, teacher, prepared, tmp_path / "ckpt")
+    save_model(tmp_path / "student.pt", result)
+    student, meta = load_model(tmp_path / "student.pt")
+    size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert size(student) < size(load_model(teacher)[0])
+    assert meta["arch"] == "mlp" and meta["distillation"]["alpha"] == params.distill.alpha
+    assert result.metrics["val_accuracy"] > 0.2  # ten classes: chance is 0.1
+    assert meta["fingerprint"] != load_model(teacher)[1]["fingerprint"]
