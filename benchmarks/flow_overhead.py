@@ -242,6 +242,7 @@ def summary(dvc: list[Run], flow: list[Run], server_s: float) -> dict[str, Any]:
         "ratio_same_commands": same_commands_ratio(dvc, flow),
         "dvc_outside_commands_s": statistics.median(outside_commands(r) for r in dvc),
         "flow_outside_commands_s": statistics.median(outside_commands(r) for r in flow),
+        "flow_other_tasks_s": statistics.median(other_tasks(r, dvc[0]) for r in flow),
         "max_orchestration_ms": max(s["orchestration_ms"] for s in per_stage.values()),
         "max_beyond_command_ms": max(s["task_beyond_command_ms"] for s in per_stage.values()),
         "server_start_s": server_s,
@@ -267,14 +268,19 @@ def outside_commands(run: Run) -> float:
     return run.wall_s - sum(run.commands_s.values())
 
 
+def other_tasks(flow: Run, dvc: Run) -> float:
+    """Seconds in the flow's task runs that are no DVC stage (the champion gate): work that
+    `dvc repro` does not do."""
+    return sum(s for name, s in flow.tasks_s.items() if name not in dvc.commands_s)
+
+
 def same_commands_ratio(dvc: list[Run], flow: list[Run]) -> float:
-    """The ratio with the stage commands' own times taken from the `dvc repro` runs: the
-    flow's cost without the noise of commands that ran slower or faster this time."""
+    """The ratio on the same work: the stage commands' times taken from the `dvc repro` runs
+    (not the noise of commands that ran slower or faster this time), without the flow's tasks
+    that are no DVC stage."""
     dvc_wall = statistics.median(r.wall_s for r in dvc)
-    extra = statistics.median(outside_commands(r) for r in flow) - statistics.median(
-        outside_commands(r) for r in dvc
-    )
-    return (dvc_wall + extra) / dvc_wall
+    extra = statistics.median(outside_commands(r) - other_tasks(r, dvc[0]) for r in flow)
+    return (dvc_wall + extra - statistics.median(outside_commands(r) for r in dvc)) / dvc_wall
 
 
 HEADER = ("stage", "command", "command", "task run", "DVC's own", "task minus", "orchestr.")
@@ -304,8 +310,9 @@ def totals(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("python -m flows.train --force", f"{result['flow_wall_s']:8.2f} s wall"),
         ("  outside the stage commands", f"{result['dvc_outside_commands_s']:8.2f} s (dvc)"),
         ("", f"{result['flow_outside_commands_s']:8.2f} s (flow)"),
+        ("  in tasks that are no stage", f"{result['flow_other_tasks_s']:8.2f} s (flow)"),
         ("ratio flow / dvc", f"{result['ratio']:8.3f}   goal <= {RATIO_GOAL}: {ratio_ok}"),
-        ("  with dvc's command times", f"{result['ratio_same_commands']:8.3f}   {same_ok}"),
+        ("  same work, dvc's command times", f"{result['ratio_same_commands']:8.3f}   {same_ok}"),
         (
             "orchestration overhead, max",
             f"{result['max_orchestration_ms']:8.0f} ms per task run,"

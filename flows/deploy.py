@@ -110,11 +110,17 @@ def ensure_pool(client: SyncPrefectClient, name: str, runs_at_once: int | None) 
     from prefect.workers.process import ProcessWorker
 
     try:
-        client.read_work_pool(name)
+        found = client.read_work_pool(name)
     except ObjectNotFound:
         template = ProcessWorker.get_default_base_job_template()
         pool = WorkPoolCreate(name=name, type=POOL_TYPE, base_job_template=template)
         client.create_work_pool(pool)
+    else:
+        if found.type != POOL_TYPE:
+            raise ValueError(
+                f"work pool {name!r} exists with type {found.type!r}; these flows need a"
+                f" {POOL_TYPE!r} pool (delete it: prefect work-pool delete {name})"
+            )
     if runs_at_once is not None:
         client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=runs_at_once))
 

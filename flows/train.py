@@ -31,6 +31,7 @@ from pipelines.tracking import PARENT_ENV, end_parent_run, start_parent_run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_DIR_ENV = "MLOPS_PROJECT_DIR"  # a worker's checkout (see flows/deploy.py)
+SELECT_STAGE = "select"  # its winner goes through the champion gate (a pipeline without: none)
 
 
 class StageFailed(RuntimeError):
@@ -155,7 +156,7 @@ def train(
         parent = start_parent_run(params, root, name="train-flow")
         try:
             states = run_stages(params, session, parent, force)
-            decision = register_task(params, root, parent)
+            decision = register_task(params, root, parent) if SELECT_STAGE in states else None
         except BaseException:
             end_parent_run(params, root, parent, status="FAILED")
             _publish(params, session, parent, overrides, failed=True)

@@ -213,7 +213,9 @@ def make_loop(cfg: TrainConfig, args: dict[str, Any], device: torch.device) -> L
     model = rebuild(args).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    bf16 = cfg.bf16 and device.type == "cuda"
+    bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if cfg.bf16 and device.type == "cuda" and not bf16:
+        log.warning("train: this GPU has no bf16 support; training in fp32 (train.bf16 ignored)")
     return Loop(model, optimizer, make_scheduler(optimizer, cfg), shuffle, device, bf16)
 
 
@@ -403,7 +405,8 @@ def checkpoint(
             "bad_epochs": state.bad_epochs,
             "stopped_early": state.stopped_early,
         },
-        # None: the best weights are this epoch's (most epochs improve; that halves the weights).
+        # None: the best weights are this epoch's (most epochs improve: one weights-sized copy
+        # less to write).
         "best_weights": None if state.best_epoch == state.epoch else state.best_weights,
         "history": pack_history(state.history),
     }

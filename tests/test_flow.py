@@ -131,13 +131,19 @@ def set_orchestration(root: Path, **values: Any) -> None:
 
 
 def run_flow(root: Path, **parameters: Any) -> State[Any]:
-    return train(project_dir=str(root), return_state=True, **parameters)  # type: ignore[no-any-return]
+    state: State[Any] = train(project_dir=str(root), return_state=True, **parameters)
+    return state
+
+
+def of_run(state: State[Any]) -> FlowRunFilter:
+    """A filter for the flow run that ended in `state`."""
+    assert state.state_details.flow_run_id is not None
+    return FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
 
 
 def task_runs(state: State[Any]) -> dict[str, TaskRun]:
-    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=flow_run)
+        runs = client.read_task_runs(flow_run_filter=of_run(state))
     return {run.name: run for run in runs}
 
 
@@ -201,8 +207,7 @@ def test_run_publishes_links_metrics_and_how_to_reproduce(
     state = run_flow(fake_project, epochs=3)
     assert state.is_completed(), state
     with get_client(sync_client=True) as client:
-        flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=flow_run)}
+        artifacts = {str(a.key): a for a in client.read_artifacts(flow_run_filter=of_run(state))}
     assert set(artifacts) == {"mlflow-run", "data-docs", "run-metrics"}
     parent = state.result()["mlflow_parent_run_id"]
     assert parent in str(artifacts["mlflow-run"].data)
