@@ -52,7 +52,7 @@ DataSource = Annotated[
     Field(
         min_length=1,
         description='"digits" or a CSV/Parquet path under data/',
-        pattern=r"(?i)^(digits|.+\.(csv|parquet|pq))$",
+        pattern=r"^(digits|.+\.([cC][sS][vV]|[pP][aA][rR][qQ][uU][eE][tT]|[pP][qQ]))$",
     ),
 ]
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.artifacts import atomic_path, file_sha256, write_json
+from pipelines.artifacts import atomic_path, file_sha256, read_json, write_json
 from pipelines.cli import run_cli
 from pipelines.config import DataConfig, Params, PrepareConfig, load_params, section_dict
 from pipelines.errors import DataSourceError
@@ -144,6 +144,15 @@ def prepare(data: DataConfig, cfg: PrepareConfig, root: Path, out_dir: Path) -> 
     result = manifest(data, splits, source_sha)
     write_json(out_dir / "manifest.json", result)  # last: its presence means a complete output
     return result
+
+
+def read_manifest(prepared_dir: Path) -> dict[str, Any]:
+    """The manifest of a prepared folder; a clear error when `prepare` has not run."""
+    path = Path(prepared_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataSourceError(f"{path}: no such file; run the prepare stage first")
+    manifest: dict[str, Any] = read_json(path)
+    return manifest
 
 
 def read_split(out_dir: Path, name: str) -> pd.DataFrame:

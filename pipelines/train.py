@@ -37,11 +37,12 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from pipelines.artifacts import atomic_path, read_json, write_json
+from pipelines.artifacts import atomic_path, write_json
 from pipelines.cli import run_cli
 from pipelines.config import Params, TrainConfig, load_params, section_dict
 from pipelines.errors import CheckpointError, DataSourceError, ParamsError, PipelineError
 from pipelines.models import build_model
+from pipelines.prepare import read_manifest
 from pipelines.preprocessing import to_model_input
 
 if TYPE_CHECKING:
@@ -121,14 +122,6 @@ class State:
 
 
 # --- inputs -----------------------------------------------------------------------------------
-
-
-def read_manifest(prepared_dir: Path) -> dict[str, Any]:
-    path = Path(prepared_dir) / "manifest.json"
-    if not path.is_file():
-        raise DataSourceError(f"{path}: no manifest; run the prepare stage first")
-    manifest: dict[str, Any] = read_json(path)
-    return manifest
 
 
 def split_arrays(

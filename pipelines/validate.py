@@ -27,11 +27,11 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.artifacts import read_json, write_json
+from pipelines.artifacts import write_json
 from pipelines.cli import run_cli
 from pipelines.config import DataConfig, Params, ValidateConfig, load_params, section_dict
 from pipelines.errors import DataSourceError, DataValidationError
-from pipelines.prepare import SPLITS
+from pipelines.prepare import SPLITS, read_manifest
 
 HASH_COLUMN = "_row_hash"
 DOCS_SITE = "validate"
@@ -68,14 +68,6 @@ def load_splits(prepared_dir: Path) -> dict[str, pd.DataFrame]:
             raise DataSourceError(f"{path}: no such file; run the prepare stage first")
         splits[name] = pd.read_parquet(path)
     return splits
-
-
-def read_manifest(prepared_dir: Path) -> dict[str, Any]:
-    path = Path(prepared_dir) / "manifest.json"
-    if not path.is_file():
-        raise DataSourceError(f"{path}: no such file; run the prepare stage first")
-    manifest: dict[str, Any] = read_json(path)
-    return manifest
 
 
 def row_hashes(frame: pd.DataFrame, columns: list[str]) -> pd.Series:

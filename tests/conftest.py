@@ -25,6 +25,8 @@ def isolated_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         "BENTOML_HOME": str(base / "bentoml"),
         "GX_ANALYTICS_ENABLED": "false",
         "DVC_NO_ANALYTICS": "1",
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
