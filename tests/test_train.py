@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -125,8 +126,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
     whole = train(cfg, prepared, tmp_path / "whole")
     with pytest.raises(Crash):
         train(cfg, prepared, tmp_path / "ckpt", on_epoch=crash_after(2))
-    assert latest_checkpoint(tmp_path / "ckpt") == tmp_path / "ckpt" / "epoch-00002.pt"
-    assert read_checkpoint(tmp_path / "ckpt" / "epoch-00002.pt")["epoch"] == 2
+    assert latest_checkpoint(tmp_path / "ckpt") == tmp_path / "ckpt" / "epoch-00002.ckpt"
+    assert read_checkpoint(tmp_path / "ckpt" / "epoch-00002.ckpt")["epoch"] == 2
     with caplog.at_level(logging.INFO, logger="pipelines.train"):
         resumed = train(cfg, prepared, tmp_path / "ckpt")
     assert "resuming from epoch 2" in caplog.text
@@ -203,10 +204,11 @@ def test_checkpoint_every_epoch_holds_the_whole_state(prepared: Path, tmp_path: 
     for epoch in (1, 2):  # die after each epoch in turn: every run resumes the previous one
         with pytest.raises(Crash):
             train(cfg, prepared, tmp_path, on_epoch=crash_after(epoch))
-        seen.append(read_checkpoint(tmp_path / f"epoch-{epoch:05d}.pt"))
+        seen.append(read_checkpoint(tmp_path / f"epoch-{epoch:05d}.ckpt"))
     result = train(cfg, prepared, tmp_path)
-    assert [p.name for p in tmp_path.iterdir()] == ["epoch-00003.pt"]  # older ones removed
-    last = read_checkpoint(tmp_path / "epoch-00003.pt")
+    # The newest two are kept (the older one is the next temp file); nothing else is left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-00002.ckpt", "epoch-00003.ckpt"]
+    last = read_checkpoint(tmp_path / "epoch-00003.ckpt")
     assert [c["epoch"] for c in [*seen, last]] == [1, 2, 3]
     assert last["finished"] and not seen[-1]["finished"]
     assert set(last) >= {"model", "optimizer", "scheduler", "rng", "early_stopping", "history"}
@@ -216,6 +218,27 @@ def test_checkpoint_every_epoch_holds_the_whole_state(prepared: Path, tmp_path: 
     assert last["history"]["columns"][0] == "epoch"
     assert last["history"]["values"][:, 0].tolist() == [1, 2, 3]
     assert result.metrics["resumed_from_epoch"] == 2
+
+
+def test_a_damaged_checkpoint_is_refused_and_the_run_starts_fresh(
+    prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny().train
+    with pytest.raises(Crash):
+        train(cfg, prepared, tmp_path, on_epoch=crash_after(2))
+    newest = tmp_path / "epoch-00002.ckpt"
+    whole = newest.read_bytes()
+    newest.write_bytes(whole[: len(whole) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_checkpoint(newest)
+    header = pickle.dumps({"skeleton": print, "shapes": [], "buffers": []})
+    newest.write_bytes(b"MLOPSCK1" + len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CheckpointError, match="plain data only"):  # no code runs on load
+        read_checkpoint(newest)
+    with caplog.at_level(logging.INFO, logger="pipelines.train"):
+        result = train(cfg, prepared, tmp_path)
+    assert "cannot be read" in caplog.text and "starting fresh" in caplog.text
+    assert result.metrics["resumed_from_epoch"] is None
 
 
 def test_pack_round_trips_nested_tensors() -> None:
