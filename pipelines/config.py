@@ -237,6 +237,29 @@ class OrchestrationConfig(Section):
         return value
 
 
+class PackageConfig(Section):
+    export_to: str | None  # an absolute directory or a URI; None: <project>/dist/bentos
+
+    @field_validator("export_to")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value and not Path(value).is_absolute():
+            raise ValueError(
+                f"must be an absolute path or a URI such as s3://bucket/bentos (got {value!r})"
+            )
+        return value
+
+
+class ServeConfig(Section):
+    max_batch_size: int = Field(ge=1, le=4096)
+    max_latency_ms: int = Field(ge=1)
+    workers: int = Field(ge=1)
+    threads: int = Field(ge=0)
+    max_rows: int = Field(ge=1)
+    max_body_bytes: int = Field(ge=1024)
+    max_image_pixels: int = Field(ge=1)
+
+
 class RunOverrides(Section):
     """The values users change between runs (the Prefect UI's form); None keeps params.yaml's."""
 
@@ -273,6 +296,8 @@ class Params(Section):
     register_: RegisterConfig = Field(alias="register")
     tracking: TrackingConfig
     orchestration: OrchestrationConfig
+    package: PackageConfig
+    serve: ServeConfig
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

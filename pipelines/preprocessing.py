@@ -1,11 +1,14 @@
 """The one preprocessing used by training, evaluation and serving (numpy only: no torch here).
 
 A `spec` is plain data stored in the data manifest and in every model's metadata:
-{"feature_columns": [...], "value_range": [low, high], "input_shape": [C, H, W] or [F]}.
+{"feature_columns": [...], "value_range": [low, high], "input_shape": [C, H, W] or [F],
+ "image_shape": [H, W] or None}. Rows whose features are pixels (image_shape set) can also come
+from an image file: `image_to_rows` (Pillow, imported only when called).
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +25,7 @@ def make_spec(
         "feature_columns": list(feature_columns),
         "value_range": [float(value_range[0]), float(value_range[1])],
         "input_shape": shape,
+        "image_shape": list(image_shape) if image_shape else None,
         "scaling": "min-max to [0, 1] over value_range",
     }
 
@@ -32,3 +36,51 @@ def to_model_input(rows: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
     scale = (high - low) or 1.0
     x = (np.asarray(rows, dtype=np.float32) - np.float32(low)) / np.float32(scale)
     return x.reshape(len(x), *spec["input_shape"])
+
+
+class ImageError(ValueError):
+    """An image that cannot become a feature row (corrupt, not an image, wrong model)."""
+
+
+def image_shape(spec: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(H, W) when the features are pixels; specs written before `image_shape` existed give it
+    through a (1, H, W) input shape."""
+    if spec.get("image_shape"):
+        height, width = spec["image_shape"]
+        return int(height), int(width)
+    shape = spec["input_shape"]
+    return (int(shape[1]), int(shape[2])) if len(shape) == 3 else None
+
+
+def image_to_rows(
+    data: bytes, spec: Mapping[str, Any], max_pixels: int = 4096 * 4096
+) -> np.ndarray:
+    """An image file (PNG, JPEG, ...) -> one raw feature row (1, H*W) in the data's value range.
+
+    The built-in digits were made by counting ink in blocks of a bitmap, with 0 as background and
+    `high` as full ink: so grayscale, ink as the bright value (a light-background image, the usual
+    scan or drawing, is inverted), area-average resize to (H, W), then 0..255 -> [low, high]."""
+    from PIL import Image, UnidentifiedImageError
+
+    shape = image_shape(spec)
+    if shape is None:
+        raise ImageError("this model takes tabular rows, not images (its data has no image_shape)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.width * image.height
+            gray = None if size > max_pixels else np.asarray(image.convert("L"), np.float32)
+    except UnidentifiedImageError:
+        raise ImageError("not a readable image: PNG or JPEG expected") from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"not a readable image: {exc}") from None
+    if gray is None:
+        raise ImageError(f"image has {size} pixels: over the limit of {max_pixels}")
+    if gray.mean() > 127.5:  # a light background: make the ink bright
+        gray = 255.0 - gray
+    height, width = shape
+    small = Image.fromarray(gray.astype(np.uint8)).resize((width, height), Image.Resampling.BOX)
+    low, high = spec["value_range"]
+    scaled = np.float32(low) + np.asarray(small, np.float32) / np.float32(255.0) * np.float32(
+        high - low
+    )
+    return scaled.reshape(1, height * width)

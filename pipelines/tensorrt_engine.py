@@ -83,6 +83,8 @@ def build_plan(
 class Engine:
     """A deserialized plan that runs numpy batches through CUDA buffers (torch-allocated)."""
 
+    name = "tensorrt"
+
     def __init__(self, plan_path: Path) -> None:
         import tensorrt as trt
 

@@ -1,0 +1,315 @@
+"""The BentoML service: `bentoml serve` (from the project root, or a built bento).
+
+It serves the BentoML model that `python -m flows.package` made from the MLflow `champion`
+(an ONNX graph + its metadata). Lean by design: numpy, onnxruntime, pydantic, Pillow and the
+project's numpy-level preprocessing; never torch, MLflow, Prefect, DVC or Great Expectations.
+
+Endpoints: POST /predict (feature rows, adaptive batching), POST /predict_image (an image file),
+GET /metadata, plus BentoML's /healthz, /livez, /readyz and /metrics. Settings come from the
+`serve` section of params.yaml (inside the bento: the copy it was built with). With the
+environment variable MLOPS_API_KEY set, the prediction endpoints and /metadata need
+`Authorization: Bearer <key>` (or `X-API-Key: <key>`) and answer 401 otherwise.
+"""
+
+import hmac
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+import numpy as np
+from bentoml.exceptions import InvalidArgument, NotFound
+from pydantic import AfterValidator, BaseModel, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from pipelines import runtime
+from pipelines.config import ServeConfig, load_params
+from pipelines.preprocessing import ImageError, image_to_rows, to_model_input
+
+ROOT = Path(__file__).resolve().parent
+PARAMS = load_params(ROOT / "params.yaml")
+SERVE: ServeConfig = PARAMS.serve
+MODEL_TAG = os.environ.get("MLOPS_MODEL_TAG", f"{PARAMS.register_.model_name}:latest")
+API_KEY_ENV = "MLOPS_API_KEY"
+PROTECTED = ("/predict", "/predict_image", "/metadata")
+log = logging.getLogger("mlops.service")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class OneLineClientErrors(logging.Filter):
+    """BentoML logs a full traceback for every rejected request (a 4xx, or a 503 when it sheds
+    load): keep those to one line without the traceback, so bad input cannot flood the log.
+    Server errors (5xx other than shedding) keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        status = getattr(getattr(exc, "error_code", None), "value", None)
+        if exc is not None and (type(exc).__name__ == "ValidationError" or status in CLIENT_SIDE):
+            record.msg = f"{record.msg}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+CLIENT_SIDE = {*range(400, 500), 503}
+logging.getLogger("bentoml._internal.server.http_app").addFilter(OneLineClientErrors())
+
+
+class Contract:
+    """What a valid row is: set from the loaded model's metadata before the first request."""
+
+    features = 0
+    low = 0.0
+    high = 0.0
+
+
+def check_rows(rows: list[list[float]]) -> list[list[float]]:
+    """Request-level checks that pydantic's types cannot express (each answers 400 naming the
+    problem). Values outside the trained range are rejected, not clamped or flagged."""
+    if not rows:
+        raise ValueError("empty batch: send at least one row")
+    if len(rows) > SERVE.max_rows:
+        raise ValueError(f"{len(rows)} rows: over the limit of {SERVE.max_rows} per request")
+    for i, row in enumerate(rows):
+        if len(row) != Contract.features:
+            raise ValueError(f"row {i} has {len(row)} values; the model takes {Contract.features}")
+    x = np.asarray(rows, dtype=np.float64)
+    outside = (x < Contract.low) | (x > Contract.high)
+    if outside.any():
+        i, j = (int(k) for k in np.argwhere(outside)[0])
+        raise ValueError(
+            f"row {i}, feature {j}: {x[i, j]:g} is outside the trained range "
+            f"[{Contract.low:g}, {Contract.high:g}] ({int(outside.sum())} such values)"
+        )
+    return rows
+
+
+FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Rows = Annotated[list[list[FiniteNumber]], AfterValidator(check_rows)]
+
+
+class Prediction(BaseModel):
+    label: int | str
+    probabilities: list[float]
+    model_version: str
+
+
+class OnnxEngine:
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self.session = runtime.session(path, threads=threads)
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input: x})[0], dtype=np.float32)
+
+
+def pick_engine(model_dir: Path, metadata: dict[str, Any]) -> Any:
+    """TensorRT when TensorRT and a GPU are here (plan cached per graph, GPU and TensorRT
+    version); otherwise ONNX Runtime on the CPU with `serve.threads` intra-op threads."""
+    onnx_path = model_dir / "model.onnx"
+    try:
+        from pipelines import tensorrt_engine
+    except ImportError:  # pragma: no cover - the CPU bento still ships the module
+        tensorrt_engine = None  # type: ignore[assignment]
+    reason = tensorrt_engine.unavailable_reason() if tensorrt_engine else "not packaged"
+    if tensorrt_engine is None or reason is not None:
+        log.info("engine: ONNX Runtime (TensorRT unavailable: %s)", reason)
+        return OnnxEngine(onnx_path, SERVE.threads)
+    cache = Path(os.environ.get("MLOPS_TRT_CACHE", Path.home() / ".cache" / "mlops-trt"))
+    plan = cache / f"{tensorrt_engine.plan_key(onnx_path, tensorrt_engine.device_info())}.plan"
+    if not plan.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = plan.with_suffix(".building")
+        tensorrt_engine.build_plan(onnx_path, tmp, SERVE.max_batch_size, 8, 1024)
+        shutil.move(tmp, plan)
+        shutil.move(tmp.with_suffix(".json"), plan.with_suffix(".json"))
+    return tensorrt_engine.predictor(plan)
+
+
+@bentoml.service(
+    name=PARAMS.register_.model_name,
+    workers=SERVE.workers,
+    threads=max(SERVE.threads, 1),
+    logging={"access": {"enabled": False}},
+    http={"host": "127.0.0.1"},
+    traffic={"timeout": 30},
+)
+class Classifier:
+    """One model, loaded by tag from the local BentoML store (or from inside the bento)."""
+
+    # `bentoml build` packs this model into the bento (`package` sets MLOPS_MODEL_TAG to the
+    # exact tag); inside a bento, `latest` is the only model it holds.
+    model = bentoml.models.BentoModel(MODEL_TAG)
+
+    def __init__(self) -> None:
+        try:
+            stored = bentoml.models.get(MODEL_TAG)
+        except NotFound:
+            raise RuntimeError(
+                f"no BentoML model {MODEL_TAG}: run `python -m flows.package` first "
+                "(it packages the MLflow champion), or `bentoml import` a bento archive"
+            ) from None
+        model_dir = Path(stored.path)
+        self.metadata = json.loads((model_dir / "metadata.json").read_text())
+        self.version = str(stored.info.metadata.get("registry_version", stored.tag.version))
+        self.tag = str(stored.tag)
+        self.spec = self.metadata["preprocessing"]
+        self.labels: list[Any] = list(self.metadata["labels"])
+        Contract.features = len(self.spec["feature_columns"])
+        Contract.low, Contract.high = (float(v) for v in self.spec["value_range"])
+        self.engine = pick_engine(model_dir, self.metadata)
+        self.warm_up()
+        METADATA_APP.state.service = self
+
+    def warm_up(self) -> None:
+        """Run every batch size adaptive batching can form once, so no request pays for a
+        first-call allocation."""
+        start = time.perf_counter()
+        row = np.full((1, Contract.features), Contract.low, np.float32)
+        for size in range(1, SERVE.max_batch_size + 1):
+            self.engine(to_model_input(np.repeat(row, size, axis=0), self.spec))
+        log.info("warm-up: %.0f ms", (time.perf_counter() - start) * 1000)
+
+    def infer(self, rows: np.ndarray) -> list[Prediction]:
+        probs = runtime.softmax(self.engine(to_model_input(rows, self.spec)))
+        best = probs.argmax(axis=1)
+        return [
+            Prediction(label=self.labels[k], probabilities=p.tolist(), model_version=self.version)
+            for k, p in zip(best.tolist(), probs, strict=True)
+        ]
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=SERVE.max_batch_size,
+        max_latency_ms=SERVE.max_latency_ms,
+    )
+    async def predict(self, rows: Rows) -> list[Prediction]:
+        """Feature rows in, one prediction per row out (label, probabilities, model version).
+        Concurrent requests are merged into one model call (adaptive batching)."""
+        return self.infer(np.asarray(rows, dtype=np.float32))
+
+    @bentoml.api
+    async def predict_image(self, image: Path) -> list[Prediction]:
+        """An image file (PNG, JPEG, ...) through the training data's preprocessing."""
+        try:
+            row = image_to_rows(image.read_bytes(), self.spec, SERVE.max_image_pixels)
+        except ImageError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return self.infer(row)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model_tag": self.tag,
+            "model_version": self.version,
+            "engine": self.engine.name,
+            "precision": self.metadata.get("precision"),
+            "input_schema": {
+                "rows": "a list of rows, each a list of numbers",
+                "features": self.spec["feature_columns"],
+                "value_range": self.spec["value_range"],
+                "image_shape": self.spec.get("image_shape"),
+                "max_rows": SERVE.max_rows,
+            },
+            "labels": self.labels,
+            "batching": {
+                "max_batch_size": SERVE.max_batch_size,
+                "max_latency_ms": SERVE.max_latency_ms,
+            },
+        }
+
+
+async def metadata(request: Request) -> JSONResponse:
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        return JSONResponse({"error": "model not loaded yet"}, status_code=503)
+    return JSONResponse(service.describe())
+
+
+METADATA_APP = Starlette(routes=[Route("/metadata", metadata, methods=["GET"])])
+SERVICE: Any = Classifier  # a bentoml.Service (the decorator's type hints say the class)
+SERVICE.mount_asgi_app(METADATA_APP, path="/")
+
+
+class Guard:
+    """ASGI middleware: the optional API key and the request-body limit, before any parsing."""
+
+    def __init__(self, app: Any, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.key = os.environ.get(API_KEY_ENV) or None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if self.key is not None and scope["path"] in PROTECTED and not self.authorized(headers):
+            await self.reply(send, 401, f"missing or wrong API key (set by {API_KEY_ENV})")
+            return
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await self.reply(send, 413, f"request body over {self.max_body} bytes")
+            return
+        if length is None and scope["method"] in {"POST", "PUT", "PATCH"}:
+            body = await self.read_capped(receive)
+            if body is None:
+                await self.reply(send, 413, f"request body over {self.max_body} bytes")
+                return
+            receive = replay(body)
+        await self.app(scope, receive, send)
+
+    def authorized(self, headers: dict[bytes, bytes]) -> bool:
+        given = headers.get(b"x-api-key", b"")
+        bearer = headers.get(b"authorization", b"")
+        if bearer.lower().startswith(b"bearer "):
+            given = bearer[7:].strip()
+        return hmac.compare_digest(given, (self.key or "").encode())
+
+    async def read_capped(self, receive: Receive) -> bytes | None:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    async def reply(send: Send, status: int, error: str) -> None:
+        body = json.dumps({"error": error}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+SERVICE.add_asgi_middleware(Guard, max_body=SERVE.max_body_bytes)

@@ -1,0 +1,245 @@
+"""The BentoML service in-process: the ASGI app BentoML builds from service.py, driven by
+Starlette's test client (lifespan included, so the model loads and warms up as under serve)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from pipelines.prepare import read_split
+from tests.serving import tiny_bento_model
+
+FEATURES = 64
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    return tiny_bento_model(tmp_path_factory.mktemp("service"))
+
+
+@pytest.fixture(scope="module")
+def client(model: tuple[str, Path]) -> Iterator[TestClient]:
+    """One app per module: BentoML registers its Prometheus metrics once per process."""
+    import service
+
+    with TestClient(service.SERVICE.to_asgi(), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def rows(prepared: Path, n: int) -> tuple[list[list[float]], np.ndarray]:
+    frame = read_split(prepared, "test")
+    features = frame.drop(columns=["label"]).to_numpy()[:n]
+    return features.tolist(), frame["label"].to_numpy()[:n]
+
+
+def test_predict_returns_one_prediction_per_row(
+    client: TestClient, model: tuple[str, Path]
+) -> None:
+    body, labels = rows(model[1], 20)
+    response = client.post("/predict", json={"rows": body})
+    assert response.status_code == 200, response.text
+    predictions = response.json()
+    assert len(predictions) == 20
+    for p in predictions:
+        assert set(p) == {"label", "probabilities", "model_version"}
+        assert p["model_version"] == "1"
+        assert len(p["probabilities"]) == 10
+        assert abs(sum(p["probabilities"]) - 1) < 1e-4
+        assert p["label"] == int(np.argmax(p["probabilities"]))
+    accuracy = np.mean([p["label"] for p in predictions] == labels)
+    assert accuracy >= 0.7  # an 8-epoch tiny model; chance is 0.1
+
+
+def test_predictions_match_the_onnx_graph(client: TestClient, model: tuple[str, Path]) -> None:
+    """Same numbers as ONNX Runtime on the same graph with the shared preprocessing."""
+    import bentoml
+
+    from pipelines.preprocessing import to_model_input
+    from pipelines.runtime import logits, session, softmax
+
+    body, _ = rows(model[1], 8)
+    stored = bentoml.models.get(model[0])
+    spec = json.loads((Path(stored.path) / "metadata.json").read_text())["preprocessing"]
+    expected = softmax(
+        logits(session(Path(stored.path) / "model.onnx"), to_model_input(body, spec))
+    )
+    served = np.array(
+        [p["probabilities"] for p in client.post("/predict", json={"rows": body}).json()]
+    )
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+BAD_BODIES: list[tuple[str, Any, str]] = [
+    ("short row", {"rows": [[1.0] * 3]}, "row 0 has 3 values; the model takes 64"),
+    ("wrong nesting", {"rows": [1.0] * FEATURES}, "valid array"),
+    ("too deep", {"rows": [[[1.0]] * FEATURES]}, "valid number"),
+    ("string", {"rows": [["1"] * FEATURES]}, "valid number"),
+    ("bool", {"rows": [[True] * FEATURES]}, "valid number"),
+    ("null", {"rows": [[None] * FEATURES]}, "valid number"),
+    ("out of range", {"rows": [[0.0] * 63 + [17.0]]}, "outside the trained range [0, 16]"),
+    ("negative", {"rows": [[-1.0] + [0.0] * 63]}, "feature 0: -1 is outside"),
+    ("empty batch", {"rows": []}, "empty batch"),
+    ("over the row limit", {"rows": [[0.0] * FEATURES] * 257}, "over the limit of 256"),
+    ("no rows key", {"data": [[0.0] * FEATURES]}, "Field required"),
+    ("not an object", [[0.0] * FEATURES], "Input should be an object"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "message"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+def test_bad_rows_get_a_400_naming_the_problem(
+    client: TestClient, case: str, body: Any, message: str
+) -> None:
+    response = client.post("/predict", json=body)
+    assert response.status_code == 400, (case, response.text)
+    assert message in response.text
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused(client: TestClient, literal: str) -> None:
+    row = ", ".join(["0"] * 63 + [literal])
+    response = client.post(
+        "/predict", content=f'{{"rows": [[{row}]]}}', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert "finite number" in response.text
+
+
+def test_malformed_json_and_oversized_bodies(client: TestClient) -> None:
+    broken = client.post(
+        "/predict", content=b'{"rows": [[1, 2', headers={"content-type": "application/json"}
+    )
+    assert broken.status_code == 400
+    assert "Invalid JSON" in broken.text
+    huge = client.post(
+        "/predict", content=b" " * 2_000_000, headers={"content-type": "application/json"}
+    )
+    assert huge.status_code == 413
+    assert "over 1048576 bytes" in huge.text
+
+    def chunks() -> Iterator[bytes]:  # no content-length: counted while it streams
+        for _ in range(40):
+            yield b" " * 50_000
+
+    streamed = client.post(
+        "/predict", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert streamed.status_code == 413
+
+
+def png(draw_one: bool = True, size: int = 64, background: int = 255) -> bytes:
+    image = Image.new("L", (size, size), background)
+    if draw_one:
+        from PIL import ImageDraw
+
+        ImageDraw.Draw(image).line(
+            [(size // 2, 6), (size // 2, size - 6)], fill=255 - background, width=size // 8
+        )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_predict_image_uses_the_training_preprocessing(
+    client: TestClient, model: tuple[str, Path]
+) -> None:
+    from pipelines.preprocessing import image_to_rows
+
+    data = png()
+    response = client.post("/predict_image", files={"image": ("one.png", data, "image/png")})
+    assert response.status_code == 200, response.text
+    [prediction] = response.json()
+    row = image_to_rows(
+        data, {"image_shape": [8, 8], "input_shape": [1, 8, 8], "value_range": [0, 16]}
+    )
+    rows_response = client.post("/predict", json={"rows": row.tolist()})
+    assert rows_response.json()[0]["probabilities"] == pytest.approx(prediction["probabilities"])
+
+
+def test_image_preprocessing_inverts_a_light_background() -> None:
+    from pipelines.preprocessing import image_to_rows
+
+    spec = {"image_shape": [8, 8], "input_shape": [1, 8, 8], "value_range": [0, 16]}
+    dark_on_light = image_to_rows(png(background=255), spec)
+    light_on_dark = image_to_rows(png(background=0), spec)
+    np.testing.assert_allclose(dark_on_light, light_on_dark, atol=1e-4)
+    assert dark_on_light.shape == (1, 64)
+    assert dark_on_light.max() > 8 and dark_on_light.min() == 0  # ink is high, like digits
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"not an image", "not a readable image"), (png()[:60], "not a readable image")],
+    ids=["garbage", "truncated png"],
+)
+def test_corrupt_images_get_a_400(client: TestClient, content: bytes, message: str) -> None:
+    response = client.post("/predict_image", files={"image": ("x.png", content, "image/png")})
+    assert response.status_code == 400, response.text
+    assert message in response.text
+
+
+def test_metadata_describes_the_model(client: TestClient, model: tuple[str, Path]) -> None:
+    response = client.get("/metadata")
+    assert response.status_code == 200
+    described = response.json()
+    assert described["model_tag"] == model[0]
+    assert described["model_version"] == "1"
+    assert described["engine"] == "onnxruntime"
+    assert described["precision"] == "fp32"
+    assert described["labels"] == list(range(10))
+    assert len(described["input_schema"]["features"]) == FEATURES
+    assert described["input_schema"]["image_shape"] == [8, 8]
+
+
+def test_health_endpoints(client: TestClient) -> None:
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+def guarded(monkeypatch: pytest.MonkeyPatch, key: str | None) -> TestClient:
+    """service.Guard around a stand-in app that answers 200 everywhere."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    import service
+
+    if key is None:
+        monkeypatch.delenv(service.API_KEY_ENV, raising=False)
+    else:
+        monkeypatch.setenv(service.API_KEY_ENV, key)
+
+    async def ok(request: Any) -> PlainTextResponse:
+        return PlainTextResponse(str(len(await request.body())))
+
+    methods = ["GET", "POST"]
+    paths = ["/predict", "/predict_image", "/metadata", "/readyz", "/metrics"]
+    inner = Starlette(routes=[Route(path, ok, methods=methods) for path in paths])
+    return TestClient(service.Guard(inner, max_body=1024))
+
+
+def test_api_key_guards_every_prediction_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = guarded(monkeypatch, "s3cret")
+    for path in ("/predict", "/predict_image"):
+        assert client.post(path, content=b"{}").status_code == 401
+        assert client.post(path, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert client.post(path, headers={"Authorization": "Bearer s3cre"}).status_code == 401
+        assert client.post(path, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert client.post(path, headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert client.get("/metadata").status_code == 401
+    assert "MLOPS_API_KEY" in client.get("/metadata").json()["error"]
+    assert client.get("/readyz").status_code == 200  # probes and metrics stay open
+    assert client.get("/metrics").status_code == 200
+
+
+def test_without_a_key_everything_is_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = guarded(monkeypatch, None)
+    assert client.post("/predict", content=b"{}").status_code == 200
+    assert client.post("/predict", content=b"x" * 1025).status_code == 413
