@@ -157,13 +157,22 @@ def train(
         try:
             states = run_stages(params, session, parent, force)
             decision = register_task(params, root, parent) if SELECT_STAGE in states else None
+            bento = (
+                package_task(params, root) if decision and decision["alias"] == "champion" else None
+            )
         except BaseException:
             end_parent_run(params, root, parent, status="FAILED")
             _publish(params, session, parent, overrides, failed=True)
             raise
         end_parent_run(params, root, parent)
         links = _publish(params, session, parent, overrides)
-    return {"mlflow_parent_run_id": parent, "stages": states, "register": decision, **links}
+    return {
+        "mlflow_parent_run_id": parent,
+        "stages": states,
+        "register": decision,
+        "package": bento,
+        **links,
+    }
 
 
 def _publish(
@@ -206,6 +215,23 @@ def register_task(params: Params, root: Path, parent: str) -> dict[str, Any]:
     return asdict(decision)
 
 
+@task(cache_policy=NO_CACHE, task_run_name="package")
+def package_task(params: Params, root: Path) -> dict[str, Any]:
+    """A new champion becomes a bento archive for the inference host (flows/package.py)."""
+    from flows.package import package
+
+    packaged = package(params, root)
+    create_markdown_artifact(
+        f"Bento `{packaged.bento_tag}` (model `{packaged.model_tag}`, registry version "
+        f"{packaged.registry_version}) exported to `{packaged.archive}`.\n\n"
+        f"On the inference host: `bentoml import {packaged.archive}` then "
+        f"`bentoml serve {packaged.bento_tag}`.",
+        key="bento",
+    )
+    get_run_logger().info("package: %s -> %s", packaged.bento_tag, packaged.archive)
+    return asdict(packaged)
+
+
 def ensure_gpu_limit(slots: int = 1) -> None:
     """Create the global concurrency limit `gpu` if the server has none (an existing one stays)."""
     from prefect.client.orchestration import get_client
@@ -230,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ensure_gpu_limit()
     result = train(force=args.force)
     print(f"stages: {result['stages']}\nMLflow parent run: {result['mlflow_run_url']}")
+    if result["package"]:
+        print(f"bento: {result['package']['bento_tag']} -> {result['package']['archive']}")
     gc.freeze()  # exit without a last full collection of Prefect's and MLflow's heap: ~1 s
 
 

@@ -18,29 +18,43 @@ from pipelines.artifacts import file_sha256
 
 
 def unavailable_reason() -> str | None:
-    """Why no plan can be built here, or None when TensorRT and a CUDA device are both present."""
+    """Why no plan can be built or run here, or None when TensorRT, CUDA's Python bindings
+    (cuda-python) and a CUDA device are all present."""
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         return "TensorRT is not installed (its wheels download from NVIDIA's index at install time)"
     try:
-        import torch
+        from cuda.bindings import runtime as cudart
     except ImportError:
-        return "torch (used for CUDA buffers) is not installed"
-    if not torch.cuda.is_available():
+        return "cuda-python (CUDA's runtime bindings, used for device buffers) is not installed"
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess or count == 0:
         return "no CUDA device"
     return None
 
 
+def cuda_call(result: tuple[Any, ...]) -> Any:
+    """cuda-python returns (error, *values): raise on an error, return the value(s)."""
+    from cuda.bindings import runtime as cudart
+
+    err, *values = result
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"CUDA error: {cudart.cudaGetErrorName(err)[1].decode()}")
+    return values[0] if len(values) == 1 else values
+
+
 def device_info() -> dict[str, Any]:
     import tensorrt as trt
-    import torch
+    from cuda.bindings import runtime as cudart
 
-    major, minor = torch.cuda.get_device_capability()
+    device = cuda_call(cudart.cudaGetDevice())
+    props = cuda_call(cudart.cudaGetDeviceProperties(device))
+    name = props.name.decode(errors="replace").rstrip("\x00")
     return {
         "tensorrt_version": trt.__version__,
-        "gpu": torch.cuda.get_device_name(),
-        "compute_capability": f"{major}.{minor}",
+        "gpu": name,
+        "compute_capability": f"{props.major}.{props.minor}",
     }
 
 
@@ -81,34 +95,72 @@ def build_plan(
 
 
 class Engine:
-    """A deserialized plan that runs numpy batches through CUDA buffers (torch-allocated)."""
+    """A deserialized plan that runs numpy batches through CUDA buffers. Device memory comes from
+    CUDA's runtime bindings (cuda-python), not torch: a GPU serving image needs only TensorRT."""
 
     name = "tensorrt"
 
     def __init__(self, plan_path: Path) -> None:
         import tensorrt as trt
+        from cuda.bindings import runtime as cudart
 
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self.engine is None:
+            raise RuntimeError(f"{plan_path}: not a plan for this GPU and TensorRT version")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         mode = trt.TensorIOMode.INPUT
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == mode)
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) != mode)
+        self.stream = cuda_call(cudart.cudaStreamCreate())
+        self.buffers: dict[str, tuple[int, int]] = {}  # tensor -> (device pointer, bytes)
+
+    def _device(self, tensor: str, nbytes: int) -> int:
+        """A device buffer of at least `nbytes` for `tensor`, grown when a larger batch comes."""
+        from cuda.bindings import runtime as cudart
+
+        pointer, size = self.buffers.get(tensor, (0, 0))
+        if size < nbytes:
+            if pointer:
+                cuda_call(cudart.cudaFree(pointer))
+            pointer, size = int(cuda_call(cudart.cudaMalloc(nbytes))), nbytes
+            self.buffers[tensor] = (pointer, size)
+        return pointer
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        import torch
+        from cuda.bindings import runtime as cudart
 
-        inp = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).cuda()
-        self.context.set_input_shape(self.input, tuple(inp.shape))
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device="cuda")
-        self.context.set_tensor_address(self.input, inp.data_ptr())
-        self.context.set_tensor_address(self.output, out.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        host_in = np.ascontiguousarray(x, dtype=np.float32)
+        self.context.set_input_shape(self.input, host_in.shape)
+        host_out = np.empty(tuple(self.context.get_tensor_shape(self.output)), np.float32)
+        device_in = self._device(self.input, host_in.nbytes)
+        device_out = self._device(self.output, host_out.nbytes)
+        self.context.set_tensor_address(self.input, device_in)
+        self.context.set_tensor_address(self.output, device_out)
+        kind = cudart.cudaMemcpyKind
+        cuda_call(
+            cudart.cudaMemcpyAsync(
+                device_in, host_in, host_in.nbytes, kind.cudaMemcpyHostToDevice, self.stream
+            )
+        )
+        if not self.context.execute_async_v3(int(self.stream)):
             raise RuntimeError("TensorRT execution failed")
-        stream.synchronize()
-        return out.float().cpu().numpy()
+        cuda_call(
+            cudart.cudaMemcpyAsync(
+                host_out, device_out, host_out.nbytes, kind.cudaMemcpyDeviceToHost, self.stream
+            )
+        )
+        cuda_call(cudart.cudaStreamSynchronize(self.stream))
+        return host_out
+
+    def __del__(self) -> None:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            return
+        for pointer, _ in getattr(self, "buffers", {}).values():
+            cudart.cudaFree(pointer)
 
 
 def predictor(plan_path: Path) -> Engine:

@@ -1,0 +1,270 @@
+"""The real thing over HTTP: `package` builds a bento from the MLflow champion, `bentoml serve`
+runs it in a subprocess, and clients (concurrent, fuzzing, the README's curl examples) call it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flows.package import Packaged, package
+from flows.register import register
+from pipelines.export import export
+from pipelines.prepare import read_split
+from pipelines.preprocessing import to_model_input
+from pipelines.runtime import logits, read_metadata, session, softmax
+from pipelines.tracking import start_parent_run
+from tests.conftest import REPO
+from tests.modelzoo import tiny_params, trained_model
+from tests.serving import live_service
+from tests.test_register import select_dir
+
+pytestmark = pytest.mark.slow
+LEAN_FORBIDDEN = ("torch", "mlflow", "prefect", "dvc", "great-expectations", "great_expectations")
+
+
+class Champion:
+    def __init__(self, packaged: Packaged, onnx_path: Path, prepared: Path) -> None:
+        self.packaged = packaged
+        self.onnx_path = onnx_path
+        self.prepared = prepared
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Champion]:
+    """A tiny model trained, exported, registered as champion in a fresh MLflow store, then
+    packaged by flows.package into a bento archive under a temp directory."""
+    root = tmp_path_factory.mktemp("champion")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        params = tiny_params(
+            **{"train.epochs": 8, "train.patience": 8, "package.export_to": str(root / "bentos")}
+        )
+        prepared, model = trained_model(root, params)
+        export(params.export, model, prepared, root / "model.onnx")
+        parent = start_parent_run(params, root)
+        (root / "a").mkdir()
+        decision = register(
+            params, root, parent, select_dir(root / "a", root / "model.onnx"), prepared
+        )
+        assert decision.alias == "champion"
+        packaged = package(params, REPO)
+    yield Champion(packaged, root / "model.onnx", prepared)
+
+
+def test_package_exports_a_lean_bento_of_the_champion(champion: Champion) -> None:
+    import bentoml
+
+    archive = Path(champion.packaged.archive)
+    assert archive.is_file() and archive.parent.name == "bentos"
+    bento = bentoml.get(champion.packaged.bento_tag)
+    assert bento.info.labels["registry_version"] == champion.packaged.registry_version
+    assert [str(m.tag) for m in bento.info.all_models] == [champion.packaged.model_tag]
+    requirements = (Path(bento.path) / "env/python/requirements.txt").read_text().lower()
+    assert "onnxruntime" in requirements and "numpy" in requirements and "pillow" in requirements
+    assert not [name for name in LEAN_FORBIDDEN if re.search(rf"^{name}\b", requirements, re.M)]
+    shipped = {
+        p.relative_to(Path(bento.path) / "src").as_posix()
+        for p in (Path(bento.path) / "src").rglob("*.py")
+    }
+    assert "service.py" in shipped and "pipelines/preprocessing.py" in shipped
+    assert not {"pipelines/train.py", "flows/train.py"} & shipped
+
+
+def test_packaging_again_reuses_the_model(champion: Champion) -> None:
+    import bentoml
+
+    before = [str(m.tag) for m in bentoml.models.list() if m.tag.name == "digits-classifier"]
+    params = tiny_params(**{"package.export_to": str(Path(champion.packaged.archive).parent)})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(
+            "MLFLOW_TRACKING_URI", f"sqlite:///{Path(champion.onnx_path).parent / 'mlflow.db'}"
+        )
+        again = package(params, REPO)
+    assert again.model_tag == champion.packaged.model_tag
+    after = [str(m.tag) for m in bentoml.models.list() if m.tag.name == "digits-classifier"]
+    assert sorted(after) == sorted(before)
+
+
+@pytest.fixture(scope="module")
+def server(champion: Champion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`bentoml serve <bento tag>`: the bento's own copy of the code and model."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with live_service(champion.packaged.bento_tag, env={"MLOPS_API_KEY": ""}, log=log) as url:
+        yield url
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text[-3000:]  # no request may have crashed the server
+
+
+def test_served_predictions_equal_onnx_runtime_on_the_test_split(
+    server: str, champion: Champion
+) -> None:
+    frame = read_split(champion.prepared, "test")
+    rows = frame.drop(columns=["label"]).to_numpy()[:50]
+    spec = read_metadata(champion.onnx_path)["preprocessing"]
+    expected = softmax(logits(session(champion.onnx_path), to_model_input(rows, spec)))
+    response = httpx.post(f"{server}/predict", json={"rows": rows.tolist()}, timeout=30)
+    assert response.status_code == 200, response.text
+    served = np.array([p["probabilities"] for p in response.json()])
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert {p["model_version"] for p in response.json()} == {champion.packaged.registry_version}
+
+
+def test_concurrent_clients_get_their_own_answers_with_zero_errors(
+    server: str, champion: Champion
+) -> None:
+    """Adaptive batching merges requests of different sizes; each must get back exactly its own
+    rows' predictions."""
+    frame = read_split(champion.prepared, "test")
+    rows = frame.drop(columns=["label"]).to_numpy()
+    spec = read_metadata(champion.onnx_path)["preprocessing"]
+    expected = softmax(logits(session(champion.onnx_path), to_model_input(rows, spec)))
+    requests = [(i % len(rows), 1 + i % 5) for i in range(400)]
+
+    def call(request: tuple[int, int]) -> tuple[int, int, Any]:
+        start, n = request
+        body = {"rows": rows[start : start + n].tolist()}
+        response = client.post(f"{server}/predict", json=body)
+        return start, n, (response.status_code, response.json())
+
+    with httpx.Client(timeout=30) as client, ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, requests))
+    for start, n, (status, body) in results:
+        assert status == 200, body
+        got = np.array([p["probabilities"] for p in body])
+        np.testing.assert_allclose(got, expected[start : start + len(got)], atol=1e-5)
+        assert len(got) == len(rows[start : start + n])
+
+
+def test_bad_requests_over_http_get_4xx_with_a_message(server: str) -> None:
+    cases: list[tuple[str, dict[str, Any], int, str]] = [
+        ("/predict", {"json": {"rows": [[1.0, 2.0]]}}, 400, "the model takes 64"),
+        ("/predict", {"content": b'{"rows": [[NaN]]}'}, 400, "finite number"),
+        ("/predict", {"json": {"rows": []}}, 400, "empty batch"),
+        ("/predict", {"content": b" " * 2_000_000}, 413, "request body over"),
+        ("/predict", {"content": b"\xff\xfe garbage"}, 400, "Invalid JSON"),
+        ("/predict_image", {"files": {"image": ("x.png", b"GIF89a nope")}}, 400, "not a readable"),
+        ("/no_such_endpoint", {"json": {}}, 404, ""),
+    ]
+    headers = {"content-type": "application/json"}
+    for path, kwargs, status, message in cases:
+        extra = {} if "files" in kwargs or "json" in kwargs else {"headers": headers}
+        response = httpx.post(f"{server}{path}", timeout=30, **kwargs, **extra)
+        assert response.status_code == status, (path, kwargs, response.text)
+        assert message in response.text
+
+
+def test_health_readiness_and_metrics(server: str) -> None:
+    assert httpx.get(f"{server}/healthz").status_code == 200
+    assert httpx.get(f"{server}/readyz").status_code == 200
+    metrics = httpx.get(f"{server}/metrics").text
+    assert "bentoml_service_request_total" in metrics
+    assert 'endpoint="/predict"' in metrics
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=5),
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
+    max_leaves=80,
+)
+NEAR_VALID = st.lists(
+    st.lists(
+        st.floats(allow_nan=True, allow_infinity=True)
+        | st.integers(-(2**70), 2**70)
+        | st.just("1"),
+        min_size=62,
+        max_size=66,
+    ),
+    max_size=4,
+).map(lambda rows: {"rows": rows})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(payload=JSON | NEAR_VALID)
+def test_fuzzed_json_never_gets_a_5xx(server: str, payload: Any) -> None:
+    body = json.dumps(payload, allow_nan=True).encode()
+    response = httpx.post(
+        f"{server}/predict", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code < 500, (payload, response.status_code, response.text)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    data=st.binary(max_size=2048),
+    content_type=st.sampled_from(["image/png", "application/octet-stream", "text/plain"]),
+)
+def test_fuzzed_uploads_never_get_a_5xx(server: str, data: bytes, content_type: str) -> None:
+    response = httpx.post(
+        f"{server}/predict_image", files={"image": ("f", data, content_type)}, timeout=30
+    )
+    assert response.status_code < 500, (data[:40], response.status_code, response.text)
+
+
+def test_api_key_over_http(champion: Champion) -> None:
+    with live_service(champion.packaged.bento_tag, env={"MLOPS_API_KEY": "k3y"}) as url:
+        body = {"rows": [[0.0] * 64]}
+        assert httpx.post(f"{url}/predict", json=body).status_code == 401
+        assert httpx.get(f"{url}/metadata").status_code == 401
+        ok = httpx.post(f"{url}/predict", json=body, headers={"Authorization": "Bearer k3y"})
+        assert ok.status_code == 200
+        assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def readme_examples() -> list[str]:
+    """The curl commands of the README's serving section, continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Serve the model") :]
+    section = section[: section.index("\n## ", 5)]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    commands = []
+    for block in blocks:
+        for command in block.replace("\\\n", " ").splitlines():
+            if command.strip().startswith("curl"):
+                commands.append(command.strip())
+    return commands
+
+
+def test_readme_curl_examples_work_against_a_live_server(server: str, tmp_path: Path) -> None:
+    from tests.test_service import png
+
+    (tmp_path / "digit.png").write_bytes(png())
+    commands = readme_examples()
+    assert len(commands) >= 4
+    seen = set()
+    for command in commands:
+        assert "http://127.0.0.1:3000" in command, command
+        run = command.replace("http://127.0.0.1:3000", server)
+        out = subprocess.run(
+            ["bash", "-c", run],
+            check=False,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, (command, out.stderr)
+        path = re.search(r"127\.0\.0\.1:3000(/\w+)", command)
+        assert path is not None, command
+        seen.add(path.group(1))
+        if path.group(1) == "/metrics":
+            assert "bentoml_service_request_total" in out.stdout
+        elif path.group(1) != "/readyz":
+            body = json.loads(out.stdout)
+            shown = (
+                "error" if "error" in out.stdout else "label" if "predict" in command else "engine"
+            )
+            assert shown in json.dumps(body), (command, body)
+    assert {"/predict", "/predict_image", "/metadata", "/readyz", "/metrics"} <= seen
