@@ -150,6 +150,87 @@ class TrainConfig(Section):
     resume: bool
 
 
+class SpaceParam(Section):
+    """One dimension of the search space: a float or int range (log scale or not), or choices."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[str | int | float | bool] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> SpaceParam:
+        if self.type == "categorical":
+            if not self.choices or self.low is not None or self.high is not None or self.log:
+                raise ValueError(
+                    "categorical: give `choices` (a non-empty list) and no low/high/log"
+                )
+            return self
+        if self.low is None or self.high is None or self.choices is not None:
+            raise ValueError(f"{self.type}: give `low` and `high`, and no `choices`")
+        if self.low >= self.high:
+            raise ValueError(f"{self.type}: low {self.low} must be below high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"{self.type}: a log scale needs low > 0 (got {self.low})")
+        if self.type == "int" and not (self.low.is_integer() and self.high.is_integer()):
+            raise ValueError(
+                f"int: low and high must be whole numbers (got {self.low}, {self.high})"
+            )
+        return self
+
+
+class PrunerConfig(Section):
+    kind: Literal["median", "hyperband", "none"]
+    startup_trials: int = Field(ge=0)  # median: trials that finish before any is pruned
+    warmup_epochs: int = Field(ge=0)  # median: epochs a trial runs before it can be pruned
+    min_epochs: int = Field(ge=1)  # hyperband: the smallest budget a trial gets
+    reduction_factor: int = Field(ge=2)  # hyperband: 1/reduction_factor of trials go on per rung
+
+
+def train_leaves(model: type[BaseModel] = TrainConfig, prefix: str = "train.") -> list[str]:
+    """The dotted names of every value of the train section: train.lr, train.model.width ..."""
+    names = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names += train_leaves(annotation, f"{prefix}{name}.")
+        else:
+            names.append(f"{prefix}{name}")
+    return names
+
+
+class TuneConfig(Section):
+    enabled: bool
+    trials: int = Field(gt=0)
+    timeout_s: float = Field(gt=0)
+    workers: int = Field(ge=1)
+    storage: str = Field(min_length=1)
+    study_name: str = Field(min_length=1)
+    seed: int
+    sampler: Literal["tpe", "random"]
+    startup_trials: int = Field(ge=0)  # TPE: random trials before the model kicks in
+    pruner: PrunerConfig
+    metric: Literal["val_accuracy", "val_loss"]
+    heartbeat_s: int = Field(ge=1)
+    space: dict[str, SpaceParam] = Field(min_length=1)
+
+    @field_validator("space")
+    @classmethod
+    def _real_train_params(cls, value: dict[str, SpaceParam]) -> dict[str, SpaceParam]:
+        known = train_leaves()
+        unknown = [key for key in value if key not in known]
+        if unknown:
+            raise ValueError(
+                f"{', '.join(unknown)}: not a train param; allowed: {', '.join(known)}"
+            )
+        return value
+
+    @property
+    def direction(self) -> Literal["maximize", "minimize"]:
+        return "maximize" if self.metric == "val_accuracy" else "minimize"
+
+
 class EvaluateConfig(Section):
     batch_size: int = Field(gt=0)
 
@@ -286,6 +367,7 @@ class Params(Section):
     data: DataConfig
     prepare: PrepareConfig
     validate_: ValidateConfig = Field(alias="validate")
+    tune: TuneConfig
     train: TrainConfig
     evaluate: EvaluateConfig
     export: ExportConfig

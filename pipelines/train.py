@@ -7,6 +7,11 @@ early-stopping state, best weights, history) atomically into `--checkpoint-dir` 
 `CheckpointDir`), so a killed run started again resumes from the last completed epoch and ends
 with the same numbers as an uninterrupted one (on CPU).
 
+Under `torchrun --nproc-per-node N -m pipelines.train ...` it trains with DistributedDataParallel
+(gloo on CPU, NCCL on GPU; `batch_size` stays the global batch): rank 0 alone tracks and writes
+checkpoints and outputs (see `distributed`). `--tuned` applies the `tune` stage's best values on
+top of the `train` section when `tune.enabled`.
+
 Outputs (paths from the command line, see `main`): the model file (best state_dict + the args that
 rebuild it + metadata; read it back with `load_model`), `metrics/train.json`, the per-epoch CSV for
 DVC's training-curve plot, and in MLflow the per-epoch metrics (`epoch.<name>`, step = epoch), the
@@ -23,6 +28,7 @@ import io
 import json
 import logging
 import math
+import os
 import pickle
 import random
 import re
@@ -106,6 +112,7 @@ class Loop:
     device: torch.device
     bf16: bool
     loss: LossFn = cross_entropy
+    ddp: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
 
 
 @dataclass
@@ -156,6 +163,13 @@ def load_data(prepared_dir: Path, manifest: dict[str, Any]) -> Data:
         x, y = split_arrays(frame, manifest, name)
         tensors += [torch.from_numpy(x), torch.from_numpy(y)]
     return Data(*tensors)
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun on CUDA: this rank's GPU."""
+    if device.type == "cuda" and world().size > 1:
+        return torch.device("cuda", world().local_rank)
+    return device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -226,15 +240,27 @@ def make_scheduler(
 
 class ShuffledBatches(Sampler[torch.Tensor]):
     """Each epoch, a permutation drawn from the run's generator, cut into index tensors: one
-    index per batch, so the loader fetches a batch in one indexing op."""
+    index per batch, so the loader fetches a batch in one indexing op.
 
-    def __init__(self, size: int, batch_size: int, generator: torch.Generator) -> None:
+    Under torchrun every rank draws the same permutation (same seed) and takes its own slice of
+    each batch: `batch_size` stays the global batch, whatever the number of processes."""
+
+    def __init__(
+        self, size: int, batch_size: int, generator: torch.Generator, rank: int = 0, ranks: int = 1
+    ) -> None:
         self.size, self.batch_size, self.generator = size, batch_size, generator
+        self.rank, self.ranks = rank, ranks
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         # A generator: the permutation is drawn at the first batch, not when DataLoader calls
         # iter() (it does so twice when starting worker processes; an eager draw would skip one).
-        yield from torch.randperm(self.size, generator=self.generator).split(self.batch_size)
+        batches = torch.randperm(self.size, generator=self.generator).split(self.batch_size)
+        if self.ranks == 1:
+            yield from batches
+            return
+        for batch in batches:  # a last batch too small to give every rank a row is dropped
+            if len(batch) >= self.ranks:
+                yield batch.tensor_split(self.ranks)[self.rank]
 
     def __len__(self) -> int:
         return math.ceil(self.size / self.batch_size)
@@ -243,9 +269,12 @@ class ShuffledBatches(Sampler[torch.Tensor]):
 def make_loader(data: Data, cfg: TrainConfig, loop: Loop) -> DataLoader[Any]:
     """Batch-level fetching from a TensorDataset (`batch_size=None`: the sampler yields whole
     batches); pinned memory and persistent workers keep a GPU fed."""
+    place = world()
     return DataLoader(
         TensorDataset(data.x_train, data.y_train),
-        sampler=ShuffledBatches(len(data.y_train), cfg.batch_size, loop.shuffle),
+        sampler=ShuffledBatches(
+            len(data.y_train), cfg.batch_size, loop.shuffle, place.rank, place.size
+        ),
         batch_size=None,
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
@@ -262,20 +291,24 @@ def autocast(loop: Loop) -> contextlib.AbstractContextManager[Any]:
 
 
 def train_epoch(loop: Loop, loader: DataLoader[Any]) -> float:
-    """One pass over the loader; the loss is summed on the device and read once at the end."""
+    """One pass over the loader; the loss is summed on the device and read once at the end
+    (under torchrun: summed over every rank)."""
     loop.model.train()
+    model = loop.model if loop.ddp is None else loop.ddp  # DDP averages the gradients
     total = torch.zeros((), device=loop.device)
     seen = 0
     for x_host, y_host in loader:
         xb = x_host.to(loop.device, non_blocking=True)
         yb = y_host.to(loop.device, non_blocking=True)
         with autocast(loop):
-            loss = loop.loss(loop.model(xb), xb, yb)
+            loss = loop.loss(model(xb), xb, yb)
         loop.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         loop.optimizer.step()
         total.add_(loss.detach(), alpha=len(yb))
         seen += len(yb)
+    if loop.ddp is not None:
+        return global_mean(total, seen)
     return total.item() / seen
 
 
@@ -617,17 +650,94 @@ def start_state(
     return state, state.epoch
 
 
+# --- scale-out: torchrun and DistributedDataParallel ------------------------------------------
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a torchrun job; rank 0 of 1 otherwise."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+
+def world() -> World:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return World()
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextlib.contextmanager
+def distributed(device: str) -> Iterator[World]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group for the body: NCCL on CUDA (one
+    GPU per local rank), gloo on CPU. Without torchrun, nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield World()
+        return
+    import torch.distributed as dist
+
+    cuda = resolve_device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        yield world()
+        dist.barrier()  # rank 0 writes the outputs while the others wait
+    finally:
+        dist.destroy_process_group()
+
+
+def global_mean(total: torch.Tensor, seen: int) -> float:
+    """sum(total) / sum(seen) over every rank."""
+    import torch.distributed as dist
+
+    both = torch.stack(
+        [total.double(), torch.tensor(seen, dtype=torch.float64, device=total.device)]
+    )
+    dist.all_reduce(both)
+    return both[0].item() / both[1].item()
+
+
+def shared_start(
+    loop: Loop, checkpoint_dir: Path, fp: str, resume: bool
+) -> tuple[CheckpointDir | None, State, int | None]:
+    """Rank 0 owns `checkpoint_dir` (and alone writes it); every rank starts from the same
+    checkpoint. Under torchrun the model is then wrapped in DistributedDataParallel."""
+    place = world()
+    if place.size == 1:
+        checkpoints = CheckpointDir(checkpoint_dir)
+        return checkpoints, *start_state(loop, checkpoints, fp, resume)
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    owner = CheckpointDir(checkpoint_dir) if place.rank == 0 else None
+    if owner is not None:
+        state, resumed_from = start_state(loop, owner, fp, resume)
+    dist.barrier()  # rank 0 has removed the checkpoints it will not resume from
+    if owner is None:
+        found = usable_checkpoint(latest_checkpoint(checkpoint_dir), fp, resume)
+        state = State() if found is None else restore(loop, found)
+        resumed_from = None if found is None else state.epoch
+    dist.barrier()  # every rank has read it before rank 0 writes the next one
+    ids = [place.local_rank] if loop.device.type == "cuda" else None
+    loop.ddp = DistributedDataParallel(loop.model, device_ids=ids)
+    return owner, state, resumed_from
+
+
 # --- progress ---------------------------------------------------------------------------------
 
 
 class Progress:
     """A tqdm bar on a terminal; otherwise one log line per epoch."""
 
-    def __init__(self, epochs: int, done: int) -> None:
+    def __init__(self, epochs: int, done: int, quiet: bool = False) -> None:
         from tqdm import tqdm
 
-        self.epochs = epochs
-        tty = sys.stderr.isatty()
+        self.epochs, self.quiet = epochs, quiet
+        tty = sys.stderr.isatty() and not quiet
         self.bar = tqdm(total=epochs, initial=done, desc="train", unit="epoch") if tty else None
 
     def update(self, epoch: int, row: dict[str, float]) -> None:
@@ -639,6 +749,8 @@ class Progress:
                 refresh=False,
             )
             self.bar.update(1)
+            return
+        if self.quiet:
             return
         log.info(
             "train: epoch %d/%d train_loss %.4f val_loss %.4f val_acc %.4f lr %.3g %.2fs",
@@ -669,19 +781,22 @@ def train(
     """Train on `prepared_dir`, checkpointing into `checkpoint_dir` after every epoch (resuming
     from there when `cfg.resume` and the fingerprint match). `on_epoch(epoch, row)` is called
     after each epoch, once its checkpoint is written. `objective` = (loss, description) replaces
-    cross-entropy; the description enters the checkpoint fingerprint."""
+    cross-entropy; the description enters the checkpoint fingerprint.
+
+    Under torchrun (see `distributed`) every rank calls this: DDP, each rank a slice of every
+    batch, and rank 0 alone writes checkpoints."""
     manifest = read_manifest(prepared_dir)
     data = load_data(prepared_dir, manifest)
     args = model_args(cfg, manifest)
     fp = fingerprint(cfg, manifest["content_hash"], objective[1] if objective else "")
-    loop = make_loop(cfg, args, resolve_device(cfg.device))
+    loop = make_loop(cfg, args, rank_device(resolve_device(cfg.device)))
     if objective is not None:
         loop.loss = objective[0]
-    checkpoints = CheckpointDir(checkpoint_dir)
-    state, resumed_from = start_state(loop, checkpoints, fp, cfg.resume)
+    checkpoints, state, resumed_from = shared_start(loop, checkpoint_dir, fp, cfg.resume)
 
     def save() -> None:
-        checkpoints.save(checkpoint(loop, state, args, fp, state.finished(cfg.epochs)))
+        if checkpoints is not None:
+            checkpoints.save(checkpoint(loop, state, args, fp, state.finished(cfg.epochs)))
 
     fit(cfg, loop, data, state, save, on_epoch)
     return result(cfg, manifest, args, fp, state, len(data.y_train), resumed_from)
@@ -698,7 +813,7 @@ def fit(
     """Epochs until the configured count or early stopping; `save` after each."""
     loader = make_loader(data, cfg, loop)
     val = (data.x_val.to(loop.device), data.y_val.to(loop.device))
-    progress = Progress(cfg.epochs, state.epoch)
+    progress = Progress(cfg.epochs, state.epoch, quiet=world().rank != 0)
     try:
         while not state.finished(cfg.epochs):
             row = run_epoch(loop, loader, val, cfg)
@@ -835,19 +950,59 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     parser.add_argument("--plots", type=Path, required=True, help="per-epoch CSV to write")
     parser.add_argument("--checkpoint-dir", type=Path, required=True, help="scratch checkpoints")
+    parser.add_argument("--tuned", type=Path, help="the tune stage's best-params file")
     args = parser.parse_args(argv)
     outputs = Outputs(args.model, args.metrics, args.plots, args.checkpoint_dir)
-    run_cli(lambda: _run(load_params(args.params), args.prepared, outputs))
+    run_cli(lambda: _run(*effective_params(args.params, args.tuned), args.prepared, outputs))
 
 
-def _run(params: Params, prepared_dir: Path, outputs: Outputs) -> None:
+def tuned_values(path: Path | None) -> dict[str, Any]:
+    """The `tune` stage's best values ({"train.lr": ...}) when it ran enabled; else {}."""
+    if path is None:
+        return {}
+    try:
+        content = json.loads(Path(path).read_text())
+        values = content["params"] if content["enabled"] else {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataSourceError(f"{path}: not a tune best-params file ({exc}); run `tune`") from exc
+    outside = [key for key in values if not str(key).startswith("train.")]
+    if outside:
+        raise ParamsError(f"{path}: only train params can be tuned, not {', '.join(outside)}")
+    return dict(values)
+
+
+def effective_params(path: Path, tuned: Path | None) -> tuple[Params, dict[str, Any]]:
+    """params.yaml with the tuned values applied (validated by the same models) when
+    `tune.enabled`; and those values."""
+    params = load_params(path)
+    values = tuned_values(tuned) if params.tune.enabled else {}
+    return (load_params(path, overrides=values) if values else params), values
+
+
+def _run(params: Params, tuned: dict[str, Any], prepared_dir: Path, outputs: Outputs) -> None:
+    """Under torchrun every rank trains; rank 0 alone tracks and writes the outputs."""
+    with distributed(params.train.device) as place:
+        if place.rank == 0:
+            _run_tracked(params, tuned, prepared_dir, outputs)
+        else:
+            train(params.train, prepared_dir, outputs.checkpoint_dir)
+
+
+def _run_tracked(
+    params: Params, tuned: dict[str, Any], prepared_dir: Path, outputs: Outputs
+) -> None:
     from pipelines.tracking import stage_run
 
     manifest = read_manifest(prepared_dir)
     section = {"train": section_dict(params.train)}
     root = Path.cwd()
     with stage_run("train", params, section, root, data_hash=manifest["content_hash"]) as run:
+        run.set_tags(
+            {"train.tuned": bool(tuned), "train.world_size": world().size}
+            | ({"train.tuned_params": json.dumps(tuned, sort_keys=True)} if tuned else {})
+        )
         trained = train(params.train, prepared_dir, outputs.checkpoint_dir, epoch_logger(run))
+        trained.metadata["tuned_params"] = tuned
         write_plots(outputs.plots, trained.history)
         write_json(outputs.metrics, trained.metrics)
         save_model(outputs.model, trained)
