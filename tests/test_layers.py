@@ -29,9 +29,12 @@ def test_pipelines_never_import_the_orchestration_layer() -> None:
 
 
 def test_preprocessing_is_numpy_only() -> None:
+    """numpy (and Pillow, imported by `image_to_rows` alone): what the serving image carries."""
     assert imported_modules(REPO / "pipelines" / "preprocessing.py") <= {
         "__future__",
         "numpy",
         "collections",
         "typing",
+        "io",
+        "PIL",
     }
