@@ -20,7 +20,8 @@ step finds the code on the worker's host, at run time:
 Pools: `training` (one run at a time: one checkout, one GPU) with the queues `on-demand`
 (priority 1, the UI's Run button) and `nightly` (below it), and `inference`. Deployments:
 `train/nightly` on `orchestration.nightly_cron` in `orchestration.timezone` (params.yaml) and
-`train/on-demand` without a schedule. The API rejects a run whose parameters break the flow's
+`train/on-demand` without a schedule; `tune-worker/on-demand` (queue `tuning`) adds an Optuna
+worker to the shared study (flows/tune.py). The API rejects a run whose parameters break the flow's
 schema (`enforce_parameter_schema`), before any worker sees it.
 """
 
@@ -47,8 +48,10 @@ TRAINING_RUNS_AT_ONCE = 1  # one checkout and one GPU per training host
 QUEUES = {  # the training pool's queues; a lower number is served first
     "on-demand": (1, "Runs asked for from the UI or the CLI; ahead of scheduled ones"),
     "nightly": (2, "Scheduled off-peak runs"),
+    "tuning": (3, "Extra Optuna workers on the shared study (tune-worker)"),
 }
 ENTRYPOINT = "flows/train.py:train"  # relative to the checkout the pull step enters
+TUNE_WORKER_ENTRYPOINT = "flows/tune.py:tune_worker"
 PARAMS = PROJECT_ROOT / "params.yaml"
 
 
@@ -195,8 +198,33 @@ def deploy(
     cfg = load_params(params_file).orchestration
     ensure_infrastructure()
     storage = code_source(git_url, branch)
-    deployments = train_deployments(cfg, storage, job_variables(git_url, work_dir))
-    return {f"train/{d.name}": _apply(d) for d in deployments}
+    variables = job_variables(git_url, work_dir)
+    deployments = train_deployments(cfg, storage, variables)
+    ids = {f"train/{d.name}": _apply(d) for d in deployments}
+    ids["tune-worker/on-demand"] = _apply(tune_worker_deployment(storage, variables))
+    return ids
+
+
+def tune_worker_deployment(storage: RunnerStorage, variables: dict[str, Any]) -> RunnerDeployment:
+    """`tune-worker/on-demand` on the training pool's `tuning` queue: run it on as many hosts
+    as should join the study (they share it through MLOPS_TUNE_STORAGE, e.g. PostgreSQL)."""
+    from prefect.deployments.runner import RunnerDeployment
+
+    from flows.tune import tune_worker
+
+    deployment = RunnerDeployment.from_flow(
+        tune_worker,
+        name="on-demand",
+        work_pool_name=TRAINING_POOL,
+        work_queue_name="tuning",
+        job_variables=dict(variables),
+        enforce_parameter_schema=True,
+        tags=["training", "tuning"],
+        description=(tune_worker.description or "").strip(),
+    )
+    deployment.entrypoint = TUNE_WORKER_ENTRYPOINT
+    deployment.storage = storage
+    return deployment
 
 
 def _apply(deployment: RunnerDeployment) -> UUID:

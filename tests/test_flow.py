@@ -382,6 +382,23 @@ def test_deploy_from_git_clones_on_the_worker(prefect_api: None) -> None:
     deploy.deploy()
 
 
+def test_deploy_adds_a_tune_worker_on_the_training_pool(prefect_api: None) -> None:
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from flows.tune import prepared_dir
+
+    ids = deploy.deploy()
+    deployment = read_deployment("tune-worker/on-demand")
+    assert deployment.id == ids["tune-worker/on-demand"]
+    assert (deployment.work_pool_name, deployment.work_queue_name) == ("training", "tuning")
+    assert deployment.entrypoint == "flows/tune.py:tune_worker"
+    with get_client(sync_client=True) as client:
+        with pytest.raises(PrefectHTTPStatusError, match="Validation failed"):
+            client.create_flow_run_from_deployment(deployment.id, parameters={"trials": 0})
+        client.create_flow_run_from_deployment(deployment.id, parameters={"trials": 3})
+    assert prepared_dir(REPO) == "data/prepared"  # the tune stage's folder, from dvc.yaml
+
+
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [({"epochs": -1}, "epochs"), ({"arch": "resnet"}, "resnet"), ({"lr": "fast"}, "lr")],
