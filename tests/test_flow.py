@@ -399,6 +399,26 @@ def test_deploy_adds_a_tune_worker_on_the_training_pool(prefect_api: None) -> No
     assert prepared_dir(REPO) == "data/prepared"  # the tune stage's folder, from dvc.yaml
 
 
+def test_tune_worker_prepares_the_data_then_joins_the_study(
+    prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows import tune
+
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    commands: list[list[str]] = []
+    monkeypatch.setattr(
+        tune, "run_logged", lambda command, root, timeout_s: commands.append(command)
+    )
+    tune.tune_worker(trials=2, project_dir=str(tmp_path))
+    (dvc, repro, stage), worker = commands[0][-3:], commands[1]
+    assert (dvc, repro, stage) == ("dvc", "repro", "validate")
+    assert worker[1:5] == ["-m", "pipelines.tune", "--prepared", "data/prepared"]
+    assert "--worker" in worker and worker[-2:] == ["--trials", "2"]
+    index = int(worker[worker.index("--worker-index") + 1])
+    assert index >= 1000  # apart from the stage's own workers 0 .. tune.workers - 1
+
+
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [({"epochs": -1}, "epochs"), ({"arch": "resnet"}, "resnet"), ({"lr": "fast"}, "lr")],
