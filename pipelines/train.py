@@ -704,8 +704,9 @@ def global_mean(total: torch.Tensor, seen: int) -> float:
 def shared_start(
     loop: Loop, checkpoint_dir: Path, fp: str, resume: bool
 ) -> tuple[CheckpointDir | None, State, int | None]:
-    """Rank 0 owns `checkpoint_dir` (and alone writes it); every rank starts from the same
-    checkpoint. Under torchrun the model is then wrapped in DistributedDataParallel."""
+    """Rank 0 owns `checkpoint_dir` (and alone writes it); under torchrun it sends the checkpoint
+    it resumes from to every rank (no shared file system needed), then the model is wrapped in
+    DistributedDataParallel."""
     place = world()
     if place.size == 1:
         checkpoints = CheckpointDir(checkpoint_dir)
@@ -714,14 +715,16 @@ def shared_start(
     from torch.nn.parallel import DistributedDataParallel
 
     owner = CheckpointDir(checkpoint_dir) if place.rank == 0 else None
+    found: list[dict[str, Any] | None] = [None]
     if owner is not None:
-        state, resumed_from = start_state(loop, owner, fp, resume)
-    dist.barrier()  # rank 0 has removed the checkpoints it will not resume from
-    if owner is None:
-        found = usable_checkpoint(latest_checkpoint(checkpoint_dir), fp, resume)
-        state = State() if found is None else restore(loop, found)
-        resumed_from = None if found is None else state.epoch
-    dist.barrier()  # every rank has read it before rank 0 writes the next one
+        found[0] = usable_checkpoint(owner.latest(), fp, resume)
+        if found[0] is None:
+            owner.clear()
+    dist.broadcast_object_list(found, src=0)
+    state = State() if found[0] is None else restore(loop, found[0])
+    resumed_from = None if found[0] is None else state.epoch
+    if resumed_from and owner is not None:
+        log.info("train: resuming from epoch %d of %s on every rank", state.epoch, owner.latest())
     ids = [place.local_rank] if loop.device.type == "cuda" else None
     loop.ddp = DistributedDataParallel(loop.model, device_ids=ids)
     return owner, state, resumed_from
