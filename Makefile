@@ -19,7 +19,7 @@ export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := true
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup run test test-fast test-slow lint bench bench-flow monitor clean
+.PHONY: setup run test test-fast test-slow lint bench bench-flow bench-serve monitor clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -51,6 +51,10 @@ bench: setup
 
 bench-flow: setup
 	$(BIN)/python benchmarks/flow_overhead.py
+
+# `bentoml serve` vs a hand-written FastAPI server under `wrk` load (needs `apt-get install wrk`).
+bench-serve: setup
+	$(BIN)/python benchmarks/serve_load.py
 
 # Prometheus (Debian's `prometheus` package) scraping `bentoml serve` on 127.0.0.1:3000, with
 # the rules in monitoring/rules.yml; its UI and API on http://127.0.0.1:9090 (README: Monitoring).

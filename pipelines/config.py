@@ -334,6 +334,8 @@ class PackageConfig(Section):
 class ServeConfig(Section):
     max_batch_size: int = Field(ge=1, le=4096)
     max_latency_ms: int = Field(ge=1)
+    trace_predictions: bool
+    timeout_s: float = Field(gt=0)
     workers: int = Field(ge=1)
     threads: int = Field(ge=0)
     max_rows: int = Field(ge=1)
