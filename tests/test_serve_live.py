@@ -120,11 +120,9 @@ def test_served_predictions_equal_onnx_runtime_on_the_test_split(
     assert {p["model_version"] for p in response.json()} == {champion.packaged.registry_version}
 
 
-def test_concurrent_clients_get_their_own_answers_with_zero_errors(
-    server: str, champion: Champion
-) -> None:
-    """Adaptive batching merges requests of different sizes; each must get back exactly its own
-    rows' predictions."""
+def concurrent_calls(url: str, champion: Champion) -> None:
+    """400 requests of 1-5 rows from 16 threads: zero errors, and each response holds exactly
+    its own rows' predictions."""
     frame = read_split(champion.prepared, "test")
     rows = frame.drop(columns=["label"]).to_numpy()
     spec = read_metadata(champion.onnx_path)["preprocessing"]
@@ -134,7 +132,7 @@ def test_concurrent_clients_get_their_own_answers_with_zero_errors(
     def call(request: tuple[int, int]) -> tuple[int, int, Any]:
         start, n = request
         body = {"rows": rows[start : start + n].tolist()}
-        response = client.post(f"{server}/predict", json=body)
+        response = client.post(f"{url}/predict", json=body)
         return start, n, (response.status_code, response.json())
 
     with httpx.Client(timeout=30) as client, ThreadPoolExecutor(16) as pool:
@@ -142,8 +140,30 @@ def test_concurrent_clients_get_their_own_answers_with_zero_errors(
     for start, n, (status, body) in results:
         assert status == 200, body
         got = np.array([p["probabilities"] for p in body])
-        np.testing.assert_allclose(got, expected[start : start + len(got)], atol=1e-5)
         assert len(got) == len(rows[start : start + n])
+        np.testing.assert_allclose(got, expected[start : start + len(got)], atol=1e-5)
+
+
+def test_concurrent_clients_get_their_own_answers_with_zero_errors(
+    server: str, champion: Champion
+) -> None:
+    concurrent_calls(server, champion)
+
+
+def test_adaptive_batching_merges_requests_and_splits_answers_back(champion: Champion) -> None:
+    """With batching on, requests of different sizes share model calls; each still gets exactly
+    its own predictions, and BentoML's batch-size histogram shows merged calls."""
+    overrides = {"MLOPS_SERVE_OVERRIDES": json.dumps({"max_batch_size": 64})}
+    with live_service(champion.packaged.bento_tag, env=overrides) as url:
+        concurrent_calls(url, champion)
+        metrics = httpx.get(f"{url}/metrics").text
+    calls = re.search(
+        r'adaptive_batch_size_count\{[^}]*method_name="predict"[^}]*\} (\S+)', metrics
+    )
+    rows = re.search(r'adaptive_batch_size_sum\{[^}]*method_name="predict"[^}]*\} (\S+)', metrics)
+    assert calls is not None and rows is not None, metrics[-2000:]
+    assert float(rows.group(1)) == 400  # every request went through the dispatcher...
+    assert float(calls.group(1)) < 400  # ...and some were merged into one call
 
 
 def test_bad_requests_over_http_get_4xx_with_a_message(server: str) -> None:
