@@ -272,6 +272,8 @@ def summarize(
         "p50_ms_at_half": {name: equal[name]["p50_ms"] for name in curves},
         "p99_ms_at_half": {name: equal[name]["p99_ms"] for name in curves},
         "p99_ratio": equal["service"]["p99_ms"] / equal["reference"]["p99_ms"],
+        "p50_ms_at_own_half": {name: rates["own_50pct"][name]["p50_ms"] for name in curves},
+        "p99_ms_at_own_half": {name: rates["own_50pct"][name]["p99_ms"] for name in curves},
         "errors_up_to_80pct": below_80,
         "errors_in_sweep": {n: sum(p["errors"] for p in c) for n, c in curves.items()},
         "engine_batch1_per_s": ceiling["batch1_rows_per_s"],
@@ -291,6 +293,11 @@ def report(summary: dict[str, Any]) -> None:
             f"{p50[name]:>8.2f} {p99[name]:>8.2f}"
         )
     print(f"(p50/p99 open loop at {summary['half_saturation_rate']:.0f}/s = half the reference)")
+    own50, own99 = summary["p50_ms_at_own_half"], summary["p99_ms_at_own_half"]
+    print(
+        "each at half its own saturation, p50/p99 ms: "
+        + ", ".join(f"{name} {own50[name]:.2f}/{own99[name]:.2f}" for name in own50)
+    )
     ratio, p99_ratio = summary["saturation_ratio"], summary["p99_ratio"]
     print(f"service / reference saturation: {ratio:.2f} (goal >= {GOALS['saturation_ratio']})")
     print(f"service / reference p99 at half: {p99_ratio:.2f} (goal <= {GOALS['p99_ratio']})")
@@ -314,6 +321,7 @@ def run(work: Path, seconds: float, rate_seconds: float) -> dict[str, Any]:
     from pipelines.config import load_params
 
     serve = load_params(REPO / "params.yaml").serve
+    load_start = os.getloadavg()
     model_dir, model_note = model_source(work)
     tag = save_bento_model(load_params(REPO / "params.yaml").register_.model_name, model_dir, "1")
     row = digits_row()
@@ -351,7 +359,7 @@ def run(work: Path, seconds: float, rate_seconds: float) -> dict[str, Any]:
         "model": model_note,
         "serve_settings": serve.model_dump(),
         "pinning": {"servers": SERVER_CPUS, "load_generators": CLIENT_CPUS},
-        "load_before": os.getloadavg(),
+        "load_average": {"start": load_start, "end": os.getloadavg()},
         "summary": summary,
         "wrk": curves,
         "open_loop": rates,
