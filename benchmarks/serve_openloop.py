@@ -99,8 +99,8 @@ class Load:
 
     async def one(self, due: float) -> None:
         loop = asyncio.get_running_loop()
+        self.lags.append(loop.time() - due)  # the generator's own lateness
         async with self.slots:
-            self.lags.append(loop.time() - due)
             try:
                 conn = await self.connection()
                 status = await conn.request(self.payload)
