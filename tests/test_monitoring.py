@@ -384,7 +384,10 @@ def test_prometheus_scrapes_the_live_service(tmp_path: Path) -> None:
     debian_tool(PROMETHEUS)
     tag, _ = tiny_bento_model(tmp_path / "model")
     with contextlib.ExitStack() as prometheus_running:
-        with live_service(env={"MLOPS_MODEL_TAG": tag}, log=tmp_path / "serve.log") as url:
+        # batching on (off by default): the dashboard's adaptive-batching panels need its series
+        batching = json.dumps({"max_batch_size": 64})
+        env = {"MLOPS_MODEL_TAG": tag, "MLOPS_SERVE_OVERRIDES": batching}
+        with live_service(env=env, log=tmp_path / "serve.log") as url:
             sent = send_traffic(url, good=24, bad=6)
             exposed = exposed_series(url)
             used = set().union(*(metric_names(e) for e in all_expressions()))
