@@ -230,14 +230,19 @@ def test_a_killed_study_resumes_with_its_finished_trials(tmp_path: Path, prepare
     path = write_params(tmp_path, params)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "pipelines.tune", "--params", str(path), "--worker"]
+    # the schema first: this process polls the file while the worker runs, and two processes
+    # creating a fresh SQLite schema at once collide (as `tune` does, which creates it first)
+    optuna.storages.RDBStorage(params.tune.storage)
     worker = subprocess.Popen([*command, "--prepared", str(prepared)], cwd=tmp_path, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        if (tmp_path / "study.db").exists():
+        try:
             done = [t for t in stored(params, prepared).trials if t.state.is_finished()]
-            if len(done) >= 2:
-                break
+        except KeyError:  # the worker has not created the study yet
+            continue
+        if len(done) >= 2:
+            break
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
     before = {t.number: t.value for t in stored(params, prepared).trials if t.state.is_finished()}
