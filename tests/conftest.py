@@ -54,3 +54,23 @@ def project(tmp_path: Path) -> Path:
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "data").mkdir()
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default digits, prepared once per test module."""
+    from pipelines.prepare import prepare
+
+    params = load_params(REPO / "params.yaml")
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(params.data, params.prepare, REPO, out)
+    return out
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh MLflow store for one test, and no inherited parent run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLOPS_PARENT_RUN_ID", raising=False)
+    return uri

@@ -68,15 +68,21 @@ def live_service(
         wait_ready(url, process, timeout_s)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+        stop_group(process)
         if log:
             sink.close()  # type: ignore[union-attr]
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a process started with start_new_session=True and all it started; SIGKILL after
+    20 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, 15)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.wait()
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.serving import free_port, live_service, tiny_bento_model
+from tests.serving import free_port, live_service, stop_group, tiny_bento_model
 
 MONITORING = REPO / "monitoring"
 CONFIG = MONITORING / "prometheus.yml"
@@ -305,13 +305,7 @@ def running_prometheus(config: Path, data: Path) -> Iterator[str]:
         wait_for(ready, "Prometheus ready")
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, 15)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+        stop_group(process)
         log.close()
 
 

@@ -23,7 +23,7 @@ import yaml
 from pipelines.artifacts import read_json, write_json
 from pipelines.config import Params, load_params
 from pipelines.errors import CheckpointError, DataSourceError, ParamsError
-from pipelines.prepare import prepare, read_split
+from pipelines.prepare import read_split
 from pipelines.train import (
     TrainResult,
     latest_checkpoint,
@@ -50,23 +50,6 @@ def tiny(**overrides: Any) -> Params:
     """The real params.yaml, shrunk: keys like train__lr mean "train.lr"."""
     dotted = {key.replace("__", "."): value for key, value in overrides.items()}
     return load_params(REPO / "params.yaml", overrides={**TINY, **dotted})
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default digits, prepared once for this module."""
-    params = load_params(REPO / "params.yaml")
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(params.data, params.prepare, REPO, out)
-    return out
-
-
-@pytest.fixture
-def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLOPS_PARENT_RUN_ID", raising=False)
-    return uri
 
 
 def crash_after(epoch: int) -> Any:

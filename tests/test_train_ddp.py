@@ -21,7 +21,6 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines.config import Params, load_params, section_dict
-from pipelines.prepare import prepare
 from pipelines.train import checkpoint_files, train
 from tests.conftest import REPO
 
@@ -43,14 +42,6 @@ def torchrun(root: Path, prepared: Path, nproc: int = 2) -> subprocess.Completed
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    params = load_params(REPO / "params.yaml")
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(params.data, params.prepare, REPO, out)
-    return out
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ from optuna.trial import TrialState
 import pipelines.train
 from pipelines.config import Params, load_params, section_dict, validate_params
 from pipelines.errors import ParamsError
-from pipelines.prepare import prepare
 from pipelines.train import effective_params, tuned_values
 from pipelines.tune import (
     DISABLED,
@@ -67,21 +66,6 @@ def write_params(root: Path, params: Params) -> Path:
 def stored(params: Params, prepared: Path) -> optuna.Study:
     name = study_name(params, json.loads((prepared / "manifest.json").read_text())["content_hash"])
     return optuna.load_study(study_name=name, storage=params.tune.storage)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    params = load_params(REPO / "params.yaml")
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(params.data, params.prepare, REPO, out)
-    return out
-
-
-@pytest.fixture
-def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
 
 
 def test_the_search_space_is_read_from_params_yaml() -> None:
