@@ -151,16 +151,14 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 1_000, 100)
 
 
-def pick_engine(model_dir: Path, metadata: dict[str, Any]) -> Any:
+def pick_engine(model_dir: Path) -> Any:
     """TensorRT when TensorRT and a GPU are here (plan cached per graph, GPU and TensorRT
     version); otherwise ONNX Runtime on the CPU with `serve.threads` intra-op threads."""
+    from pipelines import tensorrt_engine  # numpy-level; TensorRT itself only when present
+
     onnx_path = model_dir / "model.onnx"
-    try:
-        from pipelines import tensorrt_engine
-    except ImportError:  # pragma: no cover - the CPU bento still ships the module
-        tensorrt_engine = None  # type: ignore[assignment]
-    reason = tensorrt_engine.unavailable_reason() if tensorrt_engine else "not packaged"
-    if tensorrt_engine is None or reason is not None:
+    reason = tensorrt_engine.unavailable_reason()
+    if reason is not None:
         log.info("engine: ONNX Runtime (TensorRT unavailable: %s)", reason)
         return OnnxEngine(onnx_path, SERVE.threads)
     cache = Path(os.environ.get("MLOPS_TRT_CACHE", Path.home() / ".cache" / "mlops-trt"))
@@ -208,7 +206,7 @@ class Classifier:
         self.labels: list[Any] = list(self.metadata["labels"])
         Contract.features = len(self.spec["feature_columns"])
         Contract.low, Contract.high = (float(v) for v in self.spec["value_range"])
-        self.engine = pick_engine(model_dir, self.metadata)
+        self.engine = pick_engine(model_dir)
         self.warm_up()
         METADATA_APP.state.service = self
         tune_gc()

@@ -40,3 +40,14 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def absolute_sqlite_url(url: str, root: Path) -> str:
+    """`url`, with a relative SQLite path (sqlite:///x.db) made absolute under `root` and its
+    folder created; any other URL as it is."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url[len(prefix) :].startswith("/"):
+        db = (Path(root) / url[len(prefix) :]).resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        url = f"{prefix}{db}"
+    return url

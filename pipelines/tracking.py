@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.artifacts import absolute_sqlite_url
 from pipelines.config import Params, TrackingConfig, section_dict
 
 if TYPE_CHECKING:
@@ -48,13 +49,7 @@ log = logging.getLogger(__name__)
 
 def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
     """`MLFLOW_TRACKING_URI` if set, else `cfg.uri` with a relative SQLite path made absolute."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        db = (root / uri[len(prefix) :]).resolve()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        uri = f"{prefix}{db}"
-    return uri
+    return absolute_sqlite_url(os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri, root)
 
 
 def is_local_store(uri: str) -> bool:

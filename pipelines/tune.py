@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from pipelines.artifacts import write_json
+from pipelines.artifacts import absolute_sqlite_url, write_json
 from pipelines.cli import run_cli
 from pipelines.config import (
     Params,
@@ -77,13 +77,7 @@ log = logging.getLogger(__name__)
 
 def storage_url(cfg: TuneConfig, root: Path) -> str:
     """`MLOPS_TUNE_STORAGE` if set, else `cfg.storage`; a relative SQLite path is made absolute."""
-    url = os.environ.get(STORAGE_ENV) or cfg.storage
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url[len(prefix) :].startswith("/"):
-        db = (root / url[len(prefix) :]).resolve()
-        db.parent.mkdir(parents=True, exist_ok=True)
-        url = f"{prefix}{db}"
-    return url
+    return absolute_sqlite_url(os.environ.get(STORAGE_ENV) or cfg.storage, root)
 
 
 def redacted(url: str) -> str:
