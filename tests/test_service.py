@@ -243,3 +243,19 @@ def test_without_a_key_everything_is_open(monkeypatch: pytest.MonkeyPatch) -> No
     client = guarded(monkeypatch, None)
     assert client.post("/predict", content=b"{}").status_code == 200
     assert client.post("/predict", content=b"x" * 1025).status_code == 413
+
+
+def test_an_image_over_the_pixel_limit_gets_a_400_before_it_is_decoded(client: TestClient) -> None:
+    import service
+
+    side = (
+        int(service.SERVE.max_image_pixels**0.5) + 1
+    )  # a blank PNG: small to send, huge to decode
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 255).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) < service.SERVE.max_body_bytes
+    response = client.post(
+        "/predict_image", files={"image": ("big.png", buffer.getvalue(), "image/png")}
+    )
+    assert response.status_code == 400, response.text
+    assert "over the limit of" in response.text
