@@ -26,9 +26,10 @@ from typing import Annotated, Any
 
 import bentoml
 import numpy as np
+from _bentoml_impl.serde import ALL_SERDE  # BentoML's parsers by media type
 from bentoml.exceptions import InvalidArgument, NotFound
 from bentoml.validators import ContentType
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -361,4 +362,83 @@ def replay(body: bytes) -> Receive:
     return receive
 
 
+class DirectPredict:
+    """ASGI middleware, only with adaptive batching off: it answers `POST /predict` itself.
+
+    It uses the API's own input model (the one BentoML builds from `Classifier.predict`), the
+    same `infer`, and BentoML's response and error bodies. What it skips is BentoML's dispatch for
+    each request: the request context, routing, a wrapper of the method rebuilt with
+    `inspect.signature`, and the serde lookup. That was 40% of a request's CPU, and without it
+    throughput rose about 1.45x. BentoML's metrics, tracing, timeout and concurrency middleware
+    still wrap it. Bodies that BentoML reads with a serde other than JSON (multipart, form,
+    pickle) go on to BentoML, as does every other route."""
+
+    def __init__(self, app: Any, input_model: Any) -> None:
+        self.app = app
+        self.input_model = input_model
+        self.server = (b"server", f"BentoML Service/{SERVICE.name}".encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service = getattr(METADATA_APP.state, "service", None)
+        if (
+            service is None  # not loaded yet: BentoML answers as it does before start-up
+            or scope["type"] != "http"
+            or scope["path"] != "/predict"
+            or scope["method"] != "POST"
+            or media_type(scope["headers"]) in NOT_JSON
+        ):
+            await self.app(scope, receive, send)
+            return
+        try:
+            rows = self.input_model.model_validate_json(await read_body(receive) or b"{}").rows
+        except ValidationError as exc:  # as BentoML answers and (with OneLineClientErrors) logs
+            log.info("Exception on /predict [POST]: ValidationError: %s", str(exc).splitlines()[0])
+            error = {
+                "error": f"{exc.error_count()} validation error for {exc.title}",
+                "detail": exc.errors(include_context=False, include_input=False),
+            }
+            await self.reply(send, 400, error)
+            return
+        try:
+            predictions = service.infer(np.asarray(rows, dtype=np.float32))
+        except Exception:
+            log.exception("Exception on /predict [POST]")
+            error = {"error": "An unexpected error has occurred, please check the server log."}
+            await self.reply(send, 500, error)
+            return
+        await self.reply(send, 200, predictions)
+
+    async def reply(self, send: Send, status: int, content: Any) -> None:
+        body = json.dumps(content).encode()
+        headers = [
+            (b"content-length", b"%d" % len(body)),
+            (b"content-type", b"application/json"),
+            self.server,
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+# The media types BentoML parses with a serde of their own; it reads every other body as JSON.
+NOT_JSON = {kind.encode() for kind in ALL_SERDE if kind != "application/json"}
+
+
+def media_type(headers: list[tuple[bytes, bytes]]) -> bytes:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.split(b";")[0].strip().lower()
+    return b"application/json"  # BentoML's default too
+
+
+async def read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
 SERVICE.add_asgi_middleware(Guard, max_body=SERVE.max_body_bytes)
+if not BATCHING:
+    SERVICE.add_asgi_middleware(DirectPredict, input_model=SERVICE.apis["predict"].input_spec)

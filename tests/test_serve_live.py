@@ -150,20 +150,86 @@ def test_concurrent_clients_get_their_own_answers_with_zero_errors(
     concurrent_calls(server, champion)
 
 
-def test_adaptive_batching_merges_requests_and_splits_answers_back(champion: Champion) -> None:
+@pytest.fixture(scope="module")
+def batched_server(champion: Champion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same bento with adaptive batching on: /predict goes through BentoML's own API
+    dispatch and batching (with it off, service.DirectPredict answers /predict)."""
+    log = tmp_path_factory.mktemp("serve-batched") / "serve.log"
+    overrides = {"MLOPS_SERVE_OVERRIDES": json.dumps({"max_batch_size": 64}), "MLOPS_API_KEY": ""}
+    with live_service(champion.packaged.bento_tag, env=overrides, log=log) as url:
+        yield url
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text[-3000:]
+
+
+def batch_counters(url: str) -> tuple[float, float]:
+    """(model calls, rows) from BentoML's adaptive batch-size histogram for predict."""
+    metrics = httpx.get(f"{url}/metrics").text
+    values = []
+    for kind in ("count", "sum"):  # absent before the first call
+        pattern = rf'adaptive_batch_size_{kind}\{{[^}}]*method_name="predict"[^}}]*\}} (\S+)'
+        found = re.search(pattern, metrics)
+        values.append(float(found.group(1)) if found else 0.0)
+    return values[0], values[1]
+
+
+def test_adaptive_batching_merges_requests_and_splits_answers_back(
+    batched_server: str, champion: Champion
+) -> None:
     """With batching on, requests of different sizes share model calls; each still gets exactly
     its own predictions, and BentoML's batch-size histogram shows merged calls."""
-    overrides = {"MLOPS_SERVE_OVERRIDES": json.dumps({"max_batch_size": 64})}
-    with live_service(champion.packaged.bento_tag, env=overrides) as url:
-        concurrent_calls(url, champion)
-        metrics = httpx.get(f"{url}/metrics").text
-    calls = re.search(
-        r'adaptive_batch_size_count\{[^}]*method_name="predict"[^}]*\} (\S+)', metrics
-    )
-    rows = re.search(r'adaptive_batch_size_sum\{[^}]*method_name="predict"[^}]*\} (\S+)', metrics)
-    assert calls is not None and rows is not None, metrics[-2000:]
-    assert float(rows.group(1)) == 400  # every request went through the dispatcher...
-    assert float(calls.group(1)) < 400  # ...and some were merged into one call
+    calls, rows = batch_counters(batched_server)
+    concurrent_calls(batched_server, champion)
+    calls_after, rows_after = batch_counters(batched_server)
+    assert rows_after - rows == 400  # every request went through the dispatcher...
+    assert calls_after - calls < 400  # ...and some were merged into one call
+
+
+def test_predict_answers_alike_with_batching_off_and_on(
+    server: str, batched_server: str, champion: Champion
+) -> None:
+    """service.DirectPredict (batching off) and BentoML's API dispatch (batching on) give the same
+    status and body for the same request, good or bad, whatever its content type."""
+    frame = read_split(champion.prepared, "test")
+    good = frame.drop(columns=["label"]).to_numpy()[:3].tolist()
+    json_type = {"content-type": "application/json"}
+    requests: list[tuple[bytes, dict[str, str]]] = [
+        (json.dumps({"rows": good[:1]}).encode(), json_type),
+        (json.dumps({"rows": good}).encode(), {"content-type": "application/json; charset=utf-8"}),
+        (json.dumps({"rows": good[:1]}).encode(), {"content-type": "text/plain"}),
+        (json.dumps({"rows": good[:1]}).encode(), {}),
+        (json.dumps({"rows": [[1.0, 2.0]]}).encode(), json_type),
+        (json.dumps({"rows": [[0.0] * 63 + [17.0]]}).encode(), json_type),
+        (json.dumps({"rows": []}).encode(), json_type),
+        (json.dumps({"rows": [["1"] * 64]}).encode(), json_type),
+        (json.dumps({"data": good}).encode(), json_type),
+        (b'{"rows": [[NaN]]}', json_type),
+        (b"\xff\xfe garbage", json_type),
+        (b"", json_type),
+        (b"rows=1", {"content-type": "application/x-www-form-urlencoded"}),
+    ]
+    with httpx.Client(timeout=30) as client:
+        for body, headers in requests:
+            direct, dispatched = (
+                client.post(f"{url}/predict", content=body, headers=headers)
+                for url in (server, batched_server)
+            )
+            assert direct.status_code == dispatched.status_code, (
+                body,
+                direct.text,
+                dispatched.text,
+            )
+            assert direct.headers["content-type"] == dispatched.headers["content-type"]
+            assert direct.headers["server"] == dispatched.headers["server"], body
+            if direct.status_code != 200:
+                assert direct.json() == dispatched.json(), body
+                continue
+            for ours, theirs in zip(direct.json(), dispatched.json(), strict=True):
+                assert ours["label"] == theirs["label"]
+                assert ours["model_version"] == theirs["model_version"]
+                np.testing.assert_allclose(
+                    ours["probabilities"], theirs["probabilities"], atol=1e-6
+                )
 
 
 def test_bad_requests_over_http_get_4xx_with_a_message(server: str) -> None:
