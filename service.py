@@ -300,6 +300,7 @@ class Guard:
     def __init__(self, app: Any, max_body: int) -> None:
         self.app = app
         self.max_body = max_body
+        self.too_large = {"error": f"request body over {max_body} bytes"}
         self.key = os.environ.get(API_KEY_ENV) or None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -308,16 +309,18 @@ class Guard:
             return
         headers = dict(scope["headers"])
         if self.key is not None and scope["path"] in PROTECTED and not self.authorized(headers):
-            await self.reply(send, 401, f"missing or wrong API key (set by {API_KEY_ENV})")
+            await send_json(
+                send, 401, {"error": f"missing or wrong API key (set by {API_KEY_ENV})"}
+            )
             return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await self.reply(send, 413, f"request body over {self.max_body} bytes")
+            await send_json(send, 413, self.too_large)
             return
         if length is None and scope["method"] in {"POST", "PUT", "PATCH"}:
-            body = await self.read_capped(receive)
+            body = await read_body(receive, self.max_body)
             if body is None:
-                await self.reply(send, 413, f"request body over {self.max_body} bytes")
+                await send_json(send, 413, self.too_large)
                 return
             receive = replay(body)
         await self.app(scope, receive, send)
@@ -328,25 +331,6 @@ class Guard:
         if bearer.lower().startswith(b"bearer "):
             given = bearer[7:].strip()
         return hmac.compare_digest(given, (self.key or "").encode())
-
-    async def read_capped(self, receive: Receive) -> bytes | None:
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
-    @staticmethod
-    async def reply(send: Send, status: int, error: str) -> None:
-        body = json.dumps({"error": error}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
 
 
 def replay(body: bytes) -> Receive:
@@ -397,26 +381,16 @@ class DirectPredict:
                 "error": f"{exc.error_count()} validation error for {exc.title}",
                 "detail": exc.errors(include_context=False, include_input=False),
             }
-            await self.reply(send, 400, error)
+            await send_json(send, 400, error, self.server)
             return
         try:
             predictions = service.infer(np.asarray(rows, dtype=np.float32))
         except Exception:
             log.exception("Exception on /predict [POST]")
             error = {"error": "An unexpected error has occurred, please check the server log."}
-            await self.reply(send, 500, error)
+            await send_json(send, 500, error, self.server)
             return
-        await self.reply(send, 200, predictions)
-
-    async def reply(self, send: Send, status: int, content: Any) -> None:
-        body = json.dumps(content).encode()
-        headers = [
-            (b"content-length", b"%d" % len(body)),
-            (b"content-type", b"application/json"),
-            self.server,
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_json(send, 200, predictions, self.server)
 
 
 # The media types BentoML parses with a serde of their own; it reads every other body as JSON.
@@ -430,13 +404,25 @@ def media_type(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"application/json"  # BentoML's default too
 
 
-async def read_body(receive: Receive) -> bytes:
-    chunks = []
+async def read_body(receive: Receive, limit: int | None = None) -> bytes | None:
+    """The whole request body; None as soon as it grows over `limit` bytes."""
+    chunks, size = [], 0
     while True:
         message = await receive()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            return None
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+async def send_json(send: Send, status: int, content: Any, *headers: tuple[bytes, bytes]) -> None:
+    body = json.dumps(content).encode()
+    start = [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")]
+    await send({"type": "http.response.start", "status": status, "headers": [*start, *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 SERVICE.add_asgi_middleware(Guard, max_body=SERVE.max_body_bytes)
