@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.processes import free_port  # noqa: E402
+
 RATIO_GOAL = 1.15
 TASK_OVERHEAD_GOAL_MS = 100.0
 RUNNING = re.compile(r"^Running stage '([^']+)':")
@@ -144,12 +147,6 @@ def stage_spans(lines: list[tuple[float, str]]) -> dict[str, float]:
     starts = [(t, m.group(1)) for t, line in lines if (m := RUNNING.search(line))]
     ends = [t for t, _ in starts[1:]] + [lines[-1][0] if lines else 0.0]
     return {stage: end - start for (start, stage), end in zip(starts, ends, strict=False)}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,10 +38,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+
+from tests.processes import free_port, stop_group, wait_ready  # noqa: E402
+
 CONNECTIONS = (1, 2, 4, 8, 16, 32, 64)
 SERVER_CPUS, CLIENT_CPUS = "0", "1"
 GOALS = {"saturation_ratio": 0.8, "p99_ratio": 1.5}
@@ -67,12 +68,6 @@ end
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def model_source(work: Path) -> tuple[Path, str]:
     """A folder with model.onnx + metadata.json: the pipeline's selected model when it exists,
     else a tiny CNN trained and exported here (as the serving tests do)."""
@@ -81,7 +76,6 @@ def model_source(work: Path) -> tuple[Path, str]:
     selected = REPO / "models" / "select" / "model.onnx"
     model_dir = work / "model"
     if not selected.is_file():
-        sys.path.insert(0, str(REPO))
         from tests.serving import tiny_bento_model
 
         tiny_bento_model(work / "tiny")
@@ -117,35 +111,13 @@ def server(name: str, command: list[str], env: dict[str, str], log: Path) -> Ite
         url = f"http://127.0.0.1:{port}"
         try:
             try:
-                wait_ready(name, url, process)
+                wait_ready(url, process, 120, name)
             except (RuntimeError, TimeoutError):
                 print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
                 raise
             yield url
         finally:
-            stop(process)
-
-
-def wait_ready(name: str, url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode} before it was ready")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.25)
-    raise TimeoutError(f"{name} not ready after 120 s")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, 15)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
-        process.wait()
+            stop_group(process)
 
 
 def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, Any]:

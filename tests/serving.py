@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-
-import httpx
 
 from flows.package import save_bento_model
 from pipelines.export import export
 from pipelines.runtime import read_metadata
 from tests.conftest import REPO
 from tests.modelzoo import tiny_params, trained_model
+from tests.processes import free_port, stop_group, wait_ready
 
 MODEL_NAME = tiny_params().register_.model_name
 
@@ -34,12 +31,6 @@ def tiny_bento_model(root: Path, version: str = "1") -> tuple[str, Path]:
     export(params.export, model, prepared, model_dir / "model.onnx")
     (model_dir / "metadata.json").write_text(json.dumps(read_metadata(model_dir / "model.onnx")))
     return save_bento_model(MODEL_NAME, model_dir, version), prepared
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -71,27 +62,3 @@ def live_service(
         stop_group(process)
         if log:
             sink.close()  # type: ignore[union-attr]
-
-
-def stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM a process started with start_new_session=True and all it started; SIGKILL after
-    20 s."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, 15)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)
-        process.wait()
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited with {process.returncode} before ready")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} not ready after {timeout_s} s")

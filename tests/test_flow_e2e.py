@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +29,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.train import stage_order
 from tests.conftest import REPO
+from tests.processes import free_port, stop_group
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright never downloads a browser
@@ -49,12 +48,6 @@ class Stack:
     checkout: Path
     mlflow_uri: str
     logs: Path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def snapshot(dest: Path) -> Path:
@@ -97,17 +90,6 @@ def start(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> subp
         return subprocess.Popen(
             command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, SIGKILL what is left after 15 s."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
@@ -159,8 +141,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             yield stack
     finally:
         if worker is not None:
-            stop(worker)
-        stop(server)
+            stop_group(worker, grace_s=15)
+        stop_group(server, grace_s=15)
 
 
 def start_worker(stack: Stack) -> subprocess.Popen[bytes]:

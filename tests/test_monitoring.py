@@ -27,7 +27,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.serving import free_port, live_service, stop_group, tiny_bento_model
+from tests.processes import free_port, stop_group
+from tests.serving import live_service, tiny_bento_model
 
 MONITORING = REPO / "monitoring"
 CONFIG = MONITORING / "prometheus.yml"

@@ -1,0 +1,46 @@
+"""Servers in subprocesses, for the tests and the benchmarks (which put the repository on
+sys.path): a free loopback port, waiting for readiness, and stopping a whole process group.
+Light on purpose: only the standard library and httpx."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(
+    url: str, process: subprocess.Popen[bytes], timeout_s: float, name: str = "bentoml serve"
+) -> None:
+    """Until `url`/readyz answers 200; an error if `process` exits first or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode} before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise TimeoutError(f"{name} at {url} not ready after {timeout_s} s")
+
+
+def stop_group(process: subprocess.Popen[bytes], grace_s: float = 20) -> None:
+    """SIGTERM a process started with start_new_session=True and all it started; SIGKILL after
+    `grace_s`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, 15)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.wait()
