@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,16 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
 
 @pytest.fixture(scope="module")
 def client(model: tuple[str, Path]) -> Iterator[TestClient]:
-    """One app per module: BentoML registers its Prometheus metrics once per process."""
-    import service
+    """One app per module: BentoML registers its Prometheus metrics once per process. service.py
+    reads its model tag when imported, and `package` (a bento build) imports it for its own model:
+    import it afresh, for this module's model."""
+    sys.modules.pop("service", None)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLOPS_MODEL_TAG", model[0])
+        import service
 
-    with TestClient(service.SERVICE.to_asgi(), raise_server_exceptions=False) as test_client:
-        yield test_client
+        with TestClient(service.SERVICE.to_asgi(), raise_server_exceptions=False) as test_client:
+            yield test_client
 
 
 def rows(prepared: Path, n: int) -> tuple[list[list[float]], np.ndarray]:
