@@ -1,8 +1,9 @@
 """`convert`: TensorRT plans from the FP16 and INT8 (Q/DQ) graphs, parity-checked against FP32 ONNX.
 
 Where there is no CUDA device or no TensorRT (every CPU host), the stage records "skipped" with the
-reason in its metrics and in MLflow, and the pipeline goes on. All TensorRT calls live in
-`pipelines/tensorrt_engine.py`.
+reason in its metrics and in MLflow, and the pipeline goes on. A plan whose source variant
+`quantize` dropped, or that misses its parity gate, is dropped the same way, with its reason.
+All TensorRT calls live in `pipelines/tensorrt_engine.py`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from pipelines import tensorrt_engine
 from pipelines.artifacts import read_json, write_json
 from pipelines.cli import run_cli
 from pipelines.config import ConvertConfig, Params, load_params, section_dict
-from pipelines.errors import ParityError
-from pipelines.quantize import split_inputs
+from pipelines.quantize import MANIFEST, split_inputs
 from pipelines.runtime import logits, parity, read_metadata, session
 
 SOURCES = {"fp16": "fp16.onnx", "int8": "int8_qdq.onnx"}
@@ -53,44 +53,61 @@ def convert_one(
     prepared_dir: Path,
     cfg: ConvertConfig,
 ) -> dict[str, Any]:
+    """One plan, parity-checked against FP32 ONNX: its record with `status` "built", or "dropped"
+    with the reason (the source variant was dropped by `quantize`, or the plan misses the gate)."""
     source = variants / SOURCES[precision]
+    record: dict[str, Any] = {"family": family, "precision": precision, "onnx": str(source)}
+    if not source.is_file():
+        reason = f"no {source.name} in {variants}: {source_dropped_reason(variants, source)}"
+        return {**record, "status": "dropped", "reason": reason}
     plan = out_dir / f"{family}-{precision}.plan"
     build(source, plan, cfg)
     x, _ = split_inputs(prepared_dir, "test", read_metadata(fp32)["preprocessing"])
     figures = parity(logits(session(fp32), x), tensorrt_engine.predictor(plan)(x))
     if figures["argmax_agreement"] < cfg.parity_min_agreement:
         plan.unlink()
-        raise ParityError(
-            f"convert: {plan.name} agrees with FP32 ONNX on {figures['argmax_agreement']:.4f} of "
+        plan.with_suffix(".json").unlink(missing_ok=True)
+        reason = (
+            f"{plan.name} agrees with FP32 ONNX on {figures['argmax_agreement']:.4f} of "
             f"the test rows, below convert.parity_min_agreement {cfg.parity_min_agreement:g}"
         )
+        return {**record, "status": "dropped", "reason": reason, **figures}
     info = read_json(plan.with_suffix(".json"))
-    return {
-        "family": family,
-        "precision": precision,
-        "plan": str(plan),
-        "onnx": str(source),
-        **figures,
-        **info,
-    }
+    return {**record, "status": "built", "plan": str(plan), **figures, **info}
+
+
+def source_dropped_reason(variants: Path, source: Path) -> str:
+    """Why `quantize` left `source` out, from its variants.json (or that it did not say)."""
+    manifest = variants / MANIFEST
+    entry = read_json(manifest).get(source.stem, {}) if manifest.is_file() else {}
+    return f"quantize dropped it: {entry['reason']}" if "reason" in entry else "not written"
 
 
 def convert(
     cfg: ConvertConfig, families: list[tuple[str, Path, Path]], prepared_dir: Path, out_dir: Path
 ) -> dict[str, Any]:
-    """Plans for every family x precision, or a "skipped" record with the reason."""
+    """Plans for every family x precision, or a "skipped" record with the reason.
+
+    A plan that cannot be built from a kept variant, or misses the parity gate, is left out and
+    listed under "dropped" with the reason; the stage goes on with the others.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     reason = tensorrt_engine.unavailable_reason()
+    result: dict[str, Any] = {"status": "skipped", "reason": reason, "plans": [], "dropped": []}
     if reason is not None:
-        result: dict[str, Any] = {"status": "skipped", "reason": reason, "plans": []}
         log.warning("convert: skipped: %s", reason)
     else:
-        plans = [
+        records = [
             convert_one(name, fp32, variants, precision, out_dir, prepared_dir, cfg)
             for name, fp32, variants in families
             for precision in cfg.precisions
         ]
-        result = {"status": "built", "reason": None, "plans": plans}
+        for r in records:
+            if r["status"] == "dropped":
+                log.warning("convert: %s-%s dropped: %s", r["family"], r["precision"], r["reason"])
+        result["status"] = "built"
+        result["plans"] = [r for r in records if r["status"] == "built"]
+        result["dropped"] = [r for r in records if r["status"] == "dropped"]
     write_json(out_dir / "plans.json", result)
     return result
 
@@ -121,14 +138,17 @@ def _run(params: Params, args: argparse.Namespace) -> None:
         "convert", params, {"convert": section_dict(params.convert)}, Path.cwd(), data_hash
     ) as run:
         result = convert(params.convert, families, args.prepared, args.out)
+        dropped = {f"{d['family']}-{d['precision']}": d["reason"] for d in result["dropped"]}
         metrics = {
             "status": result["status"],
             "reason": result["reason"],
             "plans": len(result["plans"]),
+            "dropped": dropped,
         }
         write_json(args.metrics, metrics)
         run.set_tags({"convert.status": result["status"], "convert.reason": result["reason"] or ""})
-        run.log_metrics({"plans_built": len(result["plans"])})
+        run.set_tags({f"convert.dropped.{name}": why for name, why in dropped.items()})
+        run.log_metrics({"plans_built": len(result["plans"]), "plans_dropped": len(dropped)})
         run.log_artifact(args.out / "plans.json")
 
 

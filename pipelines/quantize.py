@@ -12,22 +12,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from pipelines.artifacts import atomic_path, read_json, write_json
 from pipelines.cli import run_cli
 from pipelines.config import Params, QuantizeConfig, load_params, section_dict
-from pipelines.errors import ParityError
 from pipelines.export import embed_metadata
 from pipelines.prepare import read_split
 from pipelines.preprocessing import to_model_input
 from pipelines.runtime import logits, parity, read_metadata, session
 
 VARIANTS = ("int8_cpu", "int8_qdq", "fp16")
+CALIBRATION_METHODS: tuple[str, ...] = get_args(
+    QuantizeConfig.model_fields["calibration_method"].annotation
+)
+MANIFEST = "variants.json"  # in the output folder: each variant kept or dropped, and why
 log = logging.getLogger(__name__)
 
 
@@ -43,12 +48,20 @@ def split_inputs(
 
 
 def calibration_batches(x: np.ndarray, name: str, batch: int = 64) -> Any:
+    """A calibration reader over `x` in equal-size batches of at most `batch` rows.
+
+    ONNX Runtime's histogram calibrators (entropy, percentile) stack every batch's activations
+    and fail on a shorter last batch, so the size is the largest divisor of len(x) up to `batch`
+    (every row is used once; a prime row count gives batches of one row).
+    """
     from onnxruntime.quantization import CalibrationDataReader
+
+    size = max(d for d in range(1, min(batch, len(x)) + 1) if len(x) % d == 0)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.batches: Iterator[dict[str, np.ndarray]] = iter(
-                {name: x[i : i + batch]} for i in range(0, len(x), batch)
+                {name: x[i : i + size]} for i in range(0, len(x), size)
             )
 
         def get_next(self) -> dict[str, np.ndarray] | None:
@@ -91,7 +104,8 @@ def quantize_int8(
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }
-    with atomic_path(dst.with_suffix(".pre.onnx")) as pre:
+    with tempfile.TemporaryDirectory(prefix="quantize.") as work:
+        pre = Path(work) / "pre.onnx"  # an intermediate: never beside the outputs
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         name = session(pre).get_inputs()[0].name
         quantize_static(
@@ -145,28 +159,69 @@ def measure(path: Path, x: np.ndarray, y: np.ndarray, reference: np.ndarray) -> 
     }
 
 
+def parity_miss(
+    variant: str, agreement: float, test_rows: int, cfg: QuantizeConfig, calib_rows: int
+) -> str | None:
+    """Why `variant` misses the parity gate, with advice that can help; None if it passes."""
+    if agreement >= cfg.parity_min_agreement:
+        return None
+    miss = (
+        f"agrees with FP32 on {agreement:.4f} of {test_rows} test rows, below "
+        f"quantize.parity_min_agreement {cfg.parity_min_agreement:g}"
+    )
+    if variant == "fp16":
+        return f"{miss}; FP16 uses no calibration: the model's values do not fit FP16's precision"
+    others = " or ".join(m for m in CALIBRATION_METHODS if m != cfg.calibration_method)
+    advice = f"try quantize.calibration_method {others}"
+    if calib_rows < cfg.calibration_samples:
+        advice += (
+            f"; calibrated on all {calib_rows} rows of the training split (calibration_samples "
+            f"{cfg.calibration_samples} cannot add more: more training data can)"
+        )
+    else:
+        advice += f", or more than {calib_rows} quantize.calibration_samples"
+    return f"{miss}; {advice}"
+
+
+def keep_or_drop(
+    built: Path, dst: Path, figures: dict[str, Any], reason: str | None
+) -> dict[str, Any]:
+    """Move a passing variant to `dst`; drop a failing one (and any stale `dst`) with its reason."""
+    if reason is None:
+        with atomic_path(dst) as tmp:
+            shutil.move(built, tmp)
+        return {"status": "kept", **figures}
+    dst.unlink(missing_ok=True)
+    log.warning("quantize: %s dropped: %s", dst.stem, reason)
+    return {"status": "dropped", "reason": reason, **figures}
+
+
 def quantize(
     cfg: QuantizeConfig, onnx_path: Path, prepared_dir: Path, out_dir: Path
 ) -> dict[str, Any]:
-    """Every variant of `onnx_path` into `out_dir`, measured; a variant missing the gate raises."""
+    """Every variant of `onnx_path`, measured; the ones that pass the parity gate go to `out_dir`.
+
+    A variant below `cfg.parity_min_agreement` is dropped (no file) with the reason; the result,
+    also written to `out_dir/variants.json`, has per variant `status` ("kept" or "dropped"),
+    `reason` when dropped, accuracy, parity figures and size.
+    """
     spec = read_metadata(onnx_path)["preprocessing"]
     calib = split_inputs(prepared_dir, "train", spec)[0][: cfg.calibration_samples]
     x, y = split_inputs(prepared_dir, "test", spec)
     reference = logits(session(onnx_path), x)
-    results: dict[str, Any] = {"fp32": {"accuracy": float(np.mean(reference.argmax(1) == y))}}
-    for variant in VARIANTS:
-        dst = out_dir / f"{variant}.onnx"
-        make_variant(onnx_path, dst, variant, calib, cfg)
-        results[variant] = measure(dst, x, y, reference)
-        agreement = results[variant]["argmax_agreement"]
-        if agreement < cfg.parity_min_agreement:
-            dst.unlink()
-            raise ParityError(
-                f"quantize: {variant} agrees with FP32 on {agreement:.4f} "
-                f"of {len(x)} test rows, below quantize.parity_min_agreement "
-                f"{cfg.parity_min_agreement:g}; try calibration_method or more calibration_samples"
-            )
-        log.info("quantize: %s %s", variant, results[variant])
+    results: dict[str, Any] = {
+        "fp32": {"accuracy": float(np.mean(reference.argmax(1) == y))},
+        "calibration": {"method": cfg.calibration_method, "rows": len(calib)},
+    }
+    with tempfile.TemporaryDirectory(prefix="quantize.") as work:
+        for variant in VARIANTS:
+            built = Path(work) / f"{variant}.onnx"
+            make_variant(onnx_path, built, variant, calib, cfg)
+            figures = measure(built, x, y, reference)
+            reason = parity_miss(variant, figures["argmax_agreement"], len(x), cfg, len(calib))
+            results[variant] = keep_or_drop(built, out_dir / f"{variant}.onnx", figures, reason)
+            log.info("quantize: %s %s", variant, results[variant])
+    write_json(out_dir / MANIFEST, results)
     return results
 
 
@@ -190,7 +245,10 @@ def _run(params: Params, args: argparse.Namespace) -> None:
     with stage_run(f"quantize@{args.name}", params, section, Path.cwd(), data_hash) as run:
         metrics = quantize(params.quantize, args.onnx, args.prepared, args.out)
         write_json(args.metrics, metrics)
-        run.log_metrics(flatten(metrics))
+        flat = flatten(metrics)
+        numbers = {k: v for k, v in flat.items() if isinstance(v, int | float)}
+        run.log_metrics(numbers)
+        run.set_tags({f"quantize.{k}": v for k, v in flat.items() if k not in numbers})
         run.log_artifacts(args.out, "onnx")
 
 

@@ -5,7 +5,8 @@ family (the teacher, the distilled student) is measured on the test split: accur
 p50/p99 latency at batch 1, throughput at the serving batch, size on disk, parity with its source.
 The policy (params `select`): among servable candidates within `max_accuracy_drop` of the FP32
 reference, the highest throughput (or the lowest p99). PyTorch eager is measured as the baseline
-but is not servable: the serving image carries no torch.
+but is not servable: the serving image carries no torch. A variant that `quantize` or `convert`
+dropped at its parity gate is listed in the table with the reason, and never wins.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pipelines.artifacts import atomic_path, read_json, write_json
 from pipelines.cli import run_cli
 from pipelines.config import Params, SelectConfig, load_params, section_dict
 from pipelines.errors import SelectionError
-from pipelines.quantize import VARIANTS, split_inputs
+from pipelines.quantize import MANIFEST, VARIANTS, split_inputs
 from pipelines.runtime import logits, parity, read_metadata, session
 
 log = logging.getLogger(__name__)
@@ -228,29 +229,71 @@ def tensorrt_candidates(convert_dir: Path | None) -> list[tuple[Candidate, Predi
     return found
 
 
+def dropped_candidates(families: Sequence[Family], convert_dir: Path | None) -> list[Candidate]:
+    """Variants that `quantize` or `convert` dropped at their parity gate, each with the reason
+    and the figures measured there: listed in the table, never eligible."""
+    found = []
+    for fam in families:
+        manifest = fam.variants / MANIFEST
+        entries = read_json(manifest) if manifest.is_file() else {}
+        for variant in VARIANTS:
+            entry = entries.get(variant, {})
+            if entry.get("status") == "dropped":
+                name = f"{fam.name}/onnxruntime-{variant}"
+                precision = variant.split("_", maxsplit=1)[0]
+                found.append(_dropped(name, "onnxruntime", precision, entry))
+    plans = convert_dir / "plans.json" if convert_dir is not None else None
+    for entry in read_json(plans).get("dropped", []) if plans and plans.is_file() else []:
+        name = f"{entry['family']}/tensorrt-{entry['precision']}"
+        found.append(_dropped(name, "tensorrt", entry["precision"], entry))
+    return found
+
+
+def _dropped(name: str, engine: str, precision: str, entry: dict[str, Any]) -> Candidate:
+    family = name.split("/", maxsplit=1)[0]
+    candidate = Candidate(name, family, engine, precision, False, "", extra={"dropped": True})
+    candidate.extra["reason"] = entry["reason"]
+    candidate.accuracy = float(entry.get("accuracy", 0.0))
+    candidate.agreement = float(entry.get("argmax_agreement", 0.0))
+    return candidate
+
+
 def tournament(
     families: Sequence[Family], convert_dir: Path | None, prepared_dir: Path, cfg: SelectConfig
 ) -> list[Candidate]:
-    """Measure every candidate side by side, in one process."""
+    """Measure every candidate side by side, in one process; the dropped ones are listed as is."""
     spec = read_metadata(families[0].onnx)["preprocessing"]
     x, y = split_inputs(prepared_dir, "test", spec)
     reference = logits(session(families[0].onnx), x)
     pairs = [pair for fam in families for pair in family_candidates(fam, cfg)]
     pairs += tensorrt_candidates(convert_dir)
-    return [score(c, predict, x, y, reference, cfg) for c, predict in pairs]
+    measured = [score(c, predict, x, y, reference, cfg) for c, predict in pairs]
+    return measured + dropped_candidates(families, convert_dir)
 
 
 def markdown(candidates: Sequence[Candidate], winner: Candidate, explanation: str) -> str:
+    """The candidate table, fastest first; dropped candidates last, with the reason."""
     columns = "candidate engine precision accuracy macro-F1 p50-ms p99-ms samples/s KiB agreement"
-    rows = ["| " + " | ".join(columns.split()) + " |", "|" + "---|" * 10]
-    for c in sorted(candidates, key=lambda c: -c.throughput):
-        mark = " **(winner)**" if c is winner else ("" if c.servable else " (baseline)")
-        rows.append(
-            f"| {c.name}{mark} | {c.engine} | {c.precision} | {c.accuracy:.4f} | {c.macro_f1:.4f} "
-            f"| {c.p50_ms:.3f} | {c.p99_ms:.3f} | {c.throughput:,.0f} | {c.size_bytes / 1024:.1f} "
-            f"| {c.agreement:.4f} |"
-        )
+    columns += " note"
+    rows = ["| " + " | ".join(columns.split()) + " |", "|" + "---|" * 11]
+    for c in sorted(candidates, key=lambda c: (c.extra.get("dropped", False), -c.throughput)):
+        rows.append(_table_row(c, winner))
     return "\n".join(rows) + f"\n\n{explanation}\n"
+
+
+def _table_row(c: Candidate, winner: Candidate) -> str:
+    if c.extra.get("dropped"):
+        return (
+            f"| {c.name} (dropped) | {c.engine} | {c.precision} | {c.accuracy:.4f} "
+            f"| - | - | - | - | - | {c.agreement:.4f} | dropped: {c.extra['reason']} |"
+        )
+    mark = " **(winner)**" if c is winner else ("" if c.servable else " (baseline)")
+    note = "" if c.servable else "not servable: the serving image has no torch"
+    return (
+        f"| {c.name}{mark} | {c.engine} | {c.precision} | {c.accuracy:.4f} | {c.macro_f1:.4f} "
+        f"| {c.p50_ms:.3f} | {c.p99_ms:.3f} | {c.throughput:,.0f} | {c.size_bytes / 1024:.1f} "
+        f"| {c.agreement:.4f} | {note} |"
+    )
 
 
 def select(
@@ -272,6 +315,7 @@ def select(
         "explanation": explanation,
         "policy": section_dict(cfg),
         "candidates": [asdict(c) for c in candidates],
+        "dropped": {c.name: c.extra["reason"] for c in candidates if c.extra.get("dropped")},
     }
     write_json(out_dir / "winner.json", summary)
     with atomic_path(out_dir / "candidates.md") as tmp:
@@ -307,13 +351,23 @@ def _run(params: Params, args: argparse.Namespace) -> None:
         summary = select(families, args.convert, args.prepared, args.out, params.select)
         winner = summary["winner"]
         metrics = {k: winner[k] for k in ("accuracy", "macro_f1", "p50_ms", "p99_ms", "throughput")}
+        dropped = summary["dropped"]
         write_json(
             args.metrics,
-            {"winner": winner["name"], **metrics, "explanation": summary["explanation"]},
+            {
+                "winner": winner["name"],
+                **metrics,
+                "explanation": summary["explanation"],
+                "dropped": dropped,
+            },
         )
         run.log_metrics(metrics)
         run.set_tags(
-            {"select.winner": winner["name"], "select.explanation": summary["explanation"]}
+            {
+                "select.winner": winner["name"],
+                "select.explanation": summary["explanation"],
+                "select.dropped": "; ".join(f"{k}: {v}" for k, v in dropped.items()) or "none",
+            }
         )
         run.log_artifact(args.out / "candidates.md")
         run.log_artifact(args.out / "winner.json")
