@@ -76,3 +76,21 @@ def test_failed_gate_leaves_no_file(exported: tuple, tmp_path: Path) -> None:
     with pytest.raises(ParityError):
         export(strict, model, prepared, tmp_path / "strict.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gate_error_names_the_output_and_outputs_have_the_normal_mode(
+    exported: tuple, tmp_path: Path
+) -> None:
+    import stat
+
+    params, prepared, model, _ = exported
+    strict = params.export.model_copy(update={"parity_max_abs_diff": 1e-30})
+    out = tmp_path / "strict.onnx"
+    with pytest.raises(ParityError) as caught:
+        export(strict, model, prepared, out)
+    assert str(caught.value).startswith("strict.onnx vs PyTorch: parity gate failed")
+    assert ".tmp" not in str(caught.value)
+    export(params.export, model, prepared, out)
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
