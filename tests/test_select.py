@@ -2,11 +2,12 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.artifacts import write_json
 from pipelines.config import SelectConfig
 from pipelines.errors import SelectionError
 from pipelines.export import export
 from pipelines.quantize import quantize
-from pipelines.select import Candidate, Family, choose, select
+from pipelines.select import Candidate, Family, choose, dropped_candidates, markdown, select
 from tests.modelzoo import tiny_params, trained_model
 
 
@@ -68,7 +69,8 @@ def test_tournament_measures_every_candidate_and_writes_the_winner(tmp_path: Pat
     params = tiny_params()
     prepared, model = trained_model(tmp_path, params)
     export(params.export, model, prepared, tmp_path / "model.onnx")
-    quantize(params.quantize, tmp_path / "model.onnx", prepared, tmp_path / "variants")
+    lenient = params.quantize.model_copy(update={"parity_min_agreement": 0.05})  # tiny model
+    quantize(lenient, tmp_path / "model.onnx", prepared, tmp_path / "variants")
     cfg = params.select.model_copy(
         update={"latency_iters": 20, "throughput_iters": 5, "max_accuracy_drop": 1.0}
     )
@@ -92,3 +94,37 @@ def test_tournament_measures_every_candidate_and_writes_the_winner(tmp_path: Pat
         summary["winner"]["path"]
     ).read_bytes()
     assert summary["explanation"] in (tmp_path / "out" / "candidates.md").read_text()
+
+
+def test_dropped_variants_are_listed_with_the_reason_and_never_win(tmp_path: Path) -> None:
+    why = "agrees with FP32 on 0.5000 of 270 test rows, below quantize.parity_min_agreement 0.97"
+    write_json(
+        tmp_path / "variants" / "variants.json",
+        {
+            "int8_qdq": {
+                "status": "dropped",
+                "reason": why,
+                "accuracy": 0.99,
+                "argmax_agreement": 0.5,
+            }
+        },
+    )
+    write_json(
+        tmp_path / "convert" / "plans.json",
+        {
+            "status": "built",
+            "plans": [],
+            "dropped": [{"family": "teacher", "precision": "int8", "reason": "no int8_qdq.onnx"}],
+        },
+    )
+    family = Family("teacher", tmp_path / "m.pt", tmp_path / "m.onnx", tmp_path / "variants")
+    dropped = dropped_candidates([family], tmp_path / "convert")
+    assert [c.name for c in dropped] == ["teacher/onnxruntime-int8_qdq", "teacher/tensorrt-int8"]
+    table = [*TABLE, *dropped]
+    winner, _ = choose(table, policy(max_accuracy_drop=0.05))
+    assert winner.name == "student/onnxruntime-fp32"  # the dropped one is more accurate: no matter
+    text = markdown(table, winner, "why")
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["| teacher/onnxruntime-int8_qdq (dropped)"].endswith(f"| dropped: {why} |")
+    assert "0.9900" in rows["| teacher/onnxruntime-int8_qdq (dropped)"]  # quantize's figures
+    assert rows["| teacher/tensorrt-int8 (dropped)"].endswith("| dropped: no int8_qdq.onnx |")
