@@ -23,6 +23,7 @@ import numpy as np
 from pipelines.artifacts import atomic_path, read_json, write_json
 from pipelines.cli import run_cli
 from pipelines.config import Params, QuantizeConfig, load_params, section_dict
+from pipelines.errors import PipelineError
 from pipelines.export import embed_metadata
 from pipelines.prepare import read_split
 from pipelines.preprocessing import to_model_input
@@ -207,6 +208,11 @@ def quantize(
     """
     spec = read_metadata(onnx_path)["preprocessing"]
     calib = split_inputs(prepared_dir, "train", spec)[0][: cfg.calibration_samples]
+    if len(calib) == 0:
+        raise PipelineError(
+            f"quantize: the training split in {prepared_dir} has no rows to calibrate on; "
+            "give prepare more data (data.source)"
+        )
     x, y = split_inputs(prepared_dir, "test", spec)
     reference = logits(session(onnx_path), x)
     results: dict[str, Any] = {

@@ -251,8 +251,8 @@ def dropped_candidates(families: Sequence[Family], convert_dir: Path | None) -> 
 
 def _dropped(name: str, engine: str, precision: str, entry: dict[str, Any]) -> Candidate:
     family = name.split("/", maxsplit=1)[0]
-    candidate = Candidate(name, family, engine, precision, False, "", extra={"dropped": True})
-    candidate.extra["reason"] = entry["reason"]
+    extra = {"dropped": True, "reason": entry["reason"]}
+    candidate = Candidate(name, family, engine, precision, False, "", extra=extra)
     candidate.accuracy = float(entry.get("accuracy", 0.0))
     candidate.agreement = float(entry.get("argmax_agreement", 0.0))
     return candidate

@@ -10,6 +10,7 @@ from onnx import numpy_helper
 import pipelines.quantize as quantize_module
 from pipelines.artifacts import read_json
 from pipelines.config import QuantizeConfig
+from pipelines.errors import PipelineError
 from pipelines.export import export
 from pipelines.quantize import (
     CALIBRATION_METHODS,
@@ -119,6 +120,20 @@ def test_a_training_split_smaller_than_calibration_samples_is_used_whole(
         if "calibration_method" in entry["reason"]:
             assert f"all {train_rows} rows of the training split" in entry["reason"]
             assert "more than" not in entry["reason"]  # advice that cannot help is not given
+
+
+def test_an_empty_training_split_is_a_clear_error(fp32: tuple, tmp_path: Path) -> None:
+    import shutil
+
+    import pandas as pd
+
+    prepared, onnx_path = fp32
+    empty = shutil.copytree(prepared, tmp_path / "prepared")
+    train = pd.read_parquet(empty / "train.parquet")
+    train.iloc[:0].to_parquet(empty / "train.parquet", index=False)
+    with pytest.raises(PipelineError, match=r"training split in .* has no rows to calibrate on"):
+        quantize(config(), onnx_path, empty, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_advice_fits_the_variant_and_the_split() -> None:
