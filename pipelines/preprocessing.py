@@ -96,8 +96,9 @@ def luminance(image: Any) -> np.ndarray:
     """A Pillow image of any mode -> (H, W) float32 gray levels in [0, 1], 1 = white.
 
     16-bit grayscale is scaled by its full range (0..65535); palettes are expanded; colour
-    (RGB, CMYK, YCbCr, HSV) becomes ITU-R 601 luma; transparent pixels are background: alpha is
-    composited onto white when the visible ink is dark, onto black when it is light. Modes with no
+    (RGB, CMYK, YCbCr, HSV) becomes ITU-R 601 luma; transparent pixels are background: a colour
+    key keeps its colour, alpha is composited onto white when the visible ink is dark, onto black
+    when it is light. Modes with no
     fixed range (I: 32-bit integers, F: floats) or no conversion to RGB (LAB) raise ImageError
     naming the mode."""
     mode = image.mode
@@ -108,7 +109,9 @@ def luminance(image: Any) -> np.ndarray:
             f"image mode {mode} is not supported: send 8- or 16-bit grayscale, RGB, RGBA, "
             "palette, CMYK or YCbCr"
         )
-    if mode in WITH_ALPHA or "transparency" in image.info:
+    # A colour key (GIF, PNG tRNS of one colour) marks the background by its colour: keep it.
+    # Alpha (a channel, or PNG's alpha per palette entry) is composited.
+    if mode in WITH_ALPHA or isinstance(image.info.get("transparency"), bytes):
         gray, alpha = np.moveaxis(np.asarray(image.convert("RGBA").convert("LA"), np.float32), 2, 0)
         return composite(gray / 255, alpha / 255)
     if mode not in {"1", "L"}:

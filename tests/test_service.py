@@ -291,7 +291,248 @@ def test_with_batching_off_predict_skips_bentoml_dispatch_and_the_rest_does_not(
     bad = client.post("/predict", json={"rows": []})
     assert bad.status_code == 400 and "empty batch" in bad.text
     form = {"content-type": "application/x-www-form-urlencoded"}
-    assert client.post("/predict", content=b"rows=1", headers=form).status_code == 500
+    refused = client.post("/predict", content=b"rows=1", headers=form)  # by HttpContract
+    assert refused.status_code == 415 and "takes application/json" in refused.text
     image = client.post("/predict_image", files={"image": ("one.png", png(), "image/png")})
     assert image.status_code == 500
     assert client.get("/predict").status_code == 405  # BentoML's router
+
+
+SPEC = {"image_shape": [8, 8], "input_shape": [1, 8, 8], "value_range": [0, 16]}
+
+
+def encoded(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def with_alpha(gray: np.ndarray, alpha: np.ndarray) -> Image.Image:
+    return Image.merge("LA", [Image.fromarray(gray), Image.fromarray(alpha)])
+
+
+def digit_image(row: np.ndarray) -> Image.Image:
+    """An 8x8 row in 0..16 as a 64x64 8-bit grayscale picture: dark ink on white."""
+    gray = (255 - np.asarray(row, np.float64).reshape(8, 8) / 16 * 255).round().astype(np.uint8)
+    return Image.fromarray(gray).resize((64, 64), Image.Resampling.NEAREST)
+
+
+def mode_variants(base: Image.Image) -> dict[str, tuple[bytes, float]]:
+    """The same digit in each Pillow mode and a few formats: name -> (file, tolerance of its row
+    against the 8-bit grayscale original's, in data units of 0..16). Dithered (mode 1) and
+    quantized (64 palette colours) variants lose a little; the others nothing."""
+    gray = np.asarray(base)
+    ink = 255 - gray
+    black, white = np.zeros_like(ink), np.full_like(ink, 255)
+    wide = Image.fromarray(gray.astype(np.uint16) * 257)  # I;16: 0..65535
+    palette = base.convert("P", palette=Image.Palette.ADAPTIVE)
+    return {
+        "L png": (encoded(base, "PNG"), 0.0),
+        "1 png (dithered)": (encoded(base.convert("1"), "PNG"), 1.5),
+        "P png": (encoded(palette, "PNG"), 0.05),
+        "P gif, white transparent": (
+            encoded(palette, "GIF", transparency=palette.getpixel((0, 0))),
+            0.05,
+        ),
+        "RGB png": (encoded(base.convert("RGB"), "PNG"), 0.05),
+        "RGBA png, ink on transparent black": (
+            encoded(with_alpha(black, ink).convert("RGBA"), "PNG"),
+            0.05,
+        ),
+        "LA png, black ink on transparent": (encoded(with_alpha(black, ink), "PNG"), 0.05),
+        "LA png, white ink on transparent": (encoded(with_alpha(white, ink), "PNG"), 0.05),
+        "P png with alpha (quantized)": (
+            encoded(with_alpha(black, ink).convert("RGBA").quantize(64), "PNG"),
+            2.0,
+        ),
+        "CMYK tiff": (encoded(base.convert("CMYK"), "TIFF"), 0.05),
+        "CMYK jpeg": (encoded(base.convert("CMYK"), "JPEG", quality=95), 0.3),
+        "YCbCr tiff": (encoded(base.convert("YCbCr"), "TIFF"), 0.05),
+        "L jpeg": (encoded(base, "JPEG", quality=95), 0.3),
+        "I;16 png": (encoded(wide, "PNG"), 0.05),
+        "I;16 tiff": (encoded(wide, "TIFF"), 0.05),
+        "RGBA webp": (encoded(base.convert("RGBA"), "WEBP", lossless=True), 0.05),
+    }
+
+
+REFUSED_MODES = {
+    "I": Image.fromarray(np.zeros((64, 64), np.int32)),
+    "F": Image.fromarray(np.zeros((64, 64), np.float32)),
+    "LAB": Image.new("LAB", (64, 64)),
+}
+SAMPLE = digit_image(np.array([0, 0, 5, 13, 9, 1, 0, 0] * 8, np.float64))
+VARIANTS = mode_variants(SAMPLE)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
+def test_every_image_mode_gives_the_row_of_the_8_bit_original(variant: str) -> None:
+    """A 16-bit PNG once became an all-zero row: each mode is read at its own range, alpha is
+    background, palettes are expanded, colour becomes luma."""
+    from pipelines.preprocessing import image_to_rows
+
+    data, tolerance = VARIANTS[variant]
+    original = image_to_rows(VARIANTS["L png"][0], SPEC)
+    assert original.max() > 8  # the ink is there
+    np.testing.assert_allclose(image_to_rows(data, SPEC), original, atol=tolerance + 1e-4)
+
+
+@pytest.mark.parametrize("mode", list(REFUSED_MODES))
+def test_modes_without_a_fixed_range_get_a_400_naming_the_mode(
+    client: TestClient, mode: str
+) -> None:
+    data = encoded(REFUSED_MODES[mode], "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == mode
+    response = client.post("/predict_image", files={"image": ("x.tiff", data, "image/tiff")})
+    assert response.status_code == 400, response.text
+    assert response.json() == {
+        "error": f"image: image mode {mode} is not supported: send 8- or "
+        "16-bit grayscale, RGB, RGBA, palette, CMYK or YCbCr"
+    }
+
+
+def test_a_digit_in_every_mode_gets_the_label_of_the_8_bit_original(
+    client: TestClient, model: tuple[str, Path]
+) -> None:
+    body, _ = rows(model[1], 30)
+    served = client.post("/predict", json={"rows": body}).json()
+    sure = max(range(len(body)), key=lambda i: max(served[i]["probabilities"]))
+    variants = mode_variants(digit_image(np.array(body[sure])))
+    labels = {}
+    for name, (data, _) in variants.items():
+        response = client.post("/predict_image", files={"image": ("digit", data, "image/png")})
+        assert response.status_code == 200, (name, response.text)
+        labels[name] = response.json()[0]["label"]
+    assert labels["L png"] == served[sure]["label"]
+    assert set(labels.values()) == {labels["L png"]}, labels
+
+
+class Listener:
+    """A loopback HTTP server that records every request it gets (it must get none)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.hits: list[str] = []
+        hits = self.hits
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hits.append(self.path)
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(png())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/digit.png"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def multipart(*parts: tuple[str, str | None, bytes], boundary: str = "b0undary") -> bytes:
+    """A multipart/form-data body from (field name, file name or None for a text field, data)."""
+    chunks = []
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        chunks.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode())
+        chunks.append(data + b"\r\n")
+    return b"".join(chunks) + f"--{boundary}--\r\n".encode()
+
+
+def upload_cases(url: str) -> list[tuple[str, bytes, str]]:
+    """(case, multipart body, what the 400 must name) for every malformed upload."""
+    image = png()
+    return [
+        ("no field", multipart(), "missing the form field 'image'"),
+        (
+            "wrong field name",
+            multipart(("file", "a.png", image)),
+            "missing the form field 'image' (an uploaded image file) (got ['file'])",
+        ),
+        ("empty file", multipart(("image", "a.png", b"")), "field 'image' is an empty file"),
+        ("text", multipart(("image", None, b"a digit")), "field 'image' must be an uploaded file"),
+        ("url as text", multipart(("image", None, url.encode())), "URLs are not fetched"),
+        ("quoted url", multipart(("image", None, f'"{url}"'.encode())), "URLs are not fetched"),
+        (
+            "two files",
+            multipart(("image", "a.png", image), ("image", "b.png", image)),
+            "send exactly one file",
+        ),
+        (
+            "file and url",
+            multipart(("image", "a.png", image), ("image", None, url.encode())),
+            "send exactly one file",
+        ),
+        (
+            "extra field",
+            multipart(("image", "a.png", image), ("url", None, url.encode())),
+            "unexpected form field(s) ['url']",
+        ),
+        ("truncated", multipart(("image", "a.png", image))[:-30], "no closing boundary"),
+        ("no parts", b"--b0undary--\r\n", "missing the form field 'image'"),
+        (
+            "garbage part",
+            b"--b0undary\r\nnonsense\r\n\r\nx\r\n--b0undary--\r\n",
+            "malformed multipart body",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in upload_cases("http://x")])
+def test_malformed_uploads_get_a_400_naming_the_field_and_no_url_is_fetched(
+    client: TestClient, case: str
+) -> None:
+    listener = Listener()
+    try:
+        [(_, body, message)] = [c for c in upload_cases(listener.url) if c[0] == case]
+        headers = {"content-type": "multipart/form-data; boundary=b0undary"}
+        response = client.post("/predict_image", content=body, headers=headers)
+    finally:
+        listener.close()
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+    assert listener.hits == []  # BentoML alone would have fetched the URL on the server
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "status", "message"),
+    [
+        ("/predict", "multipart/form-data", 415, "/predict takes application/json"),
+        ("/predict", "multipart/form-data; boundary=x", 415, "/predict takes application/json"),
+        ("/predict", "application/x-www-form-urlencoded", 415, "takes application/json"),
+        ("/predict", "application/vnd.bentoml+pickle", 415, "takes application/json"),
+        ("/predict", "application/json; charset=utf-16", 415, "charset utf-16"),
+        ("/predict", "application/json; charset=bogus", 415, "charset bogus"),
+        ("/predict_image", "multipart/form-data", 400, "needs a boundary parameter"),
+        ("/predict_image", "multipart/form-data; boundary=", 400, "needs a boundary parameter"),
+        ("/predict_image", f"multipart/form-data; boundary={'x' * 71}", 400, "1 to 70 characters"),
+        ("/predict_image", "multipart/form-data; charset=bogus", 400, "needs a boundary"),
+        ("/predict_image", "application/json", 415, "takes multipart/form-data"),
+        ("/predict_image", "image/png", 415, "takes multipart/form-data"),
+        ("/predict_image", "application/x-www-form-urlencoded", 415, "field 'image'"),
+    ],
+)
+def test_malformed_content_types_get_a_4xx_naming_the_problem(
+    client: TestClient, path: str, content_type: str, status: int, message: str
+) -> None:
+    for body in (b"", b"abc", json.dumps({"rows": [[0.0] * FEATURES]}).encode()):
+        response = client.post(path, content=body, headers={"content-type": content_type})
+        assert response.status_code == status, (body, response.text)
+        assert message in response.json()["error"]
+
+
+def test_a_json_image_field_is_not_fetched(client: TestClient) -> None:
+    listener = Listener()
+    try:
+        response = client.post("/predict_image", json={"image": listener.url})
+        raw = client.post("/predict_image", content=listener.url.encode())
+    finally:
+        listener.close()
+    assert response.status_code == raw.status_code == 415
+    assert listener.hits == []
