@@ -5,8 +5,9 @@ It serves the BentoML model that `python -m flows.package` made from the MLflow 
 project's numpy-level preprocessing; never torch, MLflow, Prefect, DVC or Great Expectations.
 
 Endpoints: POST /predict (feature rows, adaptive batching), POST /predict_image (an image file),
-GET /metadata, plus BentoML's /healthz, /livez, /readyz and /metrics. Settings come from the
-`serve` section of params.yaml (inside the bento: the copy it was built with). With the
+GET /metadata, GET /docs.json (the OpenAPI contract: see HttpContract), plus BentoML's /healthz,
+/livez, /readyz and /metrics. Settings come from the `serve` section of params.yaml (inside the
+bento: the copy it was built with). With the
 environment variable MLOPS_API_KEY set, the prediction endpoints and /metadata need
 `Authorization: Bearer <key>` (or `X-API-Key: <key>`) and answer 401 otherwise.
 MLOPS_SERVE_OVERRIDES (a JSON object of `serve` keys) overrides settings for one run, e.g.
@@ -360,7 +361,8 @@ class DirectPredict:
     `inspect.signature`, and the serde lookup. That was 40% of a request's CPU, and without it
     throughput rose about 1.45x. BentoML's metrics, tracing, timeout and concurrency middleware
     still wrap it. Bodies that BentoML reads with a serde other than JSON (multipart, form,
-    pickle) go on to BentoML, as does every other route."""
+    pickle) go on to BentoML, as does every other route (HttpContract, in front of both, refuses
+    such bodies on /predict with a 415)."""
 
     def __init__(self, app: Any, input_model: Any) -> None:
         self.app = app
