@@ -483,3 +483,31 @@ def test_a_json_image_field_is_not_fetched(client: TestClient) -> None:
         listener.close()
     assert response.status_code == raw.status_code == 415
     assert listener.hits == []
+
+
+def test_the_openapi_document_states_the_real_contract(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/docs.json once admitted `{"rows": []}` and rows of any length and value, and declared
+    `detail` as a string. tests/test_serve_live.py fuzzes a live server from it (Schemathesis)."""
+    doc = client.get("/docs.json").json()
+    schemas = doc["components"]["schemas"]
+    rows = schemas["predict__Input"]["properties"]["rows"]
+    assert (rows["minItems"], rows["maxItems"]) == (1, 256)
+    assert rows["items"]["minItems"] == rows["items"]["maxItems"] == FEATURES
+    assert (rows["items"]["items"]["minimum"], rows["items"]["items"]["maximum"]) == (0, 16)
+    assert schemas["predict_image__Input"]["additionalProperties"] is False
+    assert schemas["Error"]["properties"]["detail"]["type"] == "array"
+    for path in ("/predict", "/predict_image"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert set(responses) == {"200", "400", "413", "415", "500"}, path
+    assert "securitySchemes" not in doc["components"]
+    monkeypatch.setenv("MLOPS_API_KEY", "k3y")  # read per request, as by Guard at start
+    keyed = client.get("/docs.json").json()
+    assert set(keyed["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    for path in ("/predict", "/predict_image", "/metadata"):
+        for operation in keyed["paths"][path].values():
+            assert operation["security"] == [{"bearer": []}, {"apiKey": []}]
+            assert "401" in operation["responses"]
+    bad = client.post("/predict", json={"rows": []}).json()  # the error body as documented
+    assert isinstance(bad["error"], str) and isinstance(bad["detail"], list)
