@@ -5,8 +5,9 @@ It serves the BentoML model that `python -m flows.package` made from the MLflow 
 project's numpy-level preprocessing; never torch, MLflow, Prefect, DVC or Great Expectations.
 
 Endpoints: POST /predict (feature rows, adaptive batching), POST /predict_image (an image file),
-GET /metadata, plus BentoML's /healthz, /livez, /readyz and /metrics. Settings come from the
-`serve` section of params.yaml (inside the bento: the copy it was built with). With the
+GET /metadata, GET /docs.json (the OpenAPI contract: see HttpContract), plus BentoML's /healthz,
+/livez, /readyz and /metrics. Settings come from the `serve` section of params.yaml (inside the
+bento: the copy it was built with). With the
 environment variable MLOPS_API_KEY set, the prediction endpoints and /metadata need
 `Authorization: Bearer <key>` (or `X-API-Key: <key>`) and answer 401 otherwise.
 MLOPS_SERVE_OVERRIDES (a JSON object of `serve` keys) overrides settings for one run, e.g.
@@ -27,10 +28,13 @@ from typing import Annotated, Any
 import bentoml
 import numpy as np
 from _bentoml_impl.serde import ALL_SERDE  # BentoML's parsers by media type
-from bentoml.exceptions import InvalidArgument, NotFound
+from bentoml.exceptions import NotFound
 from bentoml.validators import ContentType
 from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -246,11 +250,13 @@ class Classifier:
 
     @bentoml.api
     async def predict_image(self, image: Path) -> Predictions:
-        """An image file (PNG, JPEG, ...) through the training data's preprocessing."""
+        """An image file (PNG, JPEG, ...; any Pillow mode with a fixed range) through the training
+        data's preprocessing. HttpContract has already checked that `image` is one uploaded file
+        (BentoML itself would fetch a URL given as text)."""
         try:
             row = image_to_rows(image.read_bytes(), self.spec, SERVE.max_image_pixels)
-        except ImageError as exc:
-            raise InvalidArgument(str(exc)) from None
+        except ImageError as exc:  # the error body of every other 4xx here (see ERROR_SCHEMA)
+            return as_json({"error": f"image: {exc}"}, status=400)
         return as_json(self.infer(row))
 
     def describe(self) -> dict[str, Any]:
@@ -275,11 +281,11 @@ class Classifier:
         }
 
 
-def as_json(predictions: list[dict[str, Any]]) -> Any:
+def as_json(content: list[dict[str, Any]] | dict[str, Any], status: int = 200) -> Any:
     """The response body, made here: BentoML sends a returned Response as it is, while a returned
     list is validated into its output model, dumped and serialized again (12% of the request's
-    CPU). Same JSON as the declared `Predictions`."""
-    return Response(json.dumps(predictions), media_type="application/json")
+    CPU). Same JSON as the declared `Predictions` (or, with a 4xx, the documented error body)."""
+    return Response(json.dumps(content), status, media_type="application/json")
 
 
 async def metadata(request: Request) -> JSONResponse:
@@ -355,7 +361,8 @@ class DirectPredict:
     `inspect.signature`, and the serde lookup. That was 40% of a request's CPU, and without it
     throughput rose about 1.45x. BentoML's metrics, tracing, timeout and concurrency middleware
     still wrap it. Bodies that BentoML reads with a serde other than JSON (multipart, form,
-    pickle) go on to BentoML, as does every other route."""
+    pickle) go on to BentoML, as does every other route (HttpContract, in front of both, refuses
+    such bodies on /predict with a 415)."""
 
     def __init__(self, app: Any, input_model: Any) -> None:
         self.app = app
@@ -425,6 +432,233 @@ async def send_json(send: Send, status: int, content: Any, *headers: tuple[bytes
     await send({"type": "http.response.body", "body": body})
 
 
+JSON_TYPE = "application/json"
+FORM_TYPE = "multipart/form-data"
+BODY_TYPES = {"/predict": JSON_TYPE, "/predict_image": FORM_TYPE}  # what each endpoint reads
+IMAGE_FIELD = "image"
+UTF_8 = {"utf-8", "utf8", "us-ascii", "ascii"}
+
+
+class HttpContract:
+    """ASGI middleware, in front of both /predict paths (DirectPredict and BentoML's dispatch):
+    the requests the service takes, and the OpenAPI document that says so (GET /docs.json).
+
+    /predict takes `application/json` (UTF-8; no Content-Type is read as JSON); /predict_image
+    takes `multipart/form-data` with exactly one uploaded file in the field `image` and nothing
+    else. Anything else is answered here: 415 for another media type or charset, 400 naming the
+    problem for a malformed multipart body or form. Never a URL: BentoML would fetch a text value
+    of a file field on the server (a server-side request forgery), so only file parts pass."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == "/docs.json" and scope["method"] == "GET":
+            await send_json(send, 200, openapi_document())
+            return
+        expected = BODY_TYPES.get(scope["path"])
+        if expected is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        refused = content_type_problem(scope, expected)
+        if refused is None and expected == FORM_TYPE:
+            body = await read_body(receive) or b""  # Guard has bounded it
+            refused = await upload_problem(scope, body)
+            receive = replay(body)
+        if refused is not None:
+            await send_json(send, refused[0], {"error": refused[1]})
+            return
+        await self.app(scope, receive, send)
+
+
+def content_type(scope: Scope) -> tuple[str | None, dict[str, str]]:
+    """The request's media type (lower case; None without the header) and its parameters."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            kind, *params = value.decode("latin-1").split(";")
+            pairs = (p.partition("=") for p in params)
+            return kind.strip().lower(), {
+                k.strip().lower(): v.strip().strip('"') for k, _, v in pairs
+            }
+    return None, {}
+
+
+def content_type_problem(scope: Scope, expected: str) -> tuple[int, str] | None:
+    """(status, message) when the Content-Type is not what the endpoint reads; else None."""
+    kind, params = content_type(scope)
+    path = scope["path"]
+    if kind is None and expected == JSON_TYPE:
+        return None
+    if kind != expected:
+        return 415, f"Content-Type {kind or '(none)'}: {path} takes {expected}" + (
+            f" with the file in the field '{IMAGE_FIELD}'" if expected == FORM_TYPE else ""
+        )
+    charset = params.get("charset")
+    if expected == JSON_TYPE and charset is not None and charset.lower() not in UTF_8:
+        return 415, f"charset {charset}: {path} reads JSON as UTF-8 (send charset=utf-8 or none)"
+    boundary = params.get("boundary", "")
+    if expected == FORM_TYPE and not 0 < len(boundary) <= 70:
+        return 400, f"Content-Type {FORM_TYPE} needs a boundary parameter of 1 to 70 characters"
+    return None
+
+
+async def upload_problem(scope: Scope, body: bytes) -> tuple[int, str] | None:
+    """(400, message) unless the multipart body holds exactly one non-empty uploaded file in
+    the field `image` and no other field; else None. Parsed with Starlette's form parser, the one
+    BentoML uses next, so both see the same parts."""
+    boundary = content_type(scope)[1]["boundary"]
+    if f"--{boundary}--".encode() not in body:
+        return 400, "multipart body is cut short or malformed: no closing boundary"
+    try:
+        form = await Request(scope, replay(body)).form(max_files=2, max_fields=2)
+    except (HTTPException, MultiPartException) as exc:
+        return 400, f"malformed multipart body: {getattr(exc, 'detail', exc)}"
+    try:
+        items = form.multi_items()
+        others = sorted({name for name, _ in items} - {IMAGE_FIELD})
+        images = [value for name, value in items if name == IMAGE_FIELD]
+        if not images:
+            got = f" (got {others})" if others else ""
+            return 400, f"missing the form field '{IMAGE_FIELD}' (an uploaded image file){got}"
+        if others:
+            return 400, f"unexpected form field(s) {others}: send only the field '{IMAGE_FIELD}'"
+        if len(images) > 1:
+            return 400, f"field '{IMAGE_FIELD}': {len(images)} values; send exactly one file"
+        if not isinstance(images[0], UploadFile):
+            return 400, (
+                f"field '{IMAGE_FIELD}' must be an uploaded file (a part with a filename), not "
+                "text: URLs are not fetched"
+            )
+        if not images[0].size:
+            return 400, f"field '{IMAGE_FIELD}' is an empty file"
+        return None
+    finally:
+        await form.close()
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {"type": "string", "description": "what was wrong, in one line"},
+        "detail": {
+            "type": "array",
+            "description": "with a 400 from validation: one item per problem (pydantic's form)",
+            "items": {
+                "type": "object",
+                "required": ["loc", "msg", "type"],
+                "properties": {
+                    "loc": {
+                        "type": "array",
+                        "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                    },
+                    "msg": {"type": "string"},
+                    "type": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+ERRORS = {
+    400: "Bad request: the body or a field is invalid (`error` names it)",
+    401: "Missing or wrong API key (only when MLOPS_API_KEY is set)",
+    413: "Request body over serve.max_body_bytes",
+    415: "Unsupported Content-Type or charset",
+    500: "Internal error (a bug: see the server log)",
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """BentoML's OpenAPI document with the service's real contract: request bodies with their
+    limits (rows: 1 to serve.max_rows, each of exactly the model's feature count, values in
+    data.value_range; one image file), this service's error body and statuses, and the API key
+    (a security scheme and 401) when one is set. Read at request time: the feature count and
+    range come from the loaded model."""
+    doc = json.loads(json.dumps(SERVICE.openapi_spec.asdict()))  # as served: string keys
+    schemas = doc["components"]["schemas"]
+    for name in ("InvalidArgument", "NotFound", "InternalServerError"):
+        schemas.pop(name, None)
+    schemas["Error"] = ERROR_SCHEMA
+    schemas["predict__Input"] = rows_schema()
+    schemas["predict_image__Input"] = image_schema()
+    keyed = bool(os.environ.get(API_KEY_ENV))
+    if keyed:
+        doc["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+    for path, kind in BODY_TYPES.items():
+        post = doc["paths"][path]["post"]
+        name = "predict__Input" if kind == JSON_TYPE else "predict_image__Input"
+        post["requestBody"] = {
+            "required": True,
+            "content": {kind: {"schema": {"$ref": f"#/components/schemas/{name}"}}},
+        }
+        post["responses"] = {
+            "200": post["responses"]["200"],
+            **{str(code): error_response(text) for code, text in ERRORS.items()},
+        }
+    described = {"description": "OK", "content": {JSON_TYPE: {"schema": {"type": "object"}}}}
+    doc["paths"]["/metadata"] = {
+        "get": {
+            "description": "The served model: tag, version, engine, input schema, labels.",
+            "responses": {"200": described, "401": error_response(ERRORS[401])},
+        }
+    }
+    for path in PROTECTED:
+        for operation in doc["paths"][path].values():
+            if keyed:
+                operation["security"] = [{"bearer": []}, {"apiKey": []}]
+            else:
+                operation["responses"].pop("401", None)
+    return doc
+
+
+def error_response(description: str) -> dict[str, Any]:
+    schema = {"$ref": "#/components/schemas/Error"}
+    return {"description": description, "content": {JSON_TYPE: {"schema": schema}}}
+
+
+def rows_schema() -> dict[str, Any]:
+    value = {"type": "number", "minimum": Contract.low, "maximum": Contract.high}
+    row = {"type": "array", "items": value, "minItems": Contract.features}
+    row["maxItems"] = Contract.features
+    return {
+        "type": "object",
+        "title": "Input",
+        "required": ["rows"],
+        "properties": {
+            "rows": {
+                "type": "array",
+                "description": "feature rows, each of the model's features in data.value_range",
+                "items": row,
+                "minItems": 1,
+                "maxItems": SERVE.max_rows,
+            }
+        },
+    }
+
+
+def image_schema() -> dict[str, Any]:
+    image = {
+        "type": "string",
+        "format": "binary",
+        "description": "an image file Pillow reads (PNG, JPEG, ...): 8/16-bit grayscale, RGB(A), "
+        "palette, CMYK or YCbCr; an uploaded file part, never a URL",
+    }
+    return {
+        "type": "object",
+        "title": "Input",
+        "required": [IMAGE_FIELD],
+        "properties": {IMAGE_FIELD: image},
+        "additionalProperties": False,
+    }
+
+
 SERVICE.add_asgi_middleware(Guard, max_body=SERVE.max_body_bytes)
+SERVICE.add_asgi_middleware(HttpContract)
 if not BATCHING:
     SERVICE.add_asgi_middleware(DirectPredict, input_model=SERVICE.apis["predict"].input_spec)

@@ -58,8 +58,10 @@ def image_to_rows(
     """An image file (PNG, JPEG, ...) -> one raw feature row (1, H*W) in the data's value range.
 
     The built-in digits were made by counting ink in blocks of a bitmap, with 0 as background and
-    `high` as full ink: so grayscale, ink as the bright value (a light-background image, the usual
-    scan or drawing, is inverted), area-average resize to (H, W), then 0..255 -> [low, high]."""
+    `high` as full ink: so grayscale (`luminance`: any mode, at its own bit depth), ink as the
+    bright value (a light-background image, the usual scan or drawing, is inverted), area-average
+    resize to (H, W), then 0..1 -> [low, high]. Raises ImageError (unreadable, too large, a mode
+    with no defined range)."""
     from PIL import Image, UnidentifiedImageError
 
     shape = image_shape(spec)
@@ -68,19 +70,59 @@ def image_to_rows(
     try:
         with Image.open(io.BytesIO(data)) as image:
             size = image.width * image.height
-            gray = None if size > max_pixels else np.asarray(image.convert("L"), np.float32)
+            gray = None if size > max_pixels else luminance(image)
     except UnidentifiedImageError:
         raise ImageError("not a readable image: PNG or JPEG expected") from None
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, ImageError):
+            raise
         raise ImageError(f"not a readable image: {exc}") from None
     if gray is None:
         raise ImageError(f"image has {size} pixels: over the limit of {max_pixels}")
-    if gray.mean() > 127.5:  # a light background: make the ink bright
-        gray = 255.0 - gray
+    if gray.mean() > 0.5:  # a light background: make the ink bright
+        gray = 1.0 - gray
     height, width = shape
-    small = Image.fromarray(gray.astype(np.uint8)).resize((width, height), Image.Resampling.BOX)
+    small = Image.fromarray(gray.astype(np.float32)).resize((width, height), Image.Resampling.BOX)
     low, high = spec["value_range"]
-    scaled = np.float32(low) + np.asarray(small, np.float32) / np.float32(255.0) * np.float32(
-        high - low
-    )
+    scaled = np.float32(low) + np.asarray(small, np.float32) * np.float32(high - low)
     return scaled.reshape(1, height * width)
+
+
+SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}  # unsigned 16-bit grayscale (PNG, TIFF)
+WITH_ALPHA = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+def luminance(image: Any) -> np.ndarray:
+    """A Pillow image of any mode -> (H, W) float32 gray levels in [0, 1], 1 = white.
+
+    16-bit grayscale is scaled by its full range (0..65535); palettes are expanded; colour
+    (RGB, CMYK, YCbCr, HSV) becomes ITU-R 601 luma; transparent pixels are background: a colour
+    key keeps its colour, alpha is composited onto white when the visible ink is dark, onto black
+    when it is light. Modes with no
+    fixed range (I: 32-bit integers, F: floats) or no conversion to RGB (LAB) raise ImageError
+    naming the mode."""
+    mode = image.mode
+    if mode in SIXTEEN_BIT or (mode == "I" and image.format == "PNG"):  # PNG's I is 16-bit
+        return np.asarray(image, np.float32) / np.float32(65535)
+    if mode in {"I", "F", "LAB"} or mode.startswith(("I;", "F;")):
+        raise ImageError(
+            f"image mode {mode} is not supported: send 8- or 16-bit grayscale, RGB, RGBA, "
+            "palette, CMYK or YCbCr"
+        )
+    # A colour key (GIF, PNG tRNS of one colour) marks the background by its colour: keep it.
+    # Alpha (a channel, or PNG's alpha per palette entry) is composited.
+    if mode in WITH_ALPHA or isinstance(image.info.get("transparency"), bytes):
+        gray, alpha = np.moveaxis(np.asarray(image.convert("RGBA").convert("LA"), np.float32), 2, 0)
+        return composite(gray / 255, alpha / 255)
+    if mode not in {"1", "L"}:
+        image = image.convert("RGB")
+    return np.asarray(image.convert("L"), np.float32) / np.float32(255)
+
+
+def composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Gray levels over a background that contrasts with the visible ink (alpha-weighted mean
+    below 0.5: dark ink on white; otherwise light ink on black). Both (H, W) in [0, 1]."""
+    weight = float(alpha.sum())
+    ink_is_dark = weight == 0 or float((gray * alpha).sum()) / weight < 0.5
+    background = np.float32(1.0 if ink_is_dark else 0.0)
+    return alpha * gray + (1 - alpha) * background

@@ -4,8 +4,10 @@ runs it in a subprocess, and clients (concurrent, fuzzing, the README's curl exa
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -207,6 +209,9 @@ def test_predict_answers_alike_with_batching_off_and_on(
         (b"\xff\xfe garbage", json_type),
         (b"", json_type),
         (b"rows=1", {"content-type": "application/x-www-form-urlencoded"}),
+        (b"--x--", {"content-type": "multipart/form-data"}),  # no boundary: once a 500
+        (b"--x--", {"content-type": "multipart/form-data; boundary=x"}),
+        (json.dumps({"rows": good[:1]}).encode(), {"content-type": "application/json; charset=x"}),
     ]
     with httpx.Client(timeout=30) as client:
         for body, headers in requests:
@@ -220,7 +225,7 @@ def test_predict_answers_alike_with_batching_off_and_on(
                 dispatched.text,
             )
             assert direct.headers["content-type"] == dispatched.headers["content-type"]
-            assert direct.headers["server"] == dispatched.headers["server"], body
+            assert direct.headers.get("server") == dispatched.headers.get("server"), body
             if direct.status_code != 200:
                 assert direct.json() == dispatched.json(), body
                 continue
@@ -299,14 +304,79 @@ def test_fuzzed_uploads_never_get_a_5xx(server: str, data: bytes, content_type: 
     assert response.status_code < 500, (data[:40], response.status_code, response.text)
 
 
-def test_api_key_over_http(champion: Champion) -> None:
+@pytest.fixture(scope="module")
+def keyed_server(champion: Champion) -> Iterator[str]:
     with live_service(champion.packaged.bento_tag, env={"MLOPS_API_KEY": "k3y"}) as url:
-        body = {"rows": [[0.0] * 64]}
-        assert httpx.post(f"{url}/predict", json=body).status_code == 401
-        assert httpx.get(f"{url}/metadata").status_code == 401
-        ok = httpx.post(f"{url}/predict", json=body, headers={"Authorization": "Bearer k3y"})
-        assert ok.status_code == 200
-        assert httpx.get(f"{url}/readyz").status_code == 200
+        yield url
+
+
+def test_api_key_over_http(keyed_server: str) -> None:
+    url = keyed_server
+    body = {"rows": [[0.0] * 64]}
+    assert httpx.post(f"{url}/predict", json=body).status_code == 401
+    assert httpx.get(f"{url}/metadata").status_code == 401
+    ok = httpx.post(f"{url}/predict", json=body, headers={"Authorization": "Bearer k3y"})
+    assert ok.status_code == 200
+    assert httpx.get(f"{url}/readyz").status_code == 200
+
+
+def test_malformed_uploads_are_refused_and_no_url_is_fetched_by_either_path(
+    server: str, batched_server: str
+) -> None:
+    """Over HTTP, with batching off and on: each malformed upload is a 400 naming the field, and
+    the URL sent as text (to a loopback listener) is never fetched."""
+    from tests.test_service import Listener, upload_cases
+
+    listener = Listener()
+    headers = {"content-type": "multipart/form-data; boundary=b0undary"}
+    try:
+        for url in (server, batched_server):
+            for case, body, message in upload_cases(listener.url):
+                response = httpx.post(f"{url}/predict_image", content=body, headers=headers)
+                assert response.status_code == 400, (case, response.text)
+                assert message in response.json()["error"], case
+    finally:
+        listener.close()
+    assert listener.hits == []
+
+
+def schemathesis_run(url: str, workdir: Path, *headers: str) -> subprocess.CompletedProcess[str]:
+    """Schemathesis (all checks; examples, coverage and fuzzing phases, 50 examples an operation,
+    fixed seed) against `url`/docs.json; valid image uploads: tests/schemathesis_hooks.py."""
+    command = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{url}/docs.json"]
+    command += ["--checks", "all", "--phases", "examples,coverage,fuzzing", "--max-examples", "50"]
+    command += ["--seed", "1", "--workers", "1", "--request-timeout", "20", "--no-color"]
+    command += ["--generation-database", "none", *(f"--header={h}" for h in headers)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks"}
+    return subprocess.run(
+        command, cwd=workdir, env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+
+
+def test_schemathesis_finds_nothing_without_an_api_key(server: str, tmp_path: Path) -> None:
+    """The OpenAPI document states the service's real contract: every request it admits is
+    answered 2xx, every one it refuses a documented 4xx with the documented error body."""
+    doc = httpx.get(f"{server}/docs.json").json()
+    rows = doc["components"]["schemas"]["predict__Input"]["properties"]["rows"]
+    assert (rows["minItems"], rows["maxItems"]) == (1, 256)
+    assert rows["items"]["minItems"] == rows["items"]["maxItems"] == 64
+    assert (rows["items"]["items"]["minimum"], rows["items"]["items"]["maximum"]) == (0, 16)
+    assert doc["components"]["schemas"]["Error"]["properties"]["detail"]["type"] == "array"
+    assert "securitySchemes" not in doc["components"]
+    run = schemathesis_run(server, tmp_path)
+    assert run.returncode == 0, run.stdout[-6000:]
+    assert "No issues found" in run.stdout
+
+
+def test_schemathesis_finds_nothing_with_an_api_key(keyed_server: str, tmp_path: Path) -> None:
+    """With MLOPS_API_KEY set the document declares the key (and 401); Schemathesis also checks
+    that requests without it are refused."""
+    doc = httpx.get(f"{keyed_server}/docs.json").json()
+    assert set(doc["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    assert "401" in doc["paths"]["/predict"]["post"]["responses"]
+    run = schemathesis_run(keyed_server, tmp_path, "Authorization: Bearer k3y")
+    assert run.returncode == 0, run.stdout[-6000:]
+    assert "No issues found" in run.stdout
 
 
 def readme_examples() -> list[str]:

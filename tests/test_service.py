@@ -16,6 +16,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from pipelines.prepare import read_split
+from tests.images import digit_image, encoded, mode_variants
 from tests.serving import tiny_bento_model
 
 FEATURES = 64
@@ -291,7 +292,222 @@ def test_with_batching_off_predict_skips_bentoml_dispatch_and_the_rest_does_not(
     bad = client.post("/predict", json={"rows": []})
     assert bad.status_code == 400 and "empty batch" in bad.text
     form = {"content-type": "application/x-www-form-urlencoded"}
-    assert client.post("/predict", content=b"rows=1", headers=form).status_code == 500
+    refused = client.post("/predict", content=b"rows=1", headers=form)  # by HttpContract
+    assert refused.status_code == 415 and "takes application/json" in refused.text
     image = client.post("/predict_image", files={"image": ("one.png", png(), "image/png")})
     assert image.status_code == 500
     assert client.get("/predict").status_code == 405  # BentoML's router
+
+
+SPEC = {"image_shape": [8, 8], "input_shape": [1, 8, 8], "value_range": [0, 16]}
+
+
+REFUSED_MODES = {
+    "I": Image.fromarray(np.zeros((64, 64), np.int32)),
+    "F": Image.fromarray(np.zeros((64, 64), np.float32)),
+    "LAB": Image.new("LAB", (64, 64)),
+}
+SAMPLE = digit_image(np.array([0, 0, 5, 13, 9, 1, 0, 0] * 8, np.float64))
+VARIANTS = mode_variants(SAMPLE)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
+def test_every_image_mode_gives_the_row_of_the_8_bit_original(variant: str) -> None:
+    """A 16-bit PNG once became an all-zero row: each mode is read at its own range, alpha is
+    background, palettes are expanded, colour becomes luma."""
+    from pipelines.preprocessing import image_to_rows
+
+    data, tolerance = VARIANTS[variant]
+    original = image_to_rows(VARIANTS["L png"][0], SPEC)
+    assert original.max() > 8  # the ink is there
+    np.testing.assert_allclose(image_to_rows(data, SPEC), original, atol=tolerance + 1e-4)
+
+
+@pytest.mark.parametrize("mode", list(REFUSED_MODES))
+def test_modes_without_a_fixed_range_get_a_400_naming_the_mode(
+    client: TestClient, mode: str
+) -> None:
+    data = encoded(REFUSED_MODES[mode], "TIFF")
+    assert Image.open(io.BytesIO(data)).mode == mode
+    response = client.post("/predict_image", files={"image": ("x.tiff", data, "image/tiff")})
+    assert response.status_code == 400, response.text
+    assert response.json() == {
+        "error": f"image: image mode {mode} is not supported: send 8- or "
+        "16-bit grayscale, RGB, RGBA, palette, CMYK or YCbCr"
+    }
+
+
+def test_a_digit_in_every_mode_gets_the_label_of_the_8_bit_original(
+    client: TestClient, model: tuple[str, Path]
+) -> None:
+    body, _ = rows(model[1], 30)
+    served = client.post("/predict", json={"rows": body}).json()
+    sure = max(range(len(body)), key=lambda i: max(served[i]["probabilities"]))
+    variants = mode_variants(digit_image(np.array(body[sure])))
+    labels = {}
+    for name, (data, _) in variants.items():
+        response = client.post("/predict_image", files={"image": ("digit", data, "image/png")})
+        assert response.status_code == 200, (name, response.text)
+        labels[name] = response.json()[0]["label"]
+    assert labels["L png"] == served[sure]["label"]
+    assert set(labels.values()) == {labels["L png"]}, labels
+
+
+class Listener:
+    """A loopback HTTP server that records every request it gets (it must get none)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.hits: list[str] = []
+        hits = self.hits
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hits.append(self.path)
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(png())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/digit.png"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def multipart(*parts: tuple[str, str | None, bytes], boundary: str = "b0undary") -> bytes:
+    """A multipart/form-data body from (field name, file name or None for a text field, data)."""
+    chunks = []
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        chunks.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode())
+        chunks.append(data + b"\r\n")
+    return b"".join(chunks) + f"--{boundary}--\r\n".encode()
+
+
+def upload_cases(url: str) -> list[tuple[str, bytes, str]]:
+    """(case, multipart body, what the 400 must name) for every malformed upload."""
+    image = png()
+    return [
+        ("no field", multipart(), "missing the form field 'image'"),
+        (
+            "wrong field name",
+            multipart(("file", "a.png", image)),
+            "missing the form field 'image' (an uploaded image file) (got ['file'])",
+        ),
+        ("empty file", multipart(("image", "a.png", b"")), "field 'image' is an empty file"),
+        ("text", multipart(("image", None, b"a digit")), "field 'image' must be an uploaded file"),
+        ("url as text", multipart(("image", None, url.encode())), "URLs are not fetched"),
+        ("quoted url", multipart(("image", None, f'"{url}"'.encode())), "URLs are not fetched"),
+        (
+            "two files",
+            multipart(("image", "a.png", image), ("image", "b.png", image)),
+            "send exactly one file",
+        ),
+        (
+            "file and url",
+            multipart(("image", "a.png", image), ("image", None, url.encode())),
+            "send exactly one file",
+        ),
+        (
+            "extra field",
+            multipart(("image", "a.png", image), ("url", None, url.encode())),
+            "unexpected form field(s) ['url']",
+        ),
+        ("truncated", multipart(("image", "a.png", image))[:-30], "no closing boundary"),
+        ("no parts", b"--b0undary--\r\n", "missing the form field 'image'"),
+        (
+            "garbage part",
+            b"--b0undary\r\nnonsense\r\n\r\nx\r\n--b0undary--\r\n",
+            "malformed multipart body",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in upload_cases("http://x")])
+def test_malformed_uploads_get_a_400_naming_the_field_and_no_url_is_fetched(
+    client: TestClient, case: str
+) -> None:
+    listener = Listener()
+    try:
+        [(_, body, message)] = [c for c in upload_cases(listener.url) if c[0] == case]
+        headers = {"content-type": "multipart/form-data; boundary=b0undary"}
+        response = client.post("/predict_image", content=body, headers=headers)
+    finally:
+        listener.close()
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]
+    assert listener.hits == []  # BentoML alone would have fetched the URL on the server
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "status", "message"),
+    [
+        ("/predict", "multipart/form-data", 415, "/predict takes application/json"),
+        ("/predict", "multipart/form-data; boundary=x", 415, "/predict takes application/json"),
+        ("/predict", "application/x-www-form-urlencoded", 415, "takes application/json"),
+        ("/predict", "application/vnd.bentoml+pickle", 415, "takes application/json"),
+        ("/predict", "application/json; charset=utf-16", 415, "charset utf-16"),
+        ("/predict", "application/json; charset=bogus", 415, "charset bogus"),
+        ("/predict_image", "multipart/form-data", 400, "needs a boundary parameter"),
+        ("/predict_image", "multipart/form-data; boundary=", 400, "needs a boundary parameter"),
+        ("/predict_image", f"multipart/form-data; boundary={'x' * 71}", 400, "1 to 70 characters"),
+        ("/predict_image", "multipart/form-data; charset=bogus", 400, "needs a boundary"),
+        ("/predict_image", "application/json", 415, "takes multipart/form-data"),
+        ("/predict_image", "image/png", 415, "takes multipart/form-data"),
+        ("/predict_image", "application/x-www-form-urlencoded", 415, "field 'image'"),
+    ],
+)
+def test_malformed_content_types_get_a_4xx_naming_the_problem(
+    client: TestClient, path: str, content_type: str, status: int, message: str
+) -> None:
+    for body in (b"", b"abc", json.dumps({"rows": [[0.0] * FEATURES]}).encode()):
+        response = client.post(path, content=body, headers={"content-type": content_type})
+        assert response.status_code == status, (body, response.text)
+        assert message in response.json()["error"]
+
+
+def test_a_json_image_field_is_not_fetched(client: TestClient) -> None:
+    listener = Listener()
+    try:
+        response = client.post("/predict_image", json={"image": listener.url})
+        raw = client.post("/predict_image", content=listener.url.encode())
+    finally:
+        listener.close()
+    assert response.status_code == raw.status_code == 415
+    assert listener.hits == []
+
+
+def test_the_openapi_document_states_the_real_contract(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/docs.json once admitted `{"rows": []}` and rows of any length and value, and declared
+    `detail` as a string. tests/test_serve_live.py fuzzes a live server from it (Schemathesis)."""
+    doc = client.get("/docs.json").json()
+    schemas = doc["components"]["schemas"]
+    rows = schemas["predict__Input"]["properties"]["rows"]
+    assert (rows["minItems"], rows["maxItems"]) == (1, 256)
+    assert rows["items"]["minItems"] == rows["items"]["maxItems"] == FEATURES
+    assert (rows["items"]["items"]["minimum"], rows["items"]["items"]["maximum"]) == (0, 16)
+    assert schemas["predict_image__Input"]["additionalProperties"] is False
+    assert schemas["Error"]["properties"]["detail"]["type"] == "array"
+    for path in ("/predict", "/predict_image"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert set(responses) == {"200", "400", "413", "415", "500"}, path
+    assert "securitySchemes" not in doc["components"]
+    monkeypatch.setenv("MLOPS_API_KEY", "k3y")  # read per request, as by Guard at start
+    keyed = client.get("/docs.json").json()
+    assert set(keyed["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    for path in ("/predict", "/predict_image", "/metadata"):
+        for operation in keyed["paths"][path].values():
+            assert operation["security"] == [{"bearer": []}, {"apiKey": []}]
+            assert "401" in operation["responses"]
+    bad = client.post("/predict", json={"rows": []}).json()  # the error body as documented
+    assert isinstance(bad["error"], str) and isinstance(bad["detail"], list)

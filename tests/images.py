@@ -1,0 +1,64 @@
+"""Image files for the serving tests: one digit in every Pillow mode (light to import: numpy and
+Pillow only, so the Schemathesis hooks can use them too)."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def encoded(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def with_alpha(gray: np.ndarray, alpha: np.ndarray) -> Image.Image:
+    return Image.merge("LA", [Image.fromarray(gray), Image.fromarray(alpha)])
+
+
+def digit_image(row: np.ndarray) -> Image.Image:
+    """An 8x8 row in 0..16 as a 64x64 8-bit grayscale picture: dark ink on white."""
+    gray = (255 - np.asarray(row, np.float64).reshape(8, 8) / 16 * 255).round().astype(np.uint8)
+    return Image.fromarray(gray).resize((64, 64), Image.Resampling.NEAREST)
+
+
+def mode_variants(base: Image.Image) -> dict[str, tuple[bytes, float]]:
+    """The same digit in each Pillow mode and a few formats: name -> (file, tolerance of its row
+    against the 8-bit grayscale original's, in data units of 0..16). Dithered (mode 1) and
+    quantized (64 palette colours) variants lose a little; the others nothing."""
+    gray = np.asarray(base)
+    ink = 255 - gray
+    black, white = np.zeros_like(ink), np.full_like(ink, 255)
+    wide = Image.fromarray(gray.astype(np.uint16) * 257)  # I;16: 0..65535
+    palette = base.convert("P", palette=Image.Palette.ADAPTIVE)
+    return {
+        "L png": (encoded(base, "PNG"), 0.0),
+        "1 png (dithered)": (encoded(base.convert("1"), "PNG"), 1.5),
+        "P png": (encoded(palette, "PNG"), 0.05),
+        "P gif, white transparent": (
+            encoded(palette, "GIF", transparency=palette.getpixel((0, 0))),
+            0.05,
+        ),
+        "RGB png": (encoded(base.convert("RGB"), "PNG"), 0.05),
+        "RGBA png, ink on transparent black": (
+            encoded(with_alpha(black, ink).convert("RGBA"), "PNG"),
+            0.05,
+        ),
+        "LA png, black ink on transparent": (encoded(with_alpha(black, ink), "PNG"), 0.05),
+        "LA png, white ink on transparent": (encoded(with_alpha(white, ink), "PNG"), 0.05),
+        "P png with alpha (quantized)": (
+            encoded(with_alpha(black, ink).convert("RGBA").quantize(64), "PNG"),
+            2.0,
+        ),
+        "CMYK tiff": (encoded(base.convert("CMYK"), "TIFF"), 0.05),
+        "CMYK jpeg": (encoded(base.convert("CMYK"), "JPEG", quality=95), 0.3),
+        "YCbCr tiff": (encoded(base.convert("YCbCr"), "TIFF"), 0.05),
+        "L jpeg": (encoded(base, "JPEG", quality=95), 0.3),
+        "I;16 png": (encoded(wide, "PNG"), 0.05),
+        "I;16 tiff": (encoded(wide, "TIFF"), 0.05),
+        "RGBA webp": (encoded(base.convert("RGBA"), "WEBP", lossless=True), 0.05),
+    }
