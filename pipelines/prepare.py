@@ -17,7 +17,7 @@ import pandas as pd
 
 from pipelines.artifacts import atomic_path, file_sha256, read_json, write_json
 from pipelines.cli import run_cli
-from pipelines.config import DataConfig, Params, PrepareConfig, load_params, section_dict
+from pipelines.config import DataConfig, Params, PrepareConfig, section_dict
 from pipelines.errors import DataSourceError
 from pipelines.preprocessing import make_spec
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder of the splits")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     args = parser.parse_args(argv)
-    run_cli(lambda: _run(load_params(args.params), args.out, args.metrics))
+    run_cli(lambda params: _run(params, args.out, args.metrics), args.params)
 
 
 def _run(params: Params, out_dir: Path, metrics_path: Path) -> None:

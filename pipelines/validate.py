@@ -29,7 +29,7 @@ import pandas as pd
 
 from pipelines.artifacts import write_json
 from pipelines.cli import run_cli
-from pipelines.config import DataConfig, Params, ValidateConfig, load_params, section_dict
+from pipelines.config import DataConfig, Params, ValidateConfig, section_dict
 from pipelines.errors import DataSourceError, DataValidationError
 from pipelines.prepare import SPLITS, read_manifest
 
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=Path, required=True, help="Data Docs folder to write")
     parser.add_argument("--metrics", type=Path, required=True, help="summary JSON to write")
     args = parser.parse_args(argv)
-    run_cli(lambda: _run(load_params(args.params), args.prepared, args.docs, args.metrics))
+    run_cli(lambda params: _run(params, args.prepared, args.docs, args.metrics), args.params)
 
 
 def _run(params: Params, prepared_dir: Path, docs_dir: Path, metrics_path: Path) -> None:
