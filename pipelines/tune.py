@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
 def check_devices(params: Params) -> None:
     """`cuda` as train.device, or among the choices of `tune.space`'s train.device, needs a CUDA
     device on this host: checked once, before the first trial, not by every trial failing."""
-    wanted = [("train.device", params.train.device)]
+    wanted: list[tuple[str, object]] = [("train.device", params.train.device)]
     dim = params.tune.space.get("train.device")
     wanted += [("tune.space.train.device", choice) for choice in (dim.choices or [])] if dim else []
     if not any(value == "cuda" for _, value in wanted):
