@@ -1,0 +1,144 @@
+"""Every entry point turns bad input into one `error: ...` line and exit 2, before it touches
+anything; and never calls out for telemetry, whoever starts it."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipelines.cli import EXIT_REJECTED
+from tests.conftest import REPO
+
+# One bad value per stage, in the stage's own section where it has one (tune: the issue's case).
+BAD = {
+    "prepare": ("prepare.val_fraction", 2),
+    "validate": ("validate.max_duplicate_fraction", 5),
+    "tune": ("train.lr", 0),
+    "train": ("train.epochs", 100_000_000),
+    "evaluate": ("evaluate.batch_size", 0),
+    "distill": ("distill.alpha", 2),
+    "export": ("export.opset", 1),
+    "quantize": ("quantize.calibration_method", "bogus"),
+    "convert": ("convert.opt_batch", 0),
+    "select": ("select.policy", "fastest"),
+}
+
+
+def stage_commands() -> dict[str, list[str]]:
+    """dvc.yaml's stage commands as argv lists (a `foreach` stage: its first item)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    commands = {}
+    for name, stage in stages.items():
+        cmd = stage["cmd"] if "cmd" in stage else stage["do"]["cmd"]
+        if "foreach" in stage:
+            items = stage["foreach"]
+            key, item = next(iter(items.items())) if isinstance(items, dict) else (0, items[0])
+            cmd = cmd.replace("${key}", str(key)).replace("${item}", str(item))
+        commands[name] = shlex.split(cmd)
+    return commands
+
+
+COMMANDS = stage_commands()
+
+
+def write_params(root: Path, key: str, value: Any) -> None:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def test_every_stage_has_a_bad_param_case() -> None:
+    assert set(COMMANDS) == set(BAD)
+
+
+@pytest.mark.parametrize("stage", sorted(COMMANDS))
+def test_a_bad_param_is_one_error_line_and_exit_2(
+    stage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    python, dash_m, module, *args = COMMANDS[stage]
+    assert (python, dash_m) == ("python", "-m")
+    key, value = BAD[stage]
+    write_params(tmp_path, key, value)
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == EXIT_REJECTED
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: params.yaml: invalid parameters: {key}: "), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_tune_cli_rejects_a_bad_param_without_a_traceback(tmp_path: Path) -> None:
+    """The issue's case, as `dvc exp run -S train.lr=0` runs it: a real process."""
+    write_params(tmp_path, "train.lr", 0)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, *COMMANDS["tune"][1:]],
+        check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == EXIT_REJECTED, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: params.yaml: invalid parameters: train.lr: Input should be greater than 0 (got 0)"
+    ]
+
+
+@pytest.mark.parametrize("key", ["train.device", "tune.space.train.device"])
+def test_tune_checks_cuda_once_before_the_first_trial(
+    key: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import torch
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["tune"]["enabled"] = True
+    if key == "train.device":
+        raw["train"]["device"] = "cuda"
+    else:
+        raw["tune"]["space"]["train.device"] = {"type": "categorical", "choices": ["cpu", "cuda"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    from pipelines.tune import main
+
+    for argv in (COMMANDS["tune"][3:], ["--prepared", "data/prepared", "--worker"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == EXIT_REJECTED
+        err = capsys.readouterr().err
+        assert err == f"error: {key}: 'cuda' but this host has no CUDA device; use auto or cpu\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no study, no trial
+
+
+def test_package_cli_rejects_a_bad_param(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.package import main
+
+    write_params(tmp_path, "register.tolerance", 2)
+    with pytest.raises(SystemExit) as info:
+        main(["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)])
+    assert info.value.code == EXIT_REJECTED
+    assert "invalid parameters: register.tolerance: " in capsys.readouterr().err
