@@ -31,7 +31,7 @@ from pipelines.artifacts import write_json
 from pipelines.cli import run_cli
 from pipelines.config import DataConfig, Params, ValidateConfig, section_dict
 from pipelines.errors import DataSourceError, DataValidationError
-from pipelines.prepare import SPLITS, read_manifest
+from pipelines.prepare import SPLITS, as_numbers, numeric_columns, read_manifest
 
 HASH_COLUMN = "_row_hash"
 DOCS_SITE = "validate"
@@ -78,9 +78,13 @@ def row_hashes(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
 
 
 def rows_frame(splits: dict[str, pd.DataFrame], data: DataConfig) -> pd.DataFrame:
-    """All splits stacked, with the feature-row digest the duplicate check runs on."""
+    """All splits stacked, with the feature-row digest the duplicate check runs on. A numeric
+    column that came as text (a CSV cell such as `n/a`) has its numbers parsed, so the type check
+    counts only the values that are no number."""
     frame = pd.concat([splits[name] for name in SPLITS], ignore_index=True)
     frame[HASH_COLUMN] = row_hashes(frame, data.feature_columns)
+    for column in (c for c in numeric_columns(data) if c in frame.columns):
+        frame[column] = as_numbers(frame[column])
     return frame
 
 
@@ -311,6 +315,17 @@ def exception_message(info: dict[str, Any]) -> str | None:
     return None
 
 
+def add_source_rows(records: list[dict[str, Any]], prepared_dir: Path) -> None:
+    """The source rows `prepare` found non-numeric text in, on each failed type check."""
+    path = Path(prepared_dir) / "manifest.json"
+    cells = read_manifest(prepared_dir).get("non_numeric", {}) if path.is_file() else {}
+    for r in records:
+        found = cells.get(r["column"])
+        if found and not r["success"] and r["type"] == "expect_column_values_to_be_in_type_list":
+            more = ["..."] if found["count"] > len(found["rows"]) else []
+            r["source_rows"] = [*found["rows"], *more]
+
+
 # --- the summary and the message ------------------------------------------------------------
 
 
@@ -428,8 +443,10 @@ def column_line(r: dict[str, Any]) -> str:
         return f"{head}: observed {r['observed_value']} ({r['reason']})"
     values = [v for v in r["sample"] if v is not None]
     sample = f"; e.g. {', '.join(map(repr, values))}" if values else ""
+    rows = r.get("source_rows")
+    where = f"; source rows {', '.join(map(str, rows))}" if rows else ""
     count = f"{r['unexpected_count']} of {r['element_count']} rows unexpected"
-    return f"{head}: {count} ({r['reason']}{sample})"
+    return f"{head}: {count} ({r['reason']}{sample}{where})"
 
 
 def failure_message(summary: dict[str, Any]) -> str:
@@ -452,6 +469,7 @@ def run_gate(
     context = gx_context(docs_dir)
     source = context.data_sources.add_pandas("prepared")
     records = [r for c in build_checks(data, cfg, splits) for r in run_check(context, source, c)]
+    add_source_rows(records, prepared_dir)
     summary = summarize(records, Path(docs_dir) / "index.html")
     write_json(Path(docs_dir) / "summary.json", summary)
     log.info("validate: %d of %d expectations passed", summary["successful"], summary["evaluated"])
