@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from flows.train import PROJECT_DIR_ENV, PROJECT_ROOT, ensure_gpu_limit, train
+from pipelines import telemetry_off
 from pipelines.config import OrchestrationConfig, load_params
 
 if TYPE_CHECKING:
@@ -97,10 +98,13 @@ def code_source(git_url: str | None, branch: str | None = None) -> RunnerStorage
 
 
 def job_variables(git_url: str | None, work_dir: str | None) -> dict[str, Any]:
-    """For a clone: the flow runs in it (the run's working directory after `git_clone`)."""
+    """The telemetry switches for every flow run (its process imports Prefect before the flow's
+    code could set them); for a clone: the flow runs in it (the working directory after
+    `git_clone`)."""
+    env = telemetry_off()  # this host's values: the defaults unless the user set one
     if not git_url:
-        return {}
-    variables: dict[str, Any] = {"env": {PROJECT_DIR_ENV: "."}}
+        return {"env": env}
+    variables: dict[str, Any] = {"env": {**env, PROJECT_DIR_ENV: "."}}
     if work_dir:
         variables["working_dir"] = work_dir
     return variables

@@ -142,3 +142,72 @@ def test_package_cli_rejects_a_bad_param(
         main(["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)])
     assert info.value.code == EXIT_REJECTED
     assert "invalid parameters: register.tolerance: " in capsys.readouterr().err
+
+
+# --- telemetry --------------------------------------------------------------------------------
+
+PROBE = """
+import importlib, json, os, sys
+importlib.import_module(sys.argv[1])
+print(json.dumps({key: os.environ.get(key) for key in sys.argv[2:]}))
+"""
+
+
+@pytest.mark.parametrize("module", ["pipelines.prepare", "flows.train", "service"])
+def test_entry_points_switch_telemetry_off_in_a_clean_environment(module: str) -> None:
+    """Started without any of the switches (not through `make`), the project's entry points
+    set them before the libraries are imported; a value the user set is kept."""
+    from pipelines import TELEMETRY_OFF
+
+    env = {k: v for k, v in os.environ.items() if k not in TELEMETRY_OFF}
+    env.update(PYTHONPATH=str(REPO), DO_NOT_TRACK="false")  # the user's own choice
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, module, *TELEMETRY_OFF],
+        check=True,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    seen = yaml.safe_load(done.stdout.splitlines()[-1])
+    assert seen == {**TELEMETRY_OFF, "DO_NOT_TRACK": "false"}
+
+
+def test_prefect_reads_the_switch_when_a_flow_module_is_run(tmp_path: Path) -> None:
+    """`python -m flows.<name>`: the package sets the switches before Prefect reads its
+    settings (Prefect initialises its analytics when it is imported)."""
+    from pipelines import TELEMETRY_OFF
+
+    env = {k: v for k, v in os.environ.items() if k not in TELEMETRY_OFF}
+    env["PYTHONPATH"] = str(REPO)
+    probe = (
+        "import flows.train\n"
+        "from prefect.settings import get_current_settings\n"
+        "print(get_current_settings().server.analytics_enabled)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        check=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.stdout.splitlines()[-1] == "False"
+
+
+def test_deployed_flow_runs_get_the_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker starts each flow run as `python -m prefect.engine`: Prefect is imported before
+    the flow's code, so the deployment's job variables carry the switches."""
+    from flows.deploy import job_variables
+    from pipelines import TELEMETRY_OFF
+
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")  # set by the deploying user: kept
+    for variables in (job_variables(None, None), job_variables("file:///x.git", None)):
+        env = variables["env"]
+        assert {k: env[k] for k in TELEMETRY_OFF} == {
+            **TELEMETRY_OFF,
+            "MLFLOW_DISABLE_TELEMETRY": "false",
+        }
