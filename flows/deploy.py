@@ -35,6 +35,7 @@ from uuid import UUID
 
 from flows.train import PROJECT_DIR_ENV, PROJECT_ROOT, ensure_gpu_limit, train
 from pipelines import telemetry_off
+from pipelines.cli import run_cli
 from pipelines.config import OrchestrationConfig, load_params
 
 if TYPE_CHECKING:
@@ -252,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.work_dir and not args.git_url:
         parser.error("--work-dir goes with --git-url")
+    run_cli(lambda _: _deploy_and_print(args), args.params)  # a bad params.yaml: one line, exit 2
+
+
+def _deploy_and_print(args: argparse.Namespace) -> None:
     ids = deploy(args.git_url, args.branch, args.work_dir, args.params)
     source = args.git_url or f"${PROJECT_DIR_ENV} on each worker"
     for name, deployment_id in ids.items():

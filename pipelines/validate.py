@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -217,8 +216,7 @@ def build_checks(
 
 
 def _gx() -> ModuleType:
-    """Great Expectations, imported on first use (~4 s), quiet and offline."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # older 1.x releases post usage events
+    """Great Expectations, imported on first use (~4 s), quiet (offline: see pipelines/__init__)."""
     import great_expectations
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)

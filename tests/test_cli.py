@@ -132,16 +132,16 @@ def test_tune_checks_cuda_once_before_the_first_trial(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no study, no trial
 
 
-def test_package_cli_rejects_a_bad_param(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("module", ["flows.package", "flows.deploy"])
+def test_other_clis_reject_a_bad_param(
+    module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from flows.package import main
-
     write_params(tmp_path, "register.tolerance", 2)
     with pytest.raises(SystemExit) as info:
-        main(["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)])
+        importlib.import_module(module).main(["--params", str(tmp_path / "params.yaml")])
     assert info.value.code == EXIT_REJECTED
-    assert "invalid parameters: register.tolerance: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid parameters: register.tolerance: " in err and "Traceback" not in err
 
 
 # --- telemetry --------------------------------------------------------------------------------
