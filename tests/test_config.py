@@ -265,3 +265,12 @@ def test_settings_that_cannot_work_together_name_both_keys(
     line = next(line for line in message.splitlines() if first in line)
     assert second in line.split(first, 1)[1]
     assert "Traceback" not in message
+
+
+def test_the_readme_own_data_example_is_accepted() -> None:
+    """The "Your own data" block, on top of params.yaml: tabular data with flat-row models."""
+    text = (REPO / "README.md").read_text().split("### Your own data", 1)[1]
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    example = yaml.safe_load(block)
+    params = load_params(REPO / "params.yaml", overrides=example)
+    assert params.data.image_shape is None and params.distill.model.arch == "mlp"
