@@ -64,7 +64,7 @@ Arch = Annotated[
 
 
 def _data_source(value: str) -> str:
-    """ "digits", or a relative path to a CSV/Parquet file under data/ (no `..`, not absolute)."""
+    """The built-in "digits", or a relative path to a table file under data/ (no `..`)."""
     if value in BUILTIN_SOURCES:
         return value
     if not value.lower().endswith(TABLE_SUFFIXES):
@@ -238,7 +238,7 @@ class TuneConfig(Section):
     workers: int = Field(ge=1, le=MAX_PROCESSES)
     storage: str = Field(min_length=1)
     study_name: str = Field(min_length=1)
-    seed: Seed
+    seed: int = Field(ge=0, le=2**32 - 1 - MAX_PROCESSES)  # worker k samples with seed + k
     sampler: Literal["tpe", "random"]
     startup_trials: int = Field(ge=0, le=MAX_COUNT)  # TPE: random trials before the model kicks in
     pruner: PrunerConfig
