@@ -321,11 +321,31 @@ class TrackingConfig(Section):
     ui_url: str = Field(min_length=1)
 
 
+# dvc.yaml's stage names (tests/test_cli.py checks they match): what orchestration can refer to.
+STAGES = (
+    "prepare", "validate", "tune", "train", "evaluate", "distill", "export", "quantize",
+    "convert", "select",
+)  # fmt: skip
+
+
+def _stage_names(names: Any) -> Any:
+    """Every name a dvc.yaml stage (`export@teacher`: a `foreach` stage's item)."""
+    unknown = [name for name in names if str(name).split("@")[0] not in STAGES]
+    if unknown:
+        raise ValueError(
+            f"not a stage: {', '.join(map(str, unknown))}; stages: {', '.join(STAGES)}"
+        )
+    return names
+
+
 class OrchestrationConfig(Section):
-    stage_timeout_s: dict[str, Seconds]
+    # Stages not named get the largest timeout given.
+    stage_timeout_s: Annotated[dict[str, Seconds], AfterValidator(_stage_names)] = Field(
+        min_length=1
+    )
     retries: int = Field(ge=0, le=10)
     retry_delay_s: float = Field(ge=0, le=3600)
-    gpu_stages: list[str]
+    gpu_stages: Annotated[list[str], AfterValidator(_stage_names)]
     nightly_cron: str = Field(min_length=1)  # the `train/nightly` deployment's schedule
     timezone: str = Field(min_length=1)  # IANA name the cron is read in
 

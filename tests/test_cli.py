@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from pipelines.cli import EXIT_REJECTED
+from pipelines.config import STAGES
 from tests.conftest import REPO
 
 # One bad value per stage, in the stage's own section where it has one (tune: the case).
@@ -60,7 +61,7 @@ def write_params(root: Path, key: str, value: Any) -> None:
 
 
 def test_every_stage_has_a_bad_param_case() -> None:
-    assert set(COMMANDS) == set(BAD)
+    assert set(COMMANDS) == set(BAD) == set(STAGES)
 
 
 @pytest.mark.parametrize("stage", sorted(COMMANDS))

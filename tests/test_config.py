@@ -274,3 +274,17 @@ def test_the_readme_own_data_example_is_accepted() -> None:
     example = yaml.safe_load(block)
     params = load_params(REPO / "params.yaml", overrides=example)
     assert params.data.image_shape is None and params.distill.model.arch == "mlp"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("orchestration.gpu_stages", ["train", "trian"]),
+        ("orchestration.stage_timeout_s", {"prepare": 60, "evalute": 60}),
+        ("orchestration.stage_timeout_s", {}),
+    ],
+)
+def test_orchestration_names_only_real_stages(key: str, value: Any) -> None:
+    raw = raw_params()
+    raw["orchestration"][key.split(".")[1]] = value
+    assert f"invalid parameters: {key}: " in rejected(raw)
