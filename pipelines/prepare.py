@@ -187,6 +187,8 @@ def prepare(data: DataConfig, cfg: PrepareConfig, root: Path, out_dir: Path) -> 
     """Write `out_dir`/{train,val,test}.parquet and manifest.json; return the manifest."""
     frame, source_sha = load_source(data, root)
     cells = non_numeric_cells(frame, numeric_columns(data))
+    for column in (c for c in numeric_columns(data) if c in frame.columns and c not in cells):
+        frame[column] = pd.to_numeric(frame[column])  # numbers stored as text: numbers
     for column, found in cells.items():
         log.warning(
             "prepare: %s: column %r has %d non-numeric value(s), e.g. %s at source row(s) %s; "

@@ -121,3 +121,13 @@ def test_numbers_in_text_columns_are_not_reported() -> None:
         "a": {"count": 1, "examples": ["n/a"], "rows": [4]},
         "label": {"count": 1, "examples": ["x"], "rows": [3]},
     }
+
+
+def test_numbers_stored_as_text_become_numbers(tmp_path: Path) -> None:
+    """A Parquet file whose numeric columns are text: numbers downstream, nothing reported."""
+    (tmp_path / "data").mkdir()
+    frame = user_table().astype({"a": str})
+    frame.to_parquet(tmp_path / "data" / "t.parquet")
+    params = table_params("data/t.parquet")
+    manifest = prepare(params.data, params.prepare, tmp_path, tmp_path / "out")
+    assert manifest["non_numeric"] == {} and manifest["schema"]["a"] == "float64"
