@@ -11,13 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 # Stage commands in dvc.yaml call `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
-export GX_ANALYTICS_ENABLED := false
-export DVC_NO_ANALYTICS := 1
-# Prefect's and MLflow's client telemetry would call out to the internet: off.
-export DO_NOT_TRACK := true
-export MLFLOW_DISABLE_TELEMETRY := true
+# Telemetry is off in every entry point of the project, not here: see pipelines/__init__.py.
 
 .PHONY: setup run test test-fast test-slow lint bench bench-flow bench-serve monitor clean
 setup: $(VENV)/.installed

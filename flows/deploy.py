@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from flows.train import PROJECT_DIR_ENV, PROJECT_ROOT, ensure_gpu_limit, train
+from pipelines import telemetry_off
+from pipelines.cli import run_cli
 from pipelines.config import OrchestrationConfig, load_params
 
 if TYPE_CHECKING:
@@ -97,10 +99,13 @@ def code_source(git_url: str | None, branch: str | None = None) -> RunnerStorage
 
 
 def job_variables(git_url: str | None, work_dir: str | None) -> dict[str, Any]:
-    """For a clone: the flow runs in it (the run's working directory after `git_clone`)."""
+    """The telemetry switches for every flow run (its process imports Prefect before the flow's
+    code could set them); for a clone: the flow runs in it (the working directory after
+    `git_clone`)."""
+    env = telemetry_off()  # this host's values: the defaults unless the user set one
     if not git_url:
-        return {}
-    variables: dict[str, Any] = {"env": {PROJECT_DIR_ENV: "."}}
+        return {"env": env}
+    variables: dict[str, Any] = {"env": {**env, PROJECT_DIR_ENV: "."}}
     if work_dir:
         variables["working_dir"] = work_dir
     return variables
@@ -248,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.work_dir and not args.git_url:
         parser.error("--work-dir goes with --git-url")
+    run_cli(lambda _: _deploy_and_print(args), args.params)  # a bad params.yaml: one line, exit 2
+
+
+def _deploy_and_print(args: argparse.Namespace) -> None:
     ids = deploy(args.git_url, args.branch, args.work_dir, args.params)
     source = args.git_url or f"${PROJECT_DIR_ENV} on each worker"
     for name, deployment_id in ids.items():

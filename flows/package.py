@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts import file_sha256, read_json
-from pipelines.config import Params, load_params
+from pipelines.config import Params
 from pipelines.errors import PipelineError
 from pipelines.tracking import client_for
 
@@ -154,12 +154,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=PROJECT_ROOT, help="the project checkout")
     args = parser.parse_args(argv)
 
-    def run() -> None:
-        result = package(load_params(args.params), args.root.resolve())
+    def run(params: Params) -> None:
+        result = package(params, args.root.resolve())
         for key, value in asdict(result).items():
             print(f"{key}: {value}")
 
-    run_cli(run)
+    run_cli(run, args.params)
 
 
 if __name__ == "__main__":

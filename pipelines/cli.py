@@ -1,11 +1,14 @@
-"""The shared entry point of the stage CLIs: logging set up, typed errors turned into exit 1."""
+"""The shared entry point of the stage CLIs: logging set up, params.yaml loaded, typed errors
+turned into one `error: ...` line and exit 2."""
 
 from __future__ import annotations
 
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+from pipelines.config import Params, load_params
 from pipelines.errors import PipelineError
 
 # A stage that rejects its input (bad params, data that fails validation) exits with this code,
@@ -13,13 +16,20 @@ from pipelines.errors import PipelineError
 EXIT_REJECTED = 2
 
 
-def run_cli(body: Callable[[], object]) -> None:
-    """Run `body`; a `PipelineError` prints its message (no traceback) and exits EXIT_REJECTED."""
+def run_cli(
+    body: Callable[[Params], object],
+    params_path: Path | str,
+    load: Callable[[Path], Params] = load_params,
+) -> None:
+    """Load `params_path` with `load`, then run `body(params)`, both inside the one handler: a
+    `PipelineError` from either (a bad param, bad data, a failed gate) prints `error: <message>`
+    on stderr, no traceback, and exits EXIT_REJECTED. So a stage cannot load its params where a
+    bad value would escape as a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("great_expectations", "mlflow", "alembic", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        body()
+        body(load(Path(params_path)))
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_REJECTED)

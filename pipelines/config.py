@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
@@ -23,17 +23,31 @@ from pydantic import (
 )
 
 from pipelines.errors import ParamsError
-from pipelines.models import ARCHITECTURES
+from pipelines.models import ARCHITECTURES, IMAGE_INPUT
 
 DEFAULT_PARAMS = Path("params.yaml")
 BUILTIN_SOURCES = ("digits",)
 TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+DATA_DIR = "data"  # user tables live under it (relative to the project root)
+
+# Upper bounds: far above any sensible value, low enough that a typo (100000000 epochs) is refused
+# before it ties up a host. Every numeric setting has one (tests/test_config.py checks them all).
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536  # rows in one batch (training, evaluation, serving, TensorRT profiles)
+MAX_COUNT = 1_000_000  # counts of rows, samples, iterations, features
+MAX_SECONDS = 7 * 24 * 3600.0  # timeouts: a week
+MAX_PROCESSES = 256  # workers, threads
 
 
 # Value types shared by params.yaml's models and the flow's UI parameters (one definition each).
-Epochs = Annotated[int, Field(gt=0, description="training epochs (early stopping may end sooner)")]
+Epochs = Annotated[
+    int,
+    Field(gt=0, le=MAX_EPOCHS, description="training epochs (early stopping may end sooner)"),
+]
 LearningRate = Annotated[float, Field(gt=0, lt=10, description="AdamW learning rate")]
-BatchSize = Annotated[int, Field(gt=0, le=65536, description="training batch size")]
+BatchSize = Annotated[int, Field(gt=0, le=MAX_BATCH, description="training batch size")]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="random seed (numpy's range)")]
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
 
 
 def _registered(value: str) -> str:
@@ -47,12 +61,34 @@ Arch = Annotated[
     AfterValidator(_registered),
     Field(description="a registered architecture", json_schema_extra={"enum": list(ARCHITECTURES)}),
 ]
+
+
+def _data_source(value: str) -> str:
+    """The built-in "digits", or a relative path to a table file under data/ (no `..`)."""
+    if value in BUILTIN_SOURCES:
+        return value
+    if not value.lower().endswith(TABLE_SUFFIXES):
+        raise ValueError(
+            f"neither a built-in source ({', '.join(BUILTIN_SOURCES)}) "
+            f"nor a table file ({', '.join(TABLE_SUFFIXES)})"
+        )
+    posix, windows = PurePosixPath(value), PureWindowsPath(value)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
+        raise ValueError(f"must be a relative path under {DATA_DIR}/, without '..'")
+    if posix.parts[0] != DATA_DIR or len(posix.parts) < 2:
+        raise ValueError(f"must be a path under {DATA_DIR}/ (e.g. {DATA_DIR}/raw/mydata.csv)")
+    return value
+
+
+_TABLE = r"\.([cC][sS][vV]|[pP][aA][rR][qQ][uU][eE][tT]|[pP][qQ])"
 DataSource = Annotated[
     str,
+    AfterValidator(_data_source),
     Field(
         min_length=1,
         description='"digits" or a CSV/Parquet path under data/',
-        pattern=r"^(digits|.+\.([cC][sS][vV]|[pP][aA][rR][qQ][uU][eE][tT]|[pP][qQ]))$",
+        # The same rule for the flow's form (JSON Schema, checked when a run is created).
+        json_schema_extra={"pattern": rf"^(digits|data/(?!(.*[/\\])?\.\.([/\\]|$)).+{_TABLE})$"},
     ),
 ]
 
@@ -65,26 +101,20 @@ class FeatureRange(Section):
     """Columns named `{prefix}0` .. `{prefix}{count-1}`."""
 
     prefix: str = Field(min_length=1)
-    count: int = Field(gt=0)
+    count: int = Field(gt=0, le=MAX_COUNT)
+
+
+FeatureValue = Annotated[float, Field(ge=-1e12, le=1e12, allow_inf_nan=False)]
+Pixels = Annotated[int, Field(gt=0, le=MAX_BATCH)]
 
 
 class DataConfig(Section):
-    source: str
+    source: DataSource
     label_column: str = Field(min_length=1)
     features: list[str] | FeatureRange
     labels: list[int] | list[str] = Field(min_length=2)
-    value_range: tuple[float, float]
-    image_shape: tuple[int, int] | None
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, value: str) -> str:
-        if value in BUILTIN_SOURCES or value.lower().endswith(TABLE_SUFFIXES):
-            return value
-        raise ValueError(
-            f"{value!r} is neither a built-in source ({', '.join(BUILTIN_SOURCES)}) "
-            f"nor a table file ({', '.join(TABLE_SUFFIXES)})"
-        )
+    value_range: tuple[FeatureValue, FeatureValue]
+    image_shape: tuple[Pixels, Pixels] | None
 
     @model_validator(mode="after")
     def _consistent(self) -> DataConfig:
@@ -112,7 +142,7 @@ class DataConfig(Section):
 class PrepareConfig(Section):
     val_fraction: float = Field(gt=0, lt=1)
     test_fraction: float = Field(gt=0, lt=1)
-    seed: int
+    seed: Seed
 
     @model_validator(mode="after")
     def _leaves_training_rows(self) -> PrepareConfig:
@@ -122,14 +152,14 @@ class PrepareConfig(Section):
 
 
 class ValidateConfig(Section):
-    min_rows_per_class: int = Field(ge=1)
-    max_class_imbalance: float = Field(ge=1.0)
+    min_rows_per_class: int = Field(ge=1, le=MAX_COUNT)
+    max_class_imbalance: float = Field(ge=1.0, le=MAX_COUNT)
     max_duplicate_fraction: float = Field(ge=0.0, le=1.0)
 
 
 class ModelConfig(Section):
     arch: Arch
-    width: int = Field(gt=0)
+    width: int = Field(gt=0, le=4096)
     depth: int = Field(gt=0, le=8)
     dropout: float = Field(ge=0.0, lt=1.0)
 
@@ -139,14 +169,14 @@ class TrainConfig(Section):
     epochs: Epochs
     batch_size: BatchSize
     lr: LearningRate
-    weight_decay: float = Field(ge=0)
+    weight_decay: float = Field(ge=0, le=10)
     scheduler: Literal["cosine", "constant"]
-    patience: int = Field(gt=0)
-    min_delta: float = Field(ge=0)
-    seed: int
+    patience: int = Field(gt=0, le=MAX_EPOCHS)
+    min_delta: float = Field(ge=0, le=100)
+    seed: Seed
     device: Literal["auto", "cpu", "cuda"]
     bf16: bool
-    num_workers: int = Field(ge=0)
+    num_workers: int = Field(ge=0, le=MAX_PROCESSES)
     resume: bool
 
 
@@ -154,8 +184,9 @@ class SpaceParam(Section):
     """One dimension of the search space: a float or int range (log scale or not), or choices."""
 
     type: Literal["float", "int", "categorical"]
-    low: float | None = None
-    high: float | None = None
+    # Bounded by the train key's own bounds (each bound and choice is checked as that key).
+    low: float | None = Field(default=None, allow_inf_nan=False)
+    high: float | None = Field(default=None, allow_inf_nan=False)
     log: bool = False
     choices: list[str | int | float | bool] | None = None
 
@@ -182,10 +213,10 @@ class SpaceParam(Section):
 
 class PrunerConfig(Section):
     kind: Literal["median", "hyperband", "none"]
-    startup_trials: int = Field(ge=0)  # median: trials that finish before any is pruned
-    warmup_epochs: int = Field(ge=0)  # median: epochs a trial runs before it can be pruned
-    min_epochs: int = Field(ge=1)  # hyperband: the smallest budget a trial gets
-    reduction_factor: int = Field(ge=2)  # hyperband: 1/reduction_factor of trials go on per rung
+    startup_trials: int = Field(ge=0, le=MAX_COUNT)  # median: trials finished before any is pruned
+    warmup_epochs: int = Field(ge=0, le=MAX_EPOCHS)  # median: epochs before a trial can be pruned
+    min_epochs: int = Field(ge=1, le=MAX_EPOCHS)  # hyperband: the smallest budget a trial gets
+    reduction_factor: int = Field(ge=2, le=100)  # hyperband: 1/factor of trials go on per rung
 
 
 def train_leaves(model: type[BaseModel] = TrainConfig, prefix: str = "train.") -> list[str]:
@@ -202,17 +233,17 @@ def train_leaves(model: type[BaseModel] = TrainConfig, prefix: str = "train.") -
 
 class TuneConfig(Section):
     enabled: bool
-    trials: int = Field(gt=0)
-    timeout_s: float = Field(gt=0)
-    workers: int = Field(ge=1)
+    trials: int = Field(gt=0, le=MAX_COUNT)
+    timeout_s: Seconds
+    workers: int = Field(ge=1, le=MAX_PROCESSES)
     storage: str = Field(min_length=1)
     study_name: str = Field(min_length=1)
-    seed: int
+    seed: int = Field(ge=0, le=2**32 - 1 - MAX_PROCESSES)  # worker k samples with seed + k
     sampler: Literal["tpe", "random"]
-    startup_trials: int = Field(ge=0)  # TPE: random trials before the model kicks in
+    startup_trials: int = Field(ge=0, le=MAX_COUNT)  # TPE: random trials before the model kicks in
     pruner: PrunerConfig
     metric: Literal["val_accuracy", "val_loss"]
-    heartbeat_s: int = Field(ge=1)
+    heartbeat_s: int = Field(ge=1, le=3600)
     space: dict[str, SpaceParam] = Field(min_length=1)
 
     @field_validator("space")
@@ -232,34 +263,34 @@ class TuneConfig(Section):
 
 
 class EvaluateConfig(Section):
-    batch_size: int = Field(gt=0)
+    batch_size: int = Field(gt=0, le=MAX_BATCH)
 
 
 class ExportConfig(Section):
-    opset: int = Field(ge=17)
-    max_batch: int = Field(gt=1)
-    parity_max_abs_diff: float = Field(gt=0)
+    opset: int = Field(ge=17, le=30)
+    max_batch: int = Field(gt=1, le=MAX_BATCH)
+    parity_max_abs_diff: float = Field(gt=0, le=100)
     parity_min_agreement: float = Field(gt=0, le=1)
 
 
 class QuantizeConfig(Section):
-    calibration_samples: int = Field(gt=0)
+    calibration_samples: int = Field(gt=0, le=MAX_COUNT)
     calibration_method: Literal["minmax", "entropy", "percentile"]
     parity_min_agreement: float = Field(gt=0, le=1)
 
 
 class DistillConfig(Section):
     model: ModelConfig
-    temperature: float = Field(gt=0)
+    temperature: float = Field(gt=0, le=100)
     alpha: float = Field(ge=0, le=1)
 
 
 class ConvertConfig(Section):
     precisions: list[Literal["fp16", "int8"]]
-    max_batch: int = Field(gt=0)
-    opt_batch: int = Field(gt=0)
-    workspace_mib: int = Field(gt=0)
-    timeout_s: float = Field(gt=0)
+    max_batch: int = Field(gt=0, le=MAX_BATCH)
+    opt_batch: int = Field(gt=0, le=MAX_BATCH)
+    workspace_mib: int = Field(gt=0, le=1_048_576)  # 1 TiB
+    timeout_s: Seconds
     parity_min_agreement: float = Field(gt=0, le=1)
 
     @model_validator(mode="after")
@@ -272,10 +303,10 @@ class ConvertConfig(Section):
 class SelectConfig(Section):
     policy: Literal["throughput", "p99"]
     max_accuracy_drop: float = Field(ge=0, le=1)
-    serving_batch: int = Field(gt=0)
-    latency_iters: int = Field(gt=0)
-    throughput_iters: int = Field(gt=0)
-    threads: int = Field(ge=0)
+    serving_batch: int = Field(gt=0, le=MAX_BATCH)
+    latency_iters: int = Field(gt=0, le=MAX_COUNT)
+    throughput_iters: int = Field(gt=0, le=MAX_COUNT)
+    threads: int = Field(ge=0, le=MAX_PROCESSES)
 
 
 class RegisterConfig(Section):
@@ -290,21 +321,33 @@ class TrackingConfig(Section):
     ui_url: str = Field(min_length=1)
 
 
+# dvc.yaml's stage names (tests/test_cli.py checks they match): what orchestration can refer to.
+STAGES = (
+    "prepare", "validate", "tune", "train", "evaluate", "distill", "export", "quantize",
+    "convert", "select",
+)  # fmt: skip
+
+
+def _stage_names(names: Any) -> Any:
+    """Every name a dvc.yaml stage (`export@teacher`: a `foreach` stage's item)."""
+    unknown = [name for name in names if str(name).split("@")[0] not in STAGES]
+    if unknown:
+        raise ValueError(
+            f"not a stage: {', '.join(map(str, unknown))}; stages: {', '.join(STAGES)}"
+        )
+    return names
+
+
 class OrchestrationConfig(Section):
-    stage_timeout_s: dict[str, float]
+    # Stages not named get the largest timeout given.
+    stage_timeout_s: Annotated[dict[str, Seconds], AfterValidator(_stage_names)] = Field(
+        min_length=1
+    )
     retries: int = Field(ge=0, le=10)
-    retry_delay_s: float = Field(ge=0)
-    gpu_stages: list[str]
+    retry_delay_s: float = Field(ge=0, le=3600)
+    gpu_stages: Annotated[list[str], AfterValidator(_stage_names)]
     nightly_cron: str = Field(min_length=1)  # the `train/nightly` deployment's schedule
     timezone: str = Field(min_length=1)  # IANA name the cron is read in
-
-    @field_validator("stage_timeout_s")
-    @classmethod
-    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
-        bad = {stage: t for stage, t in value.items() if t <= 0}
-        if bad:
-            raise ValueError(f"timeouts must be positive: {bad}")
-        return value
 
     @field_validator("timezone")
     @classmethod
@@ -333,14 +376,14 @@ class PackageConfig(Section):
 
 class ServeConfig(Section):
     max_batch_size: int = Field(ge=1, le=4096)
-    max_latency_ms: int = Field(ge=1)
+    max_latency_ms: int = Field(ge=1, le=600_000)
     trace_predictions: bool
-    timeout_s: float = Field(gt=0)
-    workers: int = Field(ge=1)
-    threads: int = Field(ge=0)
-    max_rows: int = Field(ge=1)
-    max_body_bytes: int = Field(ge=1024)
-    max_image_pixels: int = Field(ge=1)
+    timeout_s: float = Field(gt=0, le=3600)
+    workers: int = Field(ge=1, le=MAX_PROCESSES)
+    threads: int = Field(ge=0, le=MAX_PROCESSES)
+    max_rows: int = Field(ge=1, le=MAX_BATCH)
+    max_body_bytes: int = Field(ge=1024, le=2**30)
+    max_image_pixels: int = Field(ge=1, le=2**28)
 
 
 class RunOverrides(Section):
@@ -385,6 +428,78 @@ class Params(Section):
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _compatible(self) -> Params:
+        """Settings of different sections that cannot work together: all reported at once."""
+        problems = [
+            *arch_problems("train.model.arch", self.train.model.arch, self.data),
+            *arch_problems("distill.model.arch", self.distill.model.arch, self.data),
+            *space_problems(self),
+            *batch_problems(self),
+        ]
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+
+def arch_problems(key: str, arch: str, data: DataConfig) -> list[str]:
+    """An architecture that takes images needs `data.image_shape` (rows reshaped to images)."""
+    if arch in IMAGE_INPUT and data.image_shape is None:
+        flat = ", ".join(a for a in ARCHITECTURES if a not in IMAGE_INPUT)
+        return [
+            f"{key}: {arch!r} takes images but data.image_shape is null (tabular rows); "
+            f"set data.image_shape to [H, W] or use {flat}"
+        ]
+    return []
+
+
+def space_problems(params: Params) -> list[str]:
+    """Every bound and choice of `tune.space` must be a value its train key accepts, and one
+    that works with the other sections (e.g. a cnn choice with tabular data)."""
+    base = params.train.model_dump(mode="json")
+    problems = []
+    for key, dim in params.tune.space.items():
+        if dim.type == "categorical":
+            candidates = list(dim.choices or [])
+        else:
+            cast = int if dim.type == "int" else float
+            candidates = [cast(b) for b in (dim.low, dim.high) if b is not None]
+        for value in candidates:
+            name = f"tune.space.{key}"
+            raw = apply_overrides({"train": base}, {key: value})["train"]
+            try:
+                train = TrainConfig.model_validate(raw)
+            except ValidationError as exc:
+                why = "; ".join(_describe(e, raw, ("train",)) for e in exc.errors())
+                problems.append(f"{name}: {value!r} is not allowed ({why})")
+                continue
+            if train.model.arch != params.train.model.arch:  # train's own arch: checked above
+                found = arch_problems("train.model.arch", train.model.arch, params.data)
+                problems += [f"{name}: {value!r} cannot work: {p}" for p in found]
+    return problems
+
+
+def batch_problems(params: Params) -> list[str]:
+    """Batches that exceed the exported model's batch axis (or the TensorRT profile)."""
+    limit = params.export.max_batch
+    sizes = {
+        "select.serving_batch": params.select.serving_batch,
+        "serve.max_rows": params.serve.max_rows,
+        "serve.max_batch_size": params.serve.max_batch_size,
+    }
+    problems = [
+        f"{key}: {size} exceeds export.max_batch {limit} (the model's largest batch)"
+        for key, size in sizes.items()
+        if size > limit
+    ]
+    serving, profile = params.select.serving_batch, params.convert.max_batch
+    if params.convert.precisions and serving > profile:
+        problems.append(
+            f"select.serving_batch: {serving} exceeds convert.max_batch {profile} "
+            "(the TensorRT plans' largest batch)"
+        )
+    return problems
+
 
 def load_params(
     path: Path | str = DEFAULT_PARAMS, overrides: Mapping[str, Any] | None = None
@@ -403,11 +518,14 @@ def load_params(
 
 
 def validate_params(raw: Mapping[str, Any], source: str = "params") -> Params:
+    """`raw` as `Params`; a `ParamsError` whose first line names the first problem
+    (`<source>: invalid parameters: train.lr: ...`), one more line per further problem."""
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(error, raw) for error in exc.errors()]
-        raise ParamsError(f"{source}: invalid parameters:\n  " + "\n  ".join(lines)) from None
+        errors = _matched_branches(exc.errors())
+        lines = [line for error in errors for line in _describe(error, raw).split("\n  ")]
+        raise ParamsError(f"{source}: invalid parameters: " + "\n  ".join(lines)) from None
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -427,9 +545,36 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dic
     return merged
 
 
-def _describe(error: Any, raw: Mapping[str, Any]) -> str:
-    loc = [str(part) for part in error["loc"] if not str(part).startswith(("list[", "tuple["))]
+def _matched_branches(errors: list[Any]) -> list[Any]:
+    """Of a union's errors (`features`: a list or a {prefix, count}), drop the shape mismatch of
+    the branch the value does not have when another branch reports something deeper."""
+    keys = [_key_parts(error["loc"]) for error in errors]
+    return [
+        error
+        for error, key in zip(errors, keys, strict=True)
+        if not error["type"].endswith("_type")
+        or not any(len(other) > len(key) and other[: len(key)] == key for other in keys)
+    ]
+
+
+def _key_parts(loc: tuple[Any, ...]) -> list[str]:
+    """The params.yaml key of an error location, without pydantic's union member tags."""
+    branches = {model.__name__ for model in Section.__subclasses__()}
+    return [
+        str(part)
+        for part in loc
+        if not str(part).startswith(("list[", "tuple[")) and str(part) not in branches
+    ]
+
+
+def _describe(error: Any, raw: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> str:
+    loc = _key_parts((*prefix, *error["loc"]))
     key = ".".join(loc)
+    if error["type"] == "value_error":
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if not loc:  # a check across sections: the message names its keys
+            return message
+        error = {**error, "msg": message}
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
         return f"{key}: unknown key; allowed keys here: {', '.join(allowed)}"

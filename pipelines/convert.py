@@ -18,7 +18,7 @@ from typing import Any
 from pipelines import tensorrt_engine
 from pipelines.artifacts import read_json, write_json
 from pipelines.cli import run_cli
-from pipelines.config import ConvertConfig, Params, load_params, section_dict
+from pipelines.config import ConvertConfig, Params, section_dict
 from pipelines.quantize import MANIFEST, split_inputs
 from pipelines.runtime import logits, parity, read_metadata, session
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args(argv)
-    run_cli(lambda: _run(load_params(args.params), args))
+    run_cli(lambda params: _run(params, args), args.params)
 
 
 def _run(params: Params, args: argparse.Namespace) -> None:

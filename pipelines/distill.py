@@ -20,7 +20,7 @@ from torch import nn
 
 from pipelines.artifacts import file_sha256, write_json
 from pipelines.cli import run_cli
-from pipelines.config import DistillConfig, Params, TrainConfig, load_params, section_dict
+from pipelines.config import DistillConfig, Params, TrainConfig, section_dict
 from pipelines.train import (
     LossFn,
     OnEpoch,
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     outputs = Outputs(args.model, args.metrics, args.plots, args.checkpoint_dir)
-    run_cli(lambda: _run(load_params(args.params), args.prepared, args.teacher, outputs))
+    run_cli(lambda params: _run(params, args.prepared, args.teacher, outputs), args.params)
 
 
 def _run(params: Params, prepared_dir: Path, teacher: Path, outputs: Outputs) -> None:

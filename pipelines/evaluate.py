@@ -17,7 +17,7 @@ import pandas as pd
 
 from pipelines.artifacts import atomic_path, read_json, write_json
 from pipelines.cli import run_cli
-from pipelines.config import EvaluateConfig, Params, load_params, section_dict
+from pipelines.config import EvaluateConfig, Params, section_dict
 from pipelines.prepare import read_split
 from pipelines.preprocessing import to_model_input
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True, help="folder for the plots")
     args = parser.parse_args(argv)
-    run_cli(lambda: _run(load_params(args.params), args))
+    run_cli(lambda params: _run(params, args), args.params)
 
 
 def _run(params: Params, args: argparse.Namespace) -> None:

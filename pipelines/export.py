@@ -16,7 +16,7 @@ import numpy as np
 
 from pipelines.artifacts import atomic_path, file_sha256, read_json, write_json
 from pipelines.cli import run_cli
-from pipelines.config import ExportConfig, Params, load_params, section_dict
+from pipelines.config import ExportConfig, Params, section_dict
 from pipelines.errors import ParityError
 from pipelines.prepare import read_split
 from pipelines.preprocessing import to_model_input
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--name", default="teacher", help="candidate family name")
     args = parser.parse_args(argv)
-    run_cli(lambda: _run(load_params(args.params), args))
+    run_cli(lambda params: _run(params, args), args.params)
 
 
 def _run(params: Params, args: argparse.Namespace) -> None:

@@ -14,11 +14,16 @@ if TYPE_CHECKING:
 
 Factory = Callable[..., "nn.Module"]
 ARCHITECTURES: dict[str, Factory] = {}
+IMAGE_INPUT: set[str] = set()  # architectures that need (C, H, W) rows: data.image_shape set
 
 
-def register(name: str) -> Callable[[Factory], Factory]:
+def register(name: str, *, image_input: bool = False) -> Callable[[Factory], Factory]:
+    """Register a factory under `name`; `image_input`: it needs rows shaped as images."""
+
     def decorate(factory: Factory) -> Factory:
         ARCHITECTURES[name] = factory
+        if image_input:
+            IMAGE_INPUT.add(name)
         return factory
 
     return decorate
@@ -49,7 +54,7 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-@register("cnn")
+@register("cnn", image_input=True)
 def cnn(
     input_shape: tuple[int, ...], num_classes: int, width: int, depth: int, dropout: float
 ) -> nn.Module:

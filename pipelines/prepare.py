@@ -1,7 +1,9 @@
 """`prepare`: read the configured source, split it train/val/test by seed, write Parquet + manifest.
 
 Checks here are only what splitting needs (a readable table with the label column); the
-`validate` stage is the data gate, so odd values pass through to be reported there.
+`validate` stage is the data gate, so odd values pass through to be reported there. A CSV is read
+with only empty cells as nulls: a text such as `n/a`, `NA` or `NaN` in a numeric column stays
+text, so `validate` reports it as non-numeric (the manifest names its source rows), not as null.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import pandas as pd
 
 from pipelines.artifacts import atomic_path, file_sha256, read_json, write_json
 from pipelines.cli import run_cli
-from pipelines.config import DataConfig, Params, PrepareConfig, load_params, section_dict
+from pipelines.config import DataConfig, Params, PrepareConfig, section_dict
 from pipelines.errors import DataSourceError
 from pipelines.preprocessing import make_spec
 
 SPLITS = ("train", "val", "test")
+SAMPLE = 5  # example values and source rows kept per column
 log = logging.getLogger(__name__)
 
 
@@ -63,26 +66,68 @@ def _read_table(path: Path) -> pd.DataFrame:
     if path.stat().st_size == 0:
         raise DataSourceError(f"{path}: the file is empty (no header, no rows)")
     try:
-        if path.suffix.lower() == ".csv":
-            return pd.read_csv(path)
+        if path.suffix.lower() == ".csv":  # only an empty cell is a null, not "NA", "n/a" ...
+            return pd.read_csv(path, keep_default_na=False, na_values=[""])
         return pd.read_parquet(path)
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise DataSourceError(f"{path}: cannot be read as a table: {exc}") from exc
 
 
+def numeric_columns(data: DataConfig) -> list[str]:
+    """The columns that must hold numbers: the features, and the label when labels are ints."""
+    numeric_label = all(isinstance(label, int) for label in data.labels)
+    return [*data.feature_columns, *([data.label_column] if numeric_label else [])]
+
+
+def as_numbers(column: pd.Series) -> pd.Series:
+    """A text column with its numbers parsed ('2.5' -> 2.5, whole numbers as int); text that is
+    no number ('n/a', 'NaN', 'x') stays text, nulls stay null. Numeric columns come back as is."""
+    if pd.api.types.is_numeric_dtype(column):
+        return column
+    numbers = pd.to_numeric(column, errors="coerce")
+    values = [
+        (int(n) if float(n).is_integer() else float(n)) if pd.notna(n) else v
+        for v, n in zip(column.astype(object), numbers, strict=True)
+    ]
+    return pd.Series(values, index=column.index, name=column.name, dtype=object)
+
+
+def non_numeric_cells(frame: pd.DataFrame, columns: list[str]) -> dict[str, dict[str, Any]]:
+    """Per column that must be numeric: how many cells hold text that is no number, a few
+    distinct examples, and their source rows (1 = the first row after a CSV's header)."""
+    found = {}
+    for column in (c for c in columns if c in frame.columns):
+        values = as_numbers(frame[column])
+        bad = values.map(lambda v: isinstance(v, str))
+        if bad.any():
+            texts = values[bad]
+            found[str(column)] = {
+                "count": int(bad.sum()),
+                "examples": list(dict.fromkeys(texts))[:SAMPLE],
+                "rows": [int(i) + 1 for i in texts.index[:SAMPLE]],
+            }
+    return found
+
+
 def split(frame: pd.DataFrame, label: str, cfg: PrepareConfig) -> dict[str, pd.DataFrame]:
     """Stratified train/val/test split by seed; plain random where stratifying is impossible
-    (nulls in the label, a class with too few rows): `validate` then reports why."""
+    (nulls in the label, a class with too few rows); all rows in train where even that is (a
+    handful of rows): `validate` then reports why."""
+    unsplit = {"train": frame, "val": frame.iloc[:0], "test": frame.iloc[:0]}
     if len(frame) < 3:
-        return {"train": frame, "val": frame.iloc[:0], "test": frame.iloc[:0]}
+        return unsplit
     holdout = cfg.val_fraction + cfg.test_fraction
     try:
         rest, held = _split(frame, holdout, label, cfg.seed, stratify=True)
         val, test = _split(held, cfg.test_fraction / holdout, label, cfg.seed, stratify=True)
     except ValueError as exc:
         log.warning("prepare: cannot stratify (%s); splitting at random", exc)
-        rest, held = _split(frame, holdout, label, cfg.seed, stratify=False)
-        val, test = _split(held, cfg.test_fraction / holdout, label, cfg.seed, stratify=False)
+        try:
+            rest, held = _split(frame, holdout, label, cfg.seed, stratify=False)
+            val, test = _split(held, cfg.test_fraction / holdout, label, cfg.seed, stratify=False)
+        except ValueError as again:
+            log.warning("prepare: cannot split %d rows (%s); all go to train", len(frame), again)
+            return unsplit
     return {"train": rest, "val": val, "test": test}
 
 
@@ -109,7 +154,10 @@ def content_hash(splits: dict[str, pd.DataFrame]) -> str:
 
 
 def manifest(
-    data: DataConfig, splits: dict[str, pd.DataFrame], source_sha256: str | None
+    data: DataConfig,
+    splits: dict[str, pd.DataFrame],
+    source_sha256: str | None,
+    non_numeric: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     frame = splits["train"]
     return {
@@ -131,17 +179,31 @@ def manifest(
             for name, part in splits.items()
         },
         "content_hash": content_hash(splits),
+        "non_numeric": non_numeric or {},  # text in numeric columns, by source row
     }
 
 
 def prepare(data: DataConfig, cfg: PrepareConfig, root: Path, out_dir: Path) -> dict[str, Any]:
     """Write `out_dir`/{train,val,test}.parquet and manifest.json; return the manifest."""
     frame, source_sha = load_source(data, root)
+    cells = non_numeric_cells(frame, numeric_columns(data))
+    for column in (c for c in numeric_columns(data) if c in frame.columns and c not in cells):
+        frame[column] = pd.to_numeric(frame[column])  # numbers stored as text: numbers
+    for column, found in cells.items():
+        log.warning(
+            "prepare: %s: column %r has %d non-numeric value(s), e.g. %s at source row(s) %s; "
+            "validate will reject them",
+            data.source,
+            column,
+            found["count"],
+            ", ".join(map(repr, found["examples"])),
+            ", ".join(map(str, found["rows"])),
+        )
     splits = split(frame, data.label_column, cfg)
     for name, part in splits.items():
         with atomic_path(out_dir / f"{name}.parquet") as tmp:
             part.reset_index(drop=True).to_parquet(tmp, index=False)
-    result = manifest(data, splits, source_sha)
+    result = manifest(data, splits, source_sha, cells)
     write_json(out_dir / "manifest.json", result)  # last: its presence means a complete output
     return result
 
@@ -165,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder of the splits")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     args = parser.parse_args(argv)
-    run_cli(lambda: _run(load_params(args.params), args.out, args.metrics))
+    run_cli(lambda params: _run(params, args.out, args.metrics), args.params)
 
 
 def _run(params: Params, out_dir: Path, metrics_path: Path) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipelines.artifacts import atomic_path, read_json, write_json
 from pipelines.cli import run_cli
-from pipelines.config import Params, QuantizeConfig, load_params, section_dict
+from pipelines.config import Params, QuantizeConfig, section_dict
 from pipelines.errors import PipelineError
 from pipelines.export import embed_metadata
 from pipelines.prepare import read_split
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--name", default="teacher", help="candidate family name")
     args = parser.parse_args(argv)
-    run_cli(lambda: _run(load_params(args.params), args))
+    run_cli(lambda params: _run(params, args), args.params)
 
 
 def _run(params: Params, args: argparse.Namespace) -> None:

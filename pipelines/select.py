@@ -24,7 +24,7 @@ import numpy as np
 
 from pipelines.artifacts import atomic_path, read_json, write_json
 from pipelines.cli import run_cli
-from pipelines.config import Params, SelectConfig, load_params, section_dict
+from pipelines.config import Params, SelectConfig, section_dict
 from pipelines.errors import SelectionError
 from pipelines.quantize import MANIFEST, VARIANTS, split_inputs
 from pipelines.runtime import logits, parity, read_metadata, session
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args(argv)
-    run_cli(lambda: _run(load_params(args.params), args))
+    run_cli(lambda params: _run(params, args), args.params)
 
 
 def _run(params: Params, args: argparse.Namespace) -> None:

@@ -956,7 +956,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tuned", type=Path, help="the tune stage's best-params file")
     args = parser.parse_args(argv)
     outputs = Outputs(args.model, args.metrics, args.plots, args.checkpoint_dir)
-    run_cli(lambda: _run(*effective_params(args.params, args.tuned), args.prepared, outputs))
+    run_cli(
+        lambda _: _run(*effective_params(args.params, args.tuned), args.prepared, outputs),
+        args.params,
+    )
 
 
 def tuned_values(path: Path | None) -> dict[str, Any]:

@@ -51,7 +51,6 @@ from pipelines.config import (
     TrainConfig,
     TuneConfig,
     apply_overrides,
-    load_params,
     section_dict,
     validate_params,
 )
@@ -473,18 +472,37 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    params = load_params(args.params)
     if args.worker:
         run_cli(
-            lambda: _work(params, args.prepared, args.worker_index, args.trials, args.untracked)
+            lambda params: _work(
+                params, args.prepared, args.worker_index, args.trials, args.untracked
+            ),
+            args.params,
         )
     else:
-        run_cli(lambda: _run(params, args.prepared, args.out, args.metrics))
+        run_cli(lambda params: _run(params, args.prepared, args.out, args.metrics), args.params)
+
+
+def check_devices(params: Params) -> None:
+    """`cuda` as train.device, or among the choices of `tune.space`'s train.device, needs a CUDA
+    device on this host: checked once, before the first trial, not by every trial failing."""
+    wanted: list[tuple[str, object]] = [("train.device", params.train.device)]
+    dim = params.tune.space.get("train.device")
+    wanted += [("tune.space.train.device", choice) for choice in (dim.choices or [])] if dim else []
+    if not any(value == "cuda" for _, value in wanted):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        key = next(key for key, value in wanted if value == "cuda")
+        raise ParamsError(f"{key}: 'cuda' but this host has no CUDA device; use auto or cpu")
 
 
 def _run(params: Params, prepared_dir: Path, out: Path, metrics_path: Path) -> None:
     from pipelines.tracking import stage_run
 
+    if params.tune.enabled:
+        check_devices(params)
     manifest = read_manifest(prepared_dir)
     section = {"tune": section_dict(params.tune), "train": section_dict(params.train)}
     root = Path.cwd()
@@ -512,6 +530,7 @@ def _work(
 
     if not params.tune.enabled:
         raise ParamsError("tune.enabled is false in params.yaml: no study to work on")
+    check_devices(params)
     root = Path.cwd()
     name = study_name(params, read_manifest(prepared_dir)["content_hash"])
     storage = storage_url(params.tune, root)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ import pandas as pd
 
 from pipelines.artifacts import write_json
 from pipelines.cli import run_cli
-from pipelines.config import DataConfig, Params, ValidateConfig, load_params, section_dict
+from pipelines.config import DataConfig, Params, ValidateConfig, section_dict
 from pipelines.errors import DataSourceError, DataValidationError
-from pipelines.prepare import SPLITS, read_manifest
+from pipelines.prepare import SPLITS, as_numbers, numeric_columns, read_manifest
 
 HASH_COLUMN = "_row_hash"
 DOCS_SITE = "validate"
@@ -78,9 +77,13 @@ def row_hashes(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
 
 
 def rows_frame(splits: dict[str, pd.DataFrame], data: DataConfig) -> pd.DataFrame:
-    """All splits stacked, with the feature-row digest the duplicate check runs on."""
+    """All splits stacked, with the feature-row digest the duplicate check runs on. A numeric
+    column that came as text (a CSV cell such as `n/a`) has its numbers parsed, so the type check
+    counts only the values that are no number."""
     frame = pd.concat([splits[name] for name in SPLITS], ignore_index=True)
     frame[HASH_COLUMN] = row_hashes(frame, data.feature_columns)
+    for column in (c for c in numeric_columns(data) if c in frame.columns):
+        frame[column] = as_numbers(frame[column])
     return frame
 
 
@@ -213,8 +216,7 @@ def build_checks(
 
 
 def _gx() -> ModuleType:
-    """Great Expectations, imported on first use (~4 s), quiet and offline."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # older 1.x releases post usage events
+    """Great Expectations, imported on first use (~4 s), quiet (offline: see pipelines/__init__)."""
     import great_expectations
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
@@ -309,6 +311,17 @@ def exception_message(info: dict[str, Any]) -> str | None:
             message = str(entry.get("exception_message") or "exception").strip()
             return message.splitlines()[0] if message else "exception"
     return None
+
+
+def add_source_rows(records: list[dict[str, Any]], prepared_dir: Path) -> None:
+    """The source rows `prepare` found non-numeric text in, on each failed type check."""
+    path = Path(prepared_dir) / "manifest.json"
+    cells = read_manifest(prepared_dir).get("non_numeric", {}) if path.is_file() else {}
+    for r in records:
+        found = cells.get(r["column"])
+        if found and not r["success"] and r["type"] == "expect_column_values_to_be_in_type_list":
+            more = ["..."] if found["count"] > len(found["rows"]) else []
+            r["source_rows"] = [*found["rows"], *more]
 
 
 # --- the summary and the message ------------------------------------------------------------
@@ -428,8 +441,10 @@ def column_line(r: dict[str, Any]) -> str:
         return f"{head}: observed {r['observed_value']} ({r['reason']})"
     values = [v for v in r["sample"] if v is not None]
     sample = f"; e.g. {', '.join(map(repr, values))}" if values else ""
+    rows = r.get("source_rows")
+    where = f"; source rows {', '.join(map(str, rows))}" if rows else ""
     count = f"{r['unexpected_count']} of {r['element_count']} rows unexpected"
-    return f"{head}: {count} ({r['reason']}{sample})"
+    return f"{head}: {count} ({r['reason']}{sample}{where})"
 
 
 def failure_message(summary: dict[str, Any]) -> str:
@@ -452,6 +467,7 @@ def run_gate(
     context = gx_context(docs_dir)
     source = context.data_sources.add_pandas("prepared")
     records = [r for c in build_checks(data, cfg, splits) for r in run_check(context, source, c)]
+    add_source_rows(records, prepared_dir)
     summary = summarize(records, Path(docs_dir) / "index.html")
     write_json(Path(docs_dir) / "summary.json", summary)
     log.info("validate: %d of %d expectations passed", summary["successful"], summary["evaluated"])
@@ -487,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=Path, required=True, help="Data Docs folder to write")
     parser.add_argument("--metrics", type=Path, required=True, help="summary JSON to write")
     args = parser.parse_args(argv)
-    run_cli(lambda: _run(load_params(args.params), args.prepared, args.docs, args.metrics))
+    run_cli(lambda params: _run(params, args.prepared, args.docs, args.metrics), args.params)
 
 
 def _run(params: Params, prepared_dir: Path, docs_dir: Path, metrics_path: Path) -> None:

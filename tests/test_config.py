@@ -1,8 +1,22 @@
+import re
+from collections.abc import Iterator
 from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import pytest
+import yaml
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from pipelines.config import apply_overrides, load_params
+from pipelines.config import (
+    DataSource,
+    Params,
+    RunOverrides,
+    SpaceParam,
+    apply_overrides,
+    load_params,
+    validate_params,
+)
 from pipelines.errors import ParamsError
 from tests.conftest import REPO
 
@@ -69,3 +83,208 @@ def test_overrides_merge_nested_and_dotted_keys() -> None:
     merged = apply_overrides(raw, {"train": {"model": {"width": 8}}, "train.epochs": 5})
     assert merged == {"train": {"model": {"arch": "cnn", "width": 8}, "epochs": 5}}
     assert raw["train"]["epochs"] == 3
+
+
+# --- the one-line form, bounds, sources, settings that cannot work together --------------------
+
+
+def raw_params() -> dict[str, Any]:
+    raw: dict[str, Any] = yaml.safe_load((REPO / "params.yaml").read_text())
+    return raw
+
+
+def rejected(raw: dict[str, Any]) -> str:
+    with pytest.raises(ParamsError) as info:
+        validate_params(raw, source="params.yaml")
+    return str(info.value)
+
+
+def test_first_line_names_the_first_problem() -> None:
+    raw = raw_params()
+    raw["train"]["lr"] = 0
+    raw["train"]["epochs"] = 0
+    lines = rejected(raw).splitlines()
+    assert lines[0].startswith("params.yaml: invalid parameters: train.epochs: Input should be")
+    assert lines[1].startswith("  train.lr: Input should be greater than 0")
+
+
+def numeric_leaves(
+    model: type[BaseModel], raw: Any, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(path in params.yaml, an absurdly large value of the field's shape) for every numeric
+    setting of `model` (walked from its type hints, so a new field is covered without a test
+    change); the tune space's bounds are checked through the train keys they range over."""
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        sub = raw.get(key) if isinstance(raw, dict) else None
+        yield from numeric_field((*path, key), info.annotation, sub)
+
+
+def numeric_field(
+    path: tuple[str, ...], annotation: Any, raw: Any
+) -> Iterator[tuple[tuple[str, ...], Any]]:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield from numeric_leaves(annotation, raw, path)
+    elif annotation in (int, float):
+        yield path, ABSURD
+    elif origin is tuple and numeric(annotation):
+        yield path, [ABSURD] * len(args)
+    elif origin is dict and numeric(args[1]):
+        yield path, {"train": ABSURD}
+    elif origin is dict and args[1] is SpaceParam:
+        for dim, spec in raw.items():
+            if spec["type"] != "categorical":
+                yield (*path, dim, "high"), ABSURD
+    elif origin in (Union, UnionType):
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if models and isinstance(raw, dict):
+            yield from numeric_leaves(models[0], raw, path)
+        elif not models:
+            for arg in args:
+                if arg is not type(None) and numeric(arg):
+                    yield from numeric_field(path, arg, raw)
+                    break
+
+
+def numeric(annotation: Any) -> bool:
+    if annotation in (int, float):
+        return True
+    base = get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+    return base in (int, float) or any(numeric(a) for a in get_args(base))
+
+
+ABSURD = 10**15
+NUMERIC = list(numeric_leaves(Params, raw_params()))
+
+
+def test_every_numeric_setting_is_found() -> None:
+    names = {".".join(path) for path, _ in NUMERIC}
+    assert {"train.epochs", "data.value_range", "orchestration.stage_timeout_s"} <= names
+    assert {"tune.space.train.lr.high", "serve.max_rows", "data.features.count"} <= names
+    assert len(NUMERIC) > 50
+
+
+@pytest.mark.parametrize(("path", "value"), NUMERIC, ids=[".".join(path) for path, _ in NUMERIC])
+def test_every_numeric_setting_has_an_upper_bound(path: tuple[str, ...], value: Any) -> None:
+    raw = raw_params()
+    node = raw
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    named = ".".join(path[:3] if path[:2] == ("tune", "space") else path)
+    assert f": invalid parameters: {named}" in rejected(raw)
+
+
+@pytest.mark.parametrize("field", ["epochs", "lr", "batch_size"])
+def test_ui_parameters_share_the_bounds(field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        RunOverrides.model_validate({field: 100_000_000})
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "/etc/passwd.csv",
+        "../outside.csv",
+        "data/../outside.csv",
+        "raw.csv",
+        "C:/data/x.csv",
+        "data\\..\\x.csv",
+        "reports/x.parquet",
+    ],
+)
+def test_data_source_must_be_a_relative_path_under_data(source: str) -> None:
+    with pytest.raises(ParamsError, match=r"invalid parameters: data\.source: must be a"):
+        load_params(REPO / "params.yaml", overrides={"data.source": source})
+    with pytest.raises(ValidationError, match="data_source"):
+        RunOverrides(data_source=source)
+    schema = TypeAdapter(DataSource).json_schema()
+    assert not re.match(schema["pattern"], source), "the UI form's pattern must refuse it too"
+
+
+@pytest.mark.parametrize(
+    "source", ["digits", "data/raw/my set.csv", "data/x.PARQUET", "data/a..b.pq"]
+)
+def test_data_source_accepts_builtin_and_tables_under_data(source: str) -> None:
+    load_params(REPO / "params.yaml", overrides={"data.source": source})
+    assert RunOverrides(data_source=source).data_source == source
+    assert re.match(TypeAdapter(DataSource).json_schema()["pattern"], source)
+
+
+def tabular(raw: dict[str, Any]) -> dict[str, Any]:
+    """The README's "your own data" shape: no image shape, flat-row models everywhere."""
+    raw["data"]["image_shape"] = None
+    raw["train"]["model"]["arch"] = "mlp"
+    raw["distill"]["model"]["arch"] = "mlp"
+    return raw
+
+
+def test_tabular_data_with_flat_models_is_accepted() -> None:
+    validate_params(tabular(raw_params()))
+
+
+@pytest.mark.parametrize(
+    ("change", "first", "second"),
+    [
+        (lambda r: r["train"]["model"].update(arch="cnn"), "train.model.arch", "data.image_shape"),
+        (lambda r: r["distill"]["model"].update(arch="cnn"), "distill.model.arch", "image_shape"),
+        (
+            lambda r: r["tune"]["space"].update(
+                {"train.model.arch": {"type": "categorical", "choices": ["mlp", "cnn"]}}
+            ),
+            "tune.space.train.model.arch: 'cnn'",
+            "data.image_shape",
+        ),
+        (
+            lambda r: r["select"].update(serving_batch=8192),
+            "select.serving_batch",
+            "export.max_batch",
+        ),
+        (lambda r: r["serve"].update(max_rows=5000), "serve.max_rows", "export.max_batch"),
+        (
+            lambda r: r["select"].update(serving_batch=512),
+            "select.serving_batch",
+            "convert.max_batch",
+        ),
+        (
+            lambda r: r["tune"]["space"].update(
+                {"train.lr": {"type": "float", "low": 0.1, "high": 20}}
+            ),
+            "tune.space.train.lr: 20.0 is not allowed",
+            "train.lr",
+        ),
+    ],
+)
+def test_settings_that_cannot_work_together_name_both_keys(
+    change: Any, first: str, second: str
+) -> None:
+    raw = tabular(raw_params())
+    change(raw)
+    message = rejected(raw)
+    line = next(line for line in message.splitlines() if first in line)
+    assert second in line.split(first, 1)[1]
+    assert "Traceback" not in message
+
+
+def test_the_readme_own_data_example_is_accepted() -> None:
+    """The "Your own data" block, on top of params.yaml: tabular data with flat-row models."""
+    text = (REPO / "README.md").read_text().split("### Your own data", 1)[1]
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    example = yaml.safe_load(block)
+    params = load_params(REPO / "params.yaml", overrides=example)
+    assert params.data.image_shape is None and params.distill.model.arch == "mlp"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("orchestration.gpu_stages", ["train", "trian"]),
+        ("orchestration.stage_timeout_s", {"prepare": 60, "evalute": 60}),
+        ("orchestration.stage_timeout_s", {}),
+    ],
+)
+def test_orchestration_names_only_real_stages(key: str, value: Any) -> None:
+    raw = raw_params()
+    raw["orchestration"][key.split(".")[1]] = value
+    assert f"invalid parameters: {key}: " in rejected(raw)

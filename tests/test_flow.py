@@ -30,6 +30,7 @@ from flows import deploy
 from flows.params_file import overridden_params_file, render_overridden
 from flows.reporting import reproduce_command
 from flows.train import StageFailed, StageRejected, ensure_gpu_limit, stage_order, train
+from pipelines import telemetry_off
 from pipelines.config import RunOverrides
 from pipelines.errors import ParamsError
 from tests.conftest import REPO
@@ -383,7 +384,7 @@ def test_deploy_from_git_clones_on_the_worker(prefect_api: None) -> None:
     step = deployment.pull_steps[0]["prefect.deployments.steps.git_clone"]
     assert (step["repository"], step["branch"]) == ("file:///srv/git/mlops.git", "main")
     assert deployment.job_variables == {
-        "env": {"MLOPS_PROJECT_DIR": "."},
+        "env": {**telemetry_off(), "MLOPS_PROJECT_DIR": "."},
         "working_dir": "/srv/run",
     }
     deploy.deploy()

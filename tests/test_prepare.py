@@ -7,7 +7,7 @@ import pytest
 from pipelines.artifacts import read_json
 from pipelines.config import Params, load_params
 from pipelines.errors import DataSourceError
-from pipelines.prepare import prepare, read_split
+from pipelines.prepare import non_numeric_cells, prepare, read_split
 from tests.conftest import REPO
 
 TABLE = {
@@ -15,6 +15,8 @@ TABLE = {
     "data.labels": ["cat", "dog"],
     "data.value_range": [0, 10],
     "data.image_shape": None,
+    "train.model.arch": "mlp",
+    "distill.model.arch": "mlp",
 }
 
 
@@ -89,3 +91,43 @@ def test_tiny_class_falls_back_to_a_random_split(tmp_path: Path) -> None:
     params = table_params("data/t.csv")
     manifest = prepare(params.data, params.prepare, tmp_path, tmp_path / "out")
     assert sum(s["rows"] for s in manifest["splits"].values()) == 200
+
+
+# pandas' default NA tokens (read_csv's `na_values` documentation), and other text
+NA_TOKENS = [
+    *["#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN"],
+    *["<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null", "-", "x"],
+]
+
+
+@pytest.mark.parametrize("token", NA_TOKENS)
+def test_a_na_token_in_a_numeric_column_stays_text_with_its_source_row(
+    tmp_path: Path, token: str
+) -> None:
+    (tmp_path / "data").mkdir()
+    lines = ["a,b,c,label", "1,2,3,cat", f"4,{token},6,dog", "7,8,,cat"]
+    (tmp_path / "data" / "t.csv").write_text("\n".join(lines) + "\n")
+    params = table_params("data/t.csv")
+    manifest = prepare(params.data, params.prepare, tmp_path, tmp_path / "out")
+    assert manifest["non_numeric"] == {"b": {"count": 1, "examples": [token], "rows": [2]}}
+    rows = pd.concat(read_split(tmp_path / "out", name) for name in ("train", "val", "test"))
+    assert token in set(rows["b"]) and rows["c"].isna().sum() == 1  # only the empty cell
+
+
+def test_numbers_in_text_columns_are_not_reported() -> None:
+    frame = pd.DataFrame({"a": ["1", "2.5", None, "n/a"], "label": ["3", "4", "x", "5"]})
+    found = non_numeric_cells(frame, ["a", "label", "absent"])
+    assert found == {
+        "a": {"count": 1, "examples": ["n/a"], "rows": [4]},
+        "label": {"count": 1, "examples": ["x"], "rows": [3]},
+    }
+
+
+def test_numbers_stored_as_text_become_numbers(tmp_path: Path) -> None:
+    """A Parquet file whose numeric columns are text: numbers downstream, nothing reported."""
+    (tmp_path / "data").mkdir()
+    frame = user_table().astype({"a": str})
+    frame.to_parquet(tmp_path / "data" / "t.parquet")
+    params = table_params("data/t.parquet")
+    manifest = prepare(params.data, params.prepare, tmp_path, tmp_path / "out")
+    assert manifest["non_numeric"] == {} and manifest["schema"]["a"] == "float64"

@@ -18,7 +18,9 @@ from pipelines.validate import main, validate
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TABULAR = {
-    "data.source": "raw.csv",
+    "data.source": "data/raw.csv",
+    "train.model.arch": "mlp",
+    "distill.model.arch": "mlp",
     "data.features": ["a", "b"],
     "data.labels": [0, 1],
     "data.value_range": [0, 10],
@@ -38,8 +40,9 @@ def tabular_params(**overrides: Any) -> Params:
 
 
 def prepared(tmp_path: Path, frame: pd.DataFrame, **overrides: Any) -> tuple[Params, Path]:
-    """Write `frame` as raw.csv and run the real `prepare` on it."""
-    frame.to_csv(tmp_path / "raw.csv", index=False)
+    """Write `frame` as data/raw.csv and run the real `prepare` on it."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    frame.to_csv(tmp_path / "data" / "raw.csv", index=False)
     params = tabular_params(**overrides)
     prepare(params.data, params.prepare, tmp_path, tmp_path / "prepared")
     return params, tmp_path / "prepared"
@@ -122,6 +125,26 @@ def test_non_numeric_column(tmp_path: Path) -> None:
     assert len(lines) <= 3  # what cannot run on text values is one folded line at most
 
 
+# pandas' default NA tokens (read_csv's `na_values` documentation), and other text
+NA_TOKENS = [
+    *["#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN"],
+    *["<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null", "-", "x"],
+]
+
+
+def test_text_in_a_numeric_column_is_non_numeric_not_null(tmp_path: Path) -> None:
+    frame = table().astype({"a": object})
+    for row, token in enumerate(NA_TOKENS):
+        frame.loc[2 * row, "a"] = token
+    frame.loc[1, "a"] = None  # a real empty cell: still a null
+    lines = [line.strip() for line in failure(*prepared(tmp_path, frame), tmp_path / "docs")]
+    type_line = next(line for line in lines if "in_type_list on 'a'" in line)
+    count = len(NA_TOKENS)
+    assert f"{count} of 40 rows unexpected (not numeric; e.g. '#N/A', '#N/A N/A'" in type_line
+    assert type_line.endswith("; source rows 1, 3, 5, 7, 9, ...)")
+    assert "expect_column_values_to_not_be_null on 'a': 1 of 40 rows unexpected (null)" in lines
+
+
 def test_header_only_csv_has_no_rows(tmp_path: Path) -> None:
     lines = failure(*prepared(tmp_path, table().iloc[:0]), tmp_path / "docs")
     assert "expect_table_row_count_to_be_between: 0 rows, need >= 1" in lines[1]
@@ -129,7 +152,8 @@ def test_header_only_csv_has_no_rows(tmp_path: Path) -> None:
 
 
 def test_zero_byte_file_is_rejected_by_prepare(tmp_path: Path) -> None:
-    (tmp_path / "raw.csv").write_bytes(b"")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "raw.csv").write_bytes(b"")
     params = tabular_params()
     with pytest.raises(DataSourceError, match="empty"):
         prepare(params.data, params.prepare, tmp_path, tmp_path / "prepared")
