@@ -442,3 +442,39 @@ def test_bad_parameters_are_rejected_when_the_run_is_created(
         good = client.create_flow_run_from_deployment(deployment_id, parameters={"epochs": 2})
     assert message in caught.value.response.text
     assert good.parameters == {"epochs": 2}
+
+
+def test_run_form_shows_what_an_empty_field_uses_and_refuses_unknown_names(
+    prefect_api: None,
+) -> None:
+    """The UI's run form: the documented fields only, typed (no "Property is type None"), each
+    titled with the params.yaml value an empty field leaves in force; a misspelt or internal
+    name is refused when the run is created, like a bad value."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from pipelines.config import load_params
+
+    params = load_params(REPO / "params.yaml")
+    deployment_id: UUID = deploy.deploy()["train/on-demand"]
+    schema = read_deployment("train/on-demand").parameter_openapi_schema
+    fields = schema["properties"]
+    assert set(fields) == {"epochs", "lr", "batch_size", "arch", "data_source", "force"}
+    assert schema["additionalProperties"] is False
+    for name, field in fields.items():
+        assert "anyOf" not in field and field.get("default", False) is not None, field
+        assert field.get("description"), name
+    assert fields["epochs"]["type"] == "integer"
+    assert f"train.epochs, now {params.train.epochs}" in fields["epochs"]["title"]
+    assert f"train.model.arch, now {params.train.model.arch}" in fields["arch"]["title"]
+    assert fields["arch"]["enum"] == ["mlp", "cnn"]
+    assert "re-run every stage" in fields["force"]["title"]
+    with get_client(sync_client=True) as client:
+        for parameters in ({"epoch": 3}, {"project_dir": "/tmp"}):
+            with pytest.raises(PrefectHTTPStatusError, match="Validation failed") as caught:
+                client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+            assert caught.value.response.status_code == 409
+            assert next(iter(parameters)) in caught.value.response.text
+        good = client.create_flow_run_from_deployment(deployment_id, parameters={"force": True})
+    assert good.parameters == {"force": True}
+    tune = read_deployment("tune-worker/on-demand").parameter_openapi_schema
+    assert set(tune["properties"]) == {"trials"} and tune["additionalProperties"] is False
