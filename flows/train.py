@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import gc
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +28,7 @@ from flows.dvc_runner import DvcSession, StageOutcome
 from flows.params_file import effective_params, overridden_params_file, run_overrides
 from pipelines.cli import EXIT_REJECTED
 from pipelines.config import Arch, BatchSize, DataSource, Epochs, LearningRate, Params, RunOverrides
+from pipelines.errors import PipelineError
 from pipelines.tracking import PARENT_ENV, end_parent_run, start_parent_run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -85,10 +87,21 @@ def _raise_for(outcome: StageOutcome) -> None:
     """StageRejected for exit status EXIT_REJECTED (bad input), StageFailed for any other."""
     if outcome.code == 0:
         return
-    errors = [line for line in outcome.lines if line.startswith("error: ")]
-    detail = "\n".join(errors) or "\n".join(outcome.lines[-20:])
+    detail = "\n".join(defect_lines(outcome.lines) or outcome.lines[-20:])
     kind = StageRejected if outcome.code == EXIT_REJECTED else StageFailed
     raise kind(f"stage {outcome.stage!r} failed (exit {outcome.code}): {outcome.error}\n{detail}")
+
+
+def defect_lines(lines: Sequence[str]) -> list[str]:
+    """The stage's `error: ` lines with the indented lines that continue each (the failed
+    expectation, its column, the count): what `dvc repro` shows of the defect."""
+    kept: list[str] = []
+    in_error = False
+    for line in lines:
+        in_error = line.startswith("error: ") or (in_error and line[:1] in (" ", "\t"))
+        if in_error:
+            kept.append(line)
+    return kept
 
 
 @contextlib.contextmanager
@@ -104,12 +117,17 @@ def gpu_slot(stage: str, params: Params) -> Iterator[None]:
 
 
 def run_stages(
-    params: Params, session: DvcSession, parent_run_id: str, force: bool = False
+    params: Params,
+    session: DvcSession,
+    parent_run_id: str,
+    force: bool = False,
+    states: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Each stage as its own task run, in order; returns stage -> final state name."""
+    """Each stage as its own task run, in order; returns stage -> final state name (also
+    filled into `states` as they end, so a caller sees them when a stage fails)."""
     cfg = params.orchestration
     env = {PARENT_ENV: parent_run_id}
-    states: dict[str, str] = {}
+    states = {} if states is None else states
     for stage in session.stage_order():
         timeout = cfg.stage_timeout_s.get(stage, max(cfg.stage_timeout_s.values()))
         with gpu_slot(stage, params):
@@ -154,18 +172,19 @@ def train(
     with overridden_params_file(root, overrides), DvcSession(root) as session:
         session.start()  # DVC gets ready in its own process while MLflow starts here
         parent = start_parent_run(params, root, name="train-flow")
+        states: dict[str, str] = {}
         try:
-            states = run_stages(params, session, parent, force)
+            run_stages(params, session, parent, force, states)
             decision = register_task(params, root, parent) if SELECT_STAGE in states else None
             bento = (
                 package_task(params, root) if decision and decision["alias"] == "champion" else None
             )
         except BaseException:
             end_parent_run(params, root, parent, status="FAILED")
-            _publish(params, session, parent, overrides, failed=True)
+            _publish(params, session, parent, overrides, states, failed=True)
             raise
         end_parent_run(params, root, parent)
-        links = _publish(params, session, parent, overrides)
+        links = _publish(params, session, parent, overrides, states)
     return {
         "mlflow_parent_run_id": parent,
         "stages": states,
@@ -176,7 +195,12 @@ def train(
 
 
 def _publish(
-    params: Params, session: DvcSession, parent: str, overrides: RunOverrides, failed: bool = False
+    params: Params,
+    session: DvcSession,
+    parent: str,
+    overrides: RunOverrides,
+    states: dict[str, str],
+    failed: bool = False,
 ) -> dict[str, Any]:
     """Prefect artifacts: the MLflow run link, the Data Docs location, metrics, how to reproduce."""
     from flows.reporting import metrics_table, mlflow_run_url, reproduce_command
@@ -187,9 +211,11 @@ def _publish(
     found = [m["docs_index"] for m in metrics.values() if isinstance(m, dict) and "docs_index" in m]
     docs = session.root / (found[0] if found else "reports/validate/index.html")
     create_link_artifact(docs.as_uri(), link_text="Great Expectations Data Docs", key="data-docs")
-    table = metrics_table(metrics)
+    table = metrics_table(metrics, session.metrics_files(), states)
     create_markdown_artifact(
-        f"{table}\n\n**Reproduce:** `{reproduce_command(overrides)}`",
+        f"{table}\n\n**Reproduce** on this commit: `{reproduce_command(overrides)}` (`--force`"
+        " reruns every stage: in this checkout DVC finds their outputs recorded and would skip"
+        " them all)",
         key="run-metrics",
         description="Failed run: metrics of the stages that finished" if failed else None,
     )
@@ -254,7 +280,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="re-run up-to-date stages too")
     args = parser.parse_args(argv)
     ensure_gpu_limit()
-    result = train(force=args.force)
+    try:
+        result = train(force=args.force)
+    except (StageRejected, PipelineError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_REJECTED)  # no traceback; the defect's lines as the stage printed them
+    except StageFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     print(f"stages: {result['stages']}\nMLflow parent run: {result['mlflow_run_url']}")
     if result["package"]:
         print(f"bento: {result['package']['bento_tag']} -> {result['package']['archive']}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -49,7 +50,8 @@ mode = os.environ.get(f"FAKE_{stage.upper()}", "")
 if mode.startswith("exit:"):
     _, code, times = mode.split(":")
     if attempt <= int(times):
-        print(f"error: {stage} was told to fail", file=sys.stderr)
+        print(f"error: {stage} was told to fail:", file=sys.stderr)
+        print("  column x: 3 rows\\nsome later output", file=sys.stderr)
         sys.exit(int(code))
 if mode.startswith("hang:") and attempt <= int(mode.split(":")[1]):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
@@ -213,8 +215,8 @@ def test_run_publishes_links_metrics_and_how_to_reproduce(
     assert parent in str(artifacts["mlflow-run"].data)
     assert "reports/validate/index.html" in str(artifacts["data-docs"].data)
     table = str(artifacts["run-metrics"].data)
-    assert "| metrics/train.json | epochs | 3 |" in table
-    assert "dvc exp run -S train.epochs=3" in table
+    assert "| train | ran | metrics/train.json | epochs | 3 |" in table
+    assert "`dvc exp run --force -S train.epochs=3`" in table
 
 
 def test_overrides_reach_the_stages_and_params_yaml_is_restored(
@@ -240,6 +242,46 @@ def test_rejected_stage_is_not_retried_and_later_stages_never_run(
     assert (attempts(fake_project, "train"), attempts(fake_project, "evaluate")) == (1, 0)
     assert task_runs(state)["train"].run_count == 1
     assert (fake_project / "params.yaml").read_text() == before
+
+
+def test_a_failed_run_names_the_defect_and_shows_only_this_runs_figures(
+    prefect_api: None, fake_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flow run's message keeps the indented lines under `error: ` (the failed check, its
+    column, the count); the metrics table holds only figures of stages of this run: the earlier
+    run's evaluate figures (another model) are left out, not mixed in."""
+    assert run_flow(fake_project, epochs=2).is_completed()
+    monkeypatch.setenv("FAKE_EVALUATE", "exit:2:5")
+    state = run_flow(fake_project, epochs=4)
+    assert state.is_failed()
+    message = state.message or ""
+    assert "error: evaluate was told to fail:\n  column x: 3 rows" in message
+    assert "some later output" not in message
+    with get_client(sync_client=True) as client:
+        artifacts = {str(a.key): a for a in client.read_artifacts(flow_run_filter=of_run(state))}
+    table = str(artifacts["run-metrics"].data)
+    assert "| train | ran | metrics/train.json | epochs | 4 |" in table
+    assert "| prepare | up to date | metrics/prepare.json | epochs | 2 |" in table
+    assert "metrics/evaluate.json" not in table  # epochs=2: the earlier model's figures
+    assert "Not in this run (failed or not reached; figures left out): evaluate" in table
+
+
+def test_the_cli_ends_with_the_defect_and_the_rejected_input_code(
+    prefect_api: None,
+    fake_project: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from flows.train import main
+
+    monkeypatch.setenv("MLOPS_PROJECT_DIR", str(fake_project))
+    monkeypatch.setenv("FAKE_TRAIN", "exit:2:5")
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.rstrip().splitlines()
+    assert err[-2:] == ["error: train was told to fail:", "  column x: 3 rows"]
+    assert err[-3].startswith("error: stage 'train' failed (exit 2)")
 
 
 def test_transient_failure_is_retried(
@@ -304,11 +346,47 @@ def test_bad_override_is_rejected_before_any_stage_runs(
 
 
 def test_reproduce_command_names_each_override() -> None:
-    assert reproduce_command(RunOverrides()) == "dvc repro"
+    assert reproduce_command(RunOverrides()) == "dvc repro --force"
     command = reproduce_command(RunOverrides(epochs=2, arch="mlp", data_source="data/my set.csv"))
     assert command == (
-        "dvc exp run -S train.epochs=2 -S train.model.arch=mlp -S 'data.source=data/my set.csv'"
+        "dvc exp run --force -S train.epochs=2 -S train.model.arch=mlp"
+        " -S 'data.source=data/my set.csv'"
     )
+
+
+def test_the_printed_reproduce_command_reruns_the_stages(
+    prefect_api: None, fake_project: Path
+) -> None:
+    """The run-metrics artifact's command, run as printed in the run's own checkout, runs the
+    stages again with the run's values (without `--force` DVC would skip every one)."""
+    import shlex
+
+    git_env = {
+        f"GIT_{who}_{what}": value
+        for who in ("AUTHOR", "COMMITTER")
+        for what, value in (("NAME", "test"), ("EMAIL", "test@localhost"))
+    }
+    state = run_flow(fake_project, epochs=3)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(flow_run_filter=of_run(state))
+    text = next(str(a.data) for a in found if a.key == "run-metrics")
+    command = text.split("**Reproduce** on this commit: `", 1)[1].split("`", 1)[0]
+    assert command == "dvc exp run --force -S train.epochs=3"
+    env = {**os.environ, **git_env, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "add", "-A"], cwd=fake_project, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "run"], cwd=fake_project, check=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", *shlex.split(command)],
+        cwd=fake_project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {stage: attempts(fake_project, stage) for stage in STAGES} == dict.fromkeys(STAGES, 2)
+    assert (fake_project / "out" / "train.txt").read_text() == "train epochs=3"
 
 
 def test_overridden_params_keep_comments_and_are_undone(tmp_path: Path) -> None:
