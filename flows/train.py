@@ -104,16 +104,83 @@ def defect_lines(lines: Sequence[str]) -> list[str]:
     return kept
 
 
+class GpuSlotUnavailable(RuntimeError):
+    """No slot of the global concurrency limit `gpu` came free within orchestration.gpu_wait_s."""
+
+
+GPU_LIMIT = "gpu"
+RESET_GPU_LIMIT = f"prefect global-concurrency-limit update {GPU_LIMIT} --active-slots 0"
+
+
 @contextlib.contextmanager
 def gpu_slot(stage: str, params: Params) -> Iterator[None]:
-    """Hold one slot of the global concurrency limit `gpu` around GPU stages."""
+    """Hold one slot of the global concurrency limit `gpu` around GPU stages.
+
+    Waits at most `orchestration.gpu_wait_s` (logged when every slot is taken), then raises
+    GpuSlotUnavailable. Once the stage has run, neither a failed lease renewal nor a failed
+    release fails it (the Prefect server was away, say): they are logged, and the slot comes
+    back when the flow run retries the release on exit, or when the server finds the lease
+    expired (README: "The gpu slot")."""
     if stage not in params.orchestration.gpu_stages:
         yield
         return
     from prefect.concurrency.sync import concurrency
 
-    with concurrency("gpu", occupy=1, strict=True):
-        yield
+    wait_s = params.orchestration.gpu_wait_s
+    logger = get_run_logger()
+    _log_if_waiting(logger, stage, wait_s)
+    entered, failed = False, False
+    try:
+        with concurrency(
+            GPU_LIMIT,
+            occupy=1,
+            timeout_seconds=wait_s,
+            strict=True,
+            raise_on_lease_renewal_failure=False,
+        ):
+            entered = True
+            try:
+                yield
+            except BaseException:
+                failed = True
+                raise
+    except TimeoutError:
+        if entered:
+            raise
+        raise GpuSlotUnavailable(
+            f"{stage}: no slot of the global concurrency limit {GPU_LIMIT!r} came free within"
+            f" {wait_s:g} s (orchestration.gpu_wait_s). If no other run is using it, the slot is"
+            f" stale (a Prefect server restart without persistent leases); free it with:"
+            f" {RESET_GPU_LIMIT}"
+        ) from None
+    except Exception as exc:
+        if failed or not entered:
+            raise
+        logger.warning(
+            "%s finished, but its %r slot could not be released (%s); the flow run retries the"
+            " release when it ends, and the server frees the slot when the lease expires",
+            stage,
+            GPU_LIMIT,
+            exc,
+        )
+
+
+def _log_if_waiting(logger: Any, stage: str, wait_s: float) -> None:
+    """Say so in the run's log when every slot of `gpu` is taken: the stage will wait."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+    if limit.active_slots >= limit.limit:
+        logger.info(
+            "%s waits for a slot of the global concurrency limit %r (%d of %d taken), at most"
+            " %g s (orchestration.gpu_wait_s)",
+            stage,
+            GPU_LIMIT,
+            limit.active_slots,
+            limit.limit,
+            wait_s,
+        )
 
 
 def run_stages(
@@ -266,10 +333,10 @@ def ensure_gpu_limit(slots: int = 1) -> None:
 
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name("gpu")
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
         except ObjectNotFound:
             client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name="gpu", limit=slots)
+                GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots)
             )
 
 
@@ -285,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (StageRejected, PipelineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_REJECTED)  # no traceback; the defect's lines as the stage printed them
-    except StageFailed as exc:
+    except (StageFailed, GpuSlotUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     print(f"stages: {result['stages']}\nMLflow parent run: {result['mlflow_run_url']}")

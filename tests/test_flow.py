@@ -196,6 +196,73 @@ def test_a_gpu_stage_waits_for_a_slot_of_the_gpu_limit(
         assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0
 
 
+def set_gpu_slots_taken(taken: int) -> None:
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    with get_client(sync_client=True) as client:
+        update = GlobalConcurrencyLimitUpdate(active_slots=taken)
+        client.update_global_concurrency_limit("gpu", update)
+
+
+def flow_log(state: State[Any], expected: str, timeout_s: float = 30) -> str:
+    """The flow run's own log lines, once they hold `expected` (shipped in the background)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    assert state.state_details.flow_run_id is not None
+    wanted = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with get_client(sync_client=True) as client:
+            text = "\n".join(log.message for log in client.read_logs(wanted))
+        if expected in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
+
+
+def test_a_gpu_stage_says_it_waits_and_gives_up_on_a_stale_slot(
+    prefect_api: None, fake_project: Path
+) -> None:
+    """A slot no lease holds (what a server restart with in-memory leases left behind): the
+    stage logs that it waits, and the run fails after orchestration.gpu_wait_s with an error
+    that says how to free the slot, instead of hanging."""
+    from flows.train import RESET_GPU_LIMIT, GpuSlotUnavailable
+
+    set_orchestration(fake_project, gpu_stages=["train"], gpu_wait_s=2)
+    set_gpu_slots_taken(1)
+    try:
+        state = run_flow(fake_project)
+    finally:
+        set_gpu_slots_taken(0)
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, GpuSlotUnavailable), error
+    assert "within 2 s (orchestration.gpu_wait_s)" in str(error)
+    assert RESET_GPU_LIMIT in str(error)
+    assert (attempts(fake_project, "prepare"), attempts(fake_project, "train")) == (1, 0)
+    waiting = "train waits for a slot of the global concurrency limit 'gpu' (1 of 1 taken)"
+    assert waiting in flow_log(state, waiting)
+
+
+def test_a_finished_gpu_stage_is_not_failed_by_a_lost_release(
+    prefect_api: None, fake_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server is unreachable when the stage releases its slot: the run still completes,
+    and the slot is released when the flow run ends (Prefect retries leftover leases)."""
+    import httpx
+    from prefect.client.orchestration import PrefectClient
+
+    async def unreachable(self: Any, lease_id: UUID) -> None:
+        raise httpx.ConnectError("All connection attempts failed")
+
+    monkeypatch.setattr(PrefectClient, "release_concurrency_slots_with_lease", unreachable)
+    set_orchestration(fake_project, gpu_stages=["train"])
+    state = run_flow(fake_project)
+    assert state.is_completed(), state
+    assert state.result()["stages"]["train"] == "Completed"
+    assert "its 'gpu' slot could not be released" in flow_log(state, "could not be released")
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0
+
+
 def wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

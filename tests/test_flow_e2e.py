@@ -233,7 +233,7 @@ def test_run_links_mlflow_data_docs_and_metrics(stack: Stack, finished: FlowRun)
     assert (stack.checkout / "reports" / "validate" / "index.html").is_file()
     table = found["run-metrics"].data
     assert "| metrics/train.json |" in table and "| metrics/evaluate.json |" in table
-    assert "dvc exp run -S train.epochs=2" in table
+    assert "dvc exp run --force -S train.epochs=2" in table
 
 
 def test_mlflow_parent_run_holds_one_nested_run_per_stage(stack: Stack, finished: FlowRun) -> None:
