@@ -229,7 +229,7 @@ def train_form_hints(params: Params) -> dict[str, tuple[str, str]]:
         value = _lookup(params, key)
         hints[name] = (
             f"{name} (empty: params.yaml {key}, now {value})",
-            f"Left empty, the run uses {key} from params.yaml on the worker ({value!r} in the"
+            f"Left empty: {key} from params.yaml on the worker ({value!r} in the"
             f" params.yaml this deployment was made from).",
         )
     return hints
@@ -240,7 +240,7 @@ def tune_form_hints(params: Params) -> dict[str, tuple[str, str]]:
     return {
         "trials": (
             f"trials (empty: until the study holds tune.trials, now {params.tune.trials})",
-            "At most this many trials from this worker. Left empty: until the study holds"
+            "At most this many trials from this worker; left empty: until the study holds"
             " tune.trials trials or tune.timeout_s has passed.",
         )
     }
@@ -268,7 +268,8 @@ def run_form_schema(
         if "default" in field and field["default"] is None:
             del field["default"]
         if name in hints:
-            field["title"], field["description"] = hints[name]
+            field["title"], hint = hints[name]
+            field["description"] = " ".join(filter(None, [field.get("description"), hint]))
     form["required"] = [name for name in form.get("required", []) if name in properties]
     form["additionalProperties"] = False
     return form

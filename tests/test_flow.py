@@ -37,7 +37,8 @@ from tests.conftest import REPO
 
 STAGE_SCRIPT = '''
 """A fake stage. FAKE_<STAGE>="exit:<code>:<times>" fails the first <times> attempts with
-<code>; FAKE_<STAGE>="hang:<times>" starts a child process and sleeps, <times> times."""
+<code>; FAKE_<STAGE>="hang:<times>" starts a child process and sleeps, <times> times;
+FAKE_<STAGE>="wait:<file>" waits until <file> exists."""
 import json, os, pathlib, subprocess, sys, time
 import yaml
 
@@ -53,6 +54,10 @@ if mode.startswith("exit:"):
         print(f"error: {stage} was told to fail:", file=sys.stderr)
         print("  column x: 3 rows\\nsome later output", file=sys.stderr)
         sys.exit(int(code))
+if mode.startswith("wait:"):  # until the file named after "wait:" exists (at most 300 s)
+    deadline = time.monotonic() + 300
+    while not pathlib.Path(mode[5:]).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
 if mode.startswith("hang:") and attempt <= int(mode.split(":")[1]):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     (tries.parent / f"{stage}.child").write_text(str(child.pid))
@@ -104,9 +109,15 @@ def prefect_api(isolated_stores: Path) -> Iterator[None]:
 @pytest.fixture
 def fake_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A git + DVC project with three fake stages and a copy of params.yaml (fast settings)."""
+    for name in STAGES:
+        monkeypatch.delenv(f"FAKE_{name.upper()}", raising=False)
+    return make_fake_project(tmp_path / "project")
+
+
+def make_fake_project(root: Path) -> Path:
+    """The fake project (STAGE_SCRIPT, DVC_YAML) at `root`, a git + DVC repository."""
     from dvc.repo import Repo
 
-    root = tmp_path / "project"
     root.mkdir()
     (root / "stage.py").write_text(STAGE_SCRIPT)
     (root / "dvc.yaml").write_text(textwrap.dedent(DVC_YAML))
@@ -115,8 +126,6 @@ def fake_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     set_orchestration(root, retries=1, retry_delay_s=0, stage_timeout_s=timeouts, gpu_stages=[])
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     Repo.init(str(root)).close()
-    for name in STAGES:
-        monkeypatch.delenv(f"FAKE_{name.upper()}", raising=False)
     return root
 
 
