@@ -269,7 +269,8 @@ def run_form_schema(
             del field["default"]
         if name in hints:
             field["title"], hint = hints[name]
-            field["description"] = " ".join(filter(None, [field.get("description"), hint]))
+            known = str(field.get("description") or "").rstrip(". ")
+            field["description"] = f"{known}. {hint}" if known else hint
     form["required"] = [name for name in form.get("required", []) if name in properties]
     form["additionalProperties"] = False
     return form
