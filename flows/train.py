@@ -21,14 +21,14 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 from prefect.tasks import exponential_backoff
 
 from flows.dvc_runner import DvcSession, StageOutcome
 from flows.params_file import effective_params, overridden_params_file, run_overrides
 from pipelines.cli import EXIT_REJECTED
 from pipelines.config import Arch, BatchSize, DataSource, Epochs, LearningRate, Params, RunOverrides
-from pipelines.errors import PipelineError
+from pipelines.errors import ParamsError, PipelineError
 from pipelines.tracking import PARENT_ENV, end_parent_run, start_parent_run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,11 @@ def run_stage(
         outcome = session.reproduce(stage, force, timeout_s, logger.info, env)
     except TimeoutError as exc:
         raise StageFailed(f"{exc}; its process group was killed") from None
-    _raise_for(outcome)
+    try:
+        _raise_for(outcome)
+    except StageRejected as exc:  # a Failed state, not an exception: no traceback in the log
+        logger.error("%s", exc)
+        return Failed(message=str(exc), data=exc)
     if not outcome.ran:
         return Completed(message=f"{stage}: up to date in DVC, not re-run", name="Cached")
     return Completed(message=f"{stage}: ran")
@@ -224,7 +228,7 @@ def train(
     data_source: DataSource | None = None,
     force: bool = False,
     project_dir: str | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State[Any]:
     """Run the stages of dvc.yaml in DVC's order, one task run each, tracked in MLflow.
 
     Leave a value empty to use params.yaml's. `force` re-runs every stage even when DVC has it
@@ -232,10 +236,13 @@ def train(
     checkout this file was loaded from).
     """
     root = Path(project_dir or os.environ.get(PROJECT_DIR_ENV) or PROJECT_ROOT).resolve()
-    overrides = run_overrides(
-        epochs=epochs, lr=lr, batch_size=batch_size, arch=arch, data_source=data_source
-    )
-    params = effective_params(root, overrides)  # rejects a bad value before any stage runs
+    try:
+        overrides = run_overrides(
+            epochs=epochs, lr=lr, batch_size=batch_size, arch=arch, data_source=data_source
+        )
+        params = effective_params(root, overrides)  # rejects a bad value before any stage runs
+    except ParamsError as exc:
+        return rejected(exc)
     with overridden_params_file(root, overrides), DvcSession(root) as session:
         session.start()  # DVC gets ready in its own process while MLflow starts here
         parent = start_parent_run(params, root, name="train-flow")
@@ -246,9 +253,11 @@ def train(
             bento = (
                 package_task(params, root) if decision and decision["alias"] == "champion" else None
             )
-        except BaseException:
+        except BaseException as exc:
             end_parent_run(params, root, parent, status="FAILED")
             _publish(params, session, parent, overrides, states, failed=True)
+            if isinstance(exc, StageRejected):
+                return rejected(exc)
             raise
         end_parent_run(params, root, parent)
         links = _publish(params, session, parent, overrides, states)
@@ -259,6 +268,13 @@ def train(
         "package": bento,
         **links,
     }
+
+
+def rejected(exc: Exception) -> State[Any]:
+    """The flow run's end for a rejected input: Failed with the defect's lines as its message,
+    logged without a traceback (a retry or a traceback cannot help the user)."""
+    get_run_logger().error("%s", exc)
+    return Failed(message=str(exc), data=exc)
 
 
 def _publish(
@@ -347,14 +363,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="re-run up-to-date stages too")
     args = parser.parse_args(argv)
     ensure_gpu_limit()
-    try:
-        result = train(force=args.force)
-    except (StageRejected, PipelineError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_REJECTED)  # no traceback; the defect's lines as the stage printed them
-    except (StageFailed, GpuSlotUnavailable) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    result = train(force=args.force, return_state=True).result(raise_on_failure=False)
+    if isinstance(result, BaseException):  # the last lines: the defect, no traceback
+        print(f"error: {result}", file=sys.stderr)
+        rejected_input = isinstance(result, StageRejected | PipelineError)
+        sys.exit(EXIT_REJECTED if rejected_input else 1)
+    assert isinstance(result, dict), result
     print(f"stages: {result['stages']}\nMLflow parent run: {result['mlflow_run_url']}")
     if result["package"]:
         print(f"bento: {result['package']['bento_tag']} -> {result['package']['archive']}")

@@ -346,8 +346,11 @@ def test_the_cli_ends_with_the_defect_and_the_rejected_input_code(
     prefect_api: None,
     fake_project: Path,
     monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """`python -m flows.train` on a stage that rejects its input: exit 2, the last lines are
+    the defect's, and no traceback anywhere in its output (Prefect's log lines included)."""
     from flows.train import main
 
     monkeypatch.setenv("MLOPS_PROJECT_DIR", str(fake_project))
@@ -355,7 +358,12 @@ def test_the_cli_ends_with_the_defect_and_the_rejected_input_code(
     with pytest.raises(SystemExit) as exited:
         main([])
     assert exited.value.code == 2
-    err = capsys.readouterr().err.rstrip().splitlines()
+    out, err_text = capfd.readouterr()
+    assert "Traceback" not in out + err_text
+    with_traceback = [r.getMessage() for r in caplog.records if r.exc_info and r.exc_info[0]]
+    assert with_traceback == []
+    assert any("train was told to fail" in r.getMessage() for r in caplog.records)
+    err = err_text.rstrip().splitlines()
     assert err[-2:] == ["error: train was told to fail:", "  column x: 3 rows"]
     assert err[-3].startswith("error: stage 'train' failed (exit 2)")
 
