@@ -22,13 +22,15 @@ Pools: `training` (one run at a time: one checkout, one GPU) with the queues `on
 `train/nightly` on `orchestration.nightly_cron` in `orchestration.timezone` (params.yaml) and
 `train/on-demand` without a schedule; `tune-worker/on-demand` (queue `tuning`) adds an Optuna
 worker to the shared study (flows/tune.py). The API rejects a run whose parameters break the flow's
-schema (`enforce_parameter_schema`), before any worker sees it.
+schema (`enforce_parameter_schema`), before any worker sees it: a bad value, and a name the form
+does not show (a misspelt `epoch`; `project_dir`, a worker's path, is for direct calls only).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import copy
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -36,7 +38,7 @@ from uuid import UUID
 from flows.train import PROJECT_DIR_ENV, PROJECT_ROOT, ensure_gpu_limit, train
 from pipelines import telemetry_off
 from pipelines.cli import run_cli
-from pipelines.config import OrchestrationConfig, load_params
+from pipelines.config import OrchestrationConfig, Params, RunOverrides, load_params, section_dict
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -55,6 +57,9 @@ QUEUES = {  # the training pool's queues; a lower number is served first
 ENTRYPOINT = "flows/train.py:train"  # relative to the checkout the pull step enters
 TUNE_WORKER_ENTRYPOINT = "flows/tune.py:tune_worker"
 PARAMS = PROJECT_ROOT / "params.yaml"
+# Flow parameters kept out of the run form (and refused by the API): a worker's file-system path.
+INTERNAL_PARAMETERS = ("project_dir",)
+FORCE_HELP = "Re-run every stage even when DVC has it up to date (off: DVC runs what changed)."
 
 
 class WorkerCheckout:
@@ -200,14 +205,80 @@ def deploy(
     params_file: Path = PARAMS,
 ) -> dict[str, UUID]:
     """Everything above, created or brought up to date; returns {deployment name: id}."""
-    cfg = load_params(params_file).orchestration
+    params = load_params(params_file)
     ensure_infrastructure()
     storage = code_source(git_url, branch)
     variables = job_variables(git_url, work_dir)
-    deployments = train_deployments(cfg, storage, variables)
-    ids = {f"train/{d.name}": _apply(d) for d in deployments}
-    ids["tune-worker/on-demand"] = _apply(tune_worker_deployment(storage, variables))
+    deployments = train_deployments(params.orchestration, storage, variables)
+    hints = train_form_hints(params)
+    ids = {f"train/{d.name}": _apply(d, hints) for d in deployments}
+    tune = tune_worker_deployment(storage, variables)
+    ids["tune-worker/on-demand"] = _apply(tune, tune_form_hints(params))
     return ids
+
+
+def _lookup(params: Params, dotted: str) -> Any:
+    node: Any = section_dict(params)
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def train_form_hints(params: Params) -> dict[str, tuple[str, str]]:
+    """{parameter: (title, description)} for the `train` run form: what an empty field means.
+
+    The value shown is params.yaml's when deployed; the run itself reads the worker's
+    params.yaml at run time (a deployment default would freeze the value instead)."""
+    hints = {"force": ("force: re-run every stage", FORCE_HELP)}
+    for name, key in RunOverrides.KEYS.items():
+        value = _lookup(params, key)
+        hints[name] = (
+            f"{name} (empty: params.yaml {key}, now {value})",
+            f"Left empty: {key} from params.yaml on the worker ({value!r} in the"
+            f" params.yaml this deployment was made from).",
+        )
+    return hints
+
+
+def tune_form_hints(params: Params) -> dict[str, tuple[str, str]]:
+    """The `tune-worker` run form's hint for `trials`."""
+    return {
+        "trials": (
+            f"trials (empty: until the study holds tune.trials, now {params.tune.trials})",
+            "At most this many trials from this worker; left empty: until the study holds"
+            " tune.trials trials or tune.timeout_s has passed.",
+        )
+    }
+
+
+def run_form_schema(
+    schema: Mapping[str, Any], hints: Mapping[str, tuple[str, str]]
+) -> dict[str, Any]:
+    """A flow's parameter schema as the UI's run form should show it, and as the API enforces it.
+
+    Optional fields lose their `null` branch and `null` default (the form showed them as
+    "Property is type None"; an empty field is simply not sent), `hints` give each field its
+    title and description, INTERNAL_PARAMETERS leave the form, and unknown names are refused
+    (`additionalProperties: false`: a misspelt `epoch` fails when the run is created)."""
+    form = copy.deepcopy(dict(schema))
+    properties: dict[str, Any] = form["properties"]
+    for name in INTERNAL_PARAMETERS:
+        properties.pop(name, None)
+    for name, field in properties.items():
+        branches = [b for b in field.pop("anyOf", []) if b != {"type": "null"}]
+        if len(branches) == 1:
+            field.update(branches[0])
+        elif branches:
+            field["anyOf"] = branches
+        if "default" in field and field["default"] is None:
+            del field["default"]
+        if name in hints:
+            field["title"], hint = hints[name]
+            known = str(field.get("description") or "").rstrip(". ")
+            field["description"] = f"{known}. {hint}" if known else hint
+    form["required"] = [name for name in form.get("required", []) if name in properties]
+    form["additionalProperties"] = False
+    return form
 
 
 def tune_worker_deployment(storage: RunnerStorage, variables: dict[str, Any]) -> RunnerDeployment:
@@ -232,10 +303,18 @@ def tune_worker_deployment(storage: RunnerStorage, variables: dict[str, Any]) ->
     return deployment
 
 
-def _apply(deployment: RunnerDeployment) -> UUID:
-    """Create the deployment, or update the one of that name (its schedules replaced)."""
+def _apply(deployment: RunnerDeployment, hints: Mapping[str, tuple[str, str]]) -> UUID:
+    """Create the deployment, or update the one of that name (its schedules replaced), then
+    give it the run form's schema (`run_form_schema`)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
     deployment_id = deployment.apply()  # sync here: no event loop is running
     assert isinstance(deployment_id, UUID)
+    with get_client(sync_client=True) as client:
+        schema = client.read_deployment(deployment_id).parameter_openapi_schema or {}
+        update = DeploymentUpdate(parameter_openapi_schema=run_form_schema(schema, hints))
+        client.update_deployment(deployment_id, update)
     return deployment_id
 
 

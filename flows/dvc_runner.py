@@ -66,6 +66,19 @@ def metrics(repo: Any) -> dict[str, Any]:
     return {path: entry["data"] for path, entry in files.items() if "data" in entry}
 
 
+def metrics_files(repo: Any) -> dict[str, list[str]]:
+    """{stage address: the metrics files it writes}, paths as `dvc metrics show` names them."""
+    from dvc.stage import PipelineStage
+
+    return {
+        _address(stage): [
+            os.path.relpath(out.fs_path, repo.root_dir) for out in stage.outs if out.metric
+        ]
+        for stage in repo.index.stages
+        if isinstance(stage, PipelineStage)
+    }
+
+
 def reproduce(repo: Any, stage: str, force: bool) -> dict[str, Any]:
     """`dvc repro --single-item [--force] <stage>` on an open repo, as a JSON-able outcome.
 
@@ -92,9 +105,9 @@ def _messages(exc: BaseException) -> str:
 def serve(root: Path, requests: TextIO) -> None:
     """Open the repo, then answer requests until `requests` closes.
 
-    A request is a JSON line: `{"op": "order"}`, `{"op": "metrics"}`, or `{"op": "repro",
-    "stage": ..., "force": ..., "env": {...}}` (`env` is set for the stage command). Requests
-    come on their own pipe: a stage command inherits stdin, never that pipe.
+    A request is a JSON line: `{"op": "order"}`, `{"op": "metrics"}`, `{"op": "metrics_files"}`,
+    or `{"op": "repro", "stage": ..., "force": ..., "env": {...}}` (`env` is set for the stage
+    command). Requests come on their own pipe: a stage command inherits stdin, never that pipe.
     """
     from dvc.repo import Repo
 
@@ -108,6 +121,8 @@ def answer(repo: Any, request: dict[str, Any]) -> dict[str, Any]:
         return {"stages": stage_order(repo)}
     if request["op"] == "metrics":
         return {"metrics": metrics(repo)}
+    if request["op"] == "metrics_files":
+        return {"files": metrics_files(repo)}
     os.environ.update(request["env"])
     return reproduce(repo, request["stage"], request["force"])
 
@@ -142,6 +157,10 @@ class DvcSession:
     def metrics(self, emit: Callable[[str], object] = print) -> dict[str, Any]:
         """The project's metrics files as `dvc metrics show` reads them now."""
         return dict(self._ask({"op": "metrics"}, QUERY_TIMEOUT_S, emit)[0]["metrics"])
+
+    def metrics_files(self, emit: Callable[[str], object] = print) -> dict[str, list[str]]:
+        """{stage: its metrics files} (see `metrics_files`)."""
+        return dict(self._ask({"op": "metrics_files"}, QUERY_TIMEOUT_S, emit)[0]["files"])
 
     def reproduce(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +21,38 @@ def mlflow_run_url(params: Params, root: Path, run_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
 
-def metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
-    """A Markdown table of the scalar metrics of {metrics file: content} (per-class details
-    left to MLflow)."""
-    rows = ["| file | metric | value |", "|---|---|---|"]
-    for path, content in sorted(metrics.items()):
-        for name, value in flatten(content).items():
-            if isinstance(value, int | float) and "per_class" not in name:
-                rows.append(f"| {path} | {name} | {value:.6g} |")
+# A stage's figures belong to this run when it ran in it, or DVC found it up to date with this
+# run's inputs; a stage that failed or was never reached keeps an earlier run's file.
+CURRENT_STATES = {"Completed": "ran", "Cached": "up to date"}
+
+
+def metrics_table(
+    metrics: Mapping[str, Mapping[str, Any]],
+    files: Mapping[str, Sequence[str]],
+    states: Mapping[str, str],
+) -> str:
+    """A Markdown table of the scalar metrics (per-class details left to MLflow) of the stages
+    that ran in this run or were up to date (`states`: stage -> its task run's state name;
+    `files`: stage -> its metrics files), each row naming its stage and what it did. Stages
+    that failed or never ran are listed below the table, their files left out."""
+    rows = ["| stage | in this run | file | metric | value |", "|---|---|---|---|---|"]
+    for stage, paths in files.items():
+        done = CURRENT_STATES.get(states.get(stage, ""))
+        for path in sorted(paths) if done else []:
+            for name, value in flatten(metrics.get(path, {})).items():
+                if isinstance(value, int | float) and "per_class" not in name:
+                    rows.append(f"| {stage} | {done} | {path} | {name} | {value:.6g} |")
+    left = [s for s, paths in files.items() if paths and states.get(s) not in CURRENT_STATES]
+    if left:
+        rows.append(
+            f"\nNot in this run (failed or not reached; figures left out): {', '.join(left)}"
+        )
     return "\n".join(rows)
 
 
 def reproduce_command(overrides: RunOverrides) -> str:
-    """The DVC command that reproduces this run's params on the same commit."""
+    """The DVC command that reproduces this run's params on the same commit: `--force`, since in
+    the run's own checkout DVC finds every stage up to date (or in its run cache) and would
+    otherwise skip them all."""
     sets = [f"-S {shlex.quote(f'{k}={v}')}" for k, v in overrides.as_dotted().items()]
-    return " ".join(["dvc exp run", *sets]) if sets else "dvc repro"
+    return " ".join(["dvc exp run --force", *sets]) if sets else "dvc repro --force"

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import gc
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -20,13 +21,14 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed, State
+from prefect.states import Completed, Failed, State
 from prefect.tasks import exponential_backoff
 
 from flows.dvc_runner import DvcSession, StageOutcome
 from flows.params_file import effective_params, overridden_params_file, run_overrides
 from pipelines.cli import EXIT_REJECTED
 from pipelines.config import Arch, BatchSize, DataSource, Epochs, LearningRate, Params, RunOverrides
+from pipelines.errors import ParamsError, PipelineError
 from pipelines.tracking import PARENT_ENV, end_parent_run, start_parent_run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +77,11 @@ def run_stage(
         outcome = session.reproduce(stage, force, timeout_s, logger.info, env)
     except TimeoutError as exc:
         raise StageFailed(f"{exc}; its process group was killed") from None
-    _raise_for(outcome)
+    try:
+        _raise_for(outcome)
+    except StageRejected as exc:  # a Failed state, not an exception: no traceback in the log
+        logger.error("%s", exc)
+        return Failed(message=str(exc), data=exc)
     if not outcome.ran:
         return Completed(message=f"{stage}: up to date in DVC, not re-run", name="Cached")
     return Completed(message=f"{stage}: ran")
@@ -85,31 +91,114 @@ def _raise_for(outcome: StageOutcome) -> None:
     """StageRejected for exit status EXIT_REJECTED (bad input), StageFailed for any other."""
     if outcome.code == 0:
         return
-    errors = [line for line in outcome.lines if line.startswith("error: ")]
-    detail = "\n".join(errors) or "\n".join(outcome.lines[-20:])
+    detail = "\n".join(defect_lines(outcome.lines) or outcome.lines[-20:])
     kind = StageRejected if outcome.code == EXIT_REJECTED else StageFailed
     raise kind(f"stage {outcome.stage!r} failed (exit {outcome.code}): {outcome.error}\n{detail}")
 
 
+def defect_lines(lines: Sequence[str]) -> list[str]:
+    """The stage's `error: ` lines with the indented lines that continue each (the failed
+    expectation, its column, the count): what `dvc repro` shows of the defect."""
+    kept: list[str] = []
+    in_error = False
+    for line in lines:
+        in_error = line.startswith("error: ") or (in_error and line[:1] in (" ", "\t"))
+        if in_error:
+            kept.append(line)
+    return kept
+
+
+class GpuSlotUnavailable(RuntimeError):
+    """No slot of the global concurrency limit `gpu` came free within orchestration.gpu_wait_s."""
+
+
+GPU_LIMIT = "gpu"
+RESET_GPU_LIMIT = f"prefect global-concurrency-limit update {GPU_LIMIT} --active-slots 0"
+
+
 @contextlib.contextmanager
 def gpu_slot(stage: str, params: Params) -> Iterator[None]:
-    """Hold one slot of the global concurrency limit `gpu` around GPU stages."""
+    """Hold one slot of the global concurrency limit `gpu` around GPU stages.
+
+    Waits at most `orchestration.gpu_wait_s` (logged when every slot is taken), then raises
+    GpuSlotUnavailable. Once the stage has run, neither a failed lease renewal nor a failed
+    release fails it (the Prefect server was away, say): they are logged, and the slot comes
+    back when the flow run retries the release on exit, or when the server finds the lease
+    expired (README: "The gpu slot")."""
     if stage not in params.orchestration.gpu_stages:
         yield
         return
     from prefect.concurrency.sync import concurrency
 
-    with concurrency("gpu", occupy=1, strict=True):
-        yield
+    wait_s = params.orchestration.gpu_wait_s
+    logger = get_run_logger()
+    _log_if_waiting(logger, stage, wait_s)
+    entered, failed = False, False
+    try:
+        with concurrency(
+            GPU_LIMIT,
+            occupy=1,
+            timeout_seconds=wait_s,
+            strict=True,
+            raise_on_lease_renewal_failure=False,
+        ):
+            entered = True
+            try:
+                yield
+            except BaseException:
+                failed = True
+                raise
+    except TimeoutError:
+        if entered:
+            raise
+        raise GpuSlotUnavailable(
+            f"{stage}: no slot of the global concurrency limit {GPU_LIMIT!r} came free within"
+            f" {wait_s:g} s (orchestration.gpu_wait_s). If no other run is using it, the slot is"
+            f" stale (a Prefect server restart without persistent leases); free it with:"
+            f" {RESET_GPU_LIMIT}"
+        ) from None
+    except Exception as exc:
+        if failed or not entered:
+            raise
+        logger.warning(
+            "%s finished, but its %r slot could not be released (%s); the flow run retries the"
+            " release when it ends, and the server frees the slot when the lease expires",
+            stage,
+            GPU_LIMIT,
+            exc,
+        )
+
+
+def _log_if_waiting(logger: Any, stage: str, wait_s: float) -> None:
+    """Say so in the run's log when every slot of `gpu` is taken: the stage will wait."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+    if limit.active_slots >= limit.limit:
+        logger.info(
+            "%s waits for a slot of the global concurrency limit %r (%d of %d taken), at most"
+            " %g s (orchestration.gpu_wait_s)",
+            stage,
+            GPU_LIMIT,
+            limit.active_slots,
+            limit.limit,
+            wait_s,
+        )
 
 
 def run_stages(
-    params: Params, session: DvcSession, parent_run_id: str, force: bool = False
+    params: Params,
+    session: DvcSession,
+    parent_run_id: str,
+    force: bool = False,
+    states: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Each stage as its own task run, in order; returns stage -> final state name."""
+    """Each stage as its own task run, in order; returns stage -> final state name (also
+    filled into `states` as they end, so a caller sees them when a stage fails)."""
     cfg = params.orchestration
     env = {PARENT_ENV: parent_run_id}
-    states: dict[str, str] = {}
+    states = {} if states is None else states
     for stage in session.stage_order():
         timeout = cfg.stage_timeout_s.get(stage, max(cfg.stage_timeout_s.values()))
         with gpu_slot(stage, params):
@@ -139,7 +228,7 @@ def train(
     data_source: DataSource | None = None,
     force: bool = False,
     project_dir: str | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State[Any]:
     """Run the stages of dvc.yaml in DVC's order, one task run each, tracked in MLflow.
 
     Leave a value empty to use params.yaml's. `force` re-runs every stage even when DVC has it
@@ -147,25 +236,31 @@ def train(
     checkout this file was loaded from).
     """
     root = Path(project_dir or os.environ.get(PROJECT_DIR_ENV) or PROJECT_ROOT).resolve()
-    overrides = run_overrides(
-        epochs=epochs, lr=lr, batch_size=batch_size, arch=arch, data_source=data_source
-    )
-    params = effective_params(root, overrides)  # rejects a bad value before any stage runs
+    try:
+        overrides = run_overrides(
+            epochs=epochs, lr=lr, batch_size=batch_size, arch=arch, data_source=data_source
+        )
+        params = effective_params(root, overrides)  # rejects a bad value before any stage runs
+    except ParamsError as exc:
+        return rejected(exc)
     with overridden_params_file(root, overrides), DvcSession(root) as session:
         session.start()  # DVC gets ready in its own process while MLflow starts here
         parent = start_parent_run(params, root, name="train-flow")
+        states: dict[str, str] = {}
         try:
-            states = run_stages(params, session, parent, force)
+            run_stages(params, session, parent, force, states)
             decision = register_task(params, root, parent) if SELECT_STAGE in states else None
             bento = (
                 package_task(params, root) if decision and decision["alias"] == "champion" else None
             )
-        except BaseException:
+        except BaseException as exc:
             end_parent_run(params, root, parent, status="FAILED")
-            _publish(params, session, parent, overrides, failed=True)
+            _publish(params, session, parent, overrides, states, failed=True)
+            if isinstance(exc, StageRejected):
+                return rejected(exc)
             raise
         end_parent_run(params, root, parent)
-        links = _publish(params, session, parent, overrides)
+        links = _publish(params, session, parent, overrides, states)
     return {
         "mlflow_parent_run_id": parent,
         "stages": states,
@@ -175,8 +270,20 @@ def train(
     }
 
 
+def rejected(exc: Exception) -> State[Any]:
+    """The flow run's end for a rejected input: Failed with the defect's lines as its message,
+    logged without a traceback (a retry or a traceback cannot help the user)."""
+    get_run_logger().error("%s", exc)
+    return Failed(message=str(exc), data=exc)
+
+
 def _publish(
-    params: Params, session: DvcSession, parent: str, overrides: RunOverrides, failed: bool = False
+    params: Params,
+    session: DvcSession,
+    parent: str,
+    overrides: RunOverrides,
+    states: dict[str, str],
+    failed: bool = False,
 ) -> dict[str, Any]:
     """Prefect artifacts: the MLflow run link, the Data Docs location, metrics, how to reproduce."""
     from flows.reporting import metrics_table, mlflow_run_url, reproduce_command
@@ -187,9 +294,11 @@ def _publish(
     found = [m["docs_index"] for m in metrics.values() if isinstance(m, dict) and "docs_index" in m]
     docs = session.root / (found[0] if found else "reports/validate/index.html")
     create_link_artifact(docs.as_uri(), link_text="Great Expectations Data Docs", key="data-docs")
-    table = metrics_table(metrics)
+    table = metrics_table(metrics, session.metrics_files(), states)
     create_markdown_artifact(
-        f"{table}\n\n**Reproduce:** `{reproduce_command(overrides)}`",
+        f"{table}\n\n**Reproduce** on this commit: `{reproduce_command(overrides)}` (`--force`"
+        " reruns every stage: in this checkout DVC finds their outputs recorded and would skip"
+        " them all)",
         key="run-metrics",
         description="Failed run: metrics of the stages that finished" if failed else None,
     )
@@ -240,10 +349,10 @@ def ensure_gpu_limit(slots: int = 1) -> None:
 
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name("gpu")
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
         except ObjectNotFound:
             client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name="gpu", limit=slots)
+                GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=slots)
             )
 
 
@@ -254,7 +363,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="re-run up-to-date stages too")
     args = parser.parse_args(argv)
     ensure_gpu_limit()
-    result = train(force=args.force)
+    result = train(force=args.force, return_state=True).result(raise_on_failure=False)
+    if isinstance(result, BaseException):  # the last lines: the defect, no traceback
+        print(f"error: {result}", file=sys.stderr)
+        rejected_input = isinstance(result, StageRejected | PipelineError)
+        sys.exit(EXIT_REJECTED if rejected_input else 1)
+    assert isinstance(result, dict), result
     print(f"stages: {result['stages']}\nMLflow parent run: {result['mlflow_run_url']}")
     if result["package"]:
         print(f"bento: {result['package']['bento_tag']} -> {result['package']['archive']}")

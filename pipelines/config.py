@@ -346,6 +346,8 @@ class OrchestrationConfig(Section):
     retries: int = Field(ge=0, le=10)
     retry_delay_s: float = Field(ge=0, le=3600)
     gpu_stages: Annotated[list[str], AfterValidator(_stage_names)]
+    # How long a GPU stage waits for a slot of the `gpu` limit before the run fails, seconds.
+    gpu_wait_s: float = Field(gt=0, le=7 * 86400)
     nightly_cron: str = Field(min_length=1)  # the `train/nightly` deployment's schedule
     timezone: str = Field(min_length=1)  # IANA name the cron is read in
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +38,8 @@ from tests.conftest import REPO
 
 STAGE_SCRIPT = '''
 """A fake stage. FAKE_<STAGE>="exit:<code>:<times>" fails the first <times> attempts with
-<code>; FAKE_<STAGE>="hang:<times>" starts a child process and sleeps, <times> times."""
+<code>; FAKE_<STAGE>="hang:<times>" starts a child process and sleeps, <times> times;
+FAKE_<STAGE>="wait:<file>" waits until <file> exists."""
 import json, os, pathlib, subprocess, sys, time
 import yaml
 
@@ -50,8 +52,13 @@ mode = os.environ.get(f"FAKE_{stage.upper()}", "")
 if mode.startswith("exit:"):
     _, code, times = mode.split(":")
     if attempt <= int(times):
-        print(f"error: {stage} was told to fail", file=sys.stderr)
+        print(f"error: {stage} was told to fail:", file=sys.stderr)
+        print("  column x: 3 rows\\nsome later output", file=sys.stderr)
         sys.exit(int(code))
+if mode.startswith("wait:"):  # until the file named after "wait:" exists (at most 300 s)
+    deadline = time.monotonic() + 300
+    while not pathlib.Path(mode[5:]).exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
 if mode.startswith("hang:") and attempt <= int(mode.split(":")[1]):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
     (tries.parent / f"{stage}.child").write_text(str(child.pid))
@@ -103,9 +110,15 @@ def prefect_api(isolated_stores: Path) -> Iterator[None]:
 @pytest.fixture
 def fake_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A git + DVC project with three fake stages and a copy of params.yaml (fast settings)."""
+    for name in STAGES:
+        monkeypatch.delenv(f"FAKE_{name.upper()}", raising=False)
+    return make_fake_project(tmp_path / "project")
+
+
+def make_fake_project(root: Path) -> Path:
+    """The fake project (STAGE_SCRIPT, DVC_YAML) at `root`, a git + DVC repository."""
     from dvc.repo import Repo
 
-    root = tmp_path / "project"
     root.mkdir()
     (root / "stage.py").write_text(STAGE_SCRIPT)
     (root / "dvc.yaml").write_text(textwrap.dedent(DVC_YAML))
@@ -114,8 +127,6 @@ def fake_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     set_orchestration(root, retries=1, retry_delay_s=0, stage_timeout_s=timeouts, gpu_stages=[])
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     Repo.init(str(root)).close()
-    for name in STAGES:
-        monkeypatch.delenv(f"FAKE_{name.upper()}", raising=False)
     return root
 
 
@@ -195,6 +206,73 @@ def test_a_gpu_stage_waits_for_a_slot_of_the_gpu_limit(
         assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0
 
 
+def set_gpu_slots_taken(taken: int) -> None:
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    with get_client(sync_client=True) as client:
+        update = GlobalConcurrencyLimitUpdate(active_slots=taken)
+        client.update_global_concurrency_limit("gpu", update)
+
+
+def flow_log(state: State[Any], expected: str, timeout_s: float = 30) -> str:
+    """The flow run's own log lines, once they hold `expected` (shipped in the background)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    assert state.state_details.flow_run_id is not None
+    wanted = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with get_client(sync_client=True) as client:
+            text = "\n".join(log.message for log in client.read_logs(wanted))
+        if expected in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
+
+
+def test_a_gpu_stage_says_it_waits_and_gives_up_on_a_stale_slot(
+    prefect_api: None, fake_project: Path
+) -> None:
+    """A slot no lease holds (what a server restart with in-memory leases left behind): the
+    stage logs that it waits, and the run fails after orchestration.gpu_wait_s with an error
+    that says how to free the slot, instead of hanging."""
+    from flows.train import RESET_GPU_LIMIT, GpuSlotUnavailable
+
+    set_orchestration(fake_project, gpu_stages=["train"], gpu_wait_s=2)
+    set_gpu_slots_taken(1)
+    try:
+        state = run_flow(fake_project)
+    finally:
+        set_gpu_slots_taken(0)
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, GpuSlotUnavailable), error
+    assert "within 2 s (orchestration.gpu_wait_s)" in str(error)
+    assert RESET_GPU_LIMIT in str(error)
+    assert (attempts(fake_project, "prepare"), attempts(fake_project, "train")) == (1, 0)
+    waiting = "train waits for a slot of the global concurrency limit 'gpu' (1 of 1 taken)"
+    assert waiting in flow_log(state, waiting)
+
+
+def test_a_finished_gpu_stage_is_not_failed_by_a_lost_release(
+    prefect_api: None, fake_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server is unreachable when the stage releases its slot: the run still completes,
+    and the slot is released when the flow run ends (Prefect retries leftover leases)."""
+    import httpx
+    from prefect.client.orchestration import PrefectClient
+
+    async def unreachable(self: Any, lease_id: UUID) -> None:
+        raise httpx.ConnectError("All connection attempts failed")
+
+    monkeypatch.setattr(PrefectClient, "release_concurrency_slots_with_lease", unreachable)
+    set_orchestration(fake_project, gpu_stages=["train"])
+    state = run_flow(fake_project)
+    assert state.is_completed(), state
+    assert state.result()["stages"]["train"] == "Completed"
+    assert "its 'gpu' slot could not be released" in flow_log(state, "could not be released")
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0
+
+
 def wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -214,8 +292,8 @@ def test_run_publishes_links_metrics_and_how_to_reproduce(
     assert parent in str(artifacts["mlflow-run"].data)
     assert "reports/validate/index.html" in str(artifacts["data-docs"].data)
     table = str(artifacts["run-metrics"].data)
-    assert "| metrics/train.json | epochs | 3 |" in table
-    assert "dvc exp run -S train.epochs=3" in table
+    assert "| train | ran | metrics/train.json | epochs | 3 |" in table
+    assert "`dvc exp run --force -S train.epochs=3`" in table
 
 
 def test_overrides_reach_the_stages_and_params_yaml_is_restored(
@@ -241,6 +319,54 @@ def test_rejected_stage_is_not_retried_and_later_stages_never_run(
     assert (attempts(fake_project, "train"), attempts(fake_project, "evaluate")) == (1, 0)
     assert task_runs(state)["train"].run_count == 1
     assert (fake_project / "params.yaml").read_text() == before
+
+
+def test_a_failed_run_names_the_defect_and_shows_only_this_runs_figures(
+    prefect_api: None, fake_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flow run's message keeps the indented lines under `error: ` (the failed check, its
+    column, the count); the metrics table holds only figures of stages of this run: the earlier
+    run's evaluate figures (another model) are left out, not mixed in."""
+    assert run_flow(fake_project, epochs=2).is_completed()
+    monkeypatch.setenv("FAKE_EVALUATE", "exit:2:5")
+    state = run_flow(fake_project, epochs=4)
+    assert state.is_failed()
+    message = state.message or ""
+    assert "error: evaluate was told to fail:\n  column x: 3 rows" in message
+    assert "some later output" not in message
+    with get_client(sync_client=True) as client:
+        artifacts = {str(a.key): a for a in client.read_artifacts(flow_run_filter=of_run(state))}
+    table = str(artifacts["run-metrics"].data)
+    assert "| train | ran | metrics/train.json | epochs | 4 |" in table
+    assert "| prepare | up to date | metrics/prepare.json | epochs | 2 |" in table
+    assert "metrics/evaluate.json" not in table  # epochs=2: the earlier model's figures
+    assert "Not in this run (failed or not reached; figures left out): evaluate" in table
+
+
+def test_the_cli_ends_with_the_defect_and_the_rejected_input_code(
+    prefect_api: None,
+    fake_project: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`python -m flows.train` on a stage that rejects its input: exit 2, the last lines are
+    the defect's, and no traceback anywhere in its output (Prefect's log lines included)."""
+    from flows.train import main
+
+    monkeypatch.setenv("MLOPS_PROJECT_DIR", str(fake_project))
+    monkeypatch.setenv("FAKE_TRAIN", "exit:2:5")
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+    out, err_text = capfd.readouterr()
+    assert "Traceback" not in out + err_text
+    with_traceback = [r.getMessage() for r in caplog.records if r.exc_info and r.exc_info[0]]
+    assert with_traceback == []
+    assert any("train was told to fail" in r.getMessage() for r in caplog.records)
+    err = err_text.rstrip().splitlines()
+    assert err[-2:] == ["error: train was told to fail:", "  column x: 3 rows"]
+    assert err[-3].startswith("error: stage 'train' failed (exit 2)")
 
 
 def test_transient_failure_is_retried(
@@ -305,11 +431,47 @@ def test_bad_override_is_rejected_before_any_stage_runs(
 
 
 def test_reproduce_command_names_each_override() -> None:
-    assert reproduce_command(RunOverrides()) == "dvc repro"
+    assert reproduce_command(RunOverrides()) == "dvc repro --force"
     command = reproduce_command(RunOverrides(epochs=2, arch="mlp", data_source="data/my set.csv"))
     assert command == (
-        "dvc exp run -S train.epochs=2 -S train.model.arch=mlp -S 'data.source=data/my set.csv'"
+        "dvc exp run --force -S train.epochs=2 -S train.model.arch=mlp"
+        " -S 'data.source=data/my set.csv'"
     )
+
+
+def test_the_printed_reproduce_command_reruns_the_stages(
+    prefect_api: None, fake_project: Path
+) -> None:
+    """The run-metrics artifact's command, run as printed in the run's own checkout, runs the
+    stages again with the run's values (without `--force` DVC would skip every one)."""
+    import shlex
+
+    git_env = {
+        f"GIT_{who}_{what}": value
+        for who in ("AUTHOR", "COMMITTER")
+        for what, value in (("NAME", "test"), ("EMAIL", "test@localhost"))
+    }
+    state = run_flow(fake_project, epochs=3)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(flow_run_filter=of_run(state))
+    text = next(str(a.data) for a in found if a.key == "run-metrics")
+    command = text.split("**Reproduce** on this commit: `", 1)[1].split("`", 1)[0]
+    assert command == "dvc exp run --force -S train.epochs=3"
+    env = {**os.environ, **git_env, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "add", "-A"], cwd=fake_project, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "run"], cwd=fake_project, check=True, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", *shlex.split(command)],
+        cwd=fake_project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {stage: attempts(fake_project, stage) for stage in STAGES} == dict.fromkeys(STAGES, 2)
+    assert (fake_project / "out" / "train.txt").read_text() == "train epochs=3"
 
 
 def test_overridden_params_keep_comments_and_are_undone(tmp_path: Path) -> None:
@@ -443,3 +605,39 @@ def test_bad_parameters_are_rejected_when_the_run_is_created(
         good = client.create_flow_run_from_deployment(deployment_id, parameters={"epochs": 2})
     assert message in caught.value.response.text
     assert good.parameters == {"epochs": 2}
+
+
+def test_run_form_shows_what_an_empty_field_uses_and_refuses_unknown_names(
+    prefect_api: None,
+) -> None:
+    """The UI's run form: the documented fields only, typed (no "Property is type None"), each
+    titled with the params.yaml value an empty field leaves in force; a misspelt or internal
+    name is refused when the run is created, like a bad value."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from pipelines.config import load_params
+
+    params = load_params(REPO / "params.yaml")
+    deployment_id: UUID = deploy.deploy()["train/on-demand"]
+    schema = read_deployment("train/on-demand").parameter_openapi_schema
+    fields = schema["properties"]
+    assert set(fields) == {"epochs", "lr", "batch_size", "arch", "data_source", "force"}
+    assert schema["additionalProperties"] is False
+    for name, field in fields.items():
+        assert "anyOf" not in field and field.get("default", False) is not None, field
+        assert field.get("description"), name
+    assert fields["epochs"]["type"] == "integer"
+    assert f"train.epochs, now {params.train.epochs}" in fields["epochs"]["title"]
+    assert f"train.model.arch, now {params.train.model.arch}" in fields["arch"]["title"]
+    assert fields["arch"]["enum"] == ["mlp", "cnn"]
+    assert "re-run every stage" in fields["force"]["title"]
+    with get_client(sync_client=True) as client:
+        for parameters in ({"epoch": 3}, {"project_dir": "/tmp"}):
+            with pytest.raises(PrefectHTTPStatusError, match="Validation failed") as caught:
+                client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+            assert caught.value.response.status_code == 409
+            assert next(iter(parameters)) in caught.value.response.text
+        good = client.create_flow_run_from_deployment(deployment_id, parameters={"force": True})
+    assert good.parameters == {"force": True}
+    tune = read_deployment("tune-worker/on-demand").parameter_openapi_schema
+    assert set(tune["properties"]) == {"trials"} and tune["additionalProperties"] is False

@@ -36,6 +36,7 @@ CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright never downloads a b
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SCREENSHOT = REPO / "test-artifacts" / "flow-run.png"
 RUN_TIMEOUT_S = 900
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 PIPELINE_STAGES = {"prepare", "validate", "train", "evaluate"}  # the stages that log to MLflow
 
 
@@ -128,7 +129,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     port = free_port()
     api, ui = f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{port}"
     server_cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-    server_env = base_env(base / "server-home", PREFECT_UI_API_URL=api)
+    server_env = base_env(
+        base / "server-home",
+        PREFECT_UI_API_URL=api,
+        PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=LEASE_STORAGE,  # README: "The gpu slot"
+    )
     server = start([*server_cmd, "--port", str(port)], server_env, base, base / "server.log")
     worker: subprocess.Popen[bytes] | None = None
     try:
@@ -233,7 +238,7 @@ def test_run_links_mlflow_data_docs_and_metrics(stack: Stack, finished: FlowRun)
     assert (stack.checkout / "reports" / "validate" / "index.html").is_file()
     table = found["run-metrics"].data
     assert "| metrics/train.json |" in table and "| metrics/evaluate.json |" in table
-    assert "dvc exp run -S train.epochs=2" in table
+    assert "dvc exp run --force -S train.epochs=2" in table
 
 
 def test_mlflow_parent_run_holds_one_nested_run_per_stage(stack: Stack, finished: FlowRun) -> None:
@@ -291,6 +296,34 @@ def test_the_ui_shows_the_run_and_its_stages(stack: Stack, finished: FlowRun) ->
         finally:
             browser.close()
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_the_run_form_shows_the_values_an_empty_field_uses(stack: Stack) -> None:
+    """The deployment's Custom run form in headless Chromium: each field titled with the
+    params.yaml value it leaves in force, no "Property is type None", no worker path."""
+    from pipelines.config import load_params
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    epochs = load_params(stack.checkout / "params.yaml").train.epochs
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("train/on-demand")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1400})
+            page.goto(f"{stack.ui}/deployments/deployment/{deployment.id}/run")
+            title = f"epochs (empty: params.yaml train.epochs, now {epochs})"
+            page.get_by_text(title).first.wait_for(timeout=60_000)
+            text = page.locator("body").inner_text()
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT.with_name("run-form.png")), full_page=True)
+        finally:
+            browser.close()
+    assert "train.model.arch, now" in text and "re-run every stage" in text
+    assert "Property is type None" not in text
+    assert "project_dir" not in text
 
 
 def test_a_git_deployment_runs_a_fresh_clone(stack: Stack, finished: FlowRun) -> None:
