@@ -37,14 +37,16 @@ run_cli(body)
 
 
 def gone(pid: int, within_s: float) -> bool:
-    """Whether `pid` exits (or is a zombie: dead, not yet reaped) within `within_s`."""
+    """Whether `pid` exits within `within_s`: no longer listed, or a zombie (dead, not yet
+    reaped) whose threads have all ended (its files, and so its locks, are released only then)."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
         except (FileNotFoundError, ProcessLookupError):
             return True
-        if state in ("Z", "X"):
+        if state in ("Z", "X") and threads <= 1:
             return True
         time.sleep(0.05)
     return False
