@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipelines.config import Params, load_params
 from pipelines.errors import PipelineError
+from pipelines.lifecycle import die_with_parent
 
 # A stage that rejects its input (bad params, data that fails validation) exits with this code,
 # like argparse does for a bad command line: the orchestrator never retries it.
@@ -24,7 +25,10 @@ def run_cli(
     """Load `params_path` with `load`, then run `body(params)`, both inside the one handler: a
     `PipelineError` from either (a bad param, bad data, a failed gate) prints `error: <message>`
     on stderr, no traceback, and exits EXIT_REJECTED. So a stage cannot load its params where a
-    bad value would escape as a traceback."""
+    bad value would escape as a traceback.
+
+    The stage dies with the process that started it (see `die_with_parent`)."""
+    die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("great_expectations", "mlflow", "alembic", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,7 +1,8 @@
 """`distill`: a smaller student trained on the teacher's soft targets (knowledge distillation).
 
 The student's architecture comes from `distill.model`; its optimizer, schedule, epochs, early
-stopping, device and checkpointing are the `train` stage's (same loop, same resume), with the
+stopping, device and checkpointing are the `train` stage's (same loop, same resume, the same
+exclusive hold on its checkpoint dir: a second run into it fails naming the PID), with the
 loss `alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * cross-entropy` at temperature T.
 The student file has the same self-describing format as the teacher's, so `export` and
 `quantize` treat it the same way.

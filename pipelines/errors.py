@@ -27,3 +27,7 @@ class ParityError(PipelineError):
 
 class SelectionError(PipelineError):
     """No candidate model satisfies the selection policy."""
+
+
+class InUseError(PipelineError):
+    """State a stage keeps between runs (checkpoints, a study) is held by another process."""

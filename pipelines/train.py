@@ -4,8 +4,9 @@ Reads the `prepare` folder (train/val .parquet + manifest.json), converts rows w
 preprocessing, and trains with AdamW, a cosine or constant LR schedule and early stopping on the
 validation loss. After every epoch it writes a checkpoint (model, optimizer, scheduler, every RNG,
 early-stopping state, best weights, history) atomically into `--checkpoint-dir` (see
-`CheckpointDir`), so a killed run started again resumes from the last completed epoch and ends
-with the same numbers as an uninterrupted one (on CPU).
+`CheckpointDir`), so a killed run started again resumes from the newest readable checkpoint and
+ends with the same numbers as an uninterrupted one (on CPU). The run holds its checkpoint dir
+alone: a second process training into it fails at once naming the holder's PID.
 
 Under `torchrun --nproc-per-node N -m pipelines.train ...` it trains with DistributedDataParallel
 (gloo on CPU, NCCL on GPU; `batch_size` stays the global batch): rank 0 alone tracks and writes
@@ -24,7 +25,6 @@ import argparse
 import contextlib
 import csv
 import hashlib
-import io
 import json
 import logging
 import math
@@ -32,12 +32,13 @@ import os
 import pickle
 import random
 import re
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from pipelines.artifacts import atomic_path, write_json
 from pipelines.cli import run_cli
 from pipelines.config import Params, TrainConfig, load_params, section_dict
 from pipelines.errors import CheckpointError, DataSourceError, ParamsError, PipelineError
+from pipelines.lifecycle import exclusive
 from pipelines.models import build_model
 from pipelines.prepare import read_manifest
 from pipelines.preprocessing import to_model_input
@@ -59,14 +61,12 @@ if TYPE_CHECKING:
     from pipelines.tracking import StageRun
 
 MODEL_FORMAT = "mlops-train-model/1"
-CHECKPOINT_FORMAT = "mlops-train-checkpoint/1"
+CHECKPOINT_FORMAT = "mlops-train-checkpoint/2"  # torch.save of a plain dict
 CHECKPOINT_FILE = re.compile(r"epoch-(\d+)\.ckpt")  # one per epoch; the newest two are kept
-CHECKPOINT_MAGIC = b"MLOPSCK1"  # then: header length (8 bytes, little-endian), header, buffers
 # Settings that do not change the numbers a run produces: changing them keeps a checkpoint usable.
 NOT_FINGERPRINTED = ("resume", "num_workers")
 HISTORY_FIELDS = ("epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds")
 PLOT_COLUMNS = HISTORY_FIELDS[:-1]  # the training-curve CSV
-TENSOR_MARK = "__tensor__:"  # + dtype: stands for a tensor in a packed checkpoint's skeleton
 EXAMPLE_ROWS = 4  # rows in the MLflow input example: > 1 keeps the batch axis dynamic
 
 log = logging.getLogger(__name__)
@@ -365,8 +365,7 @@ def cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def rng_state(loop: Loop) -> dict[str, Any]:
-    """Every RNG the run draws from. Long int sequences go in tensors: cheap to save, and
-    loadable with weights_only."""
+    """Every RNG the run draws from, as tensors and plain data (loadable with weights_only)."""
     numpy_state = np.random.get_state(legacy=False)
     version, internal, gauss_next = random.getstate()
     return {
@@ -399,21 +398,6 @@ def set_rng_state(loop: Loop, state: dict[str, Any]) -> None:
     loop.shuffle.set_state(state["shuffle"])
 
 
-def pack_history(history: list[dict[str, float]]) -> dict[str, Any]:
-    """Rows as one float64 tensor (exact for these values, and one record to save)."""
-    values = [[row[name] for name in HISTORY_FIELDS] for row in history]
-    return {"columns": list(HISTORY_FIELDS), "values": torch.tensor(values, dtype=torch.float64)}
-
-
-def unpack_history(packed: dict[str, Any]) -> list[dict[str, float]]:
-    rows = [
-        dict(zip(packed["columns"], values, strict=True)) for values in packed["values"].tolist()
-    ]
-    for row in rows:
-        row["epoch"] = int(row["epoch"])
-    return rows
-
-
 def checkpoint(
     loop: Loop, state: State, args: dict[str, Any], fp: str, finished: bool
 ) -> dict[str, Any]:
@@ -434,110 +418,46 @@ def checkpoint(
             "bad_epochs": state.bad_epochs,
             "stopped_early": state.stopped_early,
         },
-        # None: the best weights are this epoch's (most epochs improve: one weights-sized copy
-        # less to write).
+        # None: the best weights are this epoch's (most epochs improve: one copy less to write).
         "best_weights": None if state.best_epoch == state.epoch else state.best_weights,
-        "history": pack_history(state.history),
+        "history": state.history,
     }
 
 
-@torch.no_grad()
-def pack(tree: Any) -> dict[str, Any]:
-    """`tree` split into a skeleton of plain data and one flat buffer per tensor dtype.
-
-    Serializing ~70 small tensors one by one (weights, best weights, AdamW moments, RNG states)
-    costs far more than the bytes: packed, a checkpoint is a little plain data and ~4 buffers."""
-    leaves: list[torch.Tensor] = []
-    skeleton = _take_tensors(tree, leaves)
-    buffers = {
-        str(dtype): torch.cat([t.reshape(-1).cpu() for t in leaves if t.dtype == dtype])
-        for dtype in dict.fromkeys(t.dtype for t in leaves)
-    }
-    shapes = [size for t in leaves for size in (t.dim(), *t.shape)]
-    return {"skeleton": skeleton, "shapes": shapes, "buffers": buffers}
-
-
-def _take_tensors(tree: Any, leaves: list[torch.Tensor]) -> Any:
-    if isinstance(tree, torch.Tensor):
-        leaves.append(tree)
-        return TENSOR_MARK + str(tree.dtype)
-    if isinstance(tree, dict):
-        return {key: _take_tensors(value, leaves) for key, value in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(_take_tensors(value, leaves) for value in tree)
-    return tree
-
-
-def unpack(packed: dict[str, Any]) -> Any:
-    """The tree `pack` was given (dict subclasses come back as dicts)."""
-    offsets = dict.fromkeys(packed["buffers"], 0)
-    return _put_back(packed["skeleton"], packed["buffers"], iter(packed["shapes"]), offsets)
-
-
-def _put_back(
-    tree: Any, buffers: dict[str, torch.Tensor], shapes: Iterator[int], offsets: dict[str, int]
-) -> Any:
-    if isinstance(tree, str) and tree.startswith(TENSOR_MARK):
-        dtype = tree.removeprefix(TENSOR_MARK)
-        shape = [next(shapes) for _ in range(next(shapes))]
-        start, offsets[dtype] = offsets[dtype], offsets[dtype] + math.prod(shape)
-        return buffers[dtype][start : offsets[dtype]].reshape(shape).clone()
-    if isinstance(tree, dict):
-        return {key: _put_back(value, buffers, shapes, offsets) for key, value in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(_put_back(value, buffers, shapes, offsets) for value in tree)
-    return tree
-
-
-def write_checkpoint(handle: BinaryIO, content: dict[str, Any]) -> None:
-    """CHECKPOINT_MAGIC, the header (pickled plain data: skeleton, shapes, buffer dtypes and
-    sizes), then the raw buffers. torch.save's zip container cost ~0.4 ms more per epoch here."""
-    packed = pack(content)
-    buffers = packed.pop("buffers")
-    packed["buffers"] = [(dtype, buffer.numel()) for dtype, buffer in buffers.items()]
-    header = pickle.dumps(packed, protocol=5)
-    handle.write(CHECKPOINT_MAGIC + len(header).to_bytes(8, "little") + header)
-    for buffer in buffers.values():
-        handle.write(buffer.view(torch.uint8).numpy())
-
-
-class PlainUnpickler(pickle.Unpickler):
-    """Loads plain data only (dicts, lists, tuples, strings, numbers): refusing every global
-    means a checkpoint header cannot run code, like torch.load(weights_only=True)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"{module}.{name} in a checkpoint header: plain data only")
+def save_torch(path: Path, content: Any) -> None:
+    """`torch.save` through an open handle of a temp file, then os.replace: a kill leaves the
+    old file or the new one, whole. Through a handle the archive's inner name is always
+    `archive` (a file name would be recorded), so the same content gives the same bytes."""
+    with atomic_path(Path(path)) as tmp, tmp.open("wb") as handle:
+        torch.save(content, handle)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by `CheckpointDir.save`, its tensors on the CPU.
+
+    Raises CheckpointError when the file is unreadable (truncated, not a checkpoint) or holds
+    anything but tensors and plain data (weights_only: loading runs no code)."""
     try:
-        data = bytearray(Path(path).read_bytes())
-        if data[: len(CHECKPOINT_MAGIC)] != CHECKPOINT_MAGIC:
-            raise CheckpointError(f"{path}: not a train checkpoint ({CHECKPOINT_FORMAT})")
-        start = len(CHECKPOINT_MAGIC) + 8
-        end = start + int.from_bytes(data[start - 8 : start], "little")
-        packed = PlainUnpickler(io.BytesIO(data[start:end])).load()
-        packed["buffers"] = _buffers(data, end, packed["buffers"])
-        content = unpack(packed)
-    except (OSError, EOFError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{path}: cannot be read: {exc}") from exc
+        with Path(path).open("rb") as handle:
+            content = torch.load(handle, map_location="cpu", weights_only=True)
+    except (
+        OSError,
+        EOFError,
+        RuntimeError,
+        ValueError,
+        struct.error,
+        pickle.UnpicklingError,
+    ) as exc:
+        raise CheckpointError(f"{path}: cannot be read: {load_error(exc)}") from exc
     if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a train checkpoint ({CHECKPOINT_FORMAT})")
     return content
 
 
-def _buffers(data: bytearray, offset: int, sizes: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
-    buffers = {}
-    for name, count in sizes:
-        dtype = getattr(torch, str(name).removeprefix("torch."), None)
-        if not isinstance(dtype, torch.dtype) or offset + count * dtype.itemsize > len(data):
-            raise ValueError(f"bad buffer {name} x {count} (truncated file?)")
-        empty = torch.empty(0, dtype=dtype)
-        buffers[name] = (
-            torch.frombuffer(data, dtype=dtype, count=count, offset=offset) if count else empty
-        )
-        offset += count * dtype.itemsize
-    return buffers
+def load_error(exc: Exception) -> str:
+    """The gist of a torch.load error in one line (weights_only refusals run to a page)."""
+    text = str(exc).split("WeightsUnpickler error: ")[-1].strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def checkpoint_files(checkpoint_dir: Path) -> list[Path]:
@@ -545,7 +465,11 @@ def checkpoint_files(checkpoint_dir: Path) -> list[Path]:
     found = [
         p for p in Path(checkpoint_dir).glob("epoch-*.ckpt") if CHECKPOINT_FILE.fullmatch(p.name)
     ]
-    return sorted(found, key=lambda p: int(p.name[len("epoch-") : -len(".ckpt")]))
+    return sorted(found, key=epoch_of)
+
+
+def epoch_of(path: Path) -> int:
+    return int(path.name[len("epoch-") : -len(".ckpt")])
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -554,56 +478,59 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 class CheckpointDir:
-    """A run's checkpoints: `epoch-00012.ckpt`, one per epoch, the newest two kept.
-
-    Each save writes a temp file, then os.replace's it to the epoch's own name: a kill at any
-    point leaves the newest complete checkpoint (never touched again). The temp file is the
-    older of the two kept files, renamed: creating and deleting a file per epoch (or replacing
-    one, which makes ext4 flush at once) cost ~0.5 ms an epoch more here, more than the write."""
+    """A run's checkpoints: `epoch-00012.ckpt`, one per epoch (see `save_torch`); after each
+    save the new one and the newest older one are kept. Its owner holds it alone (`exclusive`)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob(".epoch-*.tmp"):  # a killed run's half-written file
             stale.unlink()
-        self.files = checkpoint_files(self.directory)
 
-    def latest(self) -> Path | None:
-        return self.files[-1] if self.files else None
+    def newest_readable(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that reads back, and its content. Unreadable newer ones (a
+        kill mid-write on a file system that reorders writes, a disk error) are skipped with a
+        warning naming them; they are removed by the next `save`."""
+        for path in reversed(checkpoint_files(self.directory)):
+            try:
+                return path, read_checkpoint(path)
+            except CheckpointError as exc:
+                log.warning("train: skipping %s (%s)", path, exc)
+        return None
 
     def clear(self) -> None:
-        for path in self.files:
+        for path in checkpoint_files(self.directory):
             path.unlink(missing_ok=True)
-        self.files = []
 
     def save(self, content: dict[str, Any]) -> Path:
+        """Write epoch `content["epoch"]`; then remove all but it and the newest older one
+        (files of later epochs are the unreadable ones a resume skipped)."""
         path = self.directory / f"epoch-{content['epoch']:05d}.ckpt"
-        tmp = self.directory / f".{path.name}.tmp"
-        if len(self.files) >= 2:
-            self.files.pop(0).replace(tmp)
-        try:
-            with tmp.open("r+b" if tmp.exists() else "wb") as handle:
-                write_checkpoint(handle, content)
-                handle.truncate()
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        self.files.append(path)
+        save_torch(path, content)
+        older = [p for p in checkpoint_files(self.directory) if epoch_of(p) < content["epoch"]]
+        for stale in checkpoint_files(self.directory):
+            if stale != path and stale not in older[-1:]:
+                stale.unlink(missing_ok=True)
         return path
 
 
-def usable_checkpoint(path: Path | None, fp: str, resume: bool) -> dict[str, Any] | None:
-    """The checkpoint to resume from, or None (and a log line saying why we start fresh)."""
-    if path is None:
+def usable_checkpoint(
+    checkpoints: CheckpointDir, fp: str, resume: bool
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint to resume from, or None (and a log line saying why the
+    run starts fresh)."""
+    if not checkpoint_files(checkpoints.directory):
         return None
     if not resume:
-        log.info("train: train.resume is false; starting fresh (ignoring %s)", path)
+        log.info(
+            "train: train.resume is false; starting fresh (ignoring %s)", checkpoints.directory
+        )
         return None
-    try:
-        content = read_checkpoint(path)
-    except CheckpointError as exc:
-        log.warning("train: %s; starting fresh", exc)
+    found = checkpoints.newest_readable()
+    if found is None:
+        log.warning("train: no readable checkpoint in %s; starting fresh", checkpoints.directory)
         return None
+    path, content = found
     if content["fingerprint"] != fp:
         log.warning(
             "train: %s was made with other params or data (fingerprint %s, now %s); starting fresh",
@@ -615,7 +542,7 @@ def usable_checkpoint(path: Path | None, fp: str, resume: bool) -> dict[str, Any
     if content["finished"]:
         log.info("train: %s is of a finished run; starting fresh", path)
         return None
-    return content
+    return path, content
 
 
 def restore(loop: Loop, content: dict[str, Any]) -> State:
@@ -631,21 +558,21 @@ def restore(loop: Loop, content: dict[str, Any]) -> State:
         bad_epochs=stopping["bad_epochs"],
         stopped_early=stopping["stopped_early"],
         best_weights=content["best_weights"] or cpu_copy(content["model"]),
-        history=unpack_history(content["history"]),
+        history=content["history"],
     )
 
 
 def start_state(
     loop: Loop, checkpoints: CheckpointDir, fp: str, resume: bool
 ) -> tuple[State, int | None]:
-    """The state restored from a usable checkpoint (and its epoch), or a fresh one (and None;
-    the unusable checkpoints are removed)."""
-    path = checkpoints.latest()
-    found = usable_checkpoint(path, fp, resume)
+    """The state restored from the newest usable checkpoint (and its epoch), or a fresh one
+    (and None; the checkpoints, of another run, are removed)."""
+    found = usable_checkpoint(checkpoints, fp, resume)
     if found is None:
         checkpoints.clear()
         return State(), None
-    state = restore(loop, found)
+    path, content = found
+    state = restore(loop, content)
     log.info("train: resuming from epoch %d of %s", state.epoch, path)
     return state, state.epoch
 
@@ -715,16 +642,16 @@ def shared_start(
     from torch.nn.parallel import DistributedDataParallel
 
     owner = CheckpointDir(checkpoint_dir) if place.rank == 0 else None
-    found: list[dict[str, Any] | None] = [None]
+    found: list[tuple[Path, dict[str, Any]] | None] = [None]
     if owner is not None:
-        found[0] = usable_checkpoint(owner.latest(), fp, resume)
+        found[0] = usable_checkpoint(owner, fp, resume)
         if found[0] is None:
             owner.clear()
     dist.broadcast_object_list(found, src=0)
-    state = State() if found[0] is None else restore(loop, found[0])
+    state = State() if found[0] is None else restore(loop, found[0][1])
     resumed_from = None if found[0] is None else state.epoch
-    if resumed_from and owner is not None:
-        log.info("train: resuming from epoch %d of %s on every rank", state.epoch, owner.latest())
+    if found[0] is not None and owner is not None:
+        log.info("train: resuming from epoch %d of %s on every rank", state.epoch, found[0][0])
     ids = [place.local_rank] if loop.device.type == "cuda" else None
     loop.ddp = DistributedDataParallel(loop.model, device_ids=ids)
     return owner, state, resumed_from
@@ -787,7 +714,22 @@ def train(
     cross-entropy; the description enters the checkpoint fingerprint.
 
     Under torchrun (see `distributed`) every rank calls this: DDP, each rank a slice of every
-    batch, and rank 0 alone writes checkpoints."""
+    batch, and rank 0 alone writes checkpoints.
+
+    The process that writes `checkpoint_dir` holds it alone for the run: raises InUseError
+    ("<checkpoint_dir> is in use by PID N") at once when another process trains into it."""
+    owner = world().rank == 0
+    with exclusive(checkpoint_dir) if owner else contextlib.nullcontext():
+        return _train(cfg, prepared_dir, checkpoint_dir, on_epoch, objective)
+
+
+def _train(
+    cfg: TrainConfig,
+    prepared_dir: Path,
+    checkpoint_dir: Path,
+    on_epoch: OnEpoch | None,
+    objective: tuple[LossFn, str] | None,
+) -> TrainResult:
     manifest = read_manifest(prepared_dir)
     data = load_data(prepared_dir, manifest)
     args = model_args(cfg, manifest)
@@ -892,15 +834,15 @@ def summary(state: State, train_rows: int, resumed_from: int | None) -> dict[str
 
 
 def save_model(path: Path, trained: TrainResult) -> None:
-    """The self-describing model file: plain dicts, lists, strings, numbers and tensors only."""
+    """The self-describing model file: plain dicts, lists, strings, numbers and tensors only;
+    the same model and metadata give the same bytes (see `save_torch`)."""
     content = {
         "format": MODEL_FORMAT,
         "model_args": trained.model_args,
         "state_dict": cpu_copy(trained.model.state_dict()),
         "metadata": trained.metadata,
     }
-    with atomic_path(Path(path)) as tmp:
-        torch.save(content, tmp)
+    save_torch(path, content)
 
 
 def load_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
@@ -909,9 +851,17 @@ def load_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such model file; run the train stage first")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{path}: not a readable model file: {exc}") from exc
+        with path.open("rb") as handle:
+            content = torch.load(handle, map_location="cpu", weights_only=True)
+    except (
+        OSError,
+        EOFError,
+        RuntimeError,
+        ValueError,
+        struct.error,
+        pickle.UnpicklingError,
+    ) as exc:
+        raise CheckpointError(f"{path}: not a readable model file: {load_error(exc)}") from exc
     if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path}: not a train model file ({MODEL_FORMAT})")
     try:

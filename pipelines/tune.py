@@ -55,6 +55,7 @@ from pipelines.config import (
     validate_params,
 )
 from pipelines.errors import ParamsError, PipelineError
+from pipelines.lifecycle import exclusive
 from pipelines.prepare import read_manifest
 
 if TYPE_CHECKING:
@@ -77,6 +78,18 @@ log = logging.getLogger(__name__)
 def storage_url(cfg: TuneConfig, root: Path) -> str:
     """`MLOPS_TUNE_STORAGE` if set, else `cfg.storage`; a relative SQLite path is made absolute."""
     return absolute_sqlite_url(os.environ.get(STORAGE_ENV) or cfg.storage, root)
+
+
+def study_lock(cfg: TuneConfig) -> contextlib.AbstractContextManager[None]:
+    """The stage holds an SQLite study alone (the workers it starts, and `--worker` processes,
+    join it): a second `tune` stage fails at once naming the holder's PID. A server storage
+    (postgresql://) is shared by hosts by design: no lock. Relative paths: from the working
+    directory (the project root)."""
+    url = os.environ.get(STORAGE_ENV) or cfg.storage
+    prefix = "sqlite:///"
+    if not cfg.enabled or not url.startswith(prefix):
+        return contextlib.nullcontext()
+    return exclusive(Path(url.removeprefix(prefix)))
 
 
 def redacted(url: str) -> str:
@@ -294,7 +307,8 @@ def objective(
         cfg = overlaid(params, values, source=f"tune trial {trial.number}")
         scope = tracker.trial if tracker is not None else untracked
         with scope(trial, values) as log_epoch, tempfile.TemporaryDirectory() as scratch:
-            result = train(cfg, prepared_dir, Path(scratch), reporter(trial, metric, log_epoch))
+            checkpoints = Path(scratch) / "checkpoints"  # its lock file goes with the scratch dir
+            result = train(cfg, prepared_dir, checkpoints, reporter(trial, metric, log_epoch))
             return float(result.metrics[FINISHED_KEY[metric]])
 
     return run
@@ -506,7 +520,10 @@ def _run(params: Params, prepared_dir: Path, out: Path, metrics_path: Path) -> N
     manifest = read_manifest(prepared_dir)
     section = {"tune": section_dict(params.tune), "train": section_dict(params.train)}
     root = Path.cwd()
-    with stage_run("tune", params, section, root, data_hash=manifest["content_hash"]) as run:
+    with (
+        study_lock(params.tune),
+        stage_run("tune", params, section, root, data_hash=manifest["content_hash"]) as run,
+    ):
         start = time.perf_counter()
         content, metrics = tune(params, prepared_dir, root, run.run_id)
         if params.tune.enabled:

@@ -1,10 +1,13 @@
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 
 from pipelines.distill import distill, distillation_loss
+from pipelines.errors import InUseError
 from pipelines.train import load_model, save_model
+from tests.locks import held_elsewhere
 from tests.modelzoo import tiny_params, trained_model
 
 
@@ -32,3 +35,11 @@ def test_student_is_smaller_learns_and_describes_its_teacher(tmp_path: Path) -> 
     assert meta["arch"] == "mlp" and meta["distillation"]["alpha"] == params.distill.alpha
     assert result.metrics["val_accuracy"] > 0.2  # ten classes: chance is 0.1
     assert meta["fingerprint"] != load_model(teacher)[1]["fingerprint"]
+
+
+def test_a_second_distill_into_a_held_checkpoint_dir_fails_fast(tmp_path: Path) -> None:
+    params = tiny_params()
+    prepared, teacher = trained_model(tmp_path, params)
+    with held_elsewhere(tmp_path / "ckpt") as pid, pytest.raises(InUseError) as refused:
+        distill(params.train, params.distill, teacher, prepared, tmp_path / "ckpt")
+    assert str(refused.value) == f"{tmp_path / 'ckpt'} is in use by PID {pid}"

@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -25,17 +24,18 @@ from pipelines.config import Params, load_params
 from pipelines.errors import CheckpointError, DataSourceError, ParamsError
 from pipelines.prepare import read_split
 from pipelines.train import (
+    CHECKPOINT_FORMAT,
+    CheckpointDir,
     TrainResult,
     latest_checkpoint,
     load_model,
     main,
-    pack,
     read_checkpoint,
     save_model,
     split_arrays,
     train,
-    unpack,
 )
+from tests.locks import held_elsewhere
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train.epochs": 3, "train.model.width": 8, "train.patience": 10, "train.num_workers": 0}
@@ -198,42 +198,69 @@ def test_checkpoint_every_epoch_holds_the_whole_state(prepared: Path, tmp_path: 
     assert set(last["rng"]) == {"torch", "cuda", "numpy", "python", "shuffle"}
     assert last["model_args"] == result.model_args
     assert last["fingerprint"] == result.metadata["fingerprint"]
-    assert last["history"]["columns"][0] == "epoch"
-    assert last["history"]["values"][:, 0].tolist() == [1, 2, 3]
+    assert [row["epoch"] for row in last["history"]] == [1, 2, 3]
     assert result.metrics["resumed_from_epoch"] == 2
 
 
-def test_a_damaged_checkpoint_is_refused_and_the_run_starts_fresh(
+def test_a_truncated_newest_checkpoint_is_skipped_and_the_older_one_resumed(
+    prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny(train__epochs=4).train
+    whole = train(cfg, prepared, tmp_path / "whole")
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Crash):
+        train(cfg, prepared, ckpt, on_epoch=crash_after(3))
+    older, newest = ckpt / "epoch-00002.ckpt", ckpt / "epoch-00003.ckpt"
+    kept = older.read_bytes()
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # cut by a kill
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_checkpoint(newest)
+    with caplog.at_level(logging.INFO, logger="pipelines.train"), pytest.raises(Crash):
+        train(cfg, prepared, ckpt, on_epoch=crash_after(3))  # dies again after one epoch
+    assert f"skipping {newest}" in caplog.text
+    assert "resuming from epoch 2" in caplog.text and "starting fresh" not in caplog.text
+    assert older.read_bytes() == kept  # the readable one survived the broken newer one
+    assert read_checkpoint(newest)["epoch"] == 3  # rewritten whole by the resumed run
+    resumed = train(cfg, prepared, ckpt)
+    assert resumed.metrics["resumed_from_epoch"] == 3
+    assert numbers(resumed) == numbers(whole)
+    assert_same_weights(resumed.model, whole.model)
+
+
+def test_no_readable_checkpoint_starts_fresh_naming_each_file(
     prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = tiny().train
     with pytest.raises(Crash):
-        train(cfg, prepared, tmp_path, on_epoch=crash_after(2))
-    newest = tmp_path / "epoch-00002.ckpt"
-    whole = newest.read_bytes()
-    newest.write_bytes(whole[: len(whole) // 2])  # truncated
-    with pytest.raises(CheckpointError, match="truncated"):
-        read_checkpoint(newest)
-    header = pickle.dumps({"skeleton": print, "shapes": [], "buffers": []})
-    newest.write_bytes(b"MLOPSCK1" + len(header).to_bytes(8, "little") + header)
-    with pytest.raises(CheckpointError, match="plain data only"):  # no code runs on load
-        read_checkpoint(newest)
+        train(cfg, prepared, tmp_path / "ckpt", on_epoch=crash_after(2))
+    files = sorted((tmp_path / "ckpt").glob("epoch-*.ckpt"))
+    for path in files:
+        path.write_bytes(path.read_bytes()[:100])
     with caplog.at_level(logging.INFO, logger="pipelines.train"):
-        result = train(cfg, prepared, tmp_path)
-    assert "cannot be read" in caplog.text and "starting fresh" in caplog.text
+        result = train(cfg, prepared, tmp_path / "ckpt")
+    assert all(f"skipping {path}" in caplog.text for path in files) and len(files) == 2
+    assert "no readable checkpoint" in caplog.text and "starting fresh" in caplog.text
     assert result.metrics["resumed_from_epoch"] is None
 
 
-def test_pack_round_trips_nested_tensors() -> None:
-    tree: dict[Any, Any] = {
-        "a": [torch.arange(6).reshape(2, 3), {"b": torch.tensor(1.5)}],
-        "c": (torch.ones(2, dtype=torch.uint8), 3, "s", None),
-        1: torch.zeros(0),
-    }
-    back = unpack(pack(tree))
-    assert torch.equal(back["a"][0], tree["a"][0]) and back["a"][1]["b"].item() == 1.5
-    assert torch.equal(back["c"][0], tree["c"][0]) and back["c"][1:] == (3, "s", None)
-    assert back[1].shape == (0,)
+def test_a_checkpoint_loads_tensors_and_plain_data_only(tmp_path: Path) -> None:
+    """weights_only: a checkpoint holding any other object is refused, and no code runs."""
+    path = tmp_path / "epoch-00001.ckpt"
+    torch.save({"format": CHECKPOINT_FORMAT, "epoch": 1, "hook": Crash()}, path)
+    with pytest.raises(CheckpointError, match=r"cannot be read: Unsupported global.*Crash") as err:
+        read_checkpoint(path)
+    assert "\n" not in str(err.value)  # one line for the log
+    (tmp_path / "junk.ckpt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_checkpoint(tmp_path / "junk.ckpt")
+
+
+def test_the_same_checkpoint_content_gives_the_same_bytes(prepared: Path, tmp_path: Path) -> None:
+    with pytest.raises(Crash):
+        train(tiny().train, prepared, tmp_path / "a", on_epoch=crash_after(1))
+    first = tmp_path / "a" / "epoch-00001.ckpt"
+    again = CheckpointDir(tmp_path / "b").save(read_checkpoint(first))
+    assert again.read_bytes() == first.read_bytes()
 
 
 def test_model_file_reloads_and_predicts_the_same(prepared: Path, tmp_path: Path) -> None:
@@ -402,3 +429,25 @@ def test_kill_9_mid_run_then_restart_resumes_to_the_same_result(
     assert_same_weights(resumed, whole.model)
     for key in ("best_epoch", "epochs_run", "best_val_loss", "val_accuracy"):
         assert metrics[key] == whole.metrics[key], key
+
+
+def test_a_second_train_into_a_held_checkpoint_dir_fails_fast_naming_the_holder(
+    prepared: Path,
+    tmp_path: Path,
+    mlflow_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    write_params(tmp_path, epochs=3, patience=10, model=TINY_MODEL)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--prepared", str(prepared), "--model", "model.pt", "--metrics", "train.json"]
+    argv += ["--plots", "train.csv", "--checkpoint-dir", "checkpoints/train"]
+    with held_elsewhere(Path("checkpoints/train")) as pid, pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: checkpoints/train is in use by PID {pid}"
+    )
+    assert not Path("model.pt").exists() and not Path("train.json").exists()
+    main(argv)  # the holder gone (killed: the kernel dropped its lock), the stage runs
+    assert read_json(Path("train.json"))["epochs_run"] == 3
