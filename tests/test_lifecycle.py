@@ -22,17 +22,17 @@ from tests.locks import held_elsewhere
 # prints the child's PID and waits for it.
 PARENT = """
 import subprocess, sys
-child = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+child = subprocess.Popen([sys.executable, "-c", *sys.argv[1:]])
 print(child.pid, flush=True)
 child.wait()
 """
 CHILD = """
-import time
+import sys, time
 from pipelines.cli import run_cli
-def body():
+def body(params):
     print("started", flush=True)
     time.sleep(120)
-run_cli(body)
+run_cli(body, sys.argv[1])
 """
 
 
@@ -68,7 +68,10 @@ def test_a_second_holder_fails_at_once_naming_the_first(tmp_path: Path) -> None:
 def test_a_killed_parent_takes_its_stage_down() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, CHILD], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", PARENT, CHILD, str(REPO / "params.yaml")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
