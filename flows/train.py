@@ -157,9 +157,8 @@ def train(
         try:
             states = run_stages(params, session, parent, force)
             decision = register_task(params, root, parent) if SELECT_STAGE in states else None
-            bento = (
-                package_task(params, root) if decision and decision["alias"] == "champion" else None
-            )
+            # only a champion that moved in this run: an unchanged one is not packaged again
+            bento = package_task(params, root) if decision and decision["promoted"] else None
         except BaseException:
             end_parent_run(params, root, parent, status="FAILED")
             _publish(params, session, parent, overrides, failed=True)

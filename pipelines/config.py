@@ -233,6 +233,9 @@ class TuneConfig(Section):
 
 class EvaluateConfig(Section):
     batch_size: int = Field(gt=0)
+    # The absolute floor: a model below it on the test split is rejected before export, and the
+    # champion gate never promotes one below it. Set per data set (chance level is 1/classes).
+    min_accuracy: float = Field(ge=0, le=1)
 
 
 class ExportConfig(Section):
