@@ -203,6 +203,8 @@ def train_leaves(model: type[BaseModel] = TrainConfig, prefix: str = "train.") -
 class TuneConfig(Section):
     enabled: bool
     trials: int = Field(gt=0)
+    # failed trials one worker retries in one run before it stops with an error
+    max_failed_trials: int = Field(ge=0, le=1000)
     timeout_s: float = Field(gt=0)
     workers: int = Field(ge=1)
     storage: str = Field(min_length=1)
