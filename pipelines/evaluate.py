@@ -31,11 +31,11 @@ class AccuracyFloorError(PipelineError):
     """The model scores below `evaluate.min_accuracy`: it must not be exported or promoted."""
 
 
-def check_floor(accuracy: float, min_accuracy: float, what: str = "test accuracy") -> None:
+def check_floor(accuracy: float, min_accuracy: float) -> None:
     """Raise `AccuracyFloorError` when `accuracy` (a fraction, 0..1) is below the floor."""
     if not accuracy >= min_accuracy:  # a NaN accuracy is below every floor
         raise AccuracyFloorError(
-            f"{what} {accuracy:.4f} is below evaluate.min_accuracy {min_accuracy:g}: "
+            f"test accuracy {accuracy:.4f} is below evaluate.min_accuracy {min_accuracy:g}: "
             "the model is rejected (train it better, or set the floor for this data set)"
         )
 
