@@ -1,29 +1,35 @@
 """`register`: the selected model into the MLflow registry, and the champion gate.
 
-The alias `champion` moves to the new version only when it is at least as accurate as the current
-champion on the same test split (both evaluated here, now, with the same code), within
-`register.tolerance`; otherwise the new version becomes `challenger` and the run says why. Every
-decision is kept as tags on the versions (promotion history).
+The alias `champion` moves to the new version only when its accuracy reaches the absolute floor
+`evaluate.min_accuracy` and it is at least as accurate as the current champion on the same test
+split (both evaluated here, now, with the same code), within `register.tolerance`; otherwise the
+new version becomes `challenger` and the run says why. Every decision is kept as tags on the
+versions (promotion history).
+
+Idempotent: each version records its ONNX graph's SHA-256 (tag `onnx_sha256`). A graph that is
+already a version is not registered again: when that version is the champion, nothing changes
+(and the flow packages nothing); otherwise the gate is applied to that version again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.artifacts import read_json
+from pipelines.artifacts import file_sha256, read_json
 from pipelines.config import Params
 from pipelines.quantize import split_inputs
 from pipelines.runtime import logits, read_metadata, session
 from pipelines.tracking import client_for, run_tags
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+ONNX_HASH_TAG = "onnx_sha256"  # on each version: the SHA-256 of its model.onnx
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Decision:
     version: str
     alias: str
@@ -31,6 +37,7 @@ class Decision:
     champion_version: str | None
     champion_accuracy: float | None
     reason: str
+    promoted: bool  # `champion` moved to `version` in this run (the flow then packages it)
 
 
 def stage_output(root: Path, stage: str) -> Path:
@@ -48,8 +55,14 @@ def accuracy_on(onnx_path: Path, prepared_dir: Path) -> float:
     return float((logits(session(onnx_path), x).argmax(axis=1) == y).mean())
 
 
-def gate(new: float, champion: float | None, tolerance: float) -> tuple[bool, str]:
-    """Whether the new model may become champion, and why (pure: the policy alone)."""
+def gate(new: float, champion: float | None, tolerance: float, floor: float) -> tuple[bool, str]:
+    """Whether the new model may become champion, and why (pure: the policy alone). Accuracies
+    are fractions (0..1); `floor` is `evaluate.min_accuracy`, applied with or without a champion."""
+    if not new >= floor:
+        return False, (
+            f"accuracy {new:.4f} < evaluate.min_accuracy {floor:g} (the absolute floor): "
+            f"kept as {CHALLENGER}"
+        )
     if champion is None:
         return True, f"no champion yet; accuracy {new:.4f}"
     if new >= champion - tolerance:
@@ -93,17 +106,22 @@ def log_candidate(client: Any, params: Params, root: Path, parent: str, select_d
 def register(
     params: Params, root: Path, parent: str, select_dir: Path, prepared_dir: Path
 ) -> Decision:
-    """Register the selected model as a new version; move `champion` or set `challenger`."""
+    """Register the selected model as a new version; move `champion` or set `challenger`.
+    A graph already registered (same ONNX SHA-256) is not registered again (see the module doc)."""
     from mlflow.exceptions import MlflowException
 
     client, _ = client_for(params.tracking, root)
     name = params.register_.model_name
-    winner = read_json(select_dir / "winner.json")["winner"]
-    run_id = log_candidate(client, params, root, parent, select_dir)
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name)
+    digest = file_sha256(select_dir / "model.onnx")
+    existing = registered_version(client, name, digest)
+    if existing is not None:
+        return regate(client, name, existing, select_dir, prepared_dir, params)
+    winner = read_json(select_dir / "winner.json")["winner"]
+    run_id = log_candidate(client, params, root, parent, select_dir)
     version = client.create_model_version(
         name,
         f"runs:/{run_id}/model",
@@ -112,11 +130,40 @@ def register(
             "candidate": winner["name"],
             "engine": winner["engine"],
             "precision": winner["precision"],
+            ONNX_HASH_TAG: digest,
         },
     )
     decision = decide(client, name, str(version.version), select_dir, prepared_dir, params)
-    record(client, name, decision, run_id)
+    record(client, name, decision)
+    set_run_tags(client, run_id, decision)
     client.set_terminated(run_id)
+    return decision
+
+
+def registered_version(client: Any, name: str, digest: str) -> Any | None:
+    """The newest version of `name` whose ONNX graph has SHA-256 `digest`, or None."""
+    found = client.search_model_versions(f"name = '{name}' and tags.{ONNX_HASH_TAG} = '{digest}'")
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def regate(
+    client: Any, name: str, existing: Any, select_dir: Path, prepared_dir: Path, params: Params
+) -> Decision:
+    """The selected graph is already version `existing`: the champion stays as it is when that
+    version is the champion; else the gate is applied to `existing` again (nothing registered)."""
+    version = str(existing.version)
+    old = current_champion(client, name)
+    if old is not None and str(old.version) == version:
+        accuracy = accuracy_on(select_dir / "model.onnx", prepared_dir)
+        reason = (
+            f"the same ONNX graph is already version {version}, the champion: "
+            "champion unchanged, nothing registered"
+        )
+        return Decision(version, CHAMPION, accuracy, version, accuracy, reason, promoted=False)
+    decision = decide(client, name, version, select_dir, prepared_dir, params)
+    already = f"the same ONNX graph is already version {version} (not registered again)"
+    decision = dataclasses.replace(decision, reason=f"{already}; {decision.reason}")
+    record(client, name, decision)
     return decision
 
 
@@ -126,7 +173,9 @@ def decide(
     new = accuracy_on(select_dir / "model.onnx", prepared_dir)
     old = current_champion(client, name)
     old_accuracy = champion_accuracy(client, old, prepared_dir) if old is not None else None
-    promote, reason = gate(new, old_accuracy, params.register_.tolerance)
+    promote, reason = gate(
+        new, old_accuracy, params.register_.tolerance, params.evaluate.min_accuracy
+    )
     return Decision(
         version,
         CHAMPION if promote else CHALLENGER,
@@ -134,10 +183,11 @@ def decide(
         str(old.version) if old is not None else None,
         old_accuracy,
         reason,
+        promoted=promote,
     )
 
 
-def record(client: Any, name: str, decision: Decision, run_id: str) -> None:
+def record(client: Any, name: str, decision: Decision) -> None:
     """Move the alias and keep the history as tags on the versions involved."""
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     client.set_registered_model_alias(name, decision.alias, decision.version)
@@ -155,6 +205,10 @@ def record(client: Any, name: str, decision: Decision, run_id: str) -> None:
             )
     for key, value in tags.items():
         client.set_model_version_tag(name, decision.version, key, value)
+
+
+def set_run_tags(client: Any, run_id: str, decision: Decision) -> None:
+    """The decision on the nested `register` run."""
     for key, value in {
         "register.version": decision.version,
         "register.alias": decision.alias,

@@ -250,9 +250,8 @@ def train(
         try:
             run_stages(params, session, parent, force, states)
             decision = register_task(params, root, parent) if SELECT_STAGE in states else None
-            bento = (
-                package_task(params, root) if decision and decision["alias"] == "champion" else None
-            )
+            # only a champion that moved in this run: an unchanged one is not packaged again
+            bento = package_task(params, root) if decision and decision["promoted"] else None
         except BaseException as exc:
             end_parent_run(params, root, parent, status="FAILED")
             _publish(params, session, parent, overrides, states, failed=True)

@@ -234,6 +234,8 @@ def train_leaves(model: type[BaseModel] = TrainConfig, prefix: str = "train.") -
 class TuneConfig(Section):
     enabled: bool
     trials: int = Field(gt=0, le=MAX_COUNT)
+    # failed trials one worker retries in one run before it stops with an error
+    max_failed_trials: int = Field(ge=0, le=1000)
     timeout_s: Seconds
     workers: int = Field(ge=1, le=MAX_PROCESSES)
     storage: str = Field(min_length=1)
@@ -264,6 +266,9 @@ class TuneConfig(Section):
 
 class EvaluateConfig(Section):
     batch_size: int = Field(gt=0, le=MAX_BATCH)
+    # The absolute floor: a model below it on the test split is rejected before export, and the
+    # champion gate never promotes one below it. Set per data set (chance level is 1/classes).
+    min_accuracy: float = Field(ge=0, le=1)
 
 
 class ExportConfig(Section):

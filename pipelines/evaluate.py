@@ -1,7 +1,9 @@
-"""`evaluate`: the trained model on the held-out test split.
+"""`evaluate`: the trained model on the held-out test split, and the absolute accuracy floor.
 
 Accuracy, macro-F1 and per-class precision/recall go to DVC metrics and MLflow; the confusion
-matrix goes to a DVC plot (CSV of actual/predicted) and an image.
+matrix goes to a DVC plot (CSV of actual/predicted) and an image. A model whose test accuracy is
+below `evaluate.min_accuracy` is rejected here (exit 2, before `export`): its figures go to
+MLflow, the metrics file is not written.
 """
 
 from __future__ import annotations
@@ -18,10 +20,24 @@ import pandas as pd
 from pipelines.artifacts import atomic_path, read_json, write_json
 from pipelines.cli import run_cli
 from pipelines.config import EvaluateConfig, Params, section_dict
+from pipelines.errors import PipelineError
 from pipelines.prepare import read_split
 from pipelines.preprocessing import to_model_input
 
 log = logging.getLogger(__name__)
+
+
+class AccuracyFloorError(PipelineError):
+    """The model scores below `evaluate.min_accuracy`: it must not be exported or promoted."""
+
+
+def check_floor(accuracy: float, min_accuracy: float) -> None:
+    """Raise `AccuracyFloorError` when `accuracy` (a fraction, 0..1) is below the floor."""
+    if not accuracy >= min_accuracy:  # a NaN accuracy is below every floor
+        raise AccuracyFloorError(
+            f"test accuracy {accuracy:.4f} is below evaluate.min_accuracy {min_accuracy:g}: "
+            "the model is rejected (train it better, or set the floor for this data set)"
+        )
 
 
 def predict(model_path: Path, rows: np.ndarray, batch_size: int) -> np.ndarray:
@@ -126,9 +142,10 @@ def _run(params: Params, args: argparse.Namespace) -> None:
     section = {"evaluate": section_dict(params.evaluate)}
     with stage_run("evaluate", params, section, root, data_hash=data_hash) as run:
         metrics = evaluate(params.evaluate, args.model, args.prepared, args.plots)
-        write_json(args.metrics, metrics)
         numeric = {k: v for k, v in flatten(metrics).items() if k != "test_rows"}
         run.log_metrics({k.replace("per_class.", "class_"): v for k, v in numeric.items()})
+        check_floor(metrics["accuracy"], params.evaluate.min_accuracy)
+        write_json(args.metrics, metrics)
         run.log_artifact(args.plots / "confusion_matrix.png", "plots")
         run.log_artifact(args.plots / "confusion.csv", "plots")
         run.log_artifact(args.metrics)

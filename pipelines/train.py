@@ -762,6 +762,7 @@ def fit(
     try:
         while not state.finished(cfg.epochs):
             row = run_epoch(loop, loader, val, cfg)
+            check_finite(row, state.epoch + 1)  # before the epoch is recorded or checkpointed
             record(state, row, loop, cfg)
             save()
             progress.update(state.epoch, row)
@@ -777,6 +778,17 @@ def fit(
             cfg.patience,
             state.best_epoch,
         )
+
+
+def check_finite(row: dict[str, float], epoch: int) -> None:
+    """Raise `PipelineError` when the epoch's training or validation loss is NaN or infinite:
+    a diverged run is rejected where it is first seen, not trained on to a chance-level model."""
+    for key in ("train_loss", "val_loss"):
+        if not math.isfinite(row[key]):
+            raise PipelineError(
+                f"train: epoch {epoch}: {key} is {row[key]} (the training diverged); "
+                "lower train.lr or check the data"
+            )
 
 
 def result(

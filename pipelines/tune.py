@@ -9,10 +9,12 @@ Hyperband) and stops early when pruned. TPE (or random) sampling, seeded: worker
 Workers: `tune.workers` processes on this host (`python -m pipelines.tune --worker`) run trials
 against one study in a relational storage: an SQLite file by default, or a PostgreSQL URL
 (`MLOPS_TUNE_STORAGE`) shared by workers on several hosts. Trials stop when the study holds
-`tune.trials` trials (any state, every worker together) or after `tune.timeout_s`. A heartbeat
-marks the trials of a killed worker failed, so a study killed mid-way goes on where it stopped
-(its finished trials kept) the next time the stage runs. A trial that crashes is recorded as
-failed and the study goes on.
+`tune.trials` complete or pruned trials (every worker together; running ones are counted while
+they run) or after `tune.timeout_s`. A heartbeat marks the trials of a killed worker failed, so a
+study killed mid-way goes on where it stopped (its finished trials kept), at once by the other
+workers or the next time the stage runs. A trial that crashes is recorded as failed, does not
+count toward `tune.trials`, and is retried; a worker that sees `tune.max_failed_trials` of its
+trials fail in one run stops with an error.
 
 MLflow: the stage's run is nested under the pipeline's parent run, and each trial is a run nested
 under the stage's, with its sampled params, per-epoch metrics (`epoch.<name>`) and its final
@@ -179,9 +181,16 @@ def open_study(
     )
 
 
-def trials_left(study: optuna.Study, budget: int) -> int:
-    """The study's budget less every trial it holds (running, finished or failed)."""
-    return max(0, budget - len(study.get_trials(deepcopy=False)))
+def budget_counts(study: optuna.Study) -> tuple[int, int]:
+    """(complete + pruned trials, running trials) of the study: what counts toward `tune.trials`.
+    Failed trials do not count (they are retried); a killed worker's trial is failed first."""
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.storages.fail_stale_trials(study)
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return len(done), len(running)
 
 
 # --- one trial --------------------------------------------------------------------------------
@@ -326,29 +335,55 @@ def work(
     tracker: TrialTracker | None = None,
     max_trials: int | None = None,
 ) -> int:
-    """One worker: trials against the study until its budget, the timeout or `max_trials`.
-    Returns the number of trials it ran."""
+    """One worker: trials against the study, one at a time, until it holds `tune.trials` complete
+    or pruned trials, the timeout, or `max_trials` run here. While the trials running on other
+    workers would fill the budget it waits (they may fail, or their worker die). Returns the
+    number of trials it ran; raises `PipelineError` after `tune.max_failed_trials` failed ones."""
     import optuna
+    from optuna.trial import TrialState
 
     cfg = params.tune
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(params, name, make_storage(storage, cfg.heartbeat_s), worker)
-    left = trials_left(study, cfg.trials)
-    if max_trials is not None:
-        left = min(left, max_trials)
-    if left == 0:
-        log.info("tune: worker %d: study %s already holds %d trials", worker, name, cfg.trials)
-        return 0
-    before = len(study.get_trials(deepcopy=False))
-    study.optimize(
-        objective(params, prepared_dir, tracker, worker),
-        n_trials=left,
-        timeout=cfg.timeout_s,
-        catch=(Exception,),  # a crashed trial is recorded FAILED (its MLflow run has the error)
-        callbacks=[optuna.study.MaxTrialsCallback(cfg.trials, states=None)],
-        gc_after_trial=False,
-    )
-    return len(study.get_trials(deepcopy=False)) - before
+    run_trial = objective(params, prepared_dir, tracker, worker)
+    deadline = time.monotonic() + cfg.timeout_s
+    ran = failed = 0
+    finished: list[optuna.trial.FrozenTrial] = []  # the trial a study.optimize call ran
+    while (max_trials is None or ran < max_trials) and time.monotonic() < deadline:
+        done, running = budget_counts(study)
+        if done >= cfg.trials:
+            log.info(
+                "tune: worker %d: study %s holds %d complete or pruned trials", worker, name, done
+            )
+            break
+        if done + running >= cfg.trials:  # the others' running trials fill it, if they finish
+            time.sleep(min(cfg.heartbeat_s, max(0.0, deadline - time.monotonic())))
+            continue
+        if failed >= cfg.max_failed_trials:
+            raise PipelineError(
+                f"tune: worker {worker}: {failed} failed trials (tune.max_failed_trials "
+                f"{cfg.max_failed_trials}); the study holds {done} of tune.trials {cfg.trials} "
+                "complete or pruned trials. See the failed trials' MLflow runs (tag tune.error)"
+            )
+        finished.clear()
+        study.optimize(
+            run_trial,
+            n_trials=1,
+            catch=(Exception,),  # a crashed trial is recorded FAILED (its MLflow run has the error)
+            callbacks=[lambda _study, trial: finished.append(trial)],
+            gc_after_trial=False,
+        )
+        ran += 1
+        if finished and finished[0].state == TrialState.FAIL:
+            failed += 1
+            log.warning(
+                "tune: worker %d: trial %d failed (%d of tune.max_failed_trials %d)",
+                worker,
+                finished[0].number,
+                failed,
+                cfg.max_failed_trials,
+            )
+    return ran
 
 
 def tracker_for(

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.slow
 FAST = {  # a quick, barely trained model: its logits are close, so quantization moves more
     "  epochs: 30": "  epochs: 2",
     "  width: 32": "  width: 8",
+    "min_accuracy: 0.8": "min_accuracy: 0.3",  # it scores ~0.5: the floor set for it
     "parity_min_agreement: 0.97": "parity_min_agreement: 0.8",
     "latency_iters: 300": "latency_iters: 50",
     "throughput_iters: 60": "throughput_iters: 10",

@@ -186,6 +186,27 @@ def test_stages_run_as_task_runs_then_show_as_cached(prefect_api: None, fake_pro
     assert forced.result()["stages"] == dict.fromkeys(STAGES, "Completed")
 
 
+@pytest.mark.parametrize("promoted", [True, False])
+def test_only_a_champion_that_moved_is_packaged(
+    prefect_api: None, fake_project: Path, monkeypatch: pytest.MonkeyPatch, promoted: bool
+) -> None:
+    """A rerun whose model is already the champion (`promoted` false) packages nothing."""
+    import flows.package
+    import flows.register
+    import flows.train
+
+    decision = flows.register.Decision("1", "champion", 0.97, "1", 0.97, "unchanged", promoted)
+    packaged: list[str] = []
+    monkeypatch.setattr(flows.train, "SELECT_STAGE", "evaluate")  # the fake graph's last stage
+    monkeypatch.setattr(flows.register, "stage_output", lambda root, stage: root / stage)
+    monkeypatch.setattr(flows.register, "register", lambda *args: decision)
+    fake = flows.package.Packaged("1", "m:1", "b:1", "/a.bento")
+    monkeypatch.setattr(flows.package, "package", lambda *args: packaged.append("b:1") or fake)
+    result = run_flow(fake_project).result()
+    assert result["register"]["promoted"] is promoted
+    assert (result["package"] is not None, packaged) == (promoted, ["b:1"] if promoted else [])
+
+
 def test_a_gpu_stage_waits_for_a_slot_of_the_gpu_limit(
     prefect_api: None, fake_project: Path
 ) -> None:

@@ -3,10 +3,12 @@ import os
 import shutil
 from pathlib import Path
 
+import onnx
 import pytest
 from mlflow import MlflowClient
 
-from flows.register import CHALLENGER, CHAMPION, gate, register
+from flows.register import CHALLENGER, CHAMPION, ONNX_HASH_TAG, gate, register
+from pipelines.artifacts import file_sha256
 from pipelines.export import export
 from pipelines.tracking import start_parent_run
 from tests.modelzoo import tiny_params, trained_model
@@ -14,10 +16,17 @@ from tests.test_export import tamper
 
 
 def test_gate_policy() -> None:
-    assert gate(0.90, None, 0.0) == (True, "no champion yet; accuracy 0.9000")
-    assert gate(0.95, 0.95, 0.0)[0] and gate(0.949, 0.95, 0.002)[0]
-    refused, why = gate(0.90, 0.95, 0.01)
+    assert gate(0.90, None, 0.0, 0.8) == (True, "no champion yet; accuracy 0.9000")
+    assert gate(0.95, 0.95, 0.0, 0.8)[0] and gate(0.949, 0.95, 0.002, 0.8)[0]
+    refused, why = gate(0.90, 0.95, 0.01, 0.8)
     assert not refused and "0.9000 < champion's 0.9500" in why and "challenger" in why
+
+
+def test_gate_applies_the_absolute_floor_with_or_without_a_champion() -> None:
+    refused, why = gate(0.11, None, 0.0, 0.8)  # chance level, nothing to compare with
+    assert not refused and why.startswith("accuracy 0.1100 < evaluate.min_accuracy 0.8")
+    assert not gate(0.79, 0.5, 0.0, 0.8)[0]  # better than a weak champion is not enough
+    assert gate(0.8, None, 0.0, 0.8)[0]
 
 
 def select_dir(root: Path, onnx_path: Path) -> Path:
@@ -39,7 +48,7 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> MlflowClient:
 def test_champion_gate_refuses_a_worse_model_and_keeps_the_alias(
     tmp_path: Path, registry: MlflowClient
 ) -> None:
-    params = tiny_params()
+    params = tiny_params(**{"evaluate.min_accuracy": 0.3})  # the tiny model scores ~0.54
     prepared, model = trained_model(tmp_path, params)
     export(params.export, model, prepared, tmp_path / "good.onnx")
     tamper(tmp_path / "good.onnx", tmp_path / "bad.onnx")
@@ -61,13 +70,64 @@ def test_champion_gate_refuses_a_worse_model_and_keeps_the_alias(
         "kept as challenger" in registry.get_model_version(name, worse.version).tags["gate.reason"]
     )
 
+    retrained(tmp_path / "good.onnx", tmp_path / "same.onnx")
     same = register(
-        params, tmp_path, parent, select_dir(tmp_path / "c", tmp_path / "good.onnx"), prepared
+        params, tmp_path, parent, select_dir(tmp_path / "c", tmp_path / "same.onnx"), prepared
     )
-    assert same.alias == CHAMPION and same.champion_version == first.version
+    assert same.alias == CHAMPION and same.champion_version == first.version and same.promoted
     old = registry.get_model_version(name, first.version).tags
     assert old["demoted_by"] == same.version and "demoted_at" in old
     assert registry.get_model_version(name, same.version).tags["promoted_over"] == first.version
+
+
+def retrained(src: Path, dst: Path) -> None:
+    """The same weights in a new file (another doc string): as accurate, another graph hash."""
+    proto = onnx.load(str(src))
+    proto.doc_string = "retrained"
+    onnx.save(proto, str(dst))
+
+
+def test_a_model_below_the_floor_is_never_champion(tmp_path: Path, registry: MlflowClient) -> None:
+    params = tiny_params()  # evaluate.min_accuracy 0.8; the tiny model scores ~0.54
+    prepared, model = trained_model(tmp_path, params)
+    export(params.export, model, prepared, tmp_path / "weak.onnx")
+    parent = start_parent_run(params, tmp_path)
+    weak = register(
+        params, tmp_path, parent, select_dir(tmp_path / "a", tmp_path / "weak.onnx"), prepared
+    )
+    assert (weak.alias, weak.promoted, weak.champion_version) == (CHALLENGER, False, None)
+    assert "< evaluate.min_accuracy 0.8" in weak.reason
+    name = params.register_.model_name
+    assert registry.get_registered_model(name).aliases == {CHALLENGER: int(weak.version)}
+
+
+def test_registering_the_same_graph_again_changes_nothing(
+    tmp_path: Path, registry: MlflowClient
+) -> None:
+    params = tiny_params(**{"evaluate.min_accuracy": 0.3})
+    prepared, model = trained_model(tmp_path, params)
+    export(params.export, model, prepared, tmp_path / "model.onnx")
+    parent = start_parent_run(params, tmp_path)
+    name = params.register_.model_name
+    first = register(
+        params, tmp_path, parent, select_dir(tmp_path / "a", tmp_path / "model.onnx"), prepared
+    )
+    assert first.promoted
+    tags = registry.get_model_version(name, first.version).tags
+    assert tags[ONNX_HASH_TAG] == file_sha256(tmp_path / "model.onnx")
+
+    again = register(
+        params, tmp_path, parent, select_dir(tmp_path / "b", tmp_path / "model.onnx"), prepared
+    )
+    assert (again.version, again.alias, again.promoted) == (first.version, CHAMPION, False)
+    assert "champion unchanged" in again.reason
+    versions = registry.search_model_versions(f"name = '{name}'")
+    assert [str(v.version) for v in versions] == [first.version]
+    assert registry.get_model_version(name, first.version).tags == tags  # no new history
+    runs = registry.search_runs(
+        [registry.get_run(parent).info.experiment_id], "tags.`mlops.stage` = 'register'"
+    )
+    assert len(runs) == 1  # no second register run for the same graph
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 import pipelines.train
 from pipelines.config import Params, load_params, section_dict, validate_params
-from pipelines.errors import ParamsError
+from pipelines.errors import ParamsError, PipelineError
 from pipelines.train import effective_params, tuned_values
 from pipelines.tune import (
     DISABLED,
@@ -144,11 +144,11 @@ def test_each_trial_is_a_nested_mlflow_run_and_a_crash_fails_only_its_trial(
     parent = client.create_run(experiment).info.run_id
     content, metrics = tune(params, prepared, tmp_path, trials_parent=parent)
 
-    assert metrics["trials"] == 4 and metrics["trials_failed"] == 1  # the study went on
-    assert metrics["trials_complete"] + metrics["trials_pruned"] == 3
+    assert metrics["trials"] == 5 and metrics["trials_failed"] == 1  # the study went on
+    assert metrics["trials_complete"] + metrics["trials_pruned"] == 4  # the failed one retried
     assert set(content["params"]) == set(SMALL_SPACE) and content["enabled"] is True
     runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}'")
-    assert len(runs) == 4
+    assert len(runs) == 5
     by_number = {int(r.data.tags["tune.trial"]): r for r in runs}
     crashed = by_number[1]
     assert crashed.info.status == "FAILED" and crashed.data.tags["tune.state"] == "failed"
@@ -160,6 +160,31 @@ def test_each_trial_is_a_nested_mlflow_run_and_a_crash_fails_only_its_trial(
     assert [m.step for m in history] == [1, 2, 3]
     study = stored(params, prepared)
     assert study.trials[0].user_attrs["mlflow_run_id"] == finished.info.run_id
+
+
+def test_failed_trials_do_not_use_up_the_budget_and_a_rerun_goes_on(
+    tmp_path: Path, prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    none = {"kind": "none", "startup_trials": 0, "warmup_epochs": 0, "min_epochs": 1}
+    params = tune_params(
+        tmp_path, trials=2, max_failed_trials=2, pruner={**none, "reduction_factor": 3}
+    )
+    real_train = pipelines.train.train
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("CUDA error: no kernel image (simulated)")
+
+    monkeypatch.setattr(pipelines.train, "train", broken)
+    with pytest.raises(
+        PipelineError, match=r"worker 0: 2 failed trials \(tune\.max_failed_trials 2\)"
+    ):
+        tune(params, prepared, tmp_path)
+    assert [t.state for t in stored(params, prepared).trials] == [TrialState.FAIL] * 2
+
+    monkeypatch.setattr(pipelines.train, "train", real_train)  # the cause fixed: run again
+    content, metrics = tune(params, prepared, tmp_path)
+    assert (metrics["trials_complete"], metrics["trials_failed"], metrics["trials"]) == (2, 2, 4)
+    assert content["best_trial"] in {2, 3}
 
 
 def test_train_applies_the_best_values_only_when_tuning_is_enabled(tmp_path: Path) -> None:

@@ -1,0 +1,88 @@
+"""The absolute quality floor: a diverged run is rejected in `train`, a model below
+`evaluate.min_accuracy` in `evaluate` (exit 2, one line, before export)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipelines import evaluate
+from pipelines.config import section_dict
+from pipelines.errors import PipelineError
+from pipelines.train import checkpoint_files, cross_entropy, train
+from tests.modelzoo import tiny_params, trained_model
+
+
+@pytest.fixture(scope="module")
+def weak_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(prepared dir, model file): 2 epochs of a width-8 CNN, ~0.54 test accuracy."""
+    return trained_model(tmp_path_factory.mktemp("weak"))
+
+
+def run_evaluate(
+    root: Path, prepared: Path, model: Path, floor: float, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    """`python -m pipelines.evaluate` in `root` with `evaluate.min_accuracy: floor`."""
+    params = section_dict(tiny_params(**{"evaluate.min_accuracy": floor}))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    argv = ["--params", str(root / "params.yaml"), "--model", str(model)]
+    argv += ["--prepared", str(prepared), "--metrics", str(root / "metrics" / "evaluate.json")]
+    argv += ["--plots", str(root / "plots")]
+    capsys.readouterr()
+    try:
+        evaluate.main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0), capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+def test_evaluate_rejects_a_model_below_the_floor(
+    tmp_path: Path,
+    weak_model: tuple[Path, Path],
+    mlflow_uri: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    prepared, model = weak_model
+    code, err = run_evaluate(tmp_path, prepared, model, 0.8, capsys)
+    assert code == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: test accuracy 0.") and "Traceback" not in err
+    assert "below evaluate.min_accuracy 0.8" in last
+    assert not (tmp_path / "metrics" / "evaluate.json").exists()  # nothing for `export` to take
+
+    code, err = run_evaluate(tmp_path, prepared, model, 0.3, capsys)  # the floor set for it
+    assert code == 0, err
+    accuracy = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())["accuracy"]
+    assert 0.3 <= accuracy < 0.8
+
+
+def test_the_floor_is_inclusive_and_a_nan_accuracy_is_below_it() -> None:
+    evaluate.check_floor(0.8, 0.8)
+    with pytest.raises(evaluate.AccuracyFloorError, match=r"0\.7999 is below .* 0\.8"):
+        evaluate.check_floor(0.7999, 0.8)
+    with pytest.raises(evaluate.AccuracyFloorError):
+        evaluate.check_floor(float("nan"), 0.0)
+
+
+def test_a_non_finite_loss_is_rejected_in_the_epoch_it_appears(
+    tmp_path: Path, weak_model: tuple[Path, Path]
+) -> None:
+    prepared, _ = weak_model
+    cfg = tiny_params(**{"train.epochs": 4, "train.patience": 4}).train
+    epochs: list[int] = []
+
+    def diverging(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = cross_entropy(logits, x, y)
+        return loss * float("inf") if len(epochs) >= 1 else loss  # diverges in epoch 2
+
+    with pytest.raises(PipelineError, match=r"train: epoch 2: train_loss is (nan|inf)"):
+        train(cfg, prepared, tmp_path / "ck", lambda e, row: epochs.append(e), (diverging, "x"))
+    assert epochs == [1]  # epoch 2 was neither recorded nor reported
+    kept = [p.name for p in checkpoint_files(tmp_path / "ck")]
+    assert kept == ["epoch-00001.ckpt"]  # the diverged state is not checkpointed
