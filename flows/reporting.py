@@ -8,17 +8,36 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Params, RunOverrides
-from pipelines.tracking import client_for, flatten
+from pipelines.tracking import UI_MODEL_TRAINING_QUERY, client_for, flatten
+
+DOCS_ARTIFACT = "data_docs/index.html"  # where the validate stage logs its Data Docs
 
 
-def mlflow_run_url(params: Params, root: Path, run_id: str) -> str:
-    """The run's page in the MLflow UI (`tracking.ui_url`, or the server itself)."""
+def mlflow_run_url(params: Params, root: Path, run_id: str, artifact: str | None = None) -> str:
+    """The run's page in the MLflow UI (`tracking.ui_url`, or the server itself) in its model
+    training view; with `artifact`, that file opened in the run's Artifacts tab."""
     import os
 
     _, experiment = client_for(params.tracking, root)
     tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
     base = tracking if tracking.startswith("http") else params.tracking.ui_url
-    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    page = f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return f"{page}{f'/artifacts/{artifact}' if artifact else ''}?{UI_MODEL_TRAINING_QUERY}"
+
+
+def data_docs_url(params: Params, root: Path, parent: str) -> str | None:
+    """The Data Docs in the MLflow UI (the Artifacts tab of the `validate` run that wrote them:
+    this pipeline run's, or the newest one when DVC found `validate` up to date); None when no
+    `validate` run is in MLflow."""
+    client, experiment = client_for(params.tracking, root)
+    validate = "tags.`mlops.stage` = 'validate'"
+    for query in (f"{validate} and tags.`mlflow.parentRunId` = '{parent}'", validate):
+        found = client.search_runs(
+            [experiment], query, order_by=["attributes.start_time DESC"], max_results=1
+        )
+        if found:
+            return mlflow_run_url(params, root, found[0].info.run_id, DOCS_ARTIFACT)
+    return None
 
 
 def metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:
