@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Params, RunOverrides
-from pipelines.tracking import UI_MODEL_TRAINING_QUERY, client_for, flatten
+from pipelines.tracking import UI_MODEL_TRAINING_QUERY, client_for, flatten, recorded_run
 
 DOCS_ARTIFACT = "data_docs/index.html"  # where the validate stage logs its Data Docs
 
@@ -25,19 +25,11 @@ def mlflow_run_url(params: Params, root: Path, run_id: str, artifact: str | None
     return f"{page}{f'/artifacts/{artifact}' if artifact else ''}?{UI_MODEL_TRAINING_QUERY}"
 
 
-def data_docs_url(params: Params, root: Path, parent: str) -> str | None:
-    """The Data Docs in the MLflow UI (the Artifacts tab of the `validate` run that wrote them:
-    this pipeline run's, or the newest one when DVC found `validate` up to date); None when no
-    `validate` run is in MLflow."""
-    client, experiment = client_for(params.tracking, root)
-    validate = "tags.`mlops.stage` = 'validate'"
-    for query in (f"{validate} and tags.`mlflow.parentRunId` = '{parent}'", validate):
-        found = client.search_runs(
-            [experiment], query, order_by=["attributes.start_time DESC"], max_results=1
-        )
-        if found:
-            return mlflow_run_url(params, root, found[0].info.run_id, DOCS_ARTIFACT)
-    return None
+def data_docs_url(params: Params, root: Path, docs_dir: Path) -> str | None:
+    """The Data Docs in `docs_dir` as the MLflow UI shows them (the Artifacts tab of the
+    `validate` run that wrote them and logged a copy); None when no run is recorded there."""
+    run_id = recorded_run(docs_dir)
+    return mlflow_run_url(params, root, run_id, DOCS_ARTIFACT) if run_id else None
 
 
 def metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> str:

@@ -186,7 +186,7 @@ def _publish(
     metrics = session.metrics()
     found = [m["docs_index"] for m in metrics.values() if isinstance(m, dict) and "docs_index" in m]
     docs = session.root / (found[0] if found else "reports/validate/index.html")
-    docs_url = data_docs_url(params, session.root, parent)  # a file:// link would open nothing
+    docs_url = data_docs_url(params, session.root, docs.parent)  # file:// links open nothing
     if docs_url:
         create_link_artifact(docs_url, link_text="Great Expectations Data Docs", key="data-docs")
     else:

@@ -44,6 +44,7 @@ MODEL_TRAINING = "custom_model_development"
 UI_MODEL_TRAINING_QUERY = "workflowType=machine_learning"
 OWNER_HOST, OWNER_PID, OWNER_STARTED = "mlops.owner.host", "mlops.owner.pid", "mlops.owner.started"
 DIGEST_CHARS = 16  # MLflow keeps at most 36 characters of a dataset digest
+RUN_FILE = "mlflow_run.json"  # in a stage's report folder: the run that holds its logged copy
 CORE_PACKAGES = (
     "torch",
     "numpy",
@@ -327,6 +328,11 @@ class StageRun:
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         self.client.log_dict(self.run_id, dict(data), artifact_file)
 
+    def record_in(self, folder: Path) -> None:
+        """Write `folder`/RUN_FILE naming this run, whose artifacts hold the folder's copy."""
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RUN_FILE).write_text(json.dumps({"run_id": self.run_id}) + "\n")
+
     def log_dataset(self, params: Params, content_hash: str, context: str) -> None:
         """Record the prepared data set (content hash from its manifest) as an input of this
         run (with `context`, the stage) and of its parent (context "pipeline")."""
@@ -344,6 +350,14 @@ class StageRun:
             yield
         finally:
             mlflow.end_run()  # the stage's own context sets the final status afterwards
+
+
+def recorded_run(folder: Path) -> str | None:
+    """The run id `StageRun.record_in` wrote in `folder`, or None when there is none."""
+    try:
+        return str(json.loads((folder / RUN_FILE).read_text())["run_id"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _now_ms() -> int:

@@ -163,3 +163,20 @@ def test_runs_of_a_killed_process_are_marked_killed_by_the_next_start(
 def test_an_owner_that_cannot_be_read_counts_as_alive() -> None:
     assert owner_alive({}) is True  # a run from before owners were recorded: left alone
     assert owner_alive(owner_tags()) is True
+
+
+def test_the_data_docs_link_opens_the_logged_copy_in_the_mlflow_ui(
+    params: Params, tmp_path: Path, mlflow_uri: str
+) -> None:
+    """Not a file:// link (a browser opens nothing from one): the Artifacts tab of the run
+    recorded beside the Data Docs, in the UI's model-training view."""
+    from flows.reporting import data_docs_url
+
+    docs = tmp_path / "reports" / "validate"
+    assert data_docs_url(params, tmp_path, docs) is None  # no run recorded: no link
+    with stage_run("validate", params, {}, tmp_path) as run:
+        run.record_in(docs)
+    _, experiment = client_for(params.tracking, tmp_path)
+    page = f"{params.tracking.ui_url}/#/experiments/{experiment}/runs/{run.run_id}"
+    expected = f"{page}/artifacts/data_docs/index.html?workflowType=machine_learning"
+    assert data_docs_url(params, tmp_path, docs) == expected
