@@ -180,3 +180,24 @@ def test_the_data_docs_link_opens_the_logged_copy_in_the_mlflow_ui(
     page = f"{params.tracking.ui_url}/#/experiments/{experiment}/runs/{run.run_id}"
     expected = f"{page}/artifacts/data_docs/index.html?workflowType=machine_learning"
     assert data_docs_url(params, tmp_path, docs) == expected
+
+
+def test_a_parent_owned_by_another_process_ends_with_it(
+    params: Params, tmp_path: Path, mlflow_uri: str
+) -> None:
+    """A `dvc repro` parent is owned by the `dvc` process, not by the stage that created it:
+    the stage ending leaves it alone; the `dvc` process killed makes it a ghost, then KILLED."""
+    import psutil
+
+    client = MlflowClient(mlflow_uri)
+    dvc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        parent = start_parent_run(params, tmp_path, owner=psutil.Process(dvc.pid))
+        assert client.get_run(parent).data.tags[OWNER_PID] == str(dvc.pid)
+        start_parent_run(params, tmp_path)
+        assert client.get_run(parent).info.status == "RUNNING"  # its owner lives
+    finally:
+        dvc.kill()
+        dvc.wait(timeout=60)
+    start_parent_run(params, tmp_path)
+    assert client.get_run(parent).info.status == "KILLED"
