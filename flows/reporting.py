@@ -8,17 +8,28 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Params, RunOverrides
-from pipelines.tracking import client_for, flatten
+from pipelines.tracking import UI_MODEL_TRAINING_QUERY, client_for, flatten, recorded_run
+
+DOCS_ARTIFACT = "data_docs/index.html"  # where the validate stage logs its Data Docs
 
 
-def mlflow_run_url(params: Params, root: Path, run_id: str) -> str:
-    """The run's page in the MLflow UI (`tracking.ui_url`, or the server itself)."""
+def mlflow_run_url(params: Params, root: Path, run_id: str, artifact: str | None = None) -> str:
+    """The run's page in the MLflow UI (`tracking.ui_url`, or the server itself) in its model
+    training view; with `artifact`, that file opened in the run's Artifacts tab."""
     import os
 
     _, experiment = client_for(params.tracking, root)
     tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
     base = tracking if tracking.startswith("http") else params.tracking.ui_url
-    return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    page = f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return f"{page}{f'/artifacts/{artifact}' if artifact else ''}?{UI_MODEL_TRAINING_QUERY}"
+
+
+def data_docs_url(params: Params, root: Path, docs_dir: Path) -> str | None:
+    """The Data Docs in `docs_dir` as the MLflow UI shows them (the Artifacts tab of the
+    `validate` run that wrote them and logged a copy); None when no run is recorded there."""
+    run_id = recorded_run(docs_dir)
+    return mlflow_run_url(params, root, run_id, DOCS_ARTIFACT) if run_id else None
 
 
 # A stage's figures belong to this run when it ran in it, or DVC found it up to date with this

@@ -245,7 +245,7 @@ def train(
         return rejected(exc)
     with overridden_params_file(root, overrides), DvcSession(root) as session:
         session.start()  # DVC gets ready in its own process while MLflow starts here
-        parent = start_parent_run(params, root, name="train-flow")
+        parent = start_parent_run(params, root, name="train-flow", source="flows/train.py")
         states: dict[str, str] = {}
         try:
             run_stages(params, session, parent, force, states)
@@ -285,14 +285,19 @@ def _publish(
     failed: bool = False,
 ) -> dict[str, Any]:
     """Prefect artifacts: the MLflow run link, the Data Docs location, metrics, how to reproduce."""
-    from flows.reporting import metrics_table, mlflow_run_url, reproduce_command
+    from flows.reporting import data_docs_url, metrics_table, mlflow_run_url, reproduce_command
 
     url = mlflow_run_url(params, session.root, parent)
     create_link_artifact(url, link_text="MLflow parent run", key="mlflow-run")
     metrics = session.metrics()
     found = [m["docs_index"] for m in metrics.values() if isinstance(m, dict) and "docs_index" in m]
     docs = session.root / (found[0] if found else "reports/validate/index.html")
-    create_link_artifact(docs.as_uri(), link_text="Great Expectations Data Docs", key="data-docs")
+    docs_url = data_docs_url(params, session.root, docs.parent)  # file:// links open nothing
+    if docs_url:
+        create_link_artifact(docs_url, link_text="Great Expectations Data Docs", key="data-docs")
+    else:
+        where = f"No validate run in MLflow; on the worker: `{docs}`"
+        create_markdown_artifact(where, key="data-docs")
     table = metrics_table(metrics, session.metrics_files(), states)
     create_markdown_artifact(
         f"{table}\n\n**Reproduce** on this commit: `{reproduce_command(overrides)}` (`--force`"

@@ -240,6 +240,7 @@ def _run(params: Params, out_dir: Path, metrics_path: Path) -> None:
         metrics = {f"rows_{name}": split_["rows"] for name, split_ in result["splits"].items()}
         write_json(metrics_path, metrics)
         run.set_tags({"data.content_hash": result["content_hash"]})
+        run.log_dataset(params, result["content_hash"], "prepare")
         run.log_metrics(metrics)
         run.log_artifact(out_dir / "manifest.json")
         log.info("prepare: %s -> %s (%s)", params.data.source, out_dir, metrics)

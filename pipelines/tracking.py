@@ -5,6 +5,12 @@ id to every stage process in `MLOPS_PARENT_RUN_ID`. Under a plain `dvc repro`, t
 of one `dvc` invocation find each other through a small session file keyed by that `dvc` process,
 so they still share one parent. The tracking URI is set in one place: `tracking.uri` in
 params.yaml, replaced by `MLFLOW_TRACKING_URI` when that is set.
+
+What the MLflow UI shows comes from MLflow's own tags and inputs: the experiment is tagged as model
+training (`mlflow.experimentKind`), every run carries the `mlflow.source.*` tags (Source column)
+and the prepared data set as a dataset input (Dataset column). Every run records its owner (host,
+PID, process start time); a run left RUNNING by an owner that no longer exists on this host is
+marked KILLED when the next run starts here.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -30,6 +37,14 @@ if TYPE_CHECKING:
 
 PARENT_ENV = "MLOPS_PARENT_RUN_ID"
 SESSION_DIR = Path("mlruns") / ".sessions"
+# MLflow 3's experiment type tag: its UI reads "custom_model_development" as model training
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# MLflow 3.17's UI opens an experiment in its GenAI view unless the URL says otherwise
+UI_MODEL_TRAINING_QUERY = "workflowType=machine_learning"
+OWNER_HOST, OWNER_PID, OWNER_STARTED = "mlops.owner.host", "mlops.owner.pid", "mlops.owner.started"
+DIGEST_CHARS = 16  # MLflow keeps at most 36 characters of a dataset digest
+RUN_FILE = "mlflow_run.json"  # in a stage's report folder: the run that holds its logged copy
 CORE_PACKAGES = (
     "torch",
     "numpy",
@@ -60,10 +75,13 @@ def experiment_id(client: MlflowClient, cfg: TrackingConfig, root: Path, uri: st
     """The experiment's id, created on first use (artifacts under `cfg.artifacts` when local)."""
     found = client.get_experiment_by_name(cfg.experiment)
     if found is not None:
+        if EXPERIMENT_KIND_TAG not in found.tags:  # created before the project set the kind
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return str(found.experiment_id)
     location = (root / cfg.artifacts).resolve().as_uri() if is_local_store(uri) else None
+    tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING}
     with contextlib.suppress(Exception):  # a concurrent stage may have created it meanwhile
-        return str(client.create_experiment(cfg.experiment, artifact_location=location))
+        return str(client.create_experiment(cfg.experiment, location, tags))
     found = client.get_experiment_by_name(cfg.experiment)
     if found is None:
         raise RuntimeError(f"could not create MLflow experiment {cfg.experiment!r} at {uri}")
@@ -113,12 +131,66 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def run_tags(root: Path) -> dict[str, str]:
+def run_tags(root: Path, source: str | None = None, owner: Any = None) -> dict[str, str]:
+    """Package versions, the commit, MLflow's source tags (`source`: the entry point, by
+    default this process's script relative to `root`) and the owner (a psutil.Process, by
+    default this one: the run is a ghost once it is gone)."""
     versions = package_versions()
     tags = {f"pkg.{name}": versions[name] for name in CORE_PACKAGES if name in versions}
     tags["git.commit"] = git_commit(root)
     tags["python"] = platform.python_version()
+    return tags | source_tags(root, tags["git.commit"], source) | owner_tags(owner)
+
+
+def source_tags(root: Path, commit: str, source: str | None = None) -> dict[str, str]:
+    """MLflow's `mlflow.source.*` tags, which fill the UI's Source column."""
+    from mlflow.entities import SourceType
+    from mlflow.utils.mlflow_tags import (
+        MLFLOW_GIT_COMMIT,
+        MLFLOW_GIT_DIRTY,
+        MLFLOW_SOURCE_NAME,
+        MLFLOW_SOURCE_TYPE,
+    )
+
+    tags = {
+        MLFLOW_SOURCE_NAME: source or entry_point(root),
+        MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+    }
+    if commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit.removesuffix("-dirty")
+        tags[MLFLOW_GIT_DIRTY] = str(commit.endswith("-dirty")).lower()
     return tags
+
+
+def entry_point(root: Path) -> str:
+    """This process's script, relative to `root` when inside it (`pipelines/train.py`)."""
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else Path(sys.executable)
+    return script.relative_to(root).as_posix() if script.is_relative_to(root) else str(script)
+
+
+def dataset_input(params: Params, content_hash: str, context: str) -> Any:
+    """The prepared data set as an MLflow dataset input: named after `data.source`, with the
+    first DIGEST_CHARS hex digits of the prepared splits' content hash as its digest."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    source = params.data.source
+    builtin = source == "digits"  # scikit-learn's, see pipelines/prepare.py
+    dataset = Dataset(
+        name=source if builtin else Path(source).name,
+        digest=content_hash[:DIGEST_CHARS],
+        source_type="code" if builtin else "local",
+        source=json.dumps({"uri": "sklearn.datasets.load_digits" if builtin else source}),
+    )
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+
+def log_dataset(
+    client: MlflowClient, run_id: str, params: Params, content_hash: str, context: str
+) -> None:
+    """Record the prepared data set as an input of the run (once per run and digest: MLflow
+    keeps the first context a run logged it with)."""
+    client.log_inputs(run_id, datasets=[dataset_input(params, content_hash, context)])
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
@@ -129,14 +201,66 @@ def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> 
         client.log_batch(run_id, params=flat[start : start + 100])
 
 
-def start_parent_run(params: Params, root: Path, name: str = "pipeline") -> str:
-    """Create a pipeline parent run holding every effective param; returns its id."""
+def start_parent_run(
+    params: Params,
+    root: Path,
+    name: str = "pipeline",
+    source: str | None = None,
+    owner: Any = None,
+) -> str:
+    """Create a pipeline parent run holding every effective param; returns its id.
+
+    `source`: the entry point shown in MLflow's Source column (default: this process's script);
+    `owner`: the psutil.Process whose death ends the run (default: this process). Runs of this
+    host left RUNNING by a dead owner are marked KILLED first.
+    """
     client, exp_id = client_for(params.tracking, root)
-    run = client.create_run(
-        exp_id, run_name=name, tags={**run_tags(root), "mlops.kind": "pipeline"}
-    )
+    reap_dead_runs(client, exp_id)
+    tags = {**run_tags(root, source, owner), "mlops.kind": "pipeline"}
+    run = client.create_run(exp_id, run_name=name, tags=tags)
     log_params(client, run.info.run_id, flatten(section_dict(params)))
     return str(run.info.run_id)
+
+
+def owner_tags(process: Any = None) -> dict[str, str]:
+    """Tags naming the process that owns a run: host, PID and start time (seconds since epoch)."""
+    import psutil
+
+    proc = process or psutil.Process()
+    started = f"{proc.create_time():.3f}"
+    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(proc.pid), OWNER_STARTED: started}
+
+
+def owner_alive(tags: Mapping[str, str]) -> bool:
+    """False only when the run's owner provably no longer exists: same PID with another start
+    time (reused), no such process, or a zombie. Unknown or unreadable owners count as alive."""
+    import psutil
+
+    try:
+        proc = psutil.Process(int(tags[OWNER_PID]))
+        same = abs(proc.create_time() - float(tags[OWNER_STARTED])) < 1.0
+        return same and proc.status() != psutil.STATUS_ZOMBIE
+    except (KeyError, ValueError):
+        return True
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # e.g. AccessDenied: it exists
+        return True
+
+
+def reap_dead_runs(client: MlflowClient, exp_id: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose owner process is gone (a killed
+    `dvc repro` or flow); runs of other hosts and of live processes are left alone. Returns
+    the ids marked."""
+    query = f"attributes.status = 'RUNNING' and tags.`{OWNER_HOST}` = '{socket.gethostname()}'"
+    killed = []
+    for run in client.search_runs([exp_id], filter_string=query, max_results=1000):
+        if not owner_alive(run.data.tags):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            killed.append(run.info.run_id)
+    if killed:
+        log.warning("MLflow: marked %d run(s) of dead processes KILLED: %s", len(killed), killed)
+    return killed
 
 
 def end_parent_run(params: Params, root: Path, run_id: str, status: str = "FINISHED") -> None:
@@ -144,15 +268,15 @@ def end_parent_run(params: Params, root: Path, run_id: str, status: str = "FINIS
     client.set_terminated(run_id, status=status)
 
 
-def _dvc_ancestor() -> str | None:
-    """An id for the `dvc` process that started this stage, if one did."""
+def _dvc_ancestor() -> Any:
+    """The `dvc` process (psutil.Process) that started this stage, if one did."""
     import psutil
 
     with contextlib.suppress(psutil.Error):
         for proc in psutil.Process().parents():
             cmd = proc.cmdline()
             if any(Path(part).name == "dvc" for part in cmd[:2]) or cmd[1:3] == ["-m", "dvc"]:
-                return f"{proc.pid}-{int(proc.create_time())}"
+                return proc
     return None
 
 
@@ -161,13 +285,13 @@ def resolve_parent(params: Params, root: Path) -> tuple[str, bool]:
     explicit = os.environ.get(PARENT_ENV)
     if explicit:
         return explicit, False
-    session = _dvc_ancestor()
-    if session is None:
+    dvc = _dvc_ancestor()
+    if dvc is None:
         return start_parent_run(params, root), True
-    marker = root / SESSION_DIR / f"{session}.json"
+    marker = root / SESSION_DIR / f"{dvc.pid}-{int(dvc.create_time())}.json"
     if marker.exists():
         return str(json.loads(marker.read_text())["parent_run_id"]), True
-    run_id = start_parent_run(params, root, name="dvc-repro")
+    run_id = start_parent_run(params, root, name="dvc-repro", source="dvc repro", owner=dvc)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"parent_run_id": run_id}))
     return run_id, True
@@ -204,6 +328,17 @@ class StageRun:
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         self.client.log_dict(self.run_id, dict(data), artifact_file)
 
+    def record_in(self, folder: Path) -> None:
+        """Write `folder`/RUN_FILE naming this run, whose artifacts hold the folder's copy."""
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RUN_FILE).write_text(json.dumps({"run_id": self.run_id}) + "\n")
+
+    def log_dataset(self, params: Params, content_hash: str, context: str) -> None:
+        """Record the prepared data set (content hash from its manifest) as an input of this
+        run (with `context`, the stage) and of its parent (context "pipeline")."""
+        log_dataset(self.client, self.run_id, params, content_hash, context)
+        log_dataset(self.client, self.parent_run_id, params, content_hash, "pipeline")
+
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         """Make this run MLflow's active run for a call that needs one (e.g. log_model)."""
@@ -215,6 +350,14 @@ class StageRun:
             yield
         finally:
             mlflow.end_run()  # the stage's own context sets the final status afterwards
+
+
+def recorded_run(folder: Path) -> str | None:
+    """The run id `StageRun.record_in` wrote in `folder`, or None when there is none."""
+    try:
+        return str(json.loads((folder / RUN_FILE).read_text())["run_id"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _now_ms() -> int:
@@ -236,14 +379,18 @@ def stage_run(
 
     root = (root or Path.cwd()).resolve()
     client, exp_id = client_for(params.tracking, root)
+    reap_dead_runs(client, exp_id)
     parent_id, owns_parent = resolve_parent(params, root)
-    tags = {**run_tags(root), MLFLOW_PARENT_RUN_ID: parent_id, "mlops.stage": stage}
+    tags = {**run_tags(root), "mlops.stage": stage}
+    tags[MLFLOW_PARENT_RUN_ID] = parent_id
     if data_hash:
         tags["data.content_hash"] = data_hash
     run = StageRun(client, client.create_run(exp_id, run_name=stage, tags=tags).info.run_id, "")
     run.parent_run_id = parent_id
     if owns_parent:
         client.update_run(parent_id, status="RUNNING")
+    if data_hash:
+        run.log_dataset(params, data_hash, stage)
     run.log_params(section)
     run.log_dict({"python": sys.version, "packages": package_versions()}, "environment.json")
     status = "FAILED"

@@ -31,6 +31,7 @@ from pipelines.cli import run_cli
 from pipelines.config import DataConfig, Params, ValidateConfig, section_dict
 from pipelines.errors import DataSourceError, DataValidationError
 from pipelines.prepare import SPLITS, as_numbers, numeric_columns, read_manifest
+from pipelines.tracking import RUN_FILE
 
 HASH_COLUMN = "_row_hash"
 DOCS_SITE = "validate"
@@ -492,7 +493,7 @@ def clear_docs(docs_dir: Path) -> None:
     """Drop the pages of an earlier run (only what GX writes), so the site shows this run only."""
     for name in ("expectations", "validations"):
         shutil.rmtree(Path(docs_dir) / name, ignore_errors=True)
-    for name in ("index.html", "summary.json"):
+    for name in ("index.html", "summary.json", RUN_FILE):
         (Path(docs_dir) / name).unlink(missing_ok=True)
 
 
@@ -523,6 +524,7 @@ def _run(params: Params, prepared_dir: Path, docs_dir: Path, metrics_path: Path)
                 "success": int(summary["success"]),
             }
         )
+        run.record_in(docs_dir)  # for links to the logged copy (the Prefect UI's Data Docs link)
         run.log_artifacts(docs_dir, "data_docs")
         run.log_artifact(metrics_path)
         raise_for_failures(summary)  # after the artifacts: the run ends FAILED with its evidence

@@ -7,6 +7,7 @@ Everything listens on loopback ports picked at random; every store lives in a te
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from prefect.exceptions import PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.train import stage_order
+from pipelines.config import load_params
 from tests.conftest import REPO
 from tests.processes import free_port, stop_group
 
@@ -233,8 +235,9 @@ def test_each_stage_is_a_completed_task_run(stack: Stack, finished: FlowRun) -> 
 def test_run_links_mlflow_data_docs_and_metrics(stack: Stack, finished: FlowRun) -> None:
     found = artifacts(finished)
     assert "/#/experiments/" in link(found["mlflow-run"])
-    docs = link(found["data-docs"])
-    assert docs.startswith("file://") and docs.endswith("reports/validate/index.html")
+    docs = link(found["data-docs"])  # the validate run's copy in the MLflow UI, not a file://
+    assert docs.startswith(f"{load_params(stack.checkout / 'params.yaml').tracking.ui_url}/#/")
+    assert docs.endswith("/artifacts/data_docs/index.html?workflowType=machine_learning")
     assert (stack.checkout / "reports" / "validate" / "index.html").is_file()
     table = found["run-metrics"].data
     assert "| metrics/train.json |" in table and "| metrics/evaluate.json |" in table
@@ -242,7 +245,7 @@ def test_run_links_mlflow_data_docs_and_metrics(stack: Stack, finished: FlowRun)
 
 
 def test_mlflow_parent_run_holds_one_nested_run_per_stage(stack: Stack, finished: FlowRun) -> None:
-    parent_id = link(artifacts(finished)["mlflow-run"]).rsplit("/", 1)[-1]
+    parent_id = link(artifacts(finished)["mlflow-run"]).split("?")[0].rsplit("/", 1)[-1]
     client = MlflowClient(tracking_uri=stack.mlflow_uri)
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
@@ -324,6 +327,44 @@ def test_the_run_form_shows_the_values_an_empty_field_uses(stack: Stack) -> None
     assert "train.model.arch, now" in text and "re-run every stage" in text
     assert "Property is type None" not in text
     assert "project_dir" not in text
+
+
+def test_the_data_docs_link_opens_in_the_mlflow_ui(stack: Stack, finished: FlowRun) -> None:
+    """The Prefect UI's Data Docs link, opened in headless Chromium against `mlflow server` on
+    the run's store (at the link's `tracking.ui_url`, here a free port): the Data Docs render
+    in the run's Artifacts tab, in the UI's model-training view (not GenAI's)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run does)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    ui_url = load_params(stack.checkout / "params.yaml").tracking.ui_url
+    docs = link(artifacts(finished)["data-docs"])
+    with mlflow_ui(stack) as base, sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(docs.replace(ui_url, base, 1))
+            page.get_by_text("validations", exact=True).first.wait_for(timeout=120_000)
+            frame = page.frame_locator("iframe")  # MLflow renders HTML artifacts in one
+            frame.get_by_text("Validation Results").first.wait_for(timeout=60_000)
+            page.get_by_text("Model registry").first.wait_for(timeout=10_000)
+            page.screenshot(path=str(SCREENSHOT.with_name("data-docs.png")))
+        finally:
+            browser.close()
+
+
+@contextlib.contextmanager
+def mlflow_ui(stack: Stack) -> Iterator[str]:
+    """`mlflow server` on the worker's MLflow store, on a free loopback port; its base URL."""
+    port = free_port()
+    log = stack.logs / "mlflow-server.log"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", stack.mlflow_uri]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    server = start(command, base_env(stack.logs / "mlflow-home"), stack.logs, log)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", server, log, timeout_s=180)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(server, grace_s=15)
 
 
 def test_a_git_deployment_runs_a_fresh_clone(stack: Stack, finished: FlowRun) -> None:
