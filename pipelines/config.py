@@ -7,6 +7,7 @@ an unknown key raises `ParamsError` naming the key and what is allowed.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, ClassVar, Literal
@@ -48,6 +49,32 @@ LearningRate = Annotated[float, Field(gt=0, lt=10, description="AdamW learning r
 BatchSize = Annotated[int, Field(gt=0, le=MAX_BATCH, description="training batch size")]
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="random seed (numpy's range)")]
 Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+
+
+STORAGE_DRIVERS = ("sqlite", "postgresql", "postgresql+psycopg")  # tune.storage URL schemes
+
+
+def check_storage_url(url: str) -> str:
+    """`url` if it is an Optuna storage the project supports: `sqlite:///<file>` (relative to the
+    project root, or `sqlite:////abs/path`) or `postgresql[+psycopg]://user:pass@host[:port]/db`.
+    Raises ValueError (without the password) otherwise."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    allowed = "sqlite:///<file> or postgresql://user:pass@host/db"
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ValueError(f"not a database URL; expected {allowed}") from None
+    if parsed.drivername not in STORAGE_DRIVERS:
+        raise ValueError(f"unsupported scheme {parsed.drivername!r}; expected {allowed}")
+    if parsed.drivername == "sqlite" and not (parsed.database and url.startswith("sqlite:///")):
+        raise ValueError("an SQLite storage needs a file: sqlite:///<file>")
+    if parsed.drivername != "sqlite" and not (
+        (parsed.host or parsed.query.get("host")) and parsed.database
+    ):
+        raise ValueError("a PostgreSQL storage needs a host and a database")
+    return url
 
 
 def _registered(value: str) -> str:
@@ -238,7 +265,7 @@ class TuneConfig(Section):
     max_failed_trials: int = Field(ge=0, le=1000)
     timeout_s: Seconds
     workers: int = Field(ge=1, le=MAX_PROCESSES)
-    storage: str = Field(min_length=1)
+    storage: Annotated[str, AfterValidator(check_storage_url)] = Field(min_length=1)
     study_name: str = Field(min_length=1)
     seed: int = Field(ge=0, le=2**32 - 1 - MAX_PROCESSES)  # worker k samples with seed + k
     sampler: Literal["tpe", "random"]
@@ -588,6 +615,8 @@ def _describe(error: Any, raw: Mapping[str, Any], prefix: tuple[str, ...] = ()) 
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     got = error.get("input")
+    if isinstance(got, str) and "://" in got:  # a URL: never echo its password
+        got = re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", got)
     shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
     return f"{key}: {error['msg']}{shown}"
 

@@ -31,3 +31,7 @@ class SelectionError(PipelineError):
 
 class InUseError(PipelineError):
     """State a stage keeps between runs (checkpoints, a study) is held by another process."""
+
+
+class StorageError(PipelineError):
+    """A database a stage keeps its state in (the tuning study) cannot be opened."""

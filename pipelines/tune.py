@@ -53,10 +53,11 @@ from pipelines.config import (
     TrainConfig,
     TuneConfig,
     apply_overrides,
+    check_storage_url,
     section_dict,
     validate_params,
 )
-from pipelines.errors import ParamsError, PipelineError
+from pipelines.errors import ParamsError, PipelineError, StorageError
 from pipelines.lifecycle import exclusive
 from pipelines.prepare import read_manifest
 
@@ -78,8 +79,15 @@ log = logging.getLogger(__name__)
 
 
 def storage_url(cfg: TuneConfig, root: Path) -> str:
-    """`MLOPS_TUNE_STORAGE` if set, else `cfg.storage`; a relative SQLite path is made absolute."""
-    return absolute_sqlite_url(os.environ.get(STORAGE_ENV) or cfg.storage, root)
+    """`MLOPS_TUNE_STORAGE` if set, else `cfg.storage`; a relative SQLite path is made absolute.
+    Raises ParamsError naming `MLOPS_TUNE_STORAGE` when that is not a supported storage URL."""
+    env = os.environ.get(STORAGE_ENV)
+    if env:
+        try:
+            check_storage_url(env)
+        except ValueError as exc:
+            raise ParamsError(f"{STORAGE_ENV}: {exc}") from None
+    return absolute_sqlite_url(env or cfg.storage, root)
 
 
 def study_lock(cfg: TuneConfig) -> contextlib.AbstractContextManager[None]:
@@ -118,8 +126,10 @@ def study_name(params: Params, content_hash: str) -> str:
 
 
 def make_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
-    """A relational storage with a heartbeat: a trial silent for 2 x heartbeat_s is stale."""
+    """A relational storage with a heartbeat: a trial silent for 2 x heartbeat_s is stale.
+    Raises StorageError naming the storage (password hidden) when it cannot be opened."""
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine_kwargs: dict[str, Any] = {}
@@ -127,12 +137,20 @@ def make_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
     else:
         engine_kwargs["pool_pre_ping"] = True
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=heartbeat_s,
-        grace_period=2 * heartbeat_s,
-    )
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_s,
+            grace_period=2 * heartbeat_s,
+        )
+    except (SQLAlchemyError, ImportError, OSError) as exc:
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        reason = cause[0] if cause else type(exc).__name__
+        password = url.partition("://")[2].rpartition("@")[0].partition(":")[2]
+        if password:
+            reason = reason.replace(password, "***")
+        raise StorageError(f"tune storage {redacted(url)}: cannot open it: {reason}") from None
 
 
 def make_sampler(cfg: TuneConfig, worker: int) -> optuna.samplers.BaseSampler:

@@ -293,3 +293,41 @@ def test_the_stage_cli_then_train_with_the_tuned_values(
     trials = [r for r in runs if r.data.tags.get("mlops.stage") == "tune.trial"]
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {stages["tune"].info.run_id}
     assert {r.data.tags["tune.worker"] for r in trials} <= {"0", "1"} and len(trials) >= 3
+
+
+@pytest.mark.parametrize(
+    ("storage", "shown"),
+    [("mysql://u:secret@db/optuna", "unsupported scheme 'mysql'"), ("sqlite://", "needs a file")],
+)
+def test_an_unsupported_storage_url_is_refused_when_params_load(
+    tmp_path: Path, storage: str, shown: str
+) -> None:
+    raw = section_dict(tune_params(tmp_path))
+    raw["tune"]["storage"] = storage
+    with pytest.raises(ParamsError, match=r"tune\.storage") as info:
+        validate_params(raw)
+    assert shown in str(info.value) and "secret" not in str(info.value)
+
+
+def test_an_unreachable_storage_is_one_error_line_without_the_password(
+    tmp_path: Path, prepared: Path
+) -> None:
+    write_params(tmp_path, tune_params(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "pipelines.tune", "--prepared", str(prepared)]
+    cmd += ["--worker", "--untracked", "--trials", "1"]
+    bad = {**env, "MLOPS_TUNE_STORAGE": "mysql://u:secret@db/optuna"}
+    out = subprocess.run(
+        cmd, check=False, cwd=tmp_path, env=bad, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "error: MLOPS_TUNE_STORAGE" in out.stderr and "secret" not in out.stderr
+    # Nothing listens on port 1 of loopback: the connection is refused at once.
+    down = {**env, "MLOPS_TUNE_STORAGE": "postgresql://optuna:secret@127.0.0.1:1/optuna"}
+    out = subprocess.run(
+        cmd, check=False, cwd=tmp_path, env=down, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "postgresql://optuna:***@127.0.0.1:1/optuna" in errors[0]
+    assert "secret" not in out.stderr
