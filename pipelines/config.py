@@ -383,6 +383,20 @@ class OrchestrationConfig(Section):
     nightly_cron: str = Field(min_length=1)  # the `train/nightly` deployment's schedule
     timezone: str = Field(min_length=1)  # IANA name the cron is read in
 
+    @field_validator("nightly_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        """Parsed as Prefect's CronSchedule parses it (croniter; no random/hashed fields)."""
+        from croniter import croniter
+
+        if not croniter.is_valid(value) or any(
+            field.casefold() in ("r", "h") for field in value.split()
+        ):
+            raise ValueError(
+                "not a cron expression (5 fields: minute hour day month weekday, e.g. '0 2 * * *')"
+            )
+        return value
+
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:

@@ -288,3 +288,22 @@ def test_orchestration_names_only_real_stages(key: str, value: Any) -> None:
     raw = raw_params()
     raw["orchestration"][key.split(".")[1]] = value
     assert f"invalid parameters: {key}: " in rejected(raw)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [
+        ("orchestration.nightly_cron", "bad cron", "not a cron expression"),
+        ("orchestration.nightly_cron", "61 2 * * *", "not a cron expression"),
+        ("orchestration.nightly_cron", "H 2 * * *", "not a cron expression"),
+        ("orchestration.timezone", "Mars/Olympus", "unknown time zone"),
+    ],
+)
+def test_the_schedule_is_checked_when_params_load(key: str, value: str, shown: str) -> None:
+    with pytest.raises(ParamsError, match=re.escape(f"{key}: ")) as info:
+        load_params(REPO / "params.yaml", overrides={key: value})
+    assert shown in str(info.value)
+    good = {"orchestration.nightly_cron": "30 3 * * 1-5", "orchestration.timezone": "Europe/Berlin"}
+    assert (
+        load_params(REPO / "params.yaml", overrides=good).orchestration.timezone == "Europe/Berlin"
+    )
