@@ -50,6 +50,37 @@ def to_onnx(model: Any, example: np.ndarray, cfg: ExportConfig) -> Any:
     return program.model_proto
 
 
+def strip_trace_metadata(proto: Any) -> None:
+    """Drop what the exporter records about the exporting process (in place): the metadata and
+    doc strings of nodes, values, graphs and functions (stack traces with the absolute paths of
+    the environment, FX node dumps, rewrite rule names). The file then depends only on the model
+    and the library versions, not on where the project is checked out. The model's own
+    `metadata_props` (`mlops.metadata`, written by `embed_metadata`) are kept."""
+
+    def clear(item: Any) -> None:
+        del item.metadata_props[:]
+        item.doc_string = ""
+
+    def graph(g: Any) -> None:
+        clear(g)
+        for value in (*g.input, *g.output, *g.value_info, *g.initializer):
+            clear(value)
+        for node in g.node:
+            clear(node)
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    graph(attribute.g)
+                for sub in attribute.graphs:
+                    graph(sub)
+
+    proto.doc_string = ""
+    graph(proto.graph)
+    for function in proto.functions:
+        clear(function)
+        for node in function.node:
+            clear(node)
+
+
 def embed_metadata(proto: Any, metadata: dict[str, Any]) -> None:
     entry = next((p for p in proto.metadata_props if p.key == ONNX_METADATA_KEY), None)
     if entry is None:
@@ -98,6 +129,7 @@ def export(
     metadata = {**meta, "precision": "fp32", "engine": "onnxruntime", "opset": cfg.opset}
     metadata["source_model_sha256"] = file_sha256(model_path)
     with atomic_path(out_path) as tmp:
+        strip_trace_metadata(proto)
         embed_metadata(proto, metadata)
         onnx.save(proto, str(tmp))
         figures = verify_onnx(tmp, x, reference, cfg)

@@ -94,3 +94,21 @@ def test_gate_error_names_the_output_and_outputs_have_the_normal_mode(
     plain = tmp_path / "plain"
     plain.write_bytes(b"")
     assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_export_is_byte_identical_and_holds_no_path_of_the_environment(
+    exported: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    params, prepared, model, out = exported
+    raw = out.read_bytes()
+    for path in {sys.prefix, sys.base_prefix, str(Path.cwd()), "site-packages", "dist-packages"}:
+        assert path.encode() not in raw, path
+    assert read_metadata(out)["precision"] == "fp32"  # the project's own metadata is kept
+    elsewhere = tmp_path / "another" / "checkout"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    again = elsewhere / "model.onnx"
+    export(params.export, model.resolve(), prepared.resolve(), again)
+    assert again.read_bytes() == raw
