@@ -86,3 +86,40 @@ def test_a_non_finite_loss_is_rejected_in_the_epoch_it_appears(
     assert epochs == [1]  # epoch 2 was neither recorded nor reported
     kept = [p.name for p in checkpoint_files(tmp_path / "ck")]
     assert kept == ["epoch-00001.ckpt"]  # the diverged state is not checkpointed
+
+
+def test_every_stage_after_the_model_runs_the_floor_first() -> None:
+    """`dvc repro export@teacher` (or any later stage) alone still runs `evaluate`: each stage that
+    uses the trained model, but for `evaluate` and `distill` (whose model has its own gates
+    downstream), has `evaluate` upstream in DVC's graph."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    dot = subprocess.run(
+        [sys.executable, "-m", "dvc", "dag", "--dot"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    parents: dict[str, set[str]] = {}
+    for src, dst in re.findall(r'"([^"]+)" -> "([^"]+)"', dot):
+        parents.setdefault(dst, set()).add(src)
+
+    def upstream(stage: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [stage]
+        while todo:
+            for parent in parents.get(todo.pop(), set()) - seen:
+                seen.add(parent)
+                todo.append(parent)
+        return seen
+
+    after_model = {s for s in parents if "train" in upstream(s)} - {"evaluate", "distill"}
+    assert any(s.startswith("export@") for s in after_model)
+    missing = sorted(s for s in after_model if "evaluate" not in upstream(s))
+    assert missing == [], f"stages that skip the accuracy floor: {missing}"
