@@ -17,6 +17,11 @@ class DataValidationError(PipelineError):
     """The data failed the Great Expectations gate; the message lists each failed expectation."""
 
 
+class FeatureError(PipelineError, ValueError):
+    """Prepared rows cannot become model input: a non-numeric feature value, or a column count
+    that does not fit the model's input shape."""
+
+
 class CheckpointError(PipelineError):
     """A checkpoint or model file cannot be used."""
 

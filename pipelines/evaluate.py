@@ -40,14 +40,15 @@ def check_floor(accuracy: float, min_accuracy: float) -> None:
         )
 
 
-def predict(model_path: Path, rows: np.ndarray, batch_size: int) -> np.ndarray:
+def predict(model_path: Path, rows: Any, batch_size: int, data: str = "") -> np.ndarray:
     """Class indices predicted by the saved model for raw feature rows."""
     import torch
 
     from pipelines.train import load_model
 
     model, meta = load_model(model_path)
-    x = torch.from_numpy(to_model_input(rows, meta["preprocessing"]))
+    where = f"model {model_path} on {data}" if data else f"model {model_path}"
+    x = torch.from_numpy(to_model_input(rows, meta["preprocessing"], where))
     with torch.inference_mode():
         logits = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     return torch.cat(logits).argmax(dim=1).numpy() if logits else np.empty(0, dtype=np.int64)
@@ -113,8 +114,8 @@ def evaluate(
     test = read_split(prepared_dir, "test")
     labels = manifest["labels"]
     actual = test[manifest["label_column"]].map({v: i for i, v in enumerate(labels)}).to_numpy()
-    rows = test[manifest["feature_columns"]].to_numpy()
-    predicted = predict(model_path, rows, cfg.batch_size)
+    rows = test[manifest["feature_columns"]]
+    predicted = predict(model_path, rows, cfg.batch_size, f"prepared data {prepared_dir}")
     names = np.asarray([str(label) for label in labels])
     with atomic_path(plots_dir / "confusion.csv") as tmp:
         frame = pd.DataFrame({"actual": names[actual], "predicted": names[predicted]})

@@ -25,11 +25,19 @@ from pipelines.runtime import ONNX_METADATA_KEY, logits, parity, session
 log = logging.getLogger(__name__)
 
 
-def test_inputs(prepared_dir: Path, preprocessing: dict[str, Any]) -> np.ndarray:
+def test_inputs(
+    prepared_dir: Path, preprocessing: dict[str, Any], model: Path | None = None
+) -> np.ndarray:
     """The test split as model input (float32, preprocessed): the rows parity is checked on."""
     manifest = read_json(prepared_dir / "manifest.json")
-    rows = read_split(prepared_dir, "test")[manifest["feature_columns"]].to_numpy()
-    return to_model_input(rows, preprocessing)
+    rows = read_split(prepared_dir, "test")[manifest["feature_columns"]]
+    return to_model_input(rows, preprocessing, source(model, prepared_dir))
+
+
+def source(model: Path | None, prepared_dir: Path) -> str:
+    """Where model input comes from, for error messages."""
+    data = f"prepared data {prepared_dir}"
+    return f"model {model} on {data}" if model else data
 
 
 def to_onnx(model: Any, example: np.ndarray, cfg: ExportConfig) -> Any:
@@ -122,7 +130,7 @@ def export(
     from pipelines.train import load_model
 
     model, meta = load_model(model_path)
-    x = test_inputs(prepared_dir, meta["preprocessing"])
+    x = test_inputs(prepared_dir, meta["preprocessing"], model_path)
     with torch.inference_mode():
         reference = model(torch.from_numpy(x)).numpy()
     proto = to_onnx(model, x[:2], cfg)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.errors import FeatureError
+
 
 def make_spec(
     feature_columns: Sequence[str],
@@ -30,12 +32,47 @@ def make_spec(
     }
 
 
-def to_model_input(rows: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
-    """(N, F) raw feature rows -> (N, *input_shape) float32 scaled to [0, 1]."""
+def to_model_input(rows: Any, spec: Mapping[str, Any], source: str = "") -> np.ndarray:
+    """(N, F) raw feature rows (array or DataFrame) -> (N, *input_shape) float32 scaled to [0, 1].
+
+    Raises FeatureError naming the column and a non-numeric value, or the input shape the spec
+    expects against the rows' column count; `source` (e.g. "model m.pt, prepared data d") prefixes
+    the message."""
     low, high = spec["value_range"]
     scale = (high - low) or 1.0
-    x = (np.asarray(rows, dtype=np.float32) - np.float32(low)) / np.float32(scale)
-    return x.reshape(len(x), *spec["input_shape"])
+    prefix = f"{source}: " if source else ""
+    try:
+        values = np.asarray(rows, dtype=np.float32)
+    except (TypeError, ValueError):
+        column, value = _non_numeric(rows)
+        raise FeatureError(
+            f"{prefix}feature column {column} holds non-numeric values such as {value!r}; "
+            "run validate (python -m pipelines.validate) to list every bad value, then fix the data"
+        ) from None
+    shape = [int(n) for n in spec["input_shape"]]
+    expected = int(np.prod(shape))
+    columns = values.shape[1] if values.ndim == 2 else values[0].size if len(values) else expected
+    if columns != expected:
+        raise FeatureError(
+            f"{prefix}the model expects {expected} feature columns (input shape {shape}) but the "
+            f"data has {columns}; use a model trained on this data, or prepare the data it was "
+            "trained on"
+        )
+    x = (values - np.float32(low)) / np.float32(scale)
+    return x.reshape(len(x), *shape)
+
+
+def _non_numeric(rows: Any) -> tuple[str, Any]:
+    """(column name or position, first value) of the first column that is not numeric."""
+    names = list(getattr(rows, "columns", []))
+    table = np.asarray(rows, dtype=object)
+    for j in range(table.shape[1] if table.ndim == 2 else 0):
+        for value in table[:, j]:
+            try:
+                float(value)
+            except (TypeError, ValueError):
+                return (repr(names[j]) if names else f"#{j}"), value
+    return "?", None
 
 
 class ImageError(ValueError):

@@ -24,7 +24,7 @@ from pipelines.artifacts import atomic_path, read_json, write_json
 from pipelines.cli import run_cli
 from pipelines.config import Params, QuantizeConfig, section_dict
 from pipelines.errors import PipelineError
-from pipelines.export import embed_metadata
+from pipelines.export import embed_metadata, source
 from pipelines.prepare import read_split
 from pipelines.preprocessing import to_model_input
 from pipelines.runtime import logits, parity, read_metadata, session
@@ -38,14 +38,15 @@ log = logging.getLogger(__name__)
 
 
 def split_inputs(
-    prepared_dir: Path, name: str, spec: dict[str, Any]
+    prepared_dir: Path, name: str, spec: dict[str, Any], model: Path | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(model input, class index) of one split."""
     manifest = read_json(prepared_dir / "manifest.json")
     frame = read_split(prepared_dir, name)
     index = {label: i for i, label in enumerate(manifest["labels"])}
     y = frame[manifest["label_column"]].map(index).to_numpy()
-    return to_model_input(frame[manifest["feature_columns"]].to_numpy(), spec), y
+    where = f"{source(model, prepared_dir)} ({name} split)"
+    return to_model_input(frame[manifest["feature_columns"]], spec, where), y
 
 
 def calibration_batches(x: np.ndarray, name: str, batch: int = 64) -> Any:
@@ -207,13 +208,13 @@ def quantize(
     `reason` when dropped, accuracy, parity figures and size.
     """
     spec = read_metadata(onnx_path)["preprocessing"]
-    calib = split_inputs(prepared_dir, "train", spec)[0][: cfg.calibration_samples]
+    calib = split_inputs(prepared_dir, "train", spec, onnx_path)[0][: cfg.calibration_samples]
     if len(calib) == 0:
         raise PipelineError(
             f"quantize: the training split in {prepared_dir} has no rows to calibrate on; "
             "give prepare more data (data.source)"
         )
-    x, y = split_inputs(prepared_dir, "test", spec)
+    x, y = split_inputs(prepared_dir, "test", spec, onnx_path)
     reference = logits(session(onnx_path), x)
     results: dict[str, Any] = {
         "fp32": {"accuracy": float(np.mean(reference.argmax(1) == y))},

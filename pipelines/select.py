@@ -263,7 +263,7 @@ def tournament(
 ) -> list[Candidate]:
     """Measure every candidate side by side, in one process; the dropped ones are listed as is."""
     spec = read_metadata(families[0].onnx)["preprocessing"]
-    x, y = split_inputs(prepared_dir, "test", spec)
+    x, y = split_inputs(prepared_dir, "test", spec, families[0].onnx)
     reference = logits(session(families[0].onnx), x)
     pairs = [pair for fam in families for pair in family_candidates(fam, cfg)]
     pairs += tensorrt_candidates(convert_dir)

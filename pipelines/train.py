@@ -135,7 +135,7 @@ class State:
 
 
 def split_arrays(
-    frame: pd.DataFrame, manifest: dict[str, Any], name: str
+    frame: pd.DataFrame, manifest: dict[str, Any], name: str, source: str = ""
 ) -> tuple[np.ndarray, np.ndarray]:
     """Model input (N, *input_shape) float32 and class indices (position in manifest labels)."""
     label = manifest["label_column"]
@@ -147,8 +147,8 @@ def split_arrays(
             f"{name} split: label values {', '.join(unknown)} are not in the manifest's labels "
             f"{manifest['labels']}; fix data.labels in params.yaml or the data"
         )
-    rows = frame[manifest["feature_columns"]].to_numpy()
-    x = to_model_input(rows, manifest["preprocessing"])
+    rows = frame[manifest["feature_columns"]]
+    x = to_model_input(rows, manifest["preprocessing"], source or f"{name} split")
     return x, np.array(classes, dtype=np.int64)  # a writable copy for torch
 
 
@@ -160,7 +160,7 @@ def load_data(prepared_dir: Path, manifest: dict[str, Any]) -> Data:
         frame = read_split(prepared_dir, name)
         if frame.empty:
             raise DataSourceError(f"{prepared_dir}: the {name} split has no rows; add data")
-        x, y = split_arrays(frame, manifest, name)
+        x, y = split_arrays(frame, manifest, name, f"{prepared_dir} ({name} split)")
         tensors += [torch.from_numpy(x), torch.from_numpy(y)]
     return Data(*tensors)
 
@@ -1021,8 +1021,8 @@ def input_example(prepared_dir: Path, manifest: dict[str, Any]) -> np.ndarray:
     frame = read_split(prepared_dir, "test")
     if len(frame) < 2:
         frame = read_split(prepared_dir, "train")
-    rows = frame[manifest["feature_columns"]].head(EXAMPLE_ROWS).to_numpy()
-    return to_model_input(rows, manifest["preprocessing"])
+    rows = frame[manifest["feature_columns"]].head(EXAMPLE_ROWS)
+    return to_model_input(rows, manifest["preprocessing"], str(prepared_dir))
 
 
 if __name__ == "__main__":
