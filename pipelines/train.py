@@ -437,9 +437,19 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
     Raises CheckpointError when the file is unreadable (truncated, not a checkpoint) or holds
     anything but tensors and plain data (weights_only: loading runs no code)."""
+    content = read_torch(path, "cannot be read")
+    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a train checkpoint ({CHECKPOINT_FORMAT})")
+    return content
+
+
+def read_torch(path: Path | str, what: str) -> Any:
+    """`torch.load` of `path` on the CPU with `weights_only=True` (tensors and plain data only:
+    loading runs no code). Raises CheckpointError "`path`: `what`: <one-line reason>" when the
+    file is missing, truncated or not a torch file."""
     try:
         with Path(path).open("rb") as handle:
-            content = torch.load(handle, map_location="cpu", weights_only=True)
+            return torch.load(handle, map_location="cpu", weights_only=True)
     except (
         OSError,
         EOFError,
@@ -448,10 +458,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
         struct.error,
         pickle.UnpicklingError,
     ) as exc:
-        raise CheckpointError(f"{path}: cannot be read: {load_error(exc)}") from exc
-    if not isinstance(content, dict) or content.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a train checkpoint ({CHECKPOINT_FORMAT})")
-    return content
+        raise CheckpointError(f"{path}: {what}: {load_error(exc)}") from exc
 
 
 def load_error(exc: Exception) -> str:
@@ -862,18 +869,7 @@ def load_model(path: Path | str) -> tuple[nn.Module, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such model file; run the train stage first")
-    try:
-        with path.open("rb") as handle:
-            content = torch.load(handle, map_location="cpu", weights_only=True)
-    except (
-        OSError,
-        EOFError,
-        RuntimeError,
-        ValueError,
-        struct.error,
-        pickle.UnpicklingError,
-    ) as exc:
-        raise CheckpointError(f"{path}: not a readable model file: {load_error(exc)}") from exc
+    content = read_torch(path, "not a readable model file")
     if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path}: not a train model file ({MODEL_FORMAT})")
     try:

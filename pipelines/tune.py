@@ -234,24 +234,6 @@ def overlaid(params: Params, values: dict[str, Any], source: str) -> TrainConfig
     return validate_params(apply_overrides(section_dict(params), values), source=source).train
 
 
-def check_space(params: Params) -> None:
-    """Every bound and choice of the space must be a valid value of its train key."""
-    for key, dim in params.tune.space.items():
-        if dim.type == "categorical":
-            candidates = list(dim.choices or [])
-        else:
-            cast = int if dim.type == "int" else float
-            candidates = [cast(b) for b in (dim.low, dim.high) if b is not None]
-        for value in candidates:
-            try:
-                overlaid(params, {key: value}, source="params")
-            except ParamsError as exc:
-                detail = str(exc).split("\n  ", 1)[-1]
-                raise ParamsError(
-                    f"tune.space.{key}: {value!r} is not allowed ({detail})"
-                ) from None
-
-
 def reporter(trial: optuna.Trial, metric: str, log_epoch: OnEpoch) -> OnEpoch:
     """The train loop's per-epoch hook: log, report the metric, stop the trial when pruned."""
     import optuna
@@ -440,7 +422,6 @@ def run_study(
     import optuna
 
     cfg = params.tune
-    check_space(params)
     name = study_name(params, read_manifest(prepared_dir)["content_hash"])
     storage = storage_url(cfg, root)
     study = open_study(params, name, make_storage(storage, cfg.heartbeat_s), 0)  # creates it

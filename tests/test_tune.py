@@ -25,7 +25,6 @@ from pipelines.errors import ParamsError, PipelineError
 from pipelines.train import effective_params, tuned_values
 from pipelines.tune import (
     DISABLED,
-    check_space,
     objective,
     open_study,
     study_name,
@@ -95,13 +94,13 @@ def test_space_keys_and_bounds_are_checked_against_the_train_models(tmp_path: Pa
         tune_params(tmp_path, space={"train.lr": {"type": "float", "low": 0, "high": 1, "log": 1}})
     bad_choice = {"train.model.arch": {"type": "categorical", "choices": ["mlp", "vit"]}}
     with pytest.raises(ParamsError, match=r"tune\.space\.train\.model\.arch: 'vit'"):
-        check_space(tune_params(tmp_path, space=bad_choice))
+        tune_params(tmp_path, space=bad_choice)
     too_big = {"train.lr": {"type": "float", "low": 0.1, "high": 20.0}}
     with pytest.raises(
         ParamsError,
         match=r"tune\.space\.train\.lr: 20\.0 is not allowed \(train\.lr: .*less than 10",
     ):
-        check_space(tune_params(tmp_path, space=too_big))
+        tune_params(tmp_path, space=too_big)
 
 
 def test_disabled_tuning_writes_an_empty_result(tmp_path: Path, prepared: Path) -> None:
