@@ -176,6 +176,20 @@ def test_every_numeric_setting_has_an_upper_bound(path: tuple[str, ...], value: 
     assert f": invalid parameters: {named}" in rejected(raw)
 
 
+SCALARS = [(path, value) for path, value in NUMERIC if value == ABSURD]
+
+
+@pytest.mark.parametrize("path", [p for p, _ in SCALARS], ids=[".".join(p) for p, _ in SCALARS])
+def test_no_numeric_setting_takes_true_or_false(path: tuple[str, ...]) -> None:
+    """YAML's `true` is no number: pydantic alone reads `epochs: true` as 1."""
+    raw = raw_params()
+    node = raw
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = True
+    assert f"{'.'.join(path)}: a number is required, not true/false" in rejected(raw)
+
+
 @pytest.mark.parametrize("field", ["epochs", "lr", "batch_size"])
 def test_ui_parameters_share_the_bounds(field: str) -> None:
     with pytest.raises(ValidationError, match=field):
