@@ -28,13 +28,27 @@ def test_pipelines_never_import_the_orchestration_layer() -> None:
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
+def project_imports(path: Path) -> set[str]:
+    """The full names of the `pipelines.*` modules `path` imports."""
+    return {
+        node.module
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipelines")
+    }
+
+
 def test_preprocessing_is_numpy_only() -> None:
-    """numpy (and Pillow, imported by `image_to_rows` alone): what the serving image carries."""
-    assert imported_modules(REPO / "pipelines" / "preprocessing.py") <= {
+    """numpy (and Pillow, imported by `image_to_rows` alone): what the serving image carries;
+    of the project, only its typed errors (a module that imports nothing)."""
+    path = REPO / "pipelines" / "preprocessing.py"
+    assert imported_modules(path) <= {
         "__future__",
         "numpy",
         "collections",
         "typing",
         "io",
         "PIL",
+        "pipelines",
     }
+    assert project_imports(path) <= {"pipelines.errors"}
+    assert imported_modules(REPO / "pipelines" / "errors.py") == set()
