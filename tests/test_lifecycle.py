@@ -20,17 +20,22 @@ from tests.locks import held_elsewhere
 
 # A parent that starts a stage-like child (its body runs under run_cli, as every stage's does),
 # prints the child's PID and waits for it.
+# A parent that starts a stage-like child (its body runs under run_cli, as every stage's does)
+# either directly or, as `dvc repro` does, through a shell (`sh -c`; dash does not exec it), and
+# waits for it. The child prints its PID once past run_cli's start.
 PARENT = """
-import subprocess, sys
-child = subprocess.Popen([sys.executable, "-c", *sys.argv[1:]])
-print(child.pid, flush=True)
-child.wait()
+import shlex, subprocess, sys
+how, code, params = sys.argv[1:]
+argv = [sys.executable, "-c", code, params]
+if how == "shell":
+    argv = ["/bin/sh", "-c", shlex.join(argv)]
+subprocess.Popen(argv).wait()
 """
 CHILD = """
-import sys, time
+import os, sys, time
 from pipelines.cli import run_cli
 def body(params):
-    print("started", flush=True)
+    print(os.getpid(), flush=True)
     time.sleep(120)
 run_cli(body, sys.argv[1])
 """
@@ -65,18 +70,18 @@ def test_a_second_holder_fails_at_once_naming_the_first(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_killed_parent_takes_its_stage_down() -> None:
+@pytest.mark.parametrize("how", ["direct", "shell"])
+def test_a_killed_parent_takes_its_stage_down(how: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, CHILD, str(REPO / "params.yaml")],
+        [sys.executable, "-c", PARENT, how, CHILD, str(REPO / "params.yaml")],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
     )
     assert parent.stdout is not None
-    child = int(parent.stdout.readline())
+    child = int(parent.stdout.readline())  # past run_cli's start
     try:
-        assert parent.stdout.readline() == "started\n"  # past run_cli's start
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         assert gone(child, within_s=10), f"stage {child} outlived its killed parent"
@@ -124,6 +129,7 @@ def test_kill_9_of_dvc_repro_takes_train_down_and_the_rerun_resumes(
     stage = {"cmd": command, "params": ["train"], "outs": ["model.pt"]}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"train": stage}}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
+    env.pop("SHELL", None)  # dvc then runs the stage through /bin/sh, which does not exec it
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     subprocess.run(
         [sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=tmp_path, check=True
