@@ -32,7 +32,7 @@ from pipelines.errors import ParamsError, PipelineError
 from pipelines.tracking import PARENT_ENV, end_parent_run, start_parent_run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PROJECT_DIR_ENV = "MLOPS_PROJECT_DIR"  # a worker's checkout (see flows/deploy.py)
+PROJECT_DIR_ENV = "MLOPS_PROJECT_DIR"  # a worker's checkout (see flows/deployments.py)
 SELECT_STAGE = "select"  # its winner goes through the champion gate (a pipeline without: none)
 
 

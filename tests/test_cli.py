@@ -133,7 +133,7 @@ def test_tune_checks_cuda_once_before_the_first_trial(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no study, no trial
 
 
-@pytest.mark.parametrize("module", ["flows.package", "flows.deploy"])
+@pytest.mark.parametrize("module", ["flows.package", "flows.deployments"])
 def test_other_clis_reject_a_bad_param(
     module: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -202,7 +202,7 @@ def test_prefect_reads_the_switch_when_a_flow_module_is_run(tmp_path: Path) -> N
 def test_deployed_flow_runs_get_the_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker starts each flow run as `python -m prefect.engine`: Prefect is imported before
     the flow's code, so the deployment's job variables carry the switches."""
-    from flows.deploy import job_variables
+    from flows.deployments import job_variables
     from pipelines import TELEMETRY_OFF
 
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "false")  # set by the deploying user: kept

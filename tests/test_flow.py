@@ -27,7 +27,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.exceptions import ParameterTypeError
 from prefect.states import State
 
-from flows import deploy
+from flows import deployments
 from flows.params_file import overridden_params_file, render_overridden
 from flows.reporting import reproduce_command
 from flows.train import StageFailed, StageRejected, ensure_gpu_limit, stage_order, train
@@ -519,8 +519,8 @@ def test_deploy_creates_pools_queues_limit_and_deployments(
     prefect_api: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLOPS_PROJECT_DIR", "/path/of/the/deploying/host")
-    first = deploy.deploy()
-    assert deploy.deploy() == first  # idempotent: same deployments, updated in place
+    first = deployments.deploy()
+    assert deployments.deploy() == first  # idempotent: same deployments, updated in place
     with get_client(sync_client=True) as client:
         pool = client.read_work_pool("training")
         queues = {q.name: q.priority for q in client.read_work_queues(work_pool_name="training")}
@@ -552,16 +552,18 @@ def test_redeploy_replaces_the_schedule(prefect_api: None, tmp_path: Path) -> No
     params = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params)
     set_orchestration(tmp_path, nightly_cron="30 3 * * 1-5", timezone="Europe/Berlin")
-    deploy.deploy(params_file=params)
+    deployments.deploy(params_file=params)
     schedules = read_deployment("train/nightly").schedules
     assert [(s.schedule.cron, s.schedule.timezone) for s in schedules] == [
         ("30 3 * * 1-5", "Europe/Berlin")
     ]
-    deploy.deploy()  # back to params.yaml's schedule for the other tests
+    deployments.deploy()  # back to params.yaml's schedule for the other tests
 
 
 def test_deploy_from_git_clones_on_the_worker(prefect_api: None) -> None:
-    ids = deploy.deploy(git_url="file:///srv/git/mlops.git", branch="main", work_dir="/srv/run")
+    ids = deployments.deploy(
+        git_url="file:///srv/git/mlops.git", branch="main", work_dir="/srv/run"
+    )
     deployment = read_deployment("train/on-demand")
     assert deployment.id == ids["train/on-demand"]
     step = deployment.pull_steps[0]["prefect.deployments.steps.git_clone"]
@@ -570,7 +572,7 @@ def test_deploy_from_git_clones_on_the_worker(prefect_api: None) -> None:
         "env": {**telemetry_off(), "MLOPS_PROJECT_DIR": "."},
         "working_dir": "/srv/run",
     }
-    deploy.deploy()
+    deployments.deploy()
 
 
 def test_deploy_adds_a_tune_worker_on_the_training_pool(prefect_api: None) -> None:
@@ -578,7 +580,7 @@ def test_deploy_adds_a_tune_worker_on_the_training_pool(prefect_api: None) -> No
 
     from flows.tune import prepared_dir
 
-    ids = deploy.deploy()
+    ids = deployments.deploy()
     deployment = read_deployment("tune-worker/on-demand")
     assert deployment.id == ids["tune-worker/on-demand"]
     assert (deployment.work_pool_name, deployment.work_queue_name) == ("training", "tuning")
@@ -619,7 +621,7 @@ def test_bad_parameters_are_rejected_when_the_run_is_created(
 ) -> None:
     from prefect.exceptions import PrefectHTTPStatusError
 
-    deployment_id: UUID = deploy.deploy()["train/on-demand"]
+    deployment_id: UUID = deployments.deploy()["train/on-demand"]
     with get_client(sync_client=True) as client:
         with pytest.raises(PrefectHTTPStatusError, match="Validation failed") as caught:
             client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
@@ -639,7 +641,7 @@ def test_run_form_shows_what_an_empty_field_uses_and_refuses_unknown_names(
     from pipelines.config import load_params
 
     params = load_params(REPO / "params.yaml")
-    deployment_id: UUID = deploy.deploy()["train/on-demand"]
+    deployment_id: UUID = deployments.deploy()["train/on-demand"]
     schema = read_deployment("train/on-demand").parameter_openapi_schema
     fields = schema["properties"]
     assert set(fields) == {"epochs", "lr", "batch_size", "arch", "data_source", "force"}

@@ -1,4 +1,4 @@
-"""End to end (slow tier): a real `prefect server`, `python -m flows.deploy`, a real process
+"""End to end (slow tier): a real `prefect server`, `python -m flows.deployments`, a real process
 worker running a copy of this repository, a run made like the UI's Run button, and the UI page
 of that run in headless Chromium.
 
@@ -114,9 +114,9 @@ def tail(log: Path, lines: int = 60) -> str:
 
 
 def deploy(stack: Stack, *args: str) -> str:
-    """`python -m flows.deploy` from the checkout, as a deploying host would run it."""
+    """`python -m flows.deployments` from the checkout, as a deploying host would run it."""
     env = base_env(stack.logs / "deployer-home", stack.api, MLOPS_PROJECT_DIR="/not/on/workers")
-    command = [sys.executable, "-m", "flows.deploy", *args]
+    command = [sys.executable, "-m", "flows.deployments", *args]
     done = subprocess.run(
         command, cwd=stack.checkout, env=env, capture_output=True, text=True, check=False
     )

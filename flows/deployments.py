@@ -1,7 +1,7 @@
 """Work pools, work queues, the `gpu` limit and the `train` deployments, made idempotently.
 
-    python -m flows.deploy                 # workers run their own checkout: $MLOPS_PROJECT_DIR
-    python -m flows.deploy --git-url URL   # workers clone URL for each run
+    python -m flows.deployments                 # workers run their own checkout: $MLOPS_PROJECT_DIR
+    python -m flows.deployments --git-url URL   # workers clone URL for each run
 
 Run it against the server in PREFECT_API_URL, from any host: nothing of the deploying host's
 file system is recorded. The entrypoint is relative (`flows/train.py:train`) and the first pull
@@ -319,7 +319,7 @@ def _apply(deployment: RunnerDeployment, hints: Mapping[str, tuple[str, str]]) -
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m flows.deployments", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--git-url", help="workers clone this repository for each run")
     parser.add_argument("--branch", help="the branch to clone (default: the remote's default)")
