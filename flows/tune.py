@@ -4,10 +4,10 @@ The `tune` stage (dvc.yaml) runs `tune.workers` workers on its own host. To let 
 the study, point every host at one PostgreSQL storage (`MLOPS_TUNE_STORAGE` in the Prefect
 worker's environment) and run this flow there (deployment `tune-worker/on-demand`, see
 flows/deployments.py): it brings the prepared data up to date with DVC (`validate` and what it
-needs;
-deterministic, so the study name, which fingerprints the data, is the same on every host), then
-runs `python -m pipelines.tune --worker` until the study holds `tune.trials` trials, `trials`
-of its own are done, or `tune.timeout_s`. The trials show in MLflow under a `tune-worker` run.
+needs; deterministic, so the study name, which fingerprints the data, is the same on every
+host), then runs `python -m pipelines.tune --worker` until the study holds `tune.trials`
+trials, `trials` of its own are done, or `tune.timeout_s`.
+The trials show in MLflow under a `tune-worker` run.
 """
 
 from __future__ import annotations
