@@ -446,6 +446,29 @@ class ServeConfig(Section):
     max_image_pixels: int = Field(ge=1, le=2**28)
 
 
+class DeployConfig(Section):
+    """The inference host's rollout policy (flows/deploy.py, inference/): read there, from the
+    worker's checkout. Host facts (its serving address, its state directory) are environment
+    variables of that host, not settings: see the README's "Two machines"."""
+
+    on_new_champion: bool  # the train flow starts `deploy/on-demand` after packaging a champion
+    keep_versions: int = Field(ge=1, le=100)  # bentos kept imported on the host (rollback targets)
+    replicas: int = Field(ge=1, le=MAX_PROCESSES)  # `bentoml serve` processes per version
+    ready_timeout_s: float = Field(gt=0, le=3600)  # start to /readyz 200, per replica
+    warmup_requests: int = Field(ge=0, le=MAX_COUNT)  # sent to each replica before the checks
+    golden_rows: int = Field(ge=1, le=MAX_COUNT)  # golden-set rows `select` picks (stratified)
+    golden_min_accuracy: float = Field(ge=0, le=1)
+    golden_min_agreement: float = Field(ge=0, le=1)  # same label as the training host's select
+    canary_percent: int = Field(ge=0, le=100)  # of requests, by proxy weight; 0 skips the canary
+    canary_s: float = Field(ge=0, le=86400)
+    max_5xx_ratio: float = Field(ge=0, le=1)  # candidate 5xx share may exceed the stable's by this
+    max_p99_ratio: float = Field(ge=1, le=100)  # candidate p99 <= this x the stable version's p99
+    min_requests: int = Field(ge=0, le=MAX_COUNT)  # fewer in a window: latency not judged
+    watch_s: float = Field(ge=0, le=86400)  # after promotion; a breach rolls back by itself
+    poll_s: float = Field(gt=0, le=3600)  # how often canary and watch read /metrics
+    drain_timeout_s: float = Field(gt=0, le=3600)  # old version: wait for in-flight requests
+
+
 class RunOverrides(Section):
     """The values users change between runs (the Prefect UI's form); None keeps params.yaml's."""
 
@@ -485,6 +508,7 @@ class Params(Section):
     orchestration: OrchestrationConfig
     package: PackageConfig
     serve: ServeConfig
+    deploy: DeployConfig
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
