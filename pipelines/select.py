@@ -320,15 +320,22 @@ def golden_indices(y: np.ndarray, count: int, seed: int) -> np.ndarray:
 
 
 def golden_set(
-    predict: Predict, winner: Candidate, prepared_dir: Path, onnx_path: Path, count: int, seed: int
+    predict: Predict,
+    prepared_dir: Path,
+    onnx_path: Path,
+    count: int,
+    seed: int,
+    engine: str = "onnxruntime",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """The golden set: `count` test-split rows (stratified, seeded), raw, as `POST /predict` takes
     them (`{"rows": rows}`: each row the model's feature columns in data.value_range), with their
     class indices and the winner's softmax probabilities and predicted class indices, measured by
     `predict` (the winner's engine, on this host) on the same float32 input the service builds.
 
-    Keys: rows, labels, probabilities, predictions, classes (the label of each class index),
-    engine, precision, onnx_sha256 (of `onnx_path`, the graph that ships)."""
+    Keys: rows, labels and predictions (class indices: positions in each probabilities list),
+    probabilities (rounded to GOLDEN_DECIMALS), classes (the label of each class index), engine and
+    precision (what measured them), onnx_sha256 (of `onnx_path`, the graph that ships)."""
     from pipelines.prepare import read_split
     from pipelines.preprocessing import to_model_input
     from pipelines.runtime import softmax
@@ -350,8 +357,8 @@ def golden_set(
         "probabilities": probabilities.tolist(),
         "predictions": [int(v) for v in out.argmax(axis=1)],
         "classes": list(manifest["labels"]),
-        "engine": winner.engine,
-        "precision": winner.precision,
+        "engine": engine,
+        "precision": precision,
         "onnx_sha256": file_sha256(onnx_path),
     }
 
@@ -383,13 +390,10 @@ def select(
     onnx_path = Path(winner.extra.get("onnx", winner.path))
     with atomic_path(out_dir / "model.onnx") as tmp:
         shutil.copyfile(onnx_path, tmp)
+    predict = winner_predictor(winner, cfg)
+    model = out_dir / "model.onnx"
     golden = golden_set(
-        winner_predictor(winner, cfg),
-        winner,
-        prepared_dir,
-        out_dir / "model.onnx",
-        golden_rows,
-        seed,
+        predict, prepared_dir, model, golden_rows, seed, winner.engine, winner.precision
     )
     write_json(out_dir / GOLDEN, golden)
     summary = {

@@ -170,9 +170,10 @@ def test_golden_set_is_byte_reproducible(selected: tuple[Path, Path, dict[str, A
     winner = Candidate(**summary["winner"])
     predict = winner_predictor(winner, tiny_params().select)
     again = out.parent / "again.json"
-    write_json(again, golden_set(predict, winner, prepared, out / "model.onnx", GOLDEN_ROWS, 7))
+    engine = (winner.engine, winner.precision)
+    write_json(again, golden_set(predict, prepared, out / "model.onnx", GOLDEN_ROWS, 7, *engine))
     assert again.read_bytes() == (out / GOLDEN).read_bytes()
-    other = golden_set(predict, winner, prepared, out / "model.onnx", GOLDEN_ROWS, 8)
+    other = golden_set(predict, prepared, out / "model.onnx", GOLDEN_ROWS, 8, *engine)
     assert other["rows"] != read_json(out / GOLDEN)["rows"]  # the seed decides
 
 
