@@ -340,7 +340,8 @@ def package_task(params: Params, root: Path) -> dict[str, Any]:
     packaged = package(params, root)
     create_markdown_artifact(
         f"Bento `{packaged.bento_tag}` (model `{packaged.model_tag}`, registry version "
-        f"{packaged.registry_version}) exported to `{packaged.archive}`.\n\n"
+        f"{packaged.registry_version}) exported to `{packaged.archive}`, and in MLflow as "
+        f"`{packaged.artifact}` of the version's run (tag `bento_artifact`).\n\n"
         f"On the inference host: `bentoml import {packaged.archive}` then "
         f"`bentoml serve {packaged.bento_tag}`.",
         key="bento",
