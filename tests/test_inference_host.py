@@ -77,6 +77,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "deploy.max_5xx_ratio": 0.05,
             "deploy.drain_timeout_s": 10,
             "deploy.keep_versions": 3,
+            "deploy.golden_min_accuracy": 0.6,  # the tiny graph scores ~0.75 on 40 rows
         }
     )
     settings = host_for(root / "host")
