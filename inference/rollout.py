@@ -65,6 +65,7 @@ class Outcome:
     outcome: str  # deployed | unchanged | rolled back
     reason: str = ""
     golden: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # step -> seconds
 
 
 # ---------------------------------------------------------------- host start and reconcile
@@ -121,6 +122,7 @@ def fetch(host: Host, version: str | None, bento: str | None) -> store.Bento:
             raise FetchError(f"archive {archive}: no such file")
         checked = store.inspect(archive, name, version)
         store.import_archive(host.settings, archive, checked)
+        host.timings["import"] = time.perf_counter() - start
     elif bento:
         checked = store.local(host.settings, bento, name)
     else:
@@ -276,6 +278,7 @@ def canary(host: Host, cand: list[int], stable: list[int]) -> metrics.Window:
     while True:
         time.sleep(min(host.policy.poll_s, max(end - time.monotonic(), 0)))
         cw, sw = metrics.window(c0, scrape(cand)), metrics.window(s0, scrape(stable))
+        host.log(f"canary: candidate {cw}, stable {sw}")
         judge(host, "canary", cw, sw)
         if time.monotonic() >= end:
             host.log(
@@ -355,7 +358,9 @@ def roll_out(
     baseline = metrics.Window(0, 0, math.nan)
     try:
         if old and host.policy.canary_percent > 0 and host.policy.canary_s > 0:
+            t = time.perf_counter()
             baseline = canary(host, ports, old.ports)
+            host.timings["canary"] = time.perf_counter() - t
         t = time.perf_counter()
         proxy.switch(host.settings, [(ports, 100)])
         host.timings["switch"] = time.perf_counter() - t
@@ -379,7 +384,8 @@ def roll_out(
             back = store.local(host.settings, old.bento, host.params.register_.model_name)
             roll_back_to(host, back, new, str(exc))
             raise
-    return Outcome(bento.version, bento.tag, old.version if old else None, outcome, "", figures)
+    previous = old.version if old else None
+    return Outcome(bento.version, bento.tag, previous, outcome, "", figures, dict(host.timings))
 
 
 def roll_back_to(host: Host, target: store.Bento, bad: Slot, reason: str) -> None:

@@ -44,8 +44,13 @@ class World:
     rows: list[list[float]]
     logs: list[str]
 
+    def log(self, line: str) -> None:
+        self.logs.append(line)
+        with (self.settings.home / "logs" / "test-deploys.log").open("a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
     def deploy(self, **kwargs: str) -> rollout.Outcome:
-        return rollout.deploy(self.params, log=self.logs.append, settings=self.settings, **kwargs)
+        return rollout.deploy(self.params, log=self.log, settings=self.settings, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +178,7 @@ def test_a_candidate_answering_5xx_in_the_canary_is_rolled_back(world: World) ->
 
 def test_manual_rollback_returns_to_the_previous_version(world: World) -> None:
     with Load(world.settings.url, world.rows) as load:
-        done = rollout.rollback(world.params, log=world.logs.append, settings=world.settings)
+        done = rollout.rollback(world.params, log=world.log, settings=world.settings)
         time.sleep(1)
     assert (done.version, done.outcome) == ("1", "rolled back")
     assert load.failed == 0, load.failures[:5]
@@ -221,5 +226,22 @@ def test_bad_inputs_name_the_defect_and_change_nothing(world: World, tmp_path: P
         with pytest.raises(FetchError, match=message):
             world.deploy(**kwargs)
     with pytest.raises(FetchError, match=r"version 7 is not kept on this host"):
-        rollout.rollback(world.params, "7", log=world.logs.append, settings=world.settings)
+        rollout.rollback(world.params, "7", log=world.log, settings=world.settings)
     assert unchanged(world) == before
+
+
+def test_a_killed_deploys_leftover_candidate_is_removed_at_the_next_start(world: World) -> None:
+    """A deploy killed after starting its candidate leaves a group that state.json does not
+    know; the next deploy or rollback removes it first, and the serving version stays."""
+    serving = read_state(world.settings.home).current
+    assert serving is not None
+    leftover = next(t for t in store.imported(world.settings) if t != serving.bento)
+    supervisor.start_group(world.settings, "9", leftover, [world.settings.ports[1]])
+    assert "v9" in supervisor.groups(world.settings)
+    pid = supervisor.pid(world.settings, "v1:v1-r0")
+    with Load(world.settings.url, world.rows, max_requests=200, max_s=20) as load:
+        rollout.open_host(world.params, world.log, world.settings)
+        time.sleep(1)
+    assert supervisor.groups(world.settings) == ["v1"]
+    assert "v9:v9-r0" not in supervisor.status(world.settings)
+    assert supervisor.pid(world.settings, "v1:v1-r0") == pid and load.failed == 0

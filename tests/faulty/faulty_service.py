@@ -29,4 +29,5 @@ class Fault:
         await self.app(scope, receive, send)
 
 
-SERVICE.add_asgi_middleware(Fault)
+# Outermost: service.py's own middlewares answer /predict themselves (DirectPredict).
+SERVICE.middlewares.insert(0, (Fault, {}))
