@@ -453,9 +453,24 @@ def deploy(
     settings = settings or host_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     with exclusive(settings.home):
+        fetching = Host(settings, params, log)
+        before = set(store.imported(settings))
+        checked = fetch(fetching, version, bento)  # bad input: nothing started, nothing changed
         host = open_host(params, log, settings)
-        checked = fetch(host, version, bento)
-        return finish(host, checked, lambda: roll_out(host, checked))
+        host.timings.update(fetching.timings)
+        try:
+            return finish(host, checked, lambda: roll_out(host, checked))
+        except CheckError:
+            if checked.tag not in before and checked.tag not in serving(settings):
+                store.remove(settings, checked.tag)  # a rejected candidate leaves no bento
+                log(f"removed the rejected bento {checked.tag}")
+            raise
+
+
+def serving(settings: HostSettings) -> set[str]:
+    """Bento tags of the current and previous versions (state.json)."""
+    state = read_state(settings.home)
+    return {s.bento for s in (state.current, state.previous) if s}
 
 
 def rollback(
@@ -468,12 +483,12 @@ def rollback(
     settings = settings or host_settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     with exclusive(settings.home):
-        host = open_host(params, log, settings)
         state = read_state(settings.home)
         target = to or (state.previous.version if state.previous else None)
         if target is None:
             raise FetchError("rollback: no previous version on this host; name one with --to")
-        bento = kept(host, target)
+        bento = kept(Host(settings, params, log), target)
+        host = open_host(params, log, settings)
         current = state.current
         done = finish(host, bento, lambda: roll_out(host, bento, "rolled back", watch_s=False))
         if current and done.outcome != "unchanged":
@@ -486,10 +501,12 @@ def rollback(
 
 def kept(host: Host, version: str) -> store.Bento:
     """The imported bento of registry `version`; FetchError naming the kept ones otherwise."""
-    name = host.params.register_.model_name
-    found = [store.local(host.settings, t, name) for t in store.imported(host.settings)]
-    match = [b for b in found if b.version == version]
+    versions = {
+        t: str((store.labels_of(host.settings, t).get("labels") or {}).get("registry_version"))
+        for t in store.imported(host.settings)
+    }
+    match = [t for t, v in versions.items() if v == version]
     if not match:
-        have = sorted(b.version for b in found)
+        have = sorted(set(versions.values()))
         raise FetchError(f"rollback: version {version} is not kept on this host (kept: {have})")
-    return match[-1]
+    return store.local(host.settings, match[-1], host.params.register_.model_name)

@@ -168,19 +168,32 @@ def import_archive(settings: HostSettings, archive: Path, bento: Bento) -> None:
         raise FetchError(f"archive {archive}: imported, yet {bento.tag} is not in the store")
 
 
-def local(settings: HostSettings, tag: str, model_name: str) -> Bento:
-    """A bento already imported on the host (a kept version): its Bento, golden set included."""
+def labels_of(settings: HostSettings, tag: str) -> dict[str, Any]:
+    """The bento.yaml of an imported bento; {} when it is not imported."""
     import yaml
 
-    path = bento_dir(settings, tag)
-    if not (path / "bento.yaml").is_file():
+    path = bento_dir(settings, tag) / "bento.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def model_dir(settings: HostSettings, tag: str, model_tag: str) -> Path:
+    """Where an imported bento's model lies: `bentoml import` moves it into the host's model
+    store (models/<name>/<version>); older bentos keep it inside (bentos/.../models/...)."""
+    inside = bento_dir(settings, tag) / "models" / model_tag.replace(":", "/")
+    stored = settings.bentoml_home / "models" / model_tag.replace(":", "/")
+    return inside if inside.is_dir() else stored
+
+
+def local(settings: HostSettings, tag: str, model_name: str) -> Bento:
+    """A bento already imported on the host (a kept version): its Bento, golden set included."""
+    info = labels_of(settings, tag)
+    if not info:
         raise FetchError(f"bento {tag}: not imported on this host (kept: {imported(settings)})")
-    info = yaml.safe_load((path / "bento.yaml").read_text())
     if info.get("name") != model_name:
         raise FetchError(f"bento {tag}: a bento of {info.get('name')!r}, not {model_name!r}")
     labels = info.get("labels") or {}
     model_tag = str(labels.get("model", ""))
-    golden = path / "models" / model_tag.replace(":", "/") / "golden.json"
+    golden = model_dir(settings, tag, model_tag) / "golden.json"
     if not golden.is_file():
         raise FetchError(f"bento {tag}: its model {model_tag!r} holds no golden.json")
     return Bento(
@@ -193,8 +206,15 @@ def local(settings: HostSettings, tag: str, model_name: str) -> Bento:
 
 def remove(settings: HostSettings, tag: str) -> None:
     """Delete a bento from the host's store (its models travel inside it)."""
+    model_tag = str((labels_of(settings, tag).get("labels") or {}).get("model", ""))
     if bento_dir(settings, tag).exists():
         bentoml_cli(settings, "delete", "-y", tag)
+    others = {
+        str((labels_of(settings, t).get("labels") or {}).get("model")) for t in imported(settings)
+    }
+    stored = settings.bentoml_home / "models" / model_tag.replace(":", "/")
+    if model_tag and model_tag not in others and stored.is_dir():  # no kept bento uses it
+        bentoml_cli(settings, "models", "delete", "-y", model_tag)
 
 
 def prune(settings: HostSettings, keep: int, protected: set[str]) -> list[str]:

@@ -3,8 +3,9 @@
 supervisord's config, socket, pid file and logs live under MLOPS_SERVING_HOME; it is started
 (daemonized, so it outlives the flow and the worker that started it) when its socket does not
 answer. Each version is one supervisor group `v<version>` in conf.d/v<version>.conf holding
-`deploy.replicas` programs `bentoml serve <bento tag> --host 127.0.0.1 --port P`, with the host's
-BENTOML_HOME and MLOPS_API_KEY in their environment and autorestart on. Control goes through
+`deploy.replicas` programs `bentoml serve <bento tag> --host 127.0.0.1 --port P`, each with a
+BENTOML_HOME of its own that links to the host's store (see `run_home`), MLOPS_API_KEY in its
+environment, and autorestart on. Control goes through
 `supervisorctl -c <conf>` (its documented CLI): `update <group>` adds or removes a group after
 its file is written or deleted; `status` lists the programs.
 
@@ -26,6 +27,7 @@ nginx's own unit with `ExecReload=/usr/sbin/nginx -s reload`. This module drives
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -93,11 +95,11 @@ def render_group(settings: HostSettings, version: str, bento_tag: str, ports: li
     """conf.d/v<version>.conf: one supervisor group, one program per replica port."""
     group = group_name(version)
     bentoml = Path(sys.executable).with_name("bentoml")
-    env = {"BENTOML_HOME": str(settings.bentoml_home), "MLOPS_API_KEY": settings.api_key}
-    environment = ",".join(f'{k}="{v}"' for k, v in env.items())
     programs = [f"{group}-r{i}" for i in range(len(ports))]
     sections = [f"[group:{group}]\nprograms={','.join(programs)}\n"]
     for program, port in zip(programs, ports, strict=True):
+        env = {"BENTOML_HOME": str(run_home(settings, program)), "MLOPS_API_KEY": settings.api_key}
+        environment = ",".join(f'{k}="{v}"' for k, v in env.items())
         command = f"{bentoml} serve {bento_tag} --host 127.0.0.1 --port {port}"
         sections.append(
             f"[program:{program}]\ncommand={command}\nenvironment={environment}\n"
@@ -107,6 +109,25 @@ def render_group(settings: HostSettings, version: str, bento_tag: str, ports: li
             "stdout_logfile_maxbytes=10MB\nstdout_logfile_backups=2\n"
         )
     return "\n".join(sections)
+
+
+def run_home(settings: HostSettings, program: str) -> Path:
+    """A replica's own BENTOML_HOME: `bentos` and `models` link to the host's store, while
+    BentoML's Prometheus directory (<BENTOML_HOME>/prometheus_multiproc_dir, emptied by every
+    `bentoml serve` at start) is the replica's own, so one version's start never wipes another's
+    figures and each /metrics holds its own replica's requests only."""
+    return settings.home / "run" / program
+
+
+def make_run_homes(settings: HostSettings, programs: list[str]) -> None:
+    for program in programs:
+        home = run_home(settings, program)
+        home.mkdir(parents=True, exist_ok=True)
+        for store in ("bentos", "models"):
+            (settings.bentoml_home / store).mkdir(parents=True, exist_ok=True)
+            link = home / store
+            if not link.is_symlink():
+                link.symlink_to(settings.bentoml_home / store, target_is_directory=True)
 
 
 def ctl(settings: HostSettings, *args: str, check: bool = True) -> str:
@@ -178,6 +199,7 @@ def start_group(settings: HostSettings, version: str, bento_tag: str, ports: lis
     """Write the version's group file and add it (its programs start at once)."""
     group = group_name(version)
     path = settings.home / "conf.d" / f"{group}.conf"
+    make_run_homes(settings, [f"{group}-r{i}" for i in range(len(ports))])
     tmp = path.with_suffix(".tmp")
     tmp.write_text(render_group(settings, version, bento_tag, ports))
     tmp.replace(path)
@@ -191,6 +213,8 @@ def stop_group(settings: HostSettings, version: str) -> None:
     path = settings.home / "conf.d" / f"{group}.conf"
     path.unlink(missing_ok=True)
     ctl(settings, "update", group, check=False)
+    for home in (settings.home / "run").glob(f"{group}-r*"):
+        shutil.rmtree(home)  # the links to the store go, never the store itself
 
 
 def groups(settings: HostSettings) -> list[str]:

@@ -245,3 +245,38 @@ def test_a_killed_deploys_leftover_candidate_is_removed_at_the_next_start(world:
     assert supervisor.groups(world.settings) == ["v1"]
     assert "v9:v9-r0" not in supervisor.status(world.settings)
     assert supervisor.pid(world.settings, "v1:v1-r0") == pid and load.failed == 0
+
+
+def test_registry_versions_carry_the_hosts_tags(world: World) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    assert "deployed_at" in client.get_model_version(MODEL_NAME, "1").tags
+    two = client.get_model_version(MODEL_NAME, "2").tags
+    assert "deployed_at" in two and "rolled_back_at" in two
+    assert two["rollback_reason"] == "manual rollback to version 1"
+
+
+def test_the_cli_rejects_bad_input_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    """`python -m flows.deploy` (a real flow run on a temporary Prefect server): exit 2, the
+    defect in the last line, and an empty host stays empty (no supervisord started)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    home = tmp_path / "host"
+    env = {**os.environ, "MLOPS_SERVING_HOME": str(home), "MLOPS_API_KEY": API_KEY}
+    missing = tmp_path / "missing.bento"
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.deploy", "--bento", str(missing)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == f"error: archive {missing}: no such file"
+    assert not (home / "supervisord.conf").exists()
