@@ -208,3 +208,14 @@ def test_the_deploy_path_imports_nothing_of_the_training_stack() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_version_is_one_supervisor_group_of_replicas_on_loopback(tmp_path: Path) -> None:
+    from inference import supervisor
+
+    settings = host_settings({"MLOPS_SERVING_HOME": str(tmp_path), "MLOPS_API_KEY": "k"})
+    text = supervisor.render_group(settings, "1.2", "digits-classifier:abc", [20001, 20002])
+    assert "[group:v1_2]\nprograms=v1_2-r0,v1_2-r1" in text
+    assert "serve digits-classifier:abc --host 127.0.0.1 --port 20002" in text
+    assert f'BENTOML_HOME="{tmp_path}/run/v1_2-r1"' in text and 'MLOPS_API_KEY="k"' in text
+    assert text.count("autorestart=true") == 2
