@@ -58,6 +58,10 @@ http {{
                      'rt=$request_time urt=$upstream_response_time';
     access_log {logs / "access.log"} mlops;
     client_max_body_size {max_body_bytes};
+    # Bodies and answers stay in memory: nginx's workers (user nobody when started as root) may
+    # not write the temp directories under the host's home.
+    client_body_buffer_size {max_body_bytes};
+    proxy_max_temp_file_size 0;
     include {upstream_path(settings)};
     server {{
         listen {settings.address};

@@ -323,7 +323,7 @@ def start_checked(
     its ports and golden figures. CheckError (the candidate removed again) on a failed check."""
     ports = free_ports(host.settings, host.policy.replicas, taken)
     t = time.perf_counter()
-    supervisor.start_group(host.settings, bento.version, bento.tag, ports)
+    supervisor.start_group(host.settings, bento.version, bento.tag, ports, bento.model_tag)
     host.log(f"start: {bento.tag} as {supervisor.group_name(bento.version)} on ports {ports}")
     try:
         wait_ready(host, ports)

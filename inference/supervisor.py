@@ -91,14 +91,21 @@ files={home / "conf.d" / "*.conf"}
 """
 
 
-def render_group(settings: HostSettings, version: str, bento_tag: str, ports: list[int]) -> str:
-    """conf.d/v<version>.conf: one supervisor group, one program per replica port."""
+def render_group(
+    settings: HostSettings, version: str, bento_tag: str, ports: list[int], model_tag: str = ""
+) -> str:
+    """conf.d/v<version>.conf: one supervisor group, one program per replica port. `model_tag`
+    (the bento's own model) goes in as MLOPS_MODEL_TAG: `bentoml import` puts every bento's
+    model into the host's one model store, where service.py's default `<name>:latest` would be
+    the newest import's model, not this bento's."""
     group = group_name(version)
     bentoml = Path(sys.executable).with_name("bentoml")
     programs = [f"{group}-r{i}" for i in range(len(ports))]
     sections = [f"[group:{group}]\nprograms={','.join(programs)}\n"]
     for program, port in zip(programs, ports, strict=True):
         env = {"BENTOML_HOME": str(run_home(settings, program)), "MLOPS_API_KEY": settings.api_key}
+        if model_tag:
+            env["MLOPS_MODEL_TAG"] = model_tag
         environment = ",".join(f'{k}="{v}"' for k, v in env.items())
         command = f"{bentoml} serve {bento_tag} --host 127.0.0.1 --port {port}"
         sections.append(
@@ -195,13 +202,15 @@ def pid(settings: HostSettings, program: str) -> int:
     return int(out) if out.isdigit() else 0
 
 
-def start_group(settings: HostSettings, version: str, bento_tag: str, ports: list[int]) -> None:
+def start_group(
+    settings: HostSettings, version: str, bento_tag: str, ports: list[int], model_tag: str = ""
+) -> None:
     """Write the version's group file and add it (its programs start at once)."""
     group = group_name(version)
     path = settings.home / "conf.d" / f"{group}.conf"
     make_run_homes(settings, [f"{group}-r{i}" for i in range(len(ports))])
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(render_group(settings, version, bento_tag, ports))
+    tmp.write_text(render_group(settings, version, bento_tag, ports, model_tag))
     tmp.replace(path)
     ctl(settings, "update", group)
 

@@ -46,6 +46,7 @@ class World:
 
     def log(self, line: str) -> None:
         self.logs.append(line)
+        (self.settings.home / "logs").mkdir(parents=True, exist_ok=True)
         with (self.settings.home / "logs" / "test-deploys.log").open("a") as f:
             f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
 
