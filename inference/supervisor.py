@@ -99,7 +99,6 @@ def render_group(
     model into the host's one model store, where service.py's default `<name>:latest` would be
     the newest import's model, not this bento's."""
     group = group_name(version)
-    bentoml = Path(sys.executable).with_name("bentoml")
     programs = [f"{group}-r{i}" for i in range(len(ports))]
     sections = [f"[group:{group}]\nprograms={','.join(programs)}\n"]
     for program, port in zip(programs, ports, strict=True):
@@ -107,7 +106,7 @@ def render_group(
         if model_tag:
             env["MLOPS_MODEL_TAG"] = model_tag
         environment = ",".join(f'{k}="{v}"' for k, v in env.items())
-        command = f"{bentoml} serve {bento_tag} --host 127.0.0.1 --port {port}"
+        command = f"{sys.executable} -m inference.serve {bento_tag} --host 127.0.0.1 --port {port}"
         sections.append(
             f"[program:{program}]\ncommand={command}\nenvironment={environment}\n"
             f"directory={settings.home}\nautostart=true\nautorestart=true\nstartsecs=0\n"
