@@ -1,11 +1,11 @@
 """The supervisor's command for one replica: `python -m inference.serve <bentoml serve args>`.
 
-supervisord starts each program as the leader of its own process group; `bentoml serve` (a
-circus arbiter) forks the workers that hold the listening socket. If the arbiter is killed with
-SIGKILL, its workers outlive it, still bound to the port, and every restart would fail with
-"address in use". So before it becomes `bentoml serve` (exec: same PID, same group), this
-launcher kills what is left of the replica's previous process group (recorded in
-<BENTOML_HOME>/serve.pgid; only processes of that group whose command line names bentoml).
+`bentoml serve` is a circus arbiter whose workers (each in its own process group) hold the
+listening socket. If the arbiter is killed with SIGKILL, its workers outlive it, still bound to
+the port, and every restart by supervisord would fail with "address in use". So before it
+becomes `bentoml serve` (exec: same PID), this launcher kills what is left of the replica's
+previous run: the processes whose environment holds this replica's own BENTOML_HOME (see
+inference.supervisor.run_home; no other process has it) and whose command line names bentoml.
 """
 
 from __future__ import annotations
@@ -20,29 +20,26 @@ from pathlib import Path
 STALE_WAIT_S = 10.0
 
 
-def stale(pgid: int) -> list[int]:
-    """PIDs in process group `pgid` whose command line names bentoml (not this process)."""
+def stale(home: str) -> list[int]:
+    """PIDs (not this one) of bentoml processes whose environment has BENTOML_HOME=home."""
+    marker = f"BENTOML_HOME={home}".encode()
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            if os.getpgid(int(proc.name)) != pgid:
-                continue
-            if b"bentoml" in (proc / "cmdline").read_bytes():
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            if marker in environ and b"bentoml" in (proc / "cmdline").read_bytes():
                 found.append(int(proc.name))
-        except (OSError, ValueError):
+        except OSError:
             continue
     return found
 
 
-def clear(record: Path) -> None:
-    """SIGKILL the previous group's leftovers and wait (bounded) until they are gone."""
-    if not record.is_file():
-        return
-    old = int(record.read_text().strip() or 0)
+def clear(home: str) -> None:
+    """SIGKILL the previous run's leftovers and wait (bounded) until they are gone."""
     deadline = time.monotonic() + STALE_WAIT_S
-    while old and (left := stale(old)) and time.monotonic() < deadline:
+    while (left := stale(home)) and time.monotonic() < deadline:
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -50,9 +47,7 @@ def clear(record: Path) -> None:
 
 
 def main() -> None:
-    record = Path(os.environ["BENTOML_HOME"]) / "serve.pgid"
-    clear(record)
-    record.write_text(str(os.getpgrp()))
+    clear(os.environ["BENTOML_HOME"])
     bentoml = str(Path(sys.executable).with_name("bentoml"))
     os.execv(bentoml, [bentoml, "serve", *sys.argv[1:]])
 
