@@ -271,6 +271,7 @@ def test_the_cli_rejects_bad_input_with_one_line_and_exit_2(tmp_path: Path) -> N
 
     home = tmp_path / "host"
     env = {**os.environ, "MLOPS_SERVING_HOME": str(home), "MLOPS_API_KEY": API_KEY}
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"  # a loaded CI box
     missing = tmp_path / "missing.bento"
     done = subprocess.run(
         [sys.executable, "-m", "flows.deploy", "--bento", str(missing)],
@@ -282,5 +283,7 @@ def test_the_cli_rejects_bad_input_with_one_line_and_exit_2(tmp_path: Path) -> N
         check=False,
     )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1] == f"error: archive {missing}: no such file"
+    lines = done.stderr.strip().splitlines()  # Prefect may log its temporary server's stop last
+    assert f"error: archive {missing}: no such file" in lines[-2:]
+    assert "Traceback" not in done.stderr
     assert not (home / "supervisord.conf").exists()
