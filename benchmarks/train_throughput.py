@@ -47,10 +47,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines.config import TrainConfig, load_params  # noqa: E402
-from pipelines.prepare import prepare  # noqa: E402
+from pipelines.models import model_args  # noqa: E402
+from pipelines.models import rebuild as build  # noqa: E402
+from pipelines.prepare import prepare, read_manifest  # noqa: E402
 from pipelines.preprocessing import to_model_input  # noqa: E402
-from pipelines.train import model_args, read_manifest, resolve_device, train  # noqa: E402
-from pipelines.train import rebuild as build  # noqa: E402
+from pipelines.train import train  # noqa: E402
+from pipelines.training.distributed import resolve_device  # noqa: E402
 
 GOAL = 0.95
 
