@@ -200,6 +200,9 @@ def report(cfg: TrainConfig, rows: int, times: dict[str, Any]) -> dict[str, Any]
             s / b for s, b in zip(wall["before"], wall["bare"], strict=True)
         ]
         figures["before_ratio"] = statistics.median(figures["before_ratios"])
+        figures["before_cpu_time_ratio"] = statistics.median(
+            b[1] / s[1] for s, b in zip(times["before"], times["bare"], strict=True)
+        )
     return figures
 
 
@@ -269,7 +272,7 @@ def print_figures(figures: dict[str, Any]) -> None:
             f"  before ({figures['before_ref']}): {figures['before_samples_per_sec']:10.0f} "
             f"samples/s, ratio before/bare {figures['before_ratio']:.3f} (per repeat: "
             + " ".join(f"{r:.3f}" for r in figures["before_ratios"])
-            + ")"
+            + f"), in CPU time (bare / before): {figures['before_cpu_time_ratio']:.3f}"
         )
     verdict = "ok" if figures["ratio"] >= figures["goal"] else "BELOW GOAL"
     print(f"  ratio stage/bare: {figures['ratio']:.3f} (goal >= {figures['goal']}: {verdict})")
