@@ -33,6 +33,13 @@ is the median of the per-repeat ratios (the two runs of a repeat are back to bac
 the machine's load at that moment, which matters on a shared host); the ratio of the two medians
 is printed too, and the same ratio in CPU time of this process (less sensitive to other load; it
 leaves out the kernel's background writeback of the checkpoint files).
+
+Figures (README's Benchmarks table): 0.960 and 0.973 on the digits (2026-11-29, idle 2-core CPU,
+medians of 7 repeats). After the split into `pipelines/training/`, against the code before it
+(`--before c9c5285`), on a heavily loaded shared 2-core host (2026-11-30, medians of 3 repeats,
+wall / CPU time): digits 3 epochs: after 1.254 / 1.023, before 0.867 / 0.850; large, 400 rows,
+1 epoch: after 1.143 / 1.039, before 1.003 / 1.104. Per-repeat ratios spanned 0.5-1.8 there:
+the split moved code, not work, and no difference is measurable at that noise.
 """
 
 from __future__ import annotations
