@@ -37,8 +37,8 @@ test-fast: setup
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check pipelines flows inference tests benchmarks
-	$(BIN)/ruff format --check pipelines flows inference tests benchmarks
+	$(BIN)/ruff check pipelines flows inference tests benchmarks service.py
+	$(BIN)/ruff format --check pipelines flows inference tests benchmarks service.py
 	$(BIN)/mypy
 
 bench: setup

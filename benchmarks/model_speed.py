@@ -27,11 +27,12 @@ import pandas as pd
 
 from pipelines.config import Params, load_params
 from pipelines.export import export
+from pipelines.models import save_model
 from pipelines.prepare import prepare
 from pipelines.quantize import quantize, split_inputs
 from pipelines.runtime import read_metadata
 from pipelines.select import Family, onnx_predictor, select, torch_predictor
-from pipelines.train import save_model, train
+from pipelines.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 2

@@ -22,21 +22,19 @@ from torch import nn
 from pipelines.artifacts import file_sha256, write_json
 from pipelines.cli import run_cli
 from pipelines.config import DistillConfig, Params, TrainConfig, section_dict
+from pipelines.models import load_model, save_model
+from pipelines.prepare import read_manifest
 from pipelines.train import (
-    LossFn,
-    OnEpoch,
     Outputs,
     TrainResult,
     epoch_logger,
     input_example,
-    load_model,
-    read_manifest,
-    resolve_device,
-    save_model,
     track,
     train,
     write_plots,
 )
+from pipelines.training.distributed import resolve_device
+from pipelines.training.loop import LossFn, OnEpoch
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ def predict(model_path: Path, rows: Any, batch_size: int, data: str = "") -> np.
     """Class indices predicted by the saved model for raw feature rows."""
     import torch
 
-    from pipelines.train import load_model
+    from pipelines.models import load_model
 
     model, meta = load_model(model_path)
     where = f"model {model_path} on {data}" if data else f"model {model_path}"

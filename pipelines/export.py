@@ -127,7 +127,7 @@ def export(
     import onnx
     import torch
 
-    from pipelines.train import load_model
+    from pipelines.models import load_model
 
     model, meta = load_model(model_path)
     x = test_inputs(prepared_dir, meta["preprocessing"], model_path)

@@ -160,7 +160,7 @@ def onnx_predictor(path: Path, threads: int) -> Predict:
 def torch_predictor(model_path: Path, threads: int) -> Predict:
     import torch
 
-    from pipelines.train import load_model
+    from pipelines.models import load_model
 
     if threads:
         torch.set_num_threads(threads)

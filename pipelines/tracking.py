@@ -1,9 +1,15 @@
 """MLflow tracking: one parent run per pipeline run, one nested run per stage.
 
-Run ids travel explicitly. The orchestrator (the Prefect flow) creates the parent run and hands its
-id to every stage process in `MLOPS_PARENT_RUN_ID`. Under a plain `dvc repro`, the stage processes
-of one `dvc` invocation find each other through a small session file keyed by that `dvc` process,
-so they still share one parent. The tracking URI is set in one place: `tracking.uri` in
+Run ids travel explicitly, in the environment of the stage processes (`resolve_parent`):
+- `MLOPS_PARENT_RUN_ID`: the orchestrator (the Prefect flow) creates the parent run and hands its
+  id to every stage process; it owns the parent's status. A user can do the same around a plain
+  `dvc repro` (`MLOPS_PARENT_RUN_ID=<run id> dvc repro`).
+- `DVC_EXP_NAME` (with `DVC_EXP_BASELINE_REV`), which `dvc exp run` sets for every stage command:
+  the stages of one DVC experiment share one parent run named after it (tagged
+  `mlops.dvc.experiment` and `mlops.dvc.baseline`), created by its first stage.
+- neither (a plain `dvc repro`, DVC sets only `DVC_ROOT` and `DVC_STAGE`): each stage run stands
+  alone under a parent run of its own.
+The tracking URI is set in one place: `tracking.uri` in
 params.yaml, replaced by `MLFLOW_TRACKING_URI` when that is set.
 
 What the MLflow UI shows comes from MLflow's own tags and inputs: the experiment is tagged as model
@@ -36,7 +42,9 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 PARENT_ENV = "MLOPS_PARENT_RUN_ID"
-SESSION_DIR = Path("mlruns") / ".sessions"
+# Set by `dvc exp run` for every stage command (DVC 3: dvc.env.DVC_EXP_NAME, DVC_EXP_BASELINE_REV)
+DVC_EXP_NAME_ENV, DVC_EXP_BASELINE_ENV = "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
+DVC_EXPERIMENT_TAG, DVC_BASELINE_TAG = "mlops.dvc.experiment", "mlops.dvc.baseline"
 # MLflow 3's experiment type tag: its UI reads "custom_model_development" as model training
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
@@ -207,6 +215,7 @@ def start_parent_run(
     name: str = "pipeline",
     source: str | None = None,
     owner: Any = None,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> str:
     """Create a pipeline parent run holding every effective param; returns its id.
 
@@ -216,7 +225,7 @@ def start_parent_run(
     """
     client, exp_id = client_for(params.tracking, root)
     reap_dead_runs(client, exp_id)
-    tags = {**run_tags(root, source, owner), "mlops.kind": "pipeline"}
+    tags = {**run_tags(root, source, owner), "mlops.kind": "pipeline", **(extra_tags or {})}
     run = client.create_run(exp_id, run_name=name, tags=tags)
     log_params(client, run.info.run_id, flatten(section_dict(params)))
     return str(run.info.run_id)
@@ -268,33 +277,35 @@ def end_parent_run(params: Params, root: Path, run_id: str, status: str = "FINIS
     client.set_terminated(run_id, status=status)
 
 
-def _dvc_ancestor() -> Any:
-    """The `dvc` process (psutil.Process) that started this stage, if one did."""
-    import psutil
-
-    with contextlib.suppress(psutil.Error):
-        for proc in psutil.Process().parents():
-            cmd = proc.cmdline()
-            if any(Path(part).name == "dvc" for part in cmd[:2]) or cmd[1:3] == ["-m", "dvc"]:
-                return proc
-    return None
-
-
 def resolve_parent(params: Params, root: Path) -> tuple[str, bool]:
-    """The parent run id, and whether this stage owns its status (no orchestrator above)."""
+    """The parent run id, and whether this stage owns its status (no orchestrator above): the
+    orchestrator's (`MLOPS_PARENT_RUN_ID`), the DVC experiment's (`DVC_EXP_NAME`), or a new one
+    of this stage's own. See the module docstring."""
     explicit = os.environ.get(PARENT_ENV)
     if explicit:
         return explicit, False
-    dvc = _dvc_ancestor()
-    if dvc is None:
-        return start_parent_run(params, root), True
-    marker = root / SESSION_DIR / f"{dvc.pid}-{int(dvc.create_time())}.json"
-    if marker.exists():
-        return str(json.loads(marker.read_text())["parent_run_id"]), True
-    run_id = start_parent_run(params, root, name="dvc-repro", source="dvc repro", owner=dvc)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"parent_run_id": run_id}))
-    return run_id, True
+    experiment = os.environ.get(DVC_EXP_NAME_ENV)
+    if experiment:
+        baseline = os.environ.get(DVC_EXP_BASELINE_ENV, "")
+        return experiment_parent(params, root, experiment, baseline), True
+    return start_parent_run(params, root), True
+
+
+def experiment_parent(params: Params, root: Path, experiment: str, baseline: str) -> str:
+    """The parent run of DVC experiment `experiment` (on `baseline`, a commit): the newest run
+    tagged with both, or a new one named after the experiment (its first stage). DVC runs one
+    experiment's stages one after another, so the first stage's run is there for the next."""
+    client, exp_id = client_for(params.tracking, root)
+    query = (
+        f"tags.`{DVC_EXPERIMENT_TAG}` = '{experiment}' and tags.`{DVC_BASELINE_TAG}` = '{baseline}'"
+    )
+    found = client.search_runs(
+        [exp_id], filter_string=query, max_results=1, order_by=["attributes.start_time DESC"]
+    )
+    if found:
+        return str(found[0].info.run_id)
+    tags = {DVC_EXPERIMENT_TAG: experiment, DVC_BASELINE_TAG: baseline}
+    return start_parent_run(params, root, name=experiment, source="dvc exp run", extra_tags=tags)
 
 
 @dataclass

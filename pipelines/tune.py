@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     import optuna
     from mlflow import MlflowClient
 
-    from pipelines.train import OnEpoch
+    from pipelines.training.loop import OnEpoch
 
 BEST_FORMAT = "mlops-tune-best/1"
 STORAGE_ENV = "MLOPS_TUNE_STORAGE"  # replaces tune.storage (e.g. a postgresql:// URL)

@@ -17,7 +17,8 @@ def tiny_params(**overrides: object) -> Params:
 
 def trained_model(root: Path, params: Params | None = None) -> tuple[Path, Path]:
     """(prepared dir, model file) under `root`."""
-    from pipelines.train import save_model, train
+    from pipelines.models import save_model
+    from pipelines.train import train
 
     params = params or tiny_params()
     prepared = root / "prepared"

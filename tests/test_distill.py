@@ -6,7 +6,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from pipelines.distill import distill, distillation_loss
 from pipelines.errors import InUseError
-from pipelines.train import load_model, save_model
+from pipelines.models import load_model, save_model
 from tests.locks import held_elsewhere
 from tests.modelzoo import tiny_params, trained_model
 

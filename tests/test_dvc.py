@@ -75,12 +75,14 @@ def ran(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = copy_project(tmp_path_factory.mktemp("project"))
-    first = dvc(root, "repro")
+    first = dvc(root, "exp", "run", "--name", "first")  # in the workspace, as `dvc repro` does
     assert ran(first.stdout) == STAGES
     yield root
 
 
-def test_first_repro_runs_every_stage_under_one_mlflow_parent(project: Path) -> None:
+def test_first_experiment_runs_every_stage_under_one_mlflow_parent(project: Path) -> None:
+    """`dvc exp run` names the experiment in each stage's environment: one parent run, named
+    after it (see pipelines.tracking)."""
     for name in ("prepare", "validate", "train", "evaluate"):
         assert (project / "metrics" / f"{name}.json").is_file()
     assert (project / "reports" / "validate" / "index.html").is_file()
@@ -91,7 +93,8 @@ def test_first_repro_runs_every_stage_under_one_mlflow_parent(project: Path) -> 
     parents = {r.data.tags["mlflow.parentRunId"] for r in stages}
     assert sorted(r.data.tags["mlops.stage"] for r in stages) == sorted(STAGES)
     assert len(parents) == 1
-    assert client.get_run(parents.pop()).info.status == "FINISHED"
+    parent = client.get_run(parents.pop())
+    assert (parent.info.status, parent.info.run_name) == ("FINISHED", "first")
 
 
 def test_second_repro_runs_nothing(project: Path) -> None:

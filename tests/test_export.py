@@ -57,7 +57,7 @@ def test_parity_gate_fails_on_a_tampered_graph(exported: tuple, tmp_path: Path) 
     import torch
 
     from pipelines.export import test_inputs
-    from pipelines.train import load_model
+    from pipelines.models import load_model
 
     params, prepared, model_path, out = exported
     model, meta = load_model(model_path)

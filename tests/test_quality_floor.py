@@ -13,7 +13,9 @@ import yaml
 from pipelines import evaluate
 from pipelines.config import section_dict
 from pipelines.errors import PipelineError
-from pipelines.train import checkpoint_files, cross_entropy, train
+from pipelines.train import train
+from pipelines.training.checkpoints import checkpoint_files
+from pipelines.training.loop import cross_entropy
 from tests.modelzoo import tiny_params, trained_model
 
 

@@ -39,9 +39,10 @@ def run_stages(params: Params, root: Path) -> None:
     """prepare -> train -> distill, export -> quantize (the teacher's), outputs under `root`."""
     from pipelines.distill import distill
     from pipelines.export import export
+    from pipelines.models import save_model
     from pipelines.prepare import prepare
     from pipelines.quantize import quantize
-    from pipelines.train import save_model, train, write_plots
+    from pipelines.train import train, write_plots
 
     prepare(params.data, params.prepare, REPO, root / "prepared")
     trained = train(params.train, root / "prepared", root / "checkpoints" / "train")

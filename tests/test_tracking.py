@@ -9,6 +9,8 @@ from mlflow import MlflowClient
 
 from pipelines.config import Params
 from pipelines.tracking import (
+    DVC_EXP_BASELINE_ENV,
+    DVC_EXP_NAME_ENV,
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING,
     OWNER_HOST,
@@ -56,6 +58,34 @@ def test_stage_runs_nest_under_an_explicit_parent(
     parent_run = client.get_run(parent)
     assert parent_run.data.params["train.model.arch"] == "cnn"
     assert parent_run.info.status == "RUNNING"  # the orchestrator owns its parent's status
+
+
+def test_stages_of_one_dvc_experiment_share_its_parent(
+    params: Params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dvc exp run` names the experiment in each stage's environment: its stages nest under one
+    parent named after it, which each stage reopens and ends; another experiment gets its own,
+    and a stage run with neither variable (plain `dvc repro`) stands alone."""
+    monkeypatch.delenv(PARENT_ENV, raising=False)
+    monkeypatch.setenv(DVC_EXP_BASELINE_ENV, "0123abc")
+    runs = {}
+    for experiment, stage in (("exp-a", "prepare"), ("exp-a", "train"), ("exp-b", "prepare")):
+        monkeypatch.setenv(DVC_EXP_NAME_ENV, experiment)
+        with stage_run(stage, params, {}, tmp_path) as run:
+            pass
+        runs[experiment, stage] = run
+    monkeypatch.delenv(DVC_EXP_NAME_ENV)
+    with stage_run("prepare", params, {}, tmp_path) as alone:
+        pass
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    shared = runs["exp-a", "prepare"].parent_run_id
+    assert runs["exp-a", "train"].parent_run_id == shared
+    assert client.get_run(runs["exp-a", "train"].run_id).data.tags["mlflow.parentRunId"] == shared
+    parent = client.get_run(shared)
+    assert (parent.info.run_name, parent.info.status) == ("exp-a", "FINISHED")
+    assert parent.data.tags["mlops.dvc.baseline"] == "0123abc"
+    others = {runs["exp-b", "prepare"].parent_run_id, alone.parent_run_id}
+    assert len(others) == 2 and shared not in others
 
 
 def git_repo(root: Path) -> str:
@@ -185,8 +215,8 @@ def test_the_data_docs_link_opens_the_logged_copy_in_the_mlflow_ui(
 def test_a_parent_owned_by_another_process_ends_with_it(
     params: Params, tmp_path: Path, mlflow_uri: str
 ) -> None:
-    """A `dvc repro` parent is owned by the `dvc` process, not by the stage that created it:
-    the stage ending leaves it alone; the `dvc` process killed makes it a ghost, then KILLED."""
+    """A parent owned by another process than the one that created it: the creator ending leaves
+    it alone; the owner killed makes it a ghost, then KILLED."""
     import psutil
 
     client = MlflowClient(mlflow_uri)

@@ -22,19 +22,16 @@ import yaml
 from pipelines.artifacts import read_json, write_json
 from pipelines.config import Params, load_params
 from pipelines.errors import CheckpointError, DataSourceError, ParamsError
+from pipelines.models import load_model, save_model
 from pipelines.prepare import read_split
-from pipelines.train import (
+from pipelines.train import TrainResult, main, train
+from pipelines.training.checkpoints import (
     CHECKPOINT_FORMAT,
     CheckpointDir,
-    TrainResult,
     latest_checkpoint,
-    load_model,
-    main,
     read_checkpoint,
-    save_model,
-    split_arrays,
-    train,
 )
+from pipelines.training.data import split_arrays
 from tests.locks import held_elsewhere
 
 REPO = Path(__file__).resolve().parents[1]

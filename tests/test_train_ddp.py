@@ -21,7 +21,8 @@ import yaml
 from mlflow import MlflowClient
 
 from pipelines.config import Params, load_params, section_dict
-from pipelines.train import checkpoint_files, train
+from pipelines.train import train
+from pipelines.training.checkpoints import checkpoint_files
 from tests.conftest import REPO
 
 ACCURACY_TOLERANCE = 0.03
