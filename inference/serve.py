@@ -1,4 +1,4 @@
-"""The supervisor's command for one replica: `python -m inference.serve <bentoml serve args>`.
+"""The supervisor's command for one replica: `python <path>/inference/serve.py <serve args>`.
 
 `bentoml serve` is a circus arbiter whose workers (each in its own process group) hold the
 listening socket. If the arbiter is killed with SIGKILL, its workers outlive it, still bound to

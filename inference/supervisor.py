@@ -26,6 +26,7 @@ nginx's own unit with `ExecReload=/usr/sbin/nginx -s reload`. This module drives
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -38,6 +39,7 @@ from inference.errors import HostError
 from inference.settings import HostSettings
 
 PROXY_PROGRAM = "proxy"
+LAUNCHER = Path(__file__).with_name("serve.py")  # a replica's command (stdlib only)
 START_TIMEOUT_S = 30.0
 
 
@@ -106,7 +108,9 @@ def render_group(
         if model_tag:
             env["MLOPS_MODEL_TAG"] = model_tag
         environment = ",".join(f'{k}="{v}"' for k, v in env.items())
-        command = f"{sys.executable} -m inference.serve {bento_tag} --host 127.0.0.1 --port {port}"
+        # By path: the program's interpreter need not have this checkout on its sys.path (and
+        # no PYTHONPATH may point at it: the bento's own service.py must be the one imported).
+        command = f"{sys.executable} {LAUNCHER} {bento_tag} --host 127.0.0.1 --port {port}"
         sections.append(
             f"[program:{program}]\ncommand={command}\nenvironment={environment}\n"
             f"directory={settings.home}\nautostart=true\nautorestart=true\nstartsecs=0\n"
@@ -209,7 +213,11 @@ def start_group(
     path = settings.home / "conf.d" / f"{group}.conf"
     make_run_homes(settings, [f"{group}-r{i}" for i in range(len(ports))])
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(render_group(settings, version, bento_tag, ports, model_tag))
+    tmp.unlink(missing_ok=True)
+    # 0600: the file holds MLOPS_API_KEY in the programs' environment
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(render_group(settings, version, bento_tag, ports, model_tag))
     tmp.replace(path)
     ctl(settings, "update", group)
 

@@ -216,6 +216,6 @@ def test_a_version_is_one_supervisor_group_of_replicas_on_loopback(tmp_path: Pat
     settings = host_settings({"MLOPS_SERVING_HOME": str(tmp_path), "MLOPS_API_KEY": "k"})
     text = supervisor.render_group(settings, "1.2", "digits-classifier:abc", [20001, 20002], "m:1")
     assert "[group:v1_2]\nprograms=v1_2-r0,v1_2-r1" in text
-    assert "inference.serve digits-classifier:abc --host 127.0.0.1 --port 20002" in text
+    assert "inference/serve.py digits-classifier:abc --host 127.0.0.1 --port 20002" in text
     assert f'BENTOML_HOME="{tmp_path}/run/v1_2-r1"' in text and 'MLOPS_API_KEY="k"' in text
     assert text.count("autorestart=true") == 2 and text.count('MLOPS_MODEL_TAG="m:1"') == 2
