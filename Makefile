@@ -37,9 +37,10 @@ test-fast: setup
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check pipelines flows inference tests benchmarks
-	$(BIN)/ruff format --check pipelines flows inference tests benchmarks
+	$(BIN)/ruff check pipelines flows inference tests benchmarks ops
+	$(BIN)/ruff format --check pipelines flows inference tests benchmarks ops
 	$(BIN)/mypy
+	$(BIN)/mypy ops/mlflow_users.py
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
