@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,8 +78,18 @@ class Host:
         )
 
 
+def kill_all(namespace: str) -> None:
+    """SIGKILL every process still in `namespace` (daemons a test started there: a supervisord
+    that detached itself, its children); nothing outside it."""
+    found = sh("ip", "netns", "pids", namespace, check=False).stdout.split()
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
 def _remove(prefix: str, names: Sequence[str]) -> None:
     for name in names:
+        kill_all(f"{prefix}-{name}")
         sh("ip", "netns", "del", f"{prefix}-{name}", check=False)  # takes its veth end with it
         sh("ip", "link", "del", f"{prefix}{name}0", check=False)
     sh("ip", "link", "del", f"{prefix}br", check=False)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -203,3 +204,257 @@ def test_mlflow_refuses_requests_without_credentials(cluster: Cluster) -> None:
         ],
     )
     assert statuses == [401, 401, 401, 200, 200]
+
+
+# ---- The whole path: train on "train", deploy on "infer", clients in "train" -------------------
+
+MODEL = "digits-classifier"
+SHRUNK = {  # the checkouts' params.yaml: a pipeline run of a minute or two, short deploy windows
+    "train": {"epochs": 3, "patience": 3},
+    "quantize": {"calibration_samples": 128},
+    "select": {"latency_iters": 20, "throughput_iters": 5},
+    "register": {"tolerance": 1.0},  # every run's model becomes champion: each one is deployed
+    "deploy": {
+        "golden_rows": 50,
+        "golden_min_accuracy": 0.5,  # 3 epochs score ~0.9; the check itself is hA's tests'
+        "warmup_requests": 5,
+        "canary_percent": 20,
+        "canary_s": 4,
+        "watch_s": 3,
+        "poll_s": 1,
+        "min_requests": 10,
+        "drain_timeout_s": 10,
+    },
+}
+RUN_TIMEOUT_S = 600
+
+LOAD = """
+import collections, json, pathlib, sys, time, httpx
+url, key, rows, stop, max_s, max_n = sys.argv[1:7]
+rows = json.loads(pathlib.Path(rows).read_text())
+statuses, versions, failures = collections.Counter(), collections.Counter(), []
+deadline = time.monotonic() + float(max_s)
+with httpx.Client(timeout=30, headers={"X-API-Key": key}) as client:
+    for i in range(int(max_n)):
+        if pathlib.Path(stop).exists() or time.monotonic() > deadline:
+            break
+        try:
+            r = client.post(url + "/predict", json={"rows": rows[i % len(rows):][:2]})
+            statuses[str(r.status_code)] += 1
+            if r.status_code == 200:
+                versions[r.json()[0]["model_version"]] += 1
+            else:
+                failures.append(f"{r.status_code} {r.text[:100]}")
+        except httpx.HTTPError as exc:
+            statuses["error"] += 1
+            failures.append(repr(exc))
+        time.sleep(0.02)
+print(json.dumps({"statuses": statuses, "versions": versions, "failures": failures[:20]}))
+"""
+
+
+@dataclass
+class Paths:
+    train_checkout: Path
+    infer_checkout: Path
+    serving_home: Path
+
+
+def checkouts(base: Path) -> tuple[Path, Path]:
+    """The training host's checkout (a snapshot of this repository, params.yaml shrunk) and the
+    inference host's own clone of it: nothing of the training host's disk is shared."""
+    import yaml
+
+    from tests.test_flow_e2e import git, snapshot
+
+    train = snapshot(base / "train-checkout")
+    params = yaml.safe_load((train / "params.yaml").read_text())
+    for section, values in SHRUNK.items():
+        params[section].update(values)
+    (train / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(train, "commit", "-qam", "shrunk for the two-host test")
+    git(base, "clone", "-q", str(train), str(base / "infer-checkout"))
+    return train, base / "infer-checkout"
+
+
+def inference_env(cluster: Cluster, checkout: Path, home: Path) -> dict[str, str]:
+    """The inference host's environment: the training host's servers as a client with its own
+    MLflow account, and the serving variables."""
+    return base_env(
+        cluster.base / "infer-home",
+        cluster.prefect_api,
+        PREFECT_API_AUTH_STRING=cluster.prefect_auth,
+        PREFECT_WORKER_QUERY_SECONDS="2",
+        MLFLOW_TRACKING_URI=cluster.mlflow_uri,
+        MLFLOW_TRACKING_USERNAME="inference",
+        MLFLOW_TRACKING_PASSWORD=cluster.mlflow_inference,
+        MLOPS_PROJECT_DIR=str(checkout),
+        MLOPS_SERVING_HOME=str(home),
+        MLOPS_SERVING_ADDRESS=f"{cluster.infer.address}:{SERVING_PORT}",
+        MLOPS_API_KEY=cluster.api_key,
+        MLOPS_WORKER_NAME="infer-worker",
+        MLOPS_VENV=sys.prefix,
+    )
+
+
+def start_inference_worker(cluster: Cluster, paths: Paths) -> None:
+    env = inference_env(cluster, paths.infer_checkout, paths.serving_home)
+    cluster.start("infer-worker", cluster.infer, [str(START), "worker", "inference"], env)
+
+
+@pytest.fixture(scope="module")
+def workers(cluster: Cluster) -> Iterator[Paths]:
+    """The deployments (made from the training host), a worker on each host; the inference
+    host's supervisord (detached by the deploy flow) shut down afterwards."""
+    train, infer = checkouts(cluster.base)
+    paths = Paths(train, infer, cluster.base / "serving")
+    env = cluster.training_env(MLOPS_PROJECT_DIR=str(train), PREFECT_WORKER_QUERY_SECONDS="2")
+    done = cluster.train.run([sys.executable, "-m", "flows.deployments"], env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    cluster.start("train-worker", cluster.train, [str(START), "worker", "training"], env)
+    start_inference_worker(cluster, paths)
+    try:
+        yield paths
+    finally:
+        conf = paths.serving_home / "supervisord.conf"
+        if conf.exists():
+            cluster.infer.run(["supervisorctl", "-c", str(conf), "shutdown"], timeout=90)
+
+
+@contextlib.contextmanager
+def prefect_client(cluster: Cluster) -> Iterator[Any]:
+    """A Prefect client of the training host's API, with its credentials."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    updates = {PREFECT_API_URL: cluster.prefect_api, PREFECT_API_AUTH_STRING: cluster.prefect_auth}
+    with temporary_settings(updates=updates), get_client(sync_client=True) as client:
+        yield client
+
+
+def wait_final(cluster: Cluster, flow_run_id: Any, timeout_s: float = RUN_TIMEOUT_S) -> Any:
+    """The flow run once it is in a final state; a failure with the workers' logs otherwise."""
+    deadline = time.monotonic() + timeout_s
+    with prefect_client(cluster) as client:
+        while time.monotonic() < deadline:
+            flow_run = client.read_flow_run(flow_run_id)
+            if flow_run.state and flow_run.state.is_final():
+                return flow_run
+            time.sleep(2)
+    logs = "\n".join(tail(cluster.log(n), 40) for n in ("train-worker", "infer-worker"))
+    pytest.fail(f"flow run {flow_run_id} not finished after {timeout_s} s:\n{logs}")
+
+
+def run_deployment(cluster: Cluster, name: str, parameters: dict[str, Any]) -> Any:
+    with prefect_client(cluster) as client:
+        deployment = client.read_deployment_by_name(name)
+        created = client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+    return created
+
+
+def deploy_runs(cluster: Cluster) -> list[Any]:
+    """The flow runs of `deploy/on-demand`, oldest first."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with prefect_client(cluster) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["on-demand"])),
+            sort=FlowRunSort.START_TIME_ASC,
+        )
+        deployment = client.read_deployment_by_name("deploy/on-demand")
+    return [r for r in runs if r.deployment_id == deployment.id]
+
+
+def champion(cluster: Cluster) -> str:
+    from mlflow import MlflowClient
+
+    env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": cluster.mlflow_admin}
+    with _environ(env):
+        return str(
+            MlflowClient(cluster.mlflow_uri).get_model_version_by_alias(MODEL, "champion").version
+        )
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    import os
+
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def train_and_hand_off(cluster: Cluster, epochs: int) -> tuple[str, Any]:
+    """`train/on-demand` on the training host until it ends Completed, then the deploy run its
+    hand-off started on the inference host, until that ends: (champion version, deploy run)."""
+    before = {r.id for r in deploy_runs(cluster)}
+    flow_run = wait_final(
+        cluster, run_deployment(cluster, "train/on-demand", {"epochs": epochs}).id
+    )
+    assert flow_run.state.is_completed(), (
+        f"{flow_run.state!r}\n{tail(cluster.log('train-worker'), 80)}"
+    )
+    version = champion(cluster)
+    started = [r for r in deploy_runs(cluster) if r.id not in before]
+    assert len(started) == 1, f"the train flow started {len(started)} deploy runs"
+    assert started[0].parameters.get("version") == version
+    return version, wait_final(cluster, started[0].id)
+
+
+@pytest.fixture(scope="module")
+def first(cluster: Cluster, workers: Paths) -> tuple[str, Any]:
+    """The first champion, trained on "train" and deployed on "infer" by the hand-off."""
+    return train_and_hand_off(cluster, epochs=3)
+
+
+def golden(paths: Paths) -> dict[str, Any]:
+    """The golden set `select` wrote on the training host (rows, labels, its predictions)."""
+    return dict(
+        json.loads((paths.train_checkout / "models" / "select" / "golden.json").read_text())
+    )
+
+
+PREDICT = """
+import json, sys, httpx
+url, key, rows = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+bare = httpx.post(url + "/predict", json={"rows": rows[:1]}, timeout=30)
+keyed = httpx.post(url + "/predict", json={"rows": rows}, headers={"X-API-Key": key}, timeout=30)
+print(json.dumps({"bare": bare.status_code, "status": keyed.status_code, "body": keyed.json(),
+                  "request_id": keyed.headers.get("x-request-id")}))
+"""
+
+
+def test_whole_path_a_client_on_train_gets_the_new_champions_predictions(
+    cluster: Cluster, workers: Paths, first: tuple[str, Any]
+) -> None:
+    version, deploy_run = first
+    assert deploy_run.state.is_completed(), (
+        f"{deploy_run.state!r}\n{tail(cluster.log('infer-worker'), 80)}"
+    )
+    gold = golden(workers)
+    done = cluster.train.run(
+        [
+            sys.executable,
+            "-c",
+            PREDICT,
+            cluster.serving_url,
+            cluster.api_key,
+            json.dumps(gold["rows"]),
+        ]
+    )
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["bare"] == 401  # the proxy keeps the service's API key
+    assert answer["status"] == 200 and answer["request_id"]
+    served = [p["label"] for p in answer["body"]]
+    assert {p["model_version"] for p in answer["body"]} == {version}
+    agree = sum(a == b for a, b in zip(served, gold["predictions"], strict=True)) / len(served)
+    assert agree >= 0.99  # the training host's own predictions for these rows, on another host
