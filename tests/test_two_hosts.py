@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -378,8 +380,7 @@ def champion(cluster: Cluster) -> str:
 
 @contextlib.contextmanager
 def _environ(values: dict[str, str]) -> Iterator[None]:
-    import os
-
+    """These environment variables in this process (MLflow's client reads them), restored after."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -458,3 +459,114 @@ def test_whole_path_a_client_on_train_gets_the_new_champions_predictions(
     assert {p["model_version"] for p in answer["body"]} == {version}
     agree = sum(a == b for a, b in zip(served, gold["predictions"], strict=True)) / len(served)
     assert agree >= 0.99  # the training host's own predictions for these rows, on another host
+
+
+# ---- Under a bounded load from "train": a rollout, and the inference worker killed mid-deploy --
+
+
+@contextlib.contextmanager
+def load_from_train(
+    cluster: Cluster, rows: list[list[float]], name: str
+) -> Iterator[dict[str, Any]]:
+    """A steady stream of keyed /predict requests from the training host to the proxy (at most
+    20,000 requests or 300 s), stopped on exit; the yielded dict gets its summary then:
+    statuses, versions that answered, the first failures."""
+    rows_file = cluster.base / f"{name}-rows.json"
+    rows_file.write_text(json.dumps(rows))
+    stop = cluster.base / f"{name}.stop"
+    out = cluster.base / f"{name}.json"
+    args = [cluster.serving_url, cluster.api_key, str(rows_file), str(stop), "300", "20000"]
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            cluster.train.command([sys.executable, "-c", LOAD, *args]), stdout=sink
+        )
+    summary: dict[str, Any] = {}
+    try:
+        time.sleep(2)  # it is under way before anything changes on the host
+        yield summary
+    finally:
+        stop.touch()
+        proc.wait(timeout=60)
+        summary.update(json.loads(out.read_text()))
+
+
+def second_version(cluster: Cluster, base: Path, version: str) -> None:
+    """Registry version `version` on the training host: another trained model's bento, logged
+    and registered the way flows.package does it (tests/inference_host.py), made champion."""
+    from tests.inference_host import build_bento, golden_set, register_archive, tiny_graph
+
+    model_dir, prepared = tiny_graph(base / "v2")
+    archive = build_bento(model_dir, golden_set(model_dir, prepared, 50), version, base / "v2")
+    env = {
+        "MLFLOW_TRACKING_URI": cluster.mlflow_uri,
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": cluster.mlflow_admin,
+    }
+    with _environ(env):
+        register_archive(archive, version, champion=True)
+
+
+def serving_state(paths: Paths) -> dict[str, Any]:
+    return dict(json.loads((paths.serving_home / "state.json").read_text()))
+
+
+def test_rollout_of_a_new_version_fails_no_request(
+    cluster: Cluster, workers: Paths, first: tuple[str, Any]
+) -> None:
+    old = first[0]
+    new = str(int(old) + 1)
+    second_version(cluster, cluster.base, new)
+    with load_from_train(cluster, golden(workers)["rows"], "rollout") as load:
+        flow_run = wait_final(
+            cluster, run_deployment(cluster, "deploy/on-demand", {"version": new}).id
+        )
+        assert flow_run.state.is_completed(), (
+            f"{flow_run.state!r}\n{tail(cluster.log('infer-worker'), 80)}"
+        )
+        time.sleep(2)  # answers from the new version alone, after the switch
+    assert load["statuses"] and set(load["statuses"]) == {"200"}, load
+    assert set(load["versions"]) == {old, new}, load
+    assert serving_state(workers)["current"]["version"] == new
+
+
+def kill_worker(cluster: Cluster, paths: Paths) -> None:
+    """SIGKILL every process of the inference host but supervisord and what it runs: the worker
+    and the flow run it started die as in a crash of the worker's service."""
+    import psutil
+
+    from tests.netns import sh
+
+    keep = {int((paths.serving_home / "supervisord.pid").read_text())}
+    keep |= {child.pid for child in psutil.Process(min(keep)).children(recursive=True)}
+    for pid in map(int, sh("ip", "netns", "pids", cluster.infer.name).stdout.split()):
+        if pid not in keep:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    cluster.procs.pop("infer-worker").wait(timeout=30)
+
+
+def test_the_inference_worker_killed_mid_deploy_leaves_serving_untouched(
+    cluster: Cluster, workers: Paths, first: tuple[str, Any]
+) -> None:
+    """The worker (and the deploy run it started) SIGKILLed once the candidate is starting; the
+    running version keeps answering every request, and a restarted worker finds it serving."""
+    before = serving_state(workers)["current"]
+    target = first[0] if before["version"] != first[0] else None  # a kept version, or the champion
+    group = workers.serving_home / "conf.d"
+    with load_from_train(cluster, golden(workers)["rows"], "kill") as load:
+        flow_run = run_deployment(
+            cluster, "deploy/on-demand", {"version": target} if target else {}
+        )
+        deadline = time.monotonic() + 180
+        while not any(p.stem != f"v{before['version']}" for p in group.glob("v*.conf")):
+            assert time.monotonic() < deadline, tail(cluster.log("infer-worker"), 60)
+            time.sleep(0.2)
+        kill_worker(cluster, workers)
+        start_inference_worker(cluster, workers)
+        time.sleep(5)
+    assert load["statuses"] and set(load["statuses"]) == {"200"}, load
+    assert set(load["versions"]) == {before["version"]}, load
+    assert serving_state(workers)["current"] == before
+    with prefect_client(cluster) as client:
+        state = client.read_flow_run(flow_run.id).state
+    assert state is not None and not state.is_completed()
