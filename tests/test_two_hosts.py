@@ -225,6 +225,7 @@ SHRUNK = {  # the checkouts' params.yaml: a pipeline run of a minute or two, sho
         "watch_s": 3,
         "poll_s": 1,
         "min_requests": 10,
+        "max_p99_ratio": 20,  # a shared 2-core box: judging latency is hA's tests' business
         "drain_timeout_s": 10,
     },
 }
