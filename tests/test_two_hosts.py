@@ -563,7 +563,10 @@ def test_the_inference_worker_killed_mid_deploy_leaves_serving_untouched(
         deadline = time.monotonic() + 180
         while not any(p.stem != f"v{before['version']}" for p in group.glob("v*.conf")):
             assert time.monotonic() < deadline, tail(cluster.log("infer-worker"), 60)
-            time.sleep(0.2)
+            with prefect_client(cluster) as client:
+                state = client.read_flow_run(flow_run.id).state
+            assert not (state and state.is_final()), f"ended before it started: {state!r}"
+            time.sleep(0.5)
         kill_worker(cluster, workers)
         start_inference_worker(cluster, workers)
         time.sleep(5)
