@@ -6,10 +6,16 @@ Run by the `train` flow after `register`, or by hand: `python -m flows.package`.
    that name already holds the same graph, so `latest` is always the packaged champion),
 3. runs `bentoml build` with bentofile.yaml (the lean serving environment, see service.py),
 4. exports the bento archive to `package.export_to` (an absolute directory or a URI; default
-   dist/bentos/ under the project), and returns where it went.
+   dist/bentos/ under the project),
+5. logs the archive as an MLflow artifact of the version's run, under `bento/`, and tags the
+   version `bento_tag` and `bento_artifact` (that artifact's path from the run's root): the
+   inference host downloads it through the MLflow server. Once per version: packaging the same
+   champion again logs nothing more.
 
-The inference host then runs `bentoml import <archive>` and `bentoml serve <bento tag>`: it never
-reads MLflow or unpickles anything from the training host.
+The BentoML model holds the champion's model.onnx, metadata.json and golden.json (the golden set
+`select` measured: the inference host's checks read it from the model's directory). The inference
+host runs `bentoml import <archive>` and `bentoml serve <bento tag>`: it never unpickles anything
+from the training host.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from pipelines.tracking import client_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_TAG_ENV = "MLOPS_MODEL_TAG"  # which BentoML model service.py loads (and a build packs)
+GOLDEN = "golden.json"  # pipelines.select.GOLDEN: the golden set, in the BentoML model's folder
+BENTO_DIR = "bento"  # artifact folder of the version's run holding its bento archive
+BENTO_TAG, BENTO_ARTIFACT = "bento_tag", "bento_artifact"  # model version tags
 
 
 class PackageError(PipelineError):
@@ -43,6 +52,7 @@ class Packaged:
     model_tag: str
     bento_tag: str
     archive: str
+    artifact: str = ""  # the archive in MLflow: `bento_artifact`, relative to the run's root
 
 
 def export_target(params: Params, root: Path) -> str:
@@ -64,9 +74,17 @@ def champion(params: Params, root: Path) -> Any:
 
 
 def bento_model(client: Any, version: Any, name: str) -> str:
-    """The BentoML model holding the champion's ONNX graph and metadata; its tag."""
+    """The BentoML model holding the champion's ONNX graph, metadata and golden set; its tag.
+    Raises PackageError naming the version when its `model/` artifact lacks golden.json (a
+    version registered before `select` wrote golden sets: run the train flow again)."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(client.download_artifacts(version.run_id, "model", tmp))
+        if not (local / GOLDEN).is_file():
+            raise PackageError(
+                f"version {version.version}: no model/{GOLDEN} to package (the golden set the "
+                "inference host checks a rollout with; `select` writes it): run the train flow "
+                "again to register a version that has one"
+            )
         source = {"run_id": version.run_id, "source": f"models:/{name}@champion"}
         return save_bento_model(name, local, str(version.version), source)
 
@@ -74,22 +92,30 @@ def bento_model(client: Any, version: Any, name: str) -> str:
 def save_bento_model(
     name: str, model_dir: Path, registry_version: str, source: dict[str, str] | None = None
 ) -> str:
-    """A BentoML model `name` from `model_dir` (model.onnx + metadata.json), unless the newest
-    model of that name already holds the same graph; returns its tag."""
+    """A BentoML model `name` from `model_dir` (model.onnx + metadata.json, and golden.json when
+    there), unless the newest model of that name already holds the same graph and the same golden
+    set (metadata `onnx_sha256`, `golden_sha256`: "" without one); returns its tag."""
     import bentoml
 
     onnx_path, metadata_path = model_dir / "model.onnx", model_dir / "metadata.json"
     for path in (onnx_path, metadata_path):
         if not path.is_file():
             raise PackageError(f"version {registry_version}: no model/{path.name} to package")
+    golden = model_dir / GOLDEN
     digest = file_sha256(onnx_path)
+    golden_digest = file_sha256(golden) if golden.is_file() else ""
     newest = _newest(name)
-    if newest is not None and newest.info.metadata.get("onnx_sha256") == digest:
+    if (
+        newest is not None
+        and newest.info.metadata.get("onnx_sha256") == digest
+        and newest.info.metadata.get("golden_sha256", "") == golden_digest
+    ):
         return str(newest.tag)
     precision = str(read_json(metadata_path).get("precision", "unknown"))
     metadata = {
         "registry_version": registry_version,
         "onnx_sha256": digest,
+        "golden_sha256": golden_digest,
         "precision": precision,
         **(source or {}),
     }
@@ -97,6 +123,8 @@ def save_bento_model(
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         shutil.copy(onnx_path, Path(model.path) / "model.onnx")
         shutil.copy(metadata_path, Path(model.path) / "metadata.json")
+        if golden_digest:
+            shutil.copy(golden, Path(model.path) / GOLDEN)
     return str(model.tag)
 
 
@@ -132,17 +160,50 @@ def build(root: Path, model_tag: str, registry_version: str) -> str:
     return str(bento.tag)
 
 
+def logged_archive(client: Any, version: Any) -> str | None:
+    """The version's archive already in MLflow (its `bento_artifact` tag, when that artifact is
+    in the run), or None."""
+    artifact = version.tags.get(BENTO_ARTIFACT)
+    if not artifact:
+        return None
+    folder = artifact.rpartition("/")[0]
+    listed = {f.path for f in client.list_artifacts(version.run_id, folder or None)}
+    return str(artifact) if artifact in listed else None
+
+
+def log_archive(client: Any, name: str, version: Any, bento_tag: str, archive: Path) -> str:
+    """Log `archive` under `bento/` of the version's run (through the tracking server's artifact
+    proxy when MLflow is remote) and tag the version `bento_tag` and `bento_artifact` (the path
+    relative to the run's root, e.g. `bento/digits-classifier-<version>.bento`); returns it."""
+    client.log_artifact(version.run_id, str(archive), BENTO_DIR)
+    artifact = f"{BENTO_DIR}/{archive.name}"
+    client.set_model_version_tag(name, version.version, BENTO_TAG, bento_tag)
+    client.set_model_version_tag(name, version.version, BENTO_ARTIFACT, artifact)
+    return artifact
+
+
 def package(params: Params, root: Path) -> Packaged:
+    """Package the champion (see the module doc). Raises PackageError: no champion, or its
+    `model/` artifact lacks a file serving needs (named)."""
     import bentoml
 
     client, version = champion(params, root)
-    model_tag = bento_model(client, version, params.register_.model_name)
+    name = params.register_.model_name
+    model_tag = bento_model(client, version, name)
     bento_tag = build(root, model_tag, str(version.version))
     target = export_target(params, root)
     if "://" not in target:
         Path(target).mkdir(parents=True, exist_ok=True)
     archive = bentoml.bentos.export_bento(bento_tag, target)
-    return Packaged(str(version.version), model_tag, bento_tag, str(archive))
+    artifact = logged_archive(client, version)
+    if artifact is None:
+        if "://" not in target:
+            artifact = log_archive(client, name, version, bento_tag, Path(archive))
+        else:  # the export went to a remote store: log a local copy
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(bentoml.bentos.export_bento(bento_tag, tmp))
+                artifact = log_archive(client, name, version, bento_tag, local)
+    return Packaged(str(version.version), model_tag, bento_tag, str(archive), artifact)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -23,6 +23,7 @@ from pipelines.artifacts import file_sha256, read_json
 from pipelines.config import Params
 from pipelines.quantize import split_inputs
 from pipelines.runtime import logits, read_metadata, session
+from pipelines.select import GOLDEN
 from pipelines.tracking import client_for, run_tags
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -90,7 +91,8 @@ def champion_accuracy(client: Any, version: Any, prepared_dir: Path) -> float:
 
 
 def log_candidate(client: Any, params: Params, root: Path, parent: str, select_dir: Path) -> str:
-    """A nested `register` run holding what serving needs; returns its run id."""
+    """A nested `register` run holding what serving needs (artifact `model/`: model.onnx,
+    metadata.json and, when `select` wrote it, golden.json); returns its run id."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     _, experiment = client_for(params.tracking, root)
@@ -98,6 +100,8 @@ def log_candidate(client: Any, params: Params, root: Path, parent: str, select_d
     run_id = str(client.create_run(experiment, run_name="register", tags=tags).info.run_id)
     client.log_artifact(run_id, str(select_dir / "model.onnx"), "model")
     client.log_dict(run_id, read_metadata(select_dir / "model.onnx"), "model/metadata.json")
+    if (select_dir / GOLDEN).is_file():  # the deploy checks' rows; `package` requires it
+        client.log_artifact(run_id, str(select_dir / GOLDEN), "model")
     client.log_artifact(run_id, str(select_dir / "candidates.md"))
     client.log_artifact(run_id, str(select_dir / "winner.json"))
     return run_id

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -252,6 +252,9 @@ def train(
             decision = register_task(params, root, parent) if SELECT_STAGE in states else None
             # only a champion that moved in this run: an unchanged one is not packaged again
             bento = package_task(params, root) if decision and decision["promoted"] else None
+            # a new champion goes to the inference host (deploy.on_new_champion); never a challenger
+            handoff = bento if params.deploy.on_new_champion else None
+            deploy = start_deploy(handoff["registry_version"]) if handoff else None
         except BaseException as exc:
             end_parent_run(params, root, parent, status="FAILED")
             _publish(params, session, parent, overrides, states, failed=True)
@@ -265,6 +268,7 @@ def train(
         "stages": states,
         "register": decision,
         "package": bento,
+        "deploy": deploy,
         **links,
     }
 
@@ -336,13 +340,56 @@ def package_task(params: Params, root: Path) -> dict[str, Any]:
     packaged = package(params, root)
     create_markdown_artifact(
         f"Bento `{packaged.bento_tag}` (model `{packaged.model_tag}`, registry version "
-        f"{packaged.registry_version}) exported to `{packaged.archive}`.\n\n"
+        f"{packaged.registry_version}) exported to `{packaged.archive}`, and in MLflow as "
+        f"`{packaged.artifact}` of the version's run (tag `bento_artifact`).\n\n"
         f"On the inference host: `bentoml import {packaged.archive}` then "
         f"`bentoml serve {packaged.bento_tag}`.",
         key="bento",
     )
     get_run_logger().info("package: %s -> %s", packaged.bento_tag, packaged.archive)
     return asdict(packaged)
+
+
+DEPLOY_DEPLOYMENT = "deploy/on-demand"  # the inference host's deploy flow (flows/deployments.py)
+
+
+def start_deploy(version: str) -> dict[str, str] | None:
+    """Hand a new champion to the inference host: start `deploy/on-demand` for registry version
+    `version` and return at once (the deploy run is the inference worker's; its outcome is not
+    this run's). Returns the started run's id and name; None, with one warning line, when the
+    Prefect server has no such deployment (no inference pool set up): the train run goes on."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
+    try:
+        started = cast(  # called from sync code: the FlowRun itself, not a coroutine
+            "FlowRun",
+            run_deployment(
+                DEPLOY_DEPLOYMENT,
+                parameters={"version": version},
+                timeout=0,
+                idempotency_key=f"train-{flow_run.id}-deploy-{version}",  # a retried train run
+            ),
+        )
+    except ObjectNotFound:
+        logger.warning(
+            "deploy: no deployment %s on this Prefect server, so version %s is packaged but not "
+            "deployed; set up the inference pool with `python -m flows.deployments`",
+            DEPLOY_DEPLOYMENT,
+            version,
+        )
+        return None
+    logger.info(
+        "deploy: started %s for version %s: flow run %s (%s)",
+        DEPLOY_DEPLOYMENT,
+        version,
+        started.name,
+        started.id,
+    )
+    return {"flow_run_id": str(started.id), "flow_run_name": str(started.name)}
 
 
 def ensure_gpu_limit(slots: int = 1) -> None:
@@ -376,6 +423,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"stages: {result['stages']}\nMLflow parent run: {result['mlflow_run_url']}")
     if result["package"]:
         print(f"bento: {result['package']['bento_tag']} -> {result['package']['archive']}")
+    if result.get("deploy"):
+        print(f"deploy: flow run {result['deploy']['flow_run_name']} started on the inference pool")
     gc.freeze()  # exit without a last full collection of Prefect's and MLflow's heap: ~1 s
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.artifacts import atomic_path, read_json, write_json
+from pipelines.artifacts import atomic_path, file_sha256, read_json, write_json
 from pipelines.cli import run_cli
 from pipelines.config import Params, SelectConfig, section_dict
 from pipelines.errors import SelectionError
@@ -31,6 +31,8 @@ from pipelines.runtime import logits, parity, read_metadata, session
 
 log = logging.getLogger(__name__)
 Predict = Callable[[np.ndarray], np.ndarray]
+GOLDEN = "golden.json"  # beside the winner: the deploy checks' labelled rows and predictions
+GOLDEN_DECIMALS = 6  # probabilities are rounded so the file is byte-reproducible
 
 
 @dataclass
@@ -296,20 +298,104 @@ def _table_row(c: Candidate, winner: Candidate) -> str:
     )
 
 
+# --- the golden set -----------------------------------------------------------------------------
+
+
+def golden_indices(y: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Positions of `count` rows of `y` (class indices), stratified by class and seeded: every
+    class keeps its share (scikit-learn's stratified split). All rows when `count` >= len(y); a
+    plain seeded sample when stratifying is impossible (fewer rows than classes, or a class of one
+    row). Sorted, so the set keeps the split's order."""
+    from sklearn.model_selection import train_test_split
+
+    positions = np.arange(len(y))
+    if count >= len(y):
+        return positions
+    classes, per_class = np.unique(y, return_counts=True)
+    stratify = y if min(count, len(y) - count) >= len(classes) and per_class.min() >= 2 else None
+    chosen, _ = train_test_split(
+        positions, train_size=count, random_state=seed, shuffle=True, stratify=stratify
+    )
+    return np.sort(chosen)
+
+
+def golden_set(
+    predict: Predict,
+    prepared_dir: Path,
+    onnx_path: Path,
+    count: int,
+    seed: int,
+    engine: str = "onnxruntime",
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """The golden set: `count` test-split rows (stratified, seeded), raw, as `POST /predict` takes
+    them (`{"rows": rows}`: each row the model's feature columns in data.value_range), with their
+    class indices and the winner's softmax probabilities and predicted class indices, measured by
+    `predict` (the winner's engine, on this host) on the same float32 input the service builds.
+
+    Keys: rows, labels and predictions (class indices: positions in each probabilities list),
+    probabilities (rounded to GOLDEN_DECIMALS), classes (the label of each class index), engine and
+    precision (what measured them), onnx_sha256 (of `onnx_path`, the graph that ships)."""
+    from pipelines.prepare import read_split
+    from pipelines.preprocessing import to_model_input
+    from pipelines.runtime import softmax
+
+    manifest = read_json(prepared_dir / "manifest.json")
+    frame = read_split(prepared_dir, "test")
+    index = {label: i for i, label in enumerate(manifest["labels"])}
+    y = frame[manifest["label_column"]].map(index).to_numpy()
+    spec = read_metadata(onnx_path)["preprocessing"]
+    features = frame[spec["feature_columns"]].to_numpy(dtype=np.float64)
+    chosen = golden_indices(y, count, seed)
+    rows = [[float(v) for v in row] for row in features[chosen]]
+    x = to_model_input(np.asarray(rows, dtype=np.float32), spec)  # what service.infer does
+    out = np.concatenate([predict(x[i : i + 256]) for i in range(0, len(x), 256)])
+    probabilities = softmax(out).astype(np.float64).round(GOLDEN_DECIMALS)  # as service.infer
+    return {
+        "rows": rows,
+        "labels": [int(v) for v in y[chosen]],
+        "probabilities": probabilities.tolist(),
+        "predictions": [int(v) for v in out.argmax(axis=1)],
+        "classes": list(manifest["labels"]),
+        "engine": engine,
+        "precision": precision,
+        "onnx_sha256": file_sha256(onnx_path),
+    }
+
+
+def winner_predictor(winner: Candidate, cfg: SelectConfig) -> Predict:
+    """The winner's own engine on this host (the one the tournament measured it with)."""
+    if winner.engine == "tensorrt":
+        from pipelines import tensorrt_engine
+
+        return tensorrt_engine.predictor(Path(winner.path))
+    return onnx_predictor(Path(winner.path), cfg.threads)
+
+
 def select(
     families: Sequence[Family],
     convert_dir: Path | None,
     prepared_dir: Path,
     out_dir: Path,
     cfg: SelectConfig,
+    golden_rows: int = 200,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Measure, choose, and write out_dir/{model.onnx, winner.json, candidates.md}."""
+    """Measure, choose, and write out_dir/{model.onnx, winner.json, candidates.md, golden.json}.
+    `golden_rows` (params deploy.golden_rows) and `seed` (params prepare.seed) pick the golden set
+    (see `golden_set`)."""
     candidates = tournament(families, convert_dir, prepared_dir, cfg)
     winner, explanation = choose(candidates, cfg)
     log.info("select: %s", explanation)
     onnx_path = Path(winner.extra.get("onnx", winner.path))
     with atomic_path(out_dir / "model.onnx") as tmp:
         shutil.copyfile(onnx_path, tmp)
+    predict = winner_predictor(winner, cfg)
+    model = out_dir / "model.onnx"
+    golden = golden_set(
+        predict, prepared_dir, model, golden_rows, seed, winner.engine, winner.precision
+    )
+    write_json(out_dir / GOLDEN, golden)
     summary = {
         "winner": asdict(winner),
         "explanation": explanation,
@@ -346,9 +432,21 @@ def _run(params: Params, args: argparse.Namespace) -> None:
 
     families = [Family(n, Path(m), Path(o), Path(v)) for n, m, o, v in args.family]
     data_hash = read_json(args.prepared / "manifest.json")["content_hash"]
-    section = {"select": section_dict(params.select)}
+    section = {
+        "select": section_dict(params.select),
+        "deploy": {"golden_rows": params.deploy.golden_rows},
+        "prepare": {"seed": params.prepare.seed},
+    }
     with stage_run("select", params, section, Path.cwd(), data_hash) as run:
-        summary = select(families, args.convert, args.prepared, args.out, params.select)
+        summary = select(
+            families,
+            args.convert,
+            args.prepared,
+            args.out,
+            params.select,
+            golden_rows=params.deploy.golden_rows,
+            seed=params.prepare.seed,
+        )
         winner = summary["winner"]
         metrics = {k: winner[k] for k in ("accuracy", "macro_f1", "p50_ms", "p99_ms", "throughput")}
         dropped = summary["dropped"]

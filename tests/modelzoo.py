@@ -26,3 +26,12 @@ def trained_model(root: Path, params: Params | None = None) -> tuple[Path, Path]
     model = root / "model.pt"
     save_model(model, result)
     return prepared, model
+
+
+def write_golden(onnx_path: Path, prepared: Path, out: Path, rows: int = 50) -> Path:
+    """A golden set (pipelines.select.golden_set) for `onnx_path`, by ONNX Runtime, at `out`."""
+    from pipelines.artifacts import write_json
+    from pipelines.select import golden_set, onnx_predictor
+
+    write_json(out, golden_set(onnx_predictor(onnx_path, 0), prepared, onnx_path, rows, 0))
+    return out

@@ -14,14 +14,15 @@ from flows.package import save_bento_model
 from pipelines.export import export
 from pipelines.runtime import read_metadata
 from tests.conftest import REPO
-from tests.modelzoo import tiny_params, trained_model
+from tests.modelzoo import tiny_params, trained_model, write_golden
 from tests.processes import free_port, stop_group, wait_ready
 
 MODEL_NAME = tiny_params().register_.model_name
 
 
 def tiny_bento_model(root: Path, version: str = "1") -> tuple[str, Path]:
-    """A trained, exported tiny CNN saved as a BentoML model; (tag, prepared dir)."""
+    """A trained, exported tiny CNN saved as a BentoML model with a golden set (50 rows);
+    (tag, prepared dir)."""
     import json
 
     params = tiny_params(**{"train.epochs": 8, "train.patience": 8})  # ~0.9 accuracy, ~2 s
@@ -30,6 +31,7 @@ def tiny_bento_model(root: Path, version: str = "1") -> tuple[str, Path]:
     model_dir.mkdir()
     export(params.export, model, prepared, model_dir / "model.onnx")
     (model_dir / "metadata.json").write_text(json.dumps(read_metadata(model_dir / "model.onnx")))
+    write_golden(model_dir / "model.onnx", prepared, model_dir / "golden.json")
     return save_bento_model(MODEL_NAME, model_dir, version), prepared
 
 

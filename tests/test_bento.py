@@ -77,3 +77,10 @@ def test_package_without_a_champion_names_the_problem(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
     with pytest.raises(PackageError, match="no `champion` in the MLflow registry"):
         package(load_params(REPO / "params.yaml"), REPO)
+
+
+def test_package_and_select_name_the_golden_set_alike() -> None:
+    from flows.package import GOLDEN
+    from pipelines.select import GOLDEN as WRITTEN
+
+    assert GOLDEN == WRITTEN == "golden.json"

@@ -207,6 +207,95 @@ def test_only_a_champion_that_moved_is_packaged(
     assert (result["package"] is not None, packaged) == (promoted, ["b:1"] if promoted else [])
 
 
+def fake_champion(monkeypatch: pytest.MonkeyPatch, promoted: bool) -> None:
+    """register and package replaced: registry version 1 is (or is not) a new champion."""
+    import flows.package
+    import flows.register
+    import flows.train
+
+    decision = flows.register.Decision("1", "champion", 0.97, None, None, "new", promoted)
+    monkeypatch.setattr(flows.train, "SELECT_STAGE", "evaluate")  # the fake graph's last stage
+    monkeypatch.setattr(flows.register, "stage_output", lambda root, stage: root / stage)
+    monkeypatch.setattr(flows.register, "register", lambda *args: decision)
+    fake = flows.package.Packaged("1", "m:1", "b:1", "/a.bento", "bento/b-1.bento")
+    monkeypatch.setattr(flows.package, "package", lambda *args: fake)
+
+
+def set_deploy(root: Path, **values: Any) -> None:
+    """Change keys of the project's `deploy` section."""
+    from ruamel.yaml import YAML
+
+    parser = YAML()
+    path = root / "params.yaml"
+    doc = parser.load(path.read_text())
+    doc["deploy"].update(values)
+    with path.open("w") as out:
+        parser.dump(doc, out)
+
+
+@pytest.fixture
+def deploy_deployment(prefect_api: None) -> Iterator[UUID]:
+    """A stand-in `deploy/on-demand` (no pool, no worker: its runs stay Scheduled); removed, with
+    its runs, afterwards."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("deploy")
+        deployment_id = client.create_deployment(flow_id, "on-demand")
+    try:
+        yield deployment_id
+    finally:
+        with get_client(sync_client=True) as client:
+            ours = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            for run in client.read_flow_runs(deployment_filter=ours):
+                client.delete_flow_run(run.id)
+            client.delete_deployment(deployment_id)
+
+
+def deploy_runs(deployment_id: UUID) -> list[Any]:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    ours = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(deployment_filter=ours)
+
+
+def test_a_new_champion_starts_the_deploy_deployment_and_nothing_else_does(
+    deploy_deployment: UUID, fake_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deploy.on_new_champion: a new champion starts `deploy/on-demand` for its registry version
+    and the train run does not wait for it; a challenger, or the switch off, starts nothing."""
+    fake_champion(monkeypatch, promoted=False)  # a challenger (or an unchanged champion)
+    assert run_flow(fake_project).result()["deploy"] is None
+    set_deploy(fake_project, on_new_champion=False)
+    fake_champion(monkeypatch, promoted=True)
+    assert run_flow(fake_project).result()["deploy"] is None
+    assert deploy_runs(deploy_deployment) == []
+
+    set_deploy(fake_project, on_new_champion=True)
+    state = run_flow(fake_project)
+    assert state.is_completed(), state
+    started = state.result()["deploy"]
+    [run] = deploy_runs(deploy_deployment)
+    assert started == {"flow_run_id": str(run.id), "flow_run_name": run.name}
+    assert run.parameters == {"version": "1"}
+    assert run.state is not None and run.state.is_scheduled()  # started, not waited for
+    log = flow_log(state, "deploy: started")
+    assert f"deploy: started deploy/on-demand for version 1: flow run {run.name}" in log
+
+
+def test_no_deploy_deployment_is_one_warning_and_the_run_completes(
+    prefect_api: None, fake_project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_champion(monkeypatch, promoted=True)
+    state = run_flow(fake_project)
+    assert state.is_completed(), state
+    assert state.result()["deploy"] is None
+    log = flow_log(state, "python -m flows.deployments")
+    lines = [line for line in log.splitlines() if "no deployment deploy/on-demand" in line]
+    assert len(lines) == 1 and "version 1 is packaged but not deployed" in lines[0], log
+
+
 def test_a_gpu_stage_waits_for_a_slot_of_the_gpu_limit(
     prefect_api: None, fake_project: Path
 ) -> None:

@@ -7,11 +7,13 @@ import onnx
 import pytest
 from mlflow import MlflowClient
 
+from flows.package import PackageError, package
 from flows.register import CHALLENGER, CHAMPION, ONNX_HASH_TAG, gate, register
 from pipelines.artifacts import file_sha256
 from pipelines.export import export
+from pipelines.select import GOLDEN
 from pipelines.tracking import start_parent_run
-from tests.modelzoo import tiny_params, trained_model
+from tests.modelzoo import tiny_params, trained_model, write_golden
 from tests.test_export import tamper
 
 
@@ -29,10 +31,13 @@ def test_gate_applies_the_absolute_floor_with_or_without_a_champion() -> None:
     assert gate(0.8, None, 0.0, 0.8)[0]
 
 
-def select_dir(root: Path, onnx_path: Path) -> Path:
+def select_dir(root: Path, onnx_path: Path, prepared: Path | None = None) -> Path:
+    """What `select` leaves for `register`; with `prepared`, its golden set too (50 rows)."""
     out = root / "select"
     out.mkdir()
     shutil.copy(onnx_path, out / "model.onnx")
+    if prepared is not None:
+        write_golden(out / "model.onnx", prepared, out / GOLDEN)
     winner = {"name": "teacher/onnxruntime-fp32", "engine": "onnxruntime", "precision": "fp32"}
     (out / "winner.json").write_text(json.dumps({"winner": winner}))
     (out / "candidates.md").write_text("| table |\n")
@@ -128,6 +133,37 @@ def test_registering_the_same_graph_again_changes_nothing(
         [registry.get_run(parent).info.experiment_id], "tags.`mlops.stage` = 'register'"
     )
     assert len(runs) == 1  # no second register run for the same graph
+
+
+def test_the_golden_set_goes_with_the_model_and_package_requires_it(
+    tmp_path: Path, registry: MlflowClient
+) -> None:
+    """`select`'s golden.json is logged in the version's `model/` artifact; a champion registered
+    without one is refused by `package`, naming the version and the file."""
+    params = tiny_params(**{"evaluate.min_accuracy": 0.3})
+    prepared, model = trained_model(tmp_path, params)
+    export(params.export, model, prepared, tmp_path / "model.onnx")
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    proto.doc_string = "the same model, another graph file"
+    onnx.save(proto, str(tmp_path / "other.onnx"))
+    parent = start_parent_run(params, tmp_path)
+    bare = register(
+        params, tmp_path, parent, select_dir(tmp_path / "a", tmp_path / "model.onnx"), prepared
+    )
+    assert bare.promoted
+    with pytest.raises(PackageError, match=rf"^version {bare.version}: no model/golden.json "):
+        package(params, tmp_path)
+
+    name = params.register_.model_name
+    registry.delete_registered_model_alias(name, CHAMPION)  # the next version becomes champion
+    out = select_dir(tmp_path / "b", tmp_path / "other.onnx", prepared)
+    golden = register(params, tmp_path, parent, out, prepared)
+    assert golden.version != bare.version
+    run_id = registry.get_model_version(name, golden.version).run_id
+    listed = {f.path for f in registry.list_artifacts(run_id, "model")}
+    assert listed == {"model/model.onnx", "model/metadata.json", f"model/{GOLDEN}"}
+    fetched = registry.download_artifacts(run_id, f"model/{GOLDEN}", str(tmp_path))
+    assert Path(fetched).read_bytes() == (out / GOLDEN).read_bytes()
 
 
 @pytest.fixture(autouse=True)

@@ -1,13 +1,30 @@
+import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
-from pipelines.artifacts import write_json
+from pipelines.artifacts import file_sha256, read_json, write_json
 from pipelines.config import SelectConfig
 from pipelines.errors import SelectionError
 from pipelines.export import export
+from pipelines.prepare import read_split
+from pipelines.preprocessing import to_model_input
 from pipelines.quantize import quantize
-from pipelines.select import Candidate, Family, choose, dropped_candidates, markdown, select
+from pipelines.runtime import logits, read_metadata, session, softmax
+from pipelines.select import (
+    GOLDEN,
+    Candidate,
+    Family,
+    choose,
+    dropped_candidates,
+    golden_indices,
+    golden_set,
+    markdown,
+    select,
+    winner_predictor,
+)
 from tests.modelzoo import tiny_params, trained_model
 
 
@@ -65,7 +82,10 @@ def test_none_qualifies_is_a_clear_error() -> None:
         choose(table, policy(max_accuracy_drop=0.005))
 
 
-def test_tournament_measures_every_candidate_and_writes_the_winner(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def selected(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Any]]:
+    """(prepared dir, select's output dir, its summary): one tournament for the module."""
+    tmp_path = tmp_path_factory.mktemp("select")
     params = tiny_params()
     prepared, model = trained_model(tmp_path, params)
     export(params.export, model, prepared, tmp_path / "model.onnx")
@@ -75,7 +95,18 @@ def test_tournament_measures_every_candidate_and_writes_the_winner(tmp_path: Pat
         update={"latency_iters": 20, "throughput_iters": 5, "max_accuracy_drop": 1.0}
     )
     family = Family("teacher", model, tmp_path / "model.onnx", tmp_path / "variants")
-    summary = select([family], None, prepared, tmp_path / "out", cfg)
+    out = tmp_path / "out"
+    summary = select([family], None, prepared, out, cfg, golden_rows=GOLDEN_ROWS, seed=7)
+    return prepared, out, summary
+
+
+GOLDEN_ROWS = 50
+
+
+def test_tournament_measures_every_candidate_and_writes_the_winner(
+    selected: tuple[Path, Path, dict[str, Any]],
+) -> None:
+    _, out, summary = selected
     names = {c["name"] for c in summary["candidates"]}
     assert names == {
         f"teacher/{e}"
@@ -90,10 +121,69 @@ def test_tournament_measures_every_candidate_and_writes_the_winner(tmp_path: Pat
     for c in summary["candidates"]:
         assert c["throughput"] > 0 and 0 < c["p50_ms"] <= c["p99_ms"] and c["size_bytes"] > 0
     assert summary["winner"]["servable"]
-    assert (tmp_path / "out" / "model.onnx").read_bytes() == Path(
-        summary["winner"]["path"]
-    ).read_bytes()
-    assert summary["explanation"] in (tmp_path / "out" / "candidates.md").read_text()
+    assert (out / "model.onnx").read_bytes() == Path(summary["winner"]["path"]).read_bytes()
+    assert summary["explanation"] in (out / "candidates.md").read_text()
+
+
+def test_golden_set_is_what_the_service_accepts_with_the_winners_onnxruntime_output(
+    selected: tuple[Path, Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import TypeAdapter
+
+    import service
+
+    prepared, out, summary = selected
+    golden = read_json(out / GOLDEN)
+    assert golden["onnx_sha256"] == file_sha256(out / "model.onnx")
+    assert (golden["engine"], golden["precision"]) == (
+        summary["winner"]["engine"],
+        summary["winner"]["precision"],
+    )
+    spec = read_metadata(out / "model.onnx")["preprocessing"]
+    monkeypatch.setattr(service.Contract, "features", len(spec["feature_columns"]))
+    monkeypatch.setattr(service.Contract, "low", float(spec["value_range"][0]))
+    monkeypatch.setattr(service.Contract, "high", float(spec["value_range"][1]))
+    body = json.dumps(golden["rows"])  # as POST /predict receives {"rows": rows}
+    assert TypeAdapter(service.Rows).validate_json(body) == golden["rows"]
+    assert len(golden["rows"]) == len(golden["labels"]) == GOLDEN_ROWS
+
+    # the winner's ONNX Runtime output on the service's own input
+    x = to_model_input(np.asarray(golden["rows"], dtype=np.float32), spec)
+    probs = softmax(logits(session(out / "model.onnx"), x))
+    assert golden["predictions"] == probs.argmax(axis=1).tolist()
+    np.testing.assert_allclose(golden["probabilities"], probs, atol=1e-6)
+
+    # the rows are test-split rows with their labels, stratified: every class in its share
+    test = read_split(prepared, "test")
+    features = test.drop(columns=["label"]).to_numpy(dtype=np.float64).tolist()
+    labels = dict(zip(map(tuple, features), test["label"].tolist(), strict=False))
+    assert [labels[tuple(row)] for row in golden["rows"]] == [
+        golden["classes"][k] for k in golden["labels"]
+    ]
+    share = np.bincount(golden["labels"], minlength=10) / GOLDEN_ROWS
+    expected = test["label"].value_counts(normalize=True).sort_index().to_numpy()
+    assert np.abs(share - expected).max() <= 1 / GOLDEN_ROWS + 1e-9
+
+
+def test_golden_set_is_byte_reproducible(selected: tuple[Path, Path, dict[str, Any]]) -> None:
+    prepared, out, summary = selected
+    winner = Candidate(**summary["winner"])
+    predict = winner_predictor(winner, tiny_params().select)
+    again = out.parent / "again.json"
+    engine = (winner.engine, winner.precision)
+    write_json(again, golden_set(predict, prepared, out / "model.onnx", GOLDEN_ROWS, 7, *engine))
+    assert again.read_bytes() == (out / GOLDEN).read_bytes()
+    other = golden_set(predict, prepared, out / "model.onnx", GOLDEN_ROWS, 8, *engine)
+    assert other["rows"] != read_json(out / GOLDEN)["rows"]  # the seed decides
+
+
+def test_golden_indices_take_every_row_or_fall_back_when_strata_are_too_small() -> None:
+    y = np.array([0, 0, 1, 1, 2, 2, 2, 2])
+    assert golden_indices(y, 99, 0).tolist() == list(range(8))
+    picked = golden_indices(y, 4, 0)
+    assert sorted(np.bincount(y[picked], minlength=3).tolist()) == [1, 1, 2]
+    two = golden_indices(y, 2, 0)  # fewer rows than classes: a plain seeded sample
+    assert len(two) == 2 and two.tolist() == golden_indices(y, 2, 0).tolist()
 
 
 def test_dropped_variants_are_listed_with_the_reason_and_never_win(tmp_path: Path) -> None:

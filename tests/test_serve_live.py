@@ -3,11 +3,14 @@ runs it in a subprocess, and clients (concurrent, fuzzing, the README's curl exa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+import tarfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows.package import Packaged, package
+from flows.package import BENTO_ARTIFACT, BENTO_TAG, GOLDEN, Packaged, package
 from flows.register import register
 from pipelines.export import export
 from pipelines.prepare import read_split
@@ -28,6 +31,7 @@ from pipelines.runtime import logits, read_metadata, session, softmax
 from pipelines.tracking import start_parent_run
 from tests.conftest import REPO
 from tests.modelzoo import tiny_params, trained_model
+from tests.processes import free_port, stop_group
 from tests.serving import live_service
 from tests.test_register import select_dir
 
@@ -36,19 +40,53 @@ LEAN_FORBIDDEN = ("torch", "mlflow", "prefect", "dvc", "great-expectations", "gr
 
 
 class Champion:
-    def __init__(self, packaged: Packaged, onnx_path: Path, prepared: Path) -> None:
+    def __init__(
+        self, packaged: Packaged, onnx_path: Path, prepared: Path, mlflow_uri: str, root: Path
+    ) -> None:
         self.packaged = packaged
         self.onnx_path = onnx_path
         self.prepared = prepared
+        self.mlflow_uri = mlflow_uri
+        self.root = root
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[str]:
+    """A real `mlflow server` with `--serve-artifacts` (clients log and download artifacts over
+    HTTP, the store is only the server's) on a free loopback port; its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--workers", "1", "--serve-artifacts"]
+    command += ["--backend-store-uri", f"sqlite:///{root / 'server.db'}"]
+    command += ["--artifacts-destination", str(root / "server-artifacts")]
+    log = (root / "mlflow-server.log").open("wb")
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (root / "mlflow-server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server not healthy after 120 s"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop_group(server, grace_s=15)
+        log.close()
 
 
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Champion]:
-    """A tiny model trained, exported, registered as champion in a fresh MLflow store, then
-    packaged by flows.package into a bento archive under a temp directory."""
+    """A tiny model trained, exported, registered as champion in a fresh MLflow store behind a
+    real `mlflow server` (artifacts over HTTP), then packaged by flows.package into a bento
+    archive under a temp directory and into MLflow."""
     root = tmp_path_factory.mktemp("champion")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    with mlflow_server(root) as uri, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
         params = tiny_params(
             **{"train.epochs": 8, "train.patience": 8, "package.export_to": str(root / "bentos")}
         )
@@ -57,11 +95,11 @@ def champion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Champion]:
         parent = start_parent_run(params, root)
         (root / "a").mkdir()
         decision = register(
-            params, root, parent, select_dir(root / "a", root / "model.onnx"), prepared
+            params, root, parent, select_dir(root / "a", root / "model.onnx", prepared), prepared
         )
         assert decision.alias == "champion"
         packaged = package(params, REPO)
-    yield Champion(packaged, root / "model.onnx", prepared)
+        yield Champion(packaged, root / "model.onnx", prepared, uri, root)
 
 
 def test_package_exports_a_lean_bento_of_the_champion(champion: Champion) -> None:
@@ -83,19 +121,50 @@ def test_package_exports_a_lean_bento_of_the_champion(champion: Champion) -> Non
     assert not {"pipelines/train.py", "flows/train.py"} & shipped
 
 
-def test_packaging_again_reuses_the_model(champion: Champion) -> None:
+def test_package_puts_the_golden_set_in_the_bento_and_the_archive_in_mlflow(
+    champion: Champion, tmp_path: Path
+) -> None:
+    """The golden set travels inside the archive; the archive is an artifact of the version's run,
+    fetched over HTTP from `mlflow server`, and imports as the packaged bento."""
     import bentoml
+    from mlflow import MlflowClient
+
+    golden = champion.root / "a" / "select" / GOLDEN
+    model = bentoml.models.get(champion.packaged.model_tag)
+    assert (Path(model.path) / GOLDEN).read_bytes() == golden.read_bytes()
+    client = MlflowClient(champion.mlflow_uri)
+    version = client.get_model_version("digits-classifier", champion.packaged.registry_version)
+    artifact = version.tags[BENTO_ARTIFACT]
+    assert artifact == champion.packaged.artifact
+    assert artifact == f"bento/{Path(champion.packaged.archive).name}"
+    assert version.tags[BENTO_TAG] == champion.packaged.bento_tag
+    assert client.get_run(version.run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+    fetched = Path(client.download_artifacts(version.run_id, artifact, str(tmp_path)))
+    assert fetched.read_bytes() == Path(champion.packaged.archive).read_bytes()
+    with tarfile.open(fetched) as tar:  # the bento's own copy of the model holds the golden set
+        names = [n for n in tar.getnames() if n.endswith(f"/{GOLDEN}")]
+        assert len(names) == 1, tar.getnames()
+        member = tar.extractfile(names[0])
+        assert member is not None and member.read() == golden.read_bytes()
+
+
+def test_packaging_again_reuses_the_model_and_logs_no_second_archive(champion: Champion) -> None:
+    import bentoml
+    from mlflow import MlflowClient
 
     before = [str(m.tag) for m in bentoml.models.list() if m.tag.name == "digits-classifier"]
     params = tiny_params(**{"package.export_to": str(Path(champion.packaged.archive).parent)})
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(
-            "MLFLOW_TRACKING_URI", f"sqlite:///{Path(champion.onnx_path).parent / 'mlflow.db'}"
-        )
+        mp.setenv("MLFLOW_TRACKING_URI", champion.mlflow_uri)
         again = package(params, REPO)
     assert again.model_tag == champion.packaged.model_tag
     after = [str(m.tag) for m in bentoml.models.list() if m.tag.name == "digits-classifier"]
     assert sorted(after) == sorted(before)
+    client = MlflowClient(champion.mlflow_uri)
+    version = client.get_model_version("digits-classifier", again.registry_version)
+    logged = [f.path for f in client.list_artifacts(version.run_id, "bento")]
+    assert logged == [champion.packaged.artifact] == [again.artifact]
+    assert version.tags[BENTO_TAG] == champion.packaged.bento_tag
 
 
 @pytest.fixture(scope="module")
