@@ -214,7 +214,42 @@ def deploy(
     ids = {f"train/{d.name}": _apply(d, hints) for d in deployments}
     tune = tune_worker_deployment(storage, variables)
     ids["tune-worker/on-demand"] = _apply(tune, tune_form_hints(params))
+    for deployment in inference_deployments(storage, variables):
+        ids[f"{deployment.flow_name}/{deployment.name}"] = _apply(deployment, {})
     return ids
+
+
+INFERENCE_ENTRYPOINTS = {
+    "deploy": "flows/deploy.py:deploy",
+    "rollback": "flows/rollback.py:rollback",
+}
+
+
+def inference_deployments(
+    storage: RunnerStorage, variables: dict[str, Any]
+) -> list[RunnerDeployment]:
+    """`deploy/on-demand` and `rollback/on-demand` on the `inference` pool: run by the inference
+    host's worker (the train flow starts `deploy/on-demand` after packaging a new champion)."""
+    from prefect.deployments.runner import RunnerDeployment
+
+    from flows.deploy import deploy as deploy_flow
+    from flows.rollback import rollback as rollback_flow
+
+    made = []
+    for flow_ in (deploy_flow, rollback_flow):
+        deployment = RunnerDeployment.from_flow(
+            flow_,
+            name="on-demand",
+            work_pool_name=INFERENCE_POOL,
+            job_variables=dict(variables),
+            enforce_parameter_schema=True,
+            tags=["inference"],
+            description=(flow_.description or "").strip(),
+        )
+        deployment.entrypoint = INFERENCE_ENTRYPOINTS[flow_.name]
+        deployment.storage = storage
+        made.append(deployment)
+    return made
 
 
 def _lookup(params: Params, dotted: str) -> Any:

@@ -753,3 +753,20 @@ def test_run_form_shows_what_an_empty_field_uses_and_refuses_unknown_names(
     assert good.parameters == {"force": True}
     tune = read_deployment("tune-worker/on-demand").parameter_openapi_schema
     assert set(tune["properties"]) == {"trials"} and tune["additionalProperties"] is False
+
+
+def test_deploy_adds_the_inference_hosts_deployments(prefect_api: None) -> None:
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    ids = deployments.deploy()
+    for name, entrypoint in (
+        ("deploy/on-demand", "flows/deploy.py:deploy"),
+        ("rollback/on-demand", "flows/rollback.py:rollback"),
+    ):
+        deployment = read_deployment(name)
+        assert deployment.id == ids[name]
+        assert (deployment.work_pool_name, deployment.entrypoint) == ("inference", entrypoint)
+    with get_client(sync_client=True) as client:
+        with pytest.raises(PrefectHTTPStatusError, match="Validation failed"):
+            client.create_flow_run_from_deployment(ids["deploy/on-demand"], parameters={"v": "1"})
+        client.create_flow_run_from_deployment(ids["deploy/on-demand"], parameters={"version": "3"})

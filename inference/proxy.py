@@ -1,0 +1,144 @@
+"""nginx in front of the versions: one stable address, weights in an upstream file.
+
+nginx.conf is written once per host start (listen address, body limit, request ids, access
+log); upstream.conf holds the `server 127.0.0.1:P weight=W;` lines and is rewritten atomically
+(a temp file + os.replace), checked with `nginx -t`, then nginx reloads (SIGHUP through
+supervisord, the same as `nginx -s reload`): new workers take the new weights while the old ones
+finish the requests they hold, so a switch drops nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+
+from inference.errors import HostError
+from inference.settings import HostSettings
+from inference.supervisor import PROXY_PROGRAM, ctl
+
+# Each version: (its replicas' loopback ports, its share of requests in percent).
+Backends = list[tuple[list[int], int]]
+
+
+def nginx_dir(settings: HostSettings) -> Path:
+    return settings.home / "nginx"
+
+
+def conf_path(settings: HostSettings) -> Path:
+    return nginx_dir(settings) / "nginx.conf"
+
+
+def upstream_path(settings: HostSettings) -> Path:
+    return nginx_dir(settings) / "upstream.conf"
+
+
+def render_nginx(settings: HostSettings, max_body_bytes: int) -> str:
+    """nginx.conf: `daemon off` (supervisord runs it), the host's listen address, the body limit
+    (serve.max_body_bytes, so nginx refuses what the service would refuse, before the upstream
+    is touched), `X-Request-ID` from $request_id (kept if the client sent one) passed upstream
+    and returned, and an access log with the request id, the upstream that answered and status."""
+    d = nginx_dir(settings)
+    logs = settings.home / "logs"
+    temps = "\n".join(
+        f"    {kind}_temp_path {d / 'tmp' / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""# written by inference/proxy.py
+daemon off;
+worker_processes 2;
+pid {d / "nginx.pid"};
+error_log {logs / "nginx-error.log"} warn;
+events {{ worker_connections 1024; }}
+http {{
+{temps}
+    map $http_x_request_id $rid {{ default $http_x_request_id; "" $request_id; }}
+    log_format mlops '$remote_addr [$time_iso8601] "$request" $status $body_bytes_sent '
+                     'rid=$rid upstream=$upstream_addr upstream_status=$upstream_status '
+                     'rt=$request_time urt=$upstream_response_time';
+    access_log {logs / "access.log"} mlops;
+    client_max_body_size {max_body_bytes};
+    # Bodies and answers stay in memory: nginx's workers (user nobody when started as root) may
+    # not write the temp directories under the host's home.
+    client_body_buffer_size {max_body_bytes};
+    proxy_max_temp_file_size 0;
+    include {upstream_path(settings)};
+    server {{
+        listen {settings.address};
+        location / {{
+            proxy_pass http://versions;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_set_header X-Request-ID $rid;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            add_header X-Request-ID $rid always;
+            proxy_read_timeout 120s;
+            # A replica that is stopped or killed refuses connections: try the next one instead
+            # of failing the client. non_idempotent lets a POST be retried too, which is safe
+            # here because /predict is a pure function of its body (no state changes), and only
+            # errors before a response (error, timeout) are retried, never a 5xx answer: a 5xx
+            # must reach the client and the canary's figures.
+            proxy_next_upstream error timeout non_idempotent;
+            proxy_next_upstream_tries 3;
+        }}
+    }}
+}}
+"""
+
+
+def server_weights(backends: Backends) -> list[tuple[int, int]]:
+    """(port, nginx weight) per replica so that each version gets its share of requests whatever
+    its replica count: weight = share x (product of the other versions' replica counts), divided
+    by the common factor. Versions with share 0 are left out."""
+    live = [(ports, share) for ports, share in backends if share > 0 and ports]
+    if not live:
+        raise ValueError("no version with a share > 0")
+    total = math.prod(len(ports) for ports, _ in live)
+    weights = [(port, share * total // len(ports)) for ports, share in live for port in ports]
+    common = math.gcd(*(w for _, w in weights))
+    return [(port, w // common) for port, w in weights]
+
+
+def render_upstream(backends: Backends) -> str:
+    """upstream.conf: the `versions` upstream with each replica's weight, keepalive on."""
+    lines = [f"    server 127.0.0.1:{p} weight={w};" for p, w in server_weights(backends)]
+    return "upstream versions {\n" + "\n".join(lines) + "\n    keepalive 32;\n}\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def prepare(settings: HostSettings, max_body_bytes: int, backends: Backends | None) -> Path:
+    """Write nginx.conf and (if none yet) an upstream; the conf's path. An empty host gets an
+    upstream pointing at a closed port (nginx needs one server): requests get 502 until the
+    first version is promoted."""
+    d = nginx_dir(settings)
+    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (d / "tmp" / kind).mkdir(parents=True, exist_ok=True)
+    (settings.home / "logs").mkdir(parents=True, exist_ok=True)
+    write_atomic(conf_path(settings), render_nginx(settings, max_body_bytes))
+    if backends:
+        write_atomic(upstream_path(settings), render_upstream(backends))
+    elif not upstream_path(settings).exists():
+        write_atomic(upstream_path(settings), render_upstream([([settings.ports[0]], 100)]))
+    return conf_path(settings)
+
+
+def switch(settings: HostSettings, backends: Backends) -> None:
+    """Point the proxy at `backends`: upstream.conf rewritten atomically, the whole config checked
+    (`nginx -t`; the old upstream is put back if it fails) and nginx reloaded gracefully."""
+    path = upstream_path(settings)
+    old = path.read_text() if path.exists() else None
+    write_atomic(path, render_upstream(backends))
+    test = [str(settings.nginx), "-t", "-q", "-c", str(conf_path(settings))]
+    test += ["-e", str(settings.home / "logs" / "nginx-error.log")]
+    done = subprocess.run(test, check=False, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        if old is not None:
+            write_atomic(path, old)
+        raise HostError(f"nginx -t refused the new upstream: {done.stderr.strip()[-300:]}")
+    ctl(settings, "signal", "HUP", PROXY_PROGRAM)
