@@ -37,9 +37,10 @@ test-fast: setup
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check pipelines flows inference tests benchmarks service.py
-	$(BIN)/ruff format --check pipelines flows inference tests benchmarks service.py
+	$(BIN)/ruff check pipelines flows inference tests benchmarks ops service.py
+	$(BIN)/ruff format --check pipelines flows inference tests benchmarks ops service.py
 	$(BIN)/mypy
+	$(BIN)/mypy ops/mlflow_users.py
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
