@@ -223,8 +223,8 @@ def test_concurrent_clients_get_their_own_answers_with_zero_errors(
 
 @pytest.fixture(scope="module")
 def batched_server(champion: Champion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The same bento with adaptive batching on: /predict goes through BentoML's adaptive
-    batching dispatcher (with it off, each request is one model call)."""
+    """The same bento with adaptive batching on: /predict goes through BentoML's own API
+    dispatch and batching (with it off, service.DirectPredict answers /predict)."""
     log = tmp_path_factory.mktemp("serve-batched") / "serve.log"
     overrides = {"MLOPS_SERVE_OVERRIDES": json.dumps({"max_batch_size": 64}), "MLOPS_API_KEY": ""}
     with live_service(champion.packaged.bento_tag, env=overrides, log=log) as url:
@@ -259,7 +259,7 @@ def test_adaptive_batching_merges_requests_and_splits_answers_back(
 def test_predict_answers_alike_with_batching_off_and_on(
     server: str, batched_server: str, champion: Champion
 ) -> None:
-    """Batching off and on (BentoML's API with and without its batching dispatcher) give the same
+    """service.DirectPredict (batching off) and BentoML's API dispatch (batching on) give the same
     status and body for the same request, good or bad, whatever its content type."""
     frame = read_split(champion.prepared, "test")
     good = frame.drop(columns=["label"]).to_numpy()[:3].tolist()
