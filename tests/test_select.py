@@ -126,7 +126,7 @@ def test_tournament_measures_every_candidate_and_writes_the_winner(
 
 
 def test_golden_set_is_what_the_service_accepts_with_the_winners_onnxruntime_output(
-    selected: tuple[Path, Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    selected: tuple[Path, Path, dict[str, Any]],
 ) -> None:
     from pydantic import TypeAdapter
 
