@@ -268,7 +268,9 @@ def test_an_image_over_the_pixel_limit_gets_a_400_before_it_is_decoded(client: T
     assert "over the limit of" in response.text
 
 
-def test_predict_answers_with_bentoml_s_bodies_and_headers(client: TestClient, model: tuple[str, Path]) -> None:
+def test_predict_answers_with_bentoml_s_bodies_and_headers(
+    client: TestClient, model: tuple[str, Path]
+) -> None:
     """/predict (service.DirectPredict with batching off: tests/test_serve_live.py compares it
     with BentoML's dispatch request by request) answers with BentoML's server header and
     validation error body; HttpContract in front refuses other media types."""
