@@ -22,13 +22,13 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from _bentoml_impl.serde import ALL_SERDE  # BentoML's parsers by media type
-from bentoml.exceptions import NotFound
+from bentoml.exceptions import BentoMLException, NotFound
 from bentoml.validators import ContentType
 from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from starlette.applications import Starlette
@@ -45,6 +45,10 @@ from pipelines.preprocessing import ImageError, image_to_rows, to_model_input
 
 ROOT = Path(__file__).resolve().parent
 OVERRIDES_ENV = "MLOPS_SERVE_OVERRIDES"  # JSON object of `serve` keys, e.g. {"max_batch_size": 1}
+# Read at import because BentoML's decorators take them when the class is defined: workers,
+# threads, `traffic.timeout`, the batching settings of `predict`, and the model tag that
+# `bentoml build` packs. Everything else (the model, its contract, the API key) is read when the
+# service starts, and lives on the instance.
 PARAMS = load_params(
     ROOT / "params.yaml",
     overrides={
@@ -83,40 +87,64 @@ class OneLineClientErrors(logging.Filter):
 
 
 CLIENT_SIDE = {*range(400, 500), 503}
-logging.getLogger("bentoml._internal.server.http_app").addFilter(OneLineClientErrors())
+BENTOML_REQUEST_LOG = "bentoml._internal.server.http_app"  # the logger's name, not an import
 
 
-class Contract:
-    """What a valid row is: set from the loaded model's metadata before the first request."""
+def one_line_client_errors() -> None:
+    """Install OneLineClientErrors on BentoML's request logger (once per process)."""
+    logger = logging.getLogger(BENTOML_REQUEST_LOG)
+    if not any(isinstance(f, OneLineClientErrors) for f in logger.filters):
+        logger.addFilter(OneLineClientErrors())
 
-    features = 0
-    low = 0.0
-    high = 0.0
+
+@dataclass(frozen=True)
+class RowContract:
+    """What a valid row is for one model: its feature count and trained value range
+    (`preprocessing.feature_columns` and `value_range` of the model's metadata.json), and the
+    request limit `serve.max_rows`."""
+
+    features: int
+    low: float
+    high: float
+    max_rows: int
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], max_rows: int) -> "RowContract":
+        low, high = (float(v) for v in spec["value_range"])
+        return cls(len(spec["feature_columns"]), low, high, max_rows)
 
 
-def check_rows(rows: list[list[float]]) -> list[list[float]]:
-    """Request-level checks that pydantic's types cannot express (each answers 400 naming the
-    problem). Values outside the trained range are rejected, not clamped or flagged."""
+def check_rows(rows: list[list[float]], contract: RowContract) -> list[list[float]]:
+    """Request-level checks that pydantic's types cannot express; ValueError naming the problem
+    (BentoML answers it as a 400 validation error). Values outside the trained range are
+    rejected, not clamped or flagged."""
     if not rows:
         raise ValueError("empty batch: send at least one row")
-    if len(rows) > SERVE.max_rows:
-        raise ValueError(f"{len(rows)} rows: over the limit of {SERVE.max_rows} per request")
+    if len(rows) > contract.max_rows:
+        raise ValueError(f"{len(rows)} rows: over the limit of {contract.max_rows} per request")
     for i, row in enumerate(rows):
-        if len(row) != Contract.features:
-            raise ValueError(f"row {i} has {len(row)} values; the model takes {Contract.features}")
+        if len(row) != contract.features:
+            raise ValueError(f"row {i} has {len(row)} values; the model takes {contract.features}")
     x = np.asarray(rows, dtype=np.float64)
-    outside = (x < Contract.low) | (x > Contract.high)
+    outside = (x < contract.low) | (x > contract.high)
     if outside.any():
         i, j = (int(k) for k in np.argwhere(outside)[0])
         raise ValueError(
             f"row {i}, feature {j}: {x[i, j]:g} is outside the trained range "
-            f"[{Contract.low:g}, {Contract.high:g}] ({int(outside.sum())} such values)"
+            f"[{contract.low:g}, {contract.high:g}] ({int(outside.sum())} such values)"
         )
     return rows
 
 
+def served_rows(rows: list[list[float]]) -> list[list[float]]:
+    """check_rows against the running service's model (`bentoml.get_current_service()`, the
+    instance BentoML made at start-up). Runs in the API's input model, once per request, before
+    adaptive batching merges requests, so each request's limits are its own."""
+    return check_rows(rows, bentoml.get_current_service().contract)
+
+
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-Rows = Annotated[list[list[FiniteNumber]], AfterValidator(check_rows)]
+Rows = Annotated[list[list[FiniteNumber]], AfterValidator(served_rows)]
 
 
 class Prediction(BaseModel):
@@ -156,7 +184,7 @@ def tune_gc() -> None:
     gc.set_threshold(10_000, 1_000, 100)
 
 
-def pick_engine(model_dir: Path) -> Any:
+def pick_engine(model_dir: Path, serve: ServeConfig) -> Any:
     """TensorRT when TensorRT and a GPU are here (plan cached per graph, GPU and TensorRT
     version); otherwise ONNX Runtime on the CPU with `serve.threads` intra-op threads."""
     from pipelines import tensorrt_engine  # numpy-level; TensorRT itself only when present
@@ -165,7 +193,7 @@ def pick_engine(model_dir: Path) -> Any:
     reason = tensorrt_engine.unavailable_reason()
     if reason is not None:
         log.info("engine: ONNX Runtime (TensorRT unavailable: %s)", reason)
-        return OnnxEngine(onnx_path, SERVE.threads)
+        return OnnxEngine(onnx_path, serve.threads)
     cache = Path(os.environ.get("MLOPS_TRT_CACHE", Path.home() / ".cache" / "mlops-trt"))
     key = tensorrt_engine.plan_key(onnx_path, tensorrt_engine.device_info())
     plan = cache / f"{key}-b{LARGEST_CALL}.plan"  # the plan's batch range is part of its key
@@ -189,13 +217,15 @@ def pick_engine(model_dir: Path) -> Any:
     traffic={"timeout": SERVE.timeout_s},
 )
 class Classifier:
-    """One model, loaded by tag from the local BentoML store (or from inside the bento)."""
+    """One model, loaded by tag from the local BentoML store (or from inside the bento). All
+    state is on the instance: the model's metadata and contract, the engine, the settings."""
 
     # `bentoml build` packs this model into the bento (`package` sets MLOPS_MODEL_TAG to the
     # exact tag); inside a bento, `latest` is the only model it holds.
     model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
+        one_line_client_errors()
         try:
             stored = bentoml.models.get(MODEL_TAG)
         except NotFound:
@@ -204,23 +234,22 @@ class Classifier:
                 "(it packages the MLflow champion), or `bentoml import` a bento archive"
             ) from None
         model_dir = Path(stored.path)
+        self.serve = SERVE
         self.metadata = json.loads((model_dir / "metadata.json").read_text())
         self.version = str(stored.info.metadata.get("registry_version", stored.tag.version))
         self.tag = str(stored.tag)
         self.spec = self.metadata["preprocessing"]
         self.labels: list[Any] = list(self.metadata["labels"])
-        Contract.features = len(self.spec["feature_columns"])
-        Contract.low, Contract.high = (float(v) for v in self.spec["value_range"])
-        self.engine = pick_engine(model_dir)
+        self.contract = RowContract.from_spec(self.spec, self.serve.max_rows)
+        self.engine = pick_engine(model_dir, self.serve)
         self.warm_up()
-        METADATA_APP.state.service = self
         tune_gc()
 
     def warm_up(self) -> None:
         """Run every batch size a model call can have once (up to the max batch with batching,
         up to `max_rows` without), so no request pays for a first-call allocation."""
         start = time.perf_counter()
-        row = np.full((1, Contract.features), Contract.low, np.float32)
+        row = np.full((1, self.contract.features), self.contract.low, np.float32)
         for size in range(1, LARGEST_CALL + 1):
             self.engine(to_model_input(np.repeat(row, size, axis=0), self.spec))
         log.info("warm-up: %.0f ms", (time.perf_counter() - start) * 1000)
@@ -254,12 +283,13 @@ class Classifier:
         data's preprocessing. HttpContract has already checked that `image` is one uploaded file
         (BentoML itself would fetch a URL given as text)."""
         try:
-            row = image_to_rows(image.read_bytes(), self.spec, SERVE.max_image_pixels)
+            row = image_to_rows(image.read_bytes(), self.spec, self.serve.max_image_pixels)
         except ImageError as exc:  # the error body of every other 4xx here (see ERROR_SCHEMA)
             return as_json({"error": f"image: {exc}"}, status=400)
         return as_json(self.infer(row))
 
     def describe(self) -> dict[str, Any]:
+        """GET /metadata's body: the served model (`model_version` is its registry version)."""
         return {
             "model_tag": self.tag,
             "model_version": self.version,
@@ -270,13 +300,13 @@ class Classifier:
                 "features": self.spec["feature_columns"],
                 "value_range": self.spec["value_range"],
                 "image_shape": self.spec.get("image_shape"),
-                "max_rows": SERVE.max_rows,
+                "max_rows": self.serve.max_rows,
             },
             "labels": self.labels,
             "batching": {
                 "enabled": BATCHING,
-                "max_batch_size": SERVE.max_batch_size,
-                "max_latency_ms": SERVE.max_latency_ms,
+                "max_batch_size": self.serve.max_batch_size,
+                "max_latency_ms": self.serve.max_latency_ms,
             },
         }
 
@@ -288,16 +318,25 @@ def as_json(content: list[dict[str, Any]] | dict[str, Any], status: int = 200) -
     return Response(json.dumps(content), status, media_type="application/json")
 
 
+def running_service() -> Any:
+    """The Classifier instance BentoML made in this worker (`bentoml.get_current_service()`);
+    None before start-up has made it."""
+    try:
+        return bentoml.get_current_service()
+    except BentoMLException:
+        return None
+
+
 async def metadata(request: Request) -> JSONResponse:
-    service = getattr(request.app.state, "service", None)
+    """GET /metadata: the running instance's `describe()`; 503 before the model is loaded."""
+    service = running_service()
     if service is None:
         return JSONResponse({"error": "model not loaded yet"}, status_code=503)
     return JSONResponse(service.describe())
 
 
-METADATA_APP = Starlette(routes=[Route("/metadata", metadata, methods=["GET"])])
 SERVICE: Any = Classifier  # a bentoml.Service (the decorator's type hints say the class)
-SERVICE.mount_asgi_app(METADATA_APP, path="/")
+SERVICE.mount_asgi_app(Starlette(routes=[Route("/metadata", metadata, methods=["GET"])]), path="/")
 
 
 class Guard:
@@ -353,16 +392,20 @@ def replay(body: bytes) -> Receive:
 
 
 class DirectPredict:
-    """ASGI middleware, only with adaptive batching off: it answers `POST /predict` itself.
+    """ASGI middleware, only with adaptive batching off: it answers `POST /predict` itself, a
+    fast path kept for its measured figure (below); with batching on, BentoML's dispatch does.
 
-    It uses the API's own input model (the one BentoML builds from `Classifier.predict`), the
-    same `infer`, and BentoML's response and error bodies. What it skips is BentoML's dispatch for
-    each request: the request context, routing, a wrapper of the method rebuilt with
-    `inspect.signature`, and the serde lookup. That was 40% of a request's CPU, and without it
-    throughput rose about 1.45x. BentoML's metrics, tracing, timeout and concurrency middleware
-    still wrap it. Bodies that BentoML reads with a serde other than JSON (multipart, form,
-    pickle) go on to BentoML, as does every other route (HttpContract, in front of both, refuses
-    such bodies on /predict with a 415)."""
+    It uses the API's own input model (`SERVICE.apis["predict"].input_spec`, built by BentoML from
+    `Classifier.predict`, with the same row checks), the same `infer`, and the same bodies and
+    headers as BentoML's dispatch (tests/test_serve_live.py compares both paths request by
+    request). What it skips is BentoML's per-request dispatch (request context, routing, a method
+    wrapper rebuilt with `inspect.signature`). HttpContract, in front, has already refused every
+    media type but JSON on /predict. BentoML's metrics, tracing, timeout and concurrency
+    middleware still wrap it. Measured (issue 13, in-process CPU per one-row request, best of 3 x
+    400, two rounds): on the realistic model (benchmarks/model_speed.py's CNN, width 64, depth 3,
+    32x32 inputs, 1.6 ms a call) 4.03-4.45 ms with it vs 4.54-5.04 ms without, so without it
+    throughput is ~0.89x; `serve_load.py --model large` on a busy machine: 0.67x at saturation,
+    0.94x at one connection. On the digits CNN: 0.60x without it."""
 
     def __init__(self, app: Any, input_model: Any) -> None:
         self.app = app
@@ -370,13 +413,12 @@ class DirectPredict:
         self.server = (b"server", f"BentoML Service/{SERVICE.name}".encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        service = getattr(METADATA_APP.state, "service", None)
+        service = running_service()
         if (
             service is None  # not loaded yet: BentoML answers as it does before start-up
             or scope["type"] != "http"
             or scope["path"] != "/predict"
             or scope["method"] != "POST"
-            or media_type(scope["headers"]) in NOT_JSON
         ):
             await self.app(scope, receive, send)
             return
@@ -398,17 +440,6 @@ class DirectPredict:
             await send_json(send, 500, error, self.server)
             return
         await send_json(send, 200, predictions, self.server)
-
-
-# The media types BentoML parses with a serde of their own; it reads every other body as JSON.
-NOT_JSON = {kind.encode() for kind in ALL_SERDE if kind != "application/json"}
-
-
-def media_type(headers: list[tuple[bytes, bytes]]) -> bytes:
-    for name, value in headers:
-        if name == b"content-type":
-            return value.split(b";")[0].strip().lower()
-    return b"application/json"  # BentoML's default too
 
 
 async def read_body(receive: Receive, limit: int | None = None) -> bytes | None:
@@ -623,9 +654,14 @@ def error_response(description: str) -> dict[str, Any]:
 
 
 def rows_schema() -> dict[str, Any]:
-    value = {"type": "number", "minimum": Contract.low, "maximum": Contract.high}
-    row = {"type": "array", "items": value, "minItems": Contract.features}
-    row["maxItems"] = Contract.features
+    """The /predict body's schema; the feature count and range are the running model's (left
+    open before start-up has loaded it)."""
+    service = running_service()
+    value: dict[str, Any] = {"type": "number"}
+    row: dict[str, Any] = {"type": "array", "items": value}
+    if service is not None:
+        value.update(minimum=service.contract.low, maximum=service.contract.high)
+        row.update(minItems=service.contract.features, maxItems=service.contract.features)
     return {
         "type": "object",
         "title": "Input",
@@ -660,5 +696,5 @@ def image_schema() -> dict[str, Any]:
 
 SERVICE.add_asgi_middleware(Guard, max_body=SERVE.max_body_bytes)
 SERVICE.add_asgi_middleware(HttpContract)
-if not BATCHING:
+if not BATCHING:  # the fast path's figure: see DirectPredict
     SERVICE.add_asgi_middleware(DirectPredict, input_model=SERVICE.apis["predict"].input_spec)

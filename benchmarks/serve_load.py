@@ -1,6 +1,14 @@
 """`bentoml serve` (service.py) vs a hand-written FastAPI + ONNX Runtime server, under load.
 
     python benchmarks/serve_load.py [--seconds 5] [--out results.json]
+    python benchmarks/serve_load.py --model large --compare-ref main --connections 1,4,16,64
+
+`--model large`: a realistic model whose call costs milliseconds instead of the digits CNN's
+~13 µs (benchmarks/model_speed.py's wider CNN, width 64 and depth 3, on 32x32 synthetic images,
+trained one short epoch with the pipeline's own stages and exported to ONNX).
+`--compare-ref REF`: adds `service@REF`, service.py as of the git revision REF (run from a
+temporary `git worktree` of it), beside this checkout's, to measure a change of service.py
+side by side (the flipped-batching variant is left out then).
 
 Side by side in one run, on the same model (models/select/model.onnx when the pipeline has made
 it, else a tiny CNN trained here), each server one process with the same ONNX Runtime threads:
@@ -68,6 +76,50 @@ end
 """
 
 
+def large_model(work: Path) -> tuple[Path, str]:
+    """benchmarks/model_speed.py's wider CNN on 32x32 inputs, one short epoch on its synthetic
+    images (the weights do not matter here, the cost of a call does), exported to ONNX."""
+    from model_speed import LARGE, synthetic_images
+
+    from pipelines.config import load_params
+    from pipelines.export import export
+    from pipelines.prepare import prepare
+    from pipelines.runtime import read_metadata
+    from pipelines.train import save_model, train
+
+    root = work / "large"
+    synthetic_images(root / "data" / "synthetic32.csv", rows=1000)
+    params = load_params(REPO / "params.yaml", overrides={**LARGE, "train.epochs": 1})
+    prepared, model_dir = root / "prepared", root / "model"
+    prepare(params.data, params.prepare, root, prepared)
+    save_model(root / "model.pt", train(params.train, prepared, root / "checkpoints"))
+    model_dir.mkdir()
+    export(params.export, root / "model.pt", prepared, model_dir / "model.onnx")
+    metadata = read_metadata(model_dir / "model.onnx")
+    (model_dir / "metadata.json").write_text(json.dumps(metadata))
+    return model_dir, "large: CNN width 64, depth 3, 32x32 inputs (benchmarks/model_speed.py)"
+
+
+def model_row(model_dir: Path) -> list[float]:
+    """One request row for the model: a real digits row for 64 features, else mid-range."""
+    spec = json.loads((model_dir / "metadata.json").read_text())["preprocessing"]
+    if len(spec["feature_columns"]) == 64:
+        return digits_row()
+    low, high = spec["value_range"]
+    return [(low + high) / 2] * len(spec["feature_columns"])
+
+
+@contextlib.contextmanager
+def checkout(ref: str, work: Path) -> Iterator[Path]:
+    """A temporary `git worktree` of `ref` (detached), removed afterwards."""
+    path = work / "checkout"
+    subprocess.run(["git", "worktree", "add", "--detach", str(path), ref], cwd=REPO, check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO, check=False)
+
+
 def model_source(work: Path) -> tuple[Path, str]:
     """A folder with model.onnx + metadata.json: the pipeline's selected model when it exists,
     else a tiny CNN trained and exported here (as the serving tests do)."""
@@ -95,14 +147,16 @@ def digits_row() -> list[float]:
 
 
 @contextlib.contextmanager
-def server(name: str, command: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
-    """`command` (pinned to SERVER_CPUS) on a free port; yields the base URL once /readyz
-    answers, then stops its whole process group."""
+def server(
+    name: str, command: list[str], env: dict[str, str], log: Path, cwd: Path = REPO
+) -> Iterator[str]:
+    """`command` (pinned to SERVER_CPUS, run in `cwd`) on a free port; yields the base URL once
+    /readyz answers, then stops its whole process group."""
     port = free_port()
     with log.open("wb") as sink:
         process = subprocess.Popen(
             ["taskset", "-c", SERVER_CPUS, *command, "--port", str(port)],
-            cwd=REPO,
+            cwd=cwd,
             env={**os.environ, **env},
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -179,10 +233,12 @@ def engine_ceiling(model_dir: Path, threads: int, row: list[float]) -> dict[str,
     return result
 
 
-def sweep(urls: dict[str, str], seconds: float, script: Path) -> dict[str, list[dict[str, Any]]]:
+def sweep(
+    urls: dict[str, str], seconds: float, script: Path, levels: tuple[int, ...] = CONNECTIONS
+) -> dict[str, list[dict[str, Any]]]:
     """wrk at each connection count, every server at one count before the next count."""
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
-    for connections in CONNECTIONS:
+    for connections in levels:
         for name, url in urls.items():
             wrk(url, connections, 1, script)  # settle after the previous server's run
             point = wrk(url, connections, seconds, script)
@@ -229,6 +285,7 @@ def summarize(
         if "service_batched" in curves
         else ("service", "service_unbatched")
     )
+    compared = next((name for name in curves if name.startswith("service@")), None)
     best = {name: max(curve, key=lambda p: p["rps"]) for name, curve in curves.items()}
     sat = {name: point["rps"] for name, point in best.items()}
     equal = rates["equal_rate"]
@@ -252,7 +309,9 @@ def summarize(
         "engine_batch64_rows_per_s": ceiling["batch64_rows_per_s"],
         "service_fraction_of_engine_batch1": sat["service"] / ceiling["batch1_rows_per_s"],
         "reference_fraction_of_engine_batch1": sat["reference"] / ceiling["batch1_rows_per_s"],
-        "batching_gain": sat[batched] / sat[unbatched],
+        "batching_gain": sat[batched] / sat[unbatched] if unbatched in sat else None,
+        "compared": compared,
+        "service_over_compared": sat["service"] / sat[compared] if compared else None,
     }
 
 
@@ -280,7 +339,10 @@ def report(summary: dict[str, Any]) -> None:
         f"{summary['engine_batch64_rows_per_s']:,.0f} rows/s at batch 64; service = "
         f"{summary['service_fraction_of_engine_batch1']:.1%} of batch-1 calls/s"
     )
-    print(f"adaptive batching gain (saturation, on / off): {summary['batching_gain']:.2f}x")
+    if summary["batching_gain"] is not None:
+        print(f"adaptive batching gain (saturation, on / off): {summary['batching_gain']:.2f}x")
+    if summary["compared"]:
+        print(f"service / {summary['compared']} saturation: {summary['service_over_compared']:.3f}")
 
 
 def log_counts(log: Path) -> dict[str, int]:
@@ -288,15 +350,22 @@ def log_counts(log: Path) -> dict[str, int]:
     return {"tracebacks": text.count("Traceback"), "overloaded": text.count("overloaded")}
 
 
-def run(work: Path, seconds: float, rate_seconds: float) -> dict[str, Any]:
+def run(
+    work: Path,
+    seconds: float,
+    rate_seconds: float,
+    model: str = "digits",
+    compare_ref: str | None = None,
+    levels: tuple[int, ...] = CONNECTIONS,
+) -> dict[str, Any]:
     from flows.package import save_bento_model
     from pipelines.config import load_params
 
     serve = load_params(REPO / "params.yaml").serve
     load_start = os.getloadavg()
-    model_dir, model_note = model_source(work)
+    model_dir, model_note = large_model(work) if model == "large" else model_source(work)
     tag = save_bento_model(load_params(REPO / "params.yaml").register_.model_name, model_dir, "1")
-    row = digits_row()
+    row = model_row(model_dir)
     body = work / "body.json"
     body.write_text(json.dumps({"rows": [row]}))
     script = work / "post.lua"
@@ -311,18 +380,20 @@ def run(work: Path, seconds: float, rate_seconds: float) -> dict[str, Any]:
         if serve.max_batch_size > 1
         else ("service_batched", {"max_batch_size": BATCHED_MAX})
     )
-    commands = {
-        "service": (bento, {}),
-        other: (bento, {"MLOPS_SERVE_OVERRIDES": json.dumps(flipped)}),
-        "reference": (reference, {}),
-    }
-    logs = {name: work / f"{name}.log" for name in commands}
+    commands: dict[str, tuple[list[str], dict[str, str], Path]] = {"service": (bento, {}, REPO)}
     with contextlib.ExitStack() as stack:
+        if compare_ref is None:
+            commands[other] = (bento, {"MLOPS_SERVE_OVERRIDES": json.dumps(flipped)}, REPO)
+        else:
+            old = stack.enter_context(checkout(compare_ref, work))
+            commands[f"service@{compare_ref}"] = (bento, {"PYTHONPATH": str(old)}, old)
+        commands["reference"] = (reference, {}, REPO)
+        logs = {name: work / f"{name.replace('@', '-')}.log" for name in commands}
         urls = {
-            name: stack.enter_context(server(name, command, env, logs[name]))
-            for name, (command, env) in commands.items()
+            name: stack.enter_context(server(name, command, env, logs[name], cwd))
+            for name, (command, env, cwd) in commands.items()
         }
-        curves = sweep(urls, seconds, script)
+        curves = sweep(urls, seconds, script, levels)
         saturation = {name: max(p["rps"] for p in curve) for name, curve in curves.items()}
         rates = fixed_rate(urls, saturation, rate_seconds, body)
     summary = summarize(curves, rates, ceiling)
@@ -345,7 +416,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per wrk run")
     parser.add_argument("--rate-seconds", type=float, default=10.0, help="per open-loop run")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    parser.add_argument("--model", choices=("digits", "large"), default="digits")
+    parser.add_argument("--compare-ref", default=None, help="also serve service.py as of REF")
+    parser.add_argument(
+        "--connections",
+        default=",".join(map(str, CONNECTIONS)),
+        help="comma-separated wrk connection counts",
+    )
     args = parser.parse_args()
+    levels = tuple(int(c) for c in args.connections.split(","))
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
     with tempfile.TemporaryDirectory() as tmp:
@@ -353,7 +432,9 @@ def main() -> None:
             {"BENTOML_HOME": str(Path(tmp) / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
         )
         os.environ["DO_NOT_TRACK"] = "true"
-        results = run(Path(tmp), args.seconds, args.rate_seconds)
+        results = run(
+            Path(tmp), args.seconds, args.rate_seconds, args.model, args.compare_ref, levels
+        )
     report(results["summary"])
     print(f"server logs: {results['server_logs']}")
     if args.out:

@@ -126,7 +126,7 @@ def test_tournament_measures_every_candidate_and_writes_the_winner(
 
 
 def test_golden_set_is_what_the_service_accepts_with_the_winners_onnxruntime_output(
-    selected: tuple[Path, Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    selected: tuple[Path, Path, dict[str, Any]],
 ) -> None:
     from pydantic import TypeAdapter
 
@@ -140,11 +140,10 @@ def test_golden_set_is_what_the_service_accepts_with_the_winners_onnxruntime_out
         summary["winner"]["precision"],
     )
     spec = read_metadata(out / "model.onnx")["preprocessing"]
-    monkeypatch.setattr(service.Contract, "features", len(spec["feature_columns"]))
-    monkeypatch.setattr(service.Contract, "low", float(spec["value_range"][0]))
-    monkeypatch.setattr(service.Contract, "high", float(spec["value_range"][1]))
+    contract = service.RowContract.from_spec(spec, service.SERVE.max_rows)
     body = json.dumps(golden["rows"])  # as POST /predict receives {"rows": rows}
-    assert TypeAdapter(service.Rows).validate_json(body) == golden["rows"]
+    parsed = TypeAdapter(list[list[service.FiniteNumber]]).validate_json(body)
+    assert service.check_rows(parsed, contract) == golden["rows"]
     assert len(golden["rows"]) == len(golden["labels"]) == GOLDEN_ROWS
 
     # the winner's ONNX Runtime output on the service's own input

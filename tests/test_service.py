@@ -268,34 +268,26 @@ def test_an_image_over_the_pixel_limit_gets_a_400_before_it_is_decoded(client: T
     assert "over the limit of" in response.text
 
 
-def test_with_batching_off_predict_skips_bentoml_dispatch_and_the_rest_does_not(
-    client: TestClient, model: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+def test_predict_answers_with_bentoml_s_bodies_and_headers(
+    client: TestClient, model: tuple[str, Path]
 ) -> None:
-    """service.DirectPredict answers JSON /predict itself (tests/test_serve_live.py checks it
-    answers exactly as BentoML's dispatch does); other methods, routes and media types still
-    reach BentoML, here made to fail so that whoever answered shows."""
-    from _bentoml_impl.server.app import ServiceAppFactory
-
+    """/predict (service.DirectPredict with batching off: tests/test_serve_live.py compares it
+    with BentoML's dispatch request by request) answers with BentoML's server header and
+    validation error body; HttpContract in front refuses other media types."""
     import service
 
     assert not service.BATCHING  # params.yaml's default
     body, _ = rows(model[1], 2)
-
-    async def no_dispatch(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("BentoML's API dispatch was called")
-
-    monkeypatch.setattr(ServiceAppFactory, "api_endpoint", no_dispatch)
     for headers in ({}, {"content-type": "application/json; charset=utf-8"}):
         answered = client.post("/predict", content=json.dumps({"rows": body}), headers=headers)
         assert answered.status_code == 200, answered.text
         assert answered.headers["server"] == "BentoML Service/digits-classifier"
     bad = client.post("/predict", json={"rows": []})
     assert bad.status_code == 400 and "empty batch" in bad.text
+    assert bad.json()["error"] == "1 validation error for Input"
     form = {"content-type": "application/x-www-form-urlencoded"}
     refused = client.post("/predict", content=b"rows=1", headers=form)  # by HttpContract
     assert refused.status_code == 415 and "takes application/json" in refused.text
-    image = client.post("/predict_image", files={"image": ("one.png", png(), "image/png")})
-    assert image.status_code == 500
     assert client.get("/predict").status_code == 405  # BentoML's router
 
 
