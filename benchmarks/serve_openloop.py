@@ -72,12 +72,15 @@ class Connection(asyncio.Protocol):
 class Load:
     """Sends `payload` at `rate` per second for `duration` seconds; collects the outcomes."""
 
-    def __init__(self, url: str, body: bytes, max_connections: int) -> None:
+    def __init__(
+        self, url: str, body: bytes, max_connections: int, headers: dict[str, str] | None = None
+    ) -> None:
         parts = urlsplit(url)
+        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.payload = (
             f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
         ).encode() + body
         self.max_connections = max_connections
         self.idle: collections.deque[Connection] = collections.deque()

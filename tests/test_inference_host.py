@@ -34,6 +34,7 @@ from tests.modelzoo import tiny_params
 
 pytestmark = pytest.mark.slow
 FAULTY = Path(__file__).parent / "faulty" / "faulty_service.py"
+LATE_FAULT = Path(__file__).parent / "faulty" / "late_fault_service.py"
 
 
 @dataclass
@@ -43,6 +44,8 @@ class World:
     archives: dict[str, Path]
     rows: list[list[float]]
     logs: list[str]
+    model_dir: Path
+    golden: dict
 
     def log(self, line: str) -> None:
         self.logs.append(line)
@@ -88,7 +91,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     )
     settings = host_for(root / "host")
     try:
-        yield World(settings, params, archives, rows_of(good), [])
+        yield World(settings, params, archives, rows_of(good), [], model_dir, good)
     finally:
         supervisor.shutdown(settings)
         pidfile = settings.home / "supervisord.pid"
@@ -259,6 +262,61 @@ def test_registry_versions_carry_the_hosts_tags(world: World) -> None:
     two = client.get_model_version(MODEL_NAME, "2").tags
     assert "deployed_at" in two and "rolled_back_at" in two
     assert two["rollback_reason"] == "manual rollback to version 1"
+
+
+def test_a_version_breaking_after_promotion_is_rolled_back_by_the_watch(
+    world: World, tmp_path: Path
+) -> None:
+    """A candidate (next registry version, fetched through MLflow) passes its checks and the
+    canary, is promoted, then answers 5xx: the watch window rolls back to the version that served
+    before, by itself, and says why in the error, the history, state.json and the registry."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    version = str(len(client.search_model_versions(f"name='{MODEL_NAME}'")) + 1)
+    archive = build_bento(world.model_dir, world.golden, version, tmp_path, service_file=LATE_FAULT)
+    register_archive(archive, version)
+    if read_state(world.settings.home).current is None:  # run alone: version 1 serves first
+        world.deploy(version="1")
+    before = read_state(world.settings.home).current
+    assert before is not None and before.version == "1"
+    params = world.params.model_copy(
+        update={"deploy": world.params.deploy.model_copy(update={"watch_s": 20})}
+    )
+    promoted: list[float] = []
+
+    def log(line: str) -> None:  # the candidate breaks the moment it takes all traffic
+        world.log(line)
+        if line.startswith(f"promote: all traffic to version {version}"):
+            promoted.append(time.monotonic())
+            group = supervisor.group_name(version)
+            for i in range(params.deploy.replicas):
+                (supervisor.run_home(world.settings, f"{group}-r{i}") / "fault").touch()
+
+    with Load(world.settings.url, world.rows) as load:
+        with pytest.raises(CheckError, match=r"watch: 5xx share [01]\.\d+ .*> limit"):
+            rollout.deploy(params, version=version, log=log, settings=world.settings)
+        back = time.monotonic()
+        seen = load.statuses.total()
+        time.sleep(2)
+    assert promoted and back - promoted[0] < params.deploy.watch_s + 60
+    assert load.versions[version] > 0  # it served (canary and after promotion) before it broke
+    assert load.statuses[500] > 0  # the fault was real
+    assert load.statuses.total() > seen and load.versions["1"] > 0
+    assert "watch: " in "\n".join(world.logs) and "rolling back to version 1" in "\n".join(
+        world.logs
+    )
+    event = history(world.settings.home)[-1]
+    assert (event["version"], event["outcome"]) == (version, "rolled back")
+    assert event["reason"].startswith("watch: 5xx share")
+    state = read_state(world.settings.home)
+    assert state.current is not None and state.current.version == "1"
+    assert supervisor.groups(world.settings) == ["v1"]
+    with Load(world.settings.url, world.rows, max_requests=50, max_s=30) as after:
+        time.sleep(1)
+    assert after.failed == 0 and set(after.versions) == {"1"}, after.failures[:5]
+    tags = client.get_model_version(MODEL_NAME, version).tags
+    assert "rolled_back_at" in tags and tags["rollback_reason"].startswith("watch: 5xx share")
 
 
 def test_the_cli_rejects_bad_input_with_one_line_and_exit_2(tmp_path: Path) -> None:
