@@ -503,3 +503,18 @@ def test_the_openapi_document_states_the_real_contract(
             assert "401" in operation["responses"]
     bad = client.post("/predict", json={"rows": []}).json()  # the error body as documented
     assert isinstance(bad["error"], str) and isinstance(bad["detail"], list)
+
+
+@pytest.mark.parametrize(
+    ("largest", "expected"),
+    [
+        (1, [1]),
+        (10, list(range(1, 11))),
+        (256, [*range(1, 17), 32, 64, 128, 256]),
+        (100, [*range(1, 17), 32, 64, 100]),
+    ],
+)
+def test_warm_up_covers_small_sizes_powers_of_two_and_the_largest_call(
+    client: TestClient, largest: int, expected: list[int]
+) -> None:
+    assert sys.modules["service"].warm_up_sizes(largest) == expected
