@@ -10,8 +10,12 @@ finish the requests they hold, so a switch drops nothing.
 from __future__ import annotations
 
 import math
+import secrets
 import subprocess
+import time
 from pathlib import Path
+
+import httpx
 
 from inference.errors import HostError
 from inference.settings import HostSettings
@@ -33,12 +37,40 @@ def upstream_path(settings: HostSettings) -> Path:
     return nginx_dir(settings) / "upstream.conf"
 
 
+IDENTITY_PATH = "/.mlops-serving-host"  # answers this host's id: the proxy is ours, not another
+PROXY_VERIFY_S = 15.0  # how long a (re)started nginx gets to answer on the serving address
+# nginx's own errors (a body over the limit, no version answering) in the service's error shape
+NGINX_ERRORS = {
+    413: "request body larger than serve.max_body_bytes",
+    502: "no serving version answered (bad gateway); retry",
+    503: "no serving version available; retry",
+    504: "the serving version did not answer in time",
+}
+
+
+def host_id(settings: HostSettings) -> str:
+    """A random id for this host's home (made once, kept in nginx/host-id)."""
+    path = nginx_dir(settings) / "host-id"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, secrets.token_hex(8))
+    return path.read_text().strip()
+
+
 def render_nginx(settings: HostSettings, max_body_bytes: int) -> str:
     """nginx.conf: `daemon off` (supervisord runs it), the host's listen address, the body limit
     (serve.max_body_bytes, so nginx refuses what the service would refuse, before the upstream
     is touched), `X-Request-ID` from $request_id (kept if the client sent one) passed upstream
-    and returned, and an access log with the request id, the upstream that answered and status."""
+    and returned, an access log with the request id, the upstream that answered and status, JSON
+    bodies (`{"error": ...}`, as the service's) for nginx's own 413/502/503/504, and
+    IDENTITY_PATH answering this host's id (see `verify`)."""
     d = nginx_dir(settings)
+    errors = "\n".join(
+        f"        error_page {code} @e{code};\n"
+        f"        location @e{code} {{ default_type application/json; "
+        f'add_header X-Request-ID $rid always; return {code} \'{{"error": "{text}"}}\'; }}'
+        for code, text in NGINX_ERRORS.items()
+    )
     logs = settings.home / "logs"
     temps = "\n".join(
         f"    {kind}_temp_path {d / 'tmp' / kind};"
@@ -65,6 +97,8 @@ http {{
     include {upstream_path(settings)};
     server {{
         listen {settings.address};
+{errors}
+        location = {IDENTITY_PATH} {{ default_type text/plain; return 200 "{host_id(settings)}"; }}
         location / {{
             proxy_pass http://versions;
             proxy_http_version 1.1;
@@ -74,6 +108,7 @@ http {{
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             add_header X-Request-ID $rid always;
             proxy_read_timeout 120s;
+            proxy_intercept_errors off;  # the versions' own 5xx bodies pass through
             # A replica that is stopped or killed refuses connections: try the next one instead
             # of failing the client. non_idempotent lets a POST be retried too, which is safe
             # here because /predict is a pure function of its body (no state changes), and only
@@ -142,3 +177,27 @@ def switch(settings: HostSettings, backends: Backends) -> None:
             write_atomic(path, old)
         raise HostError(f"nginx -t refused the new upstream: {done.stderr.strip()[-300:]}")
     ctl(settings, "signal", "HUP", PROXY_PROGRAM)
+
+
+def verify(settings: HostSettings) -> None:
+    """The serving address is answered by this host's nginx (IDENTITY_PATH gives this home's id),
+    within PROXY_VERIFY_S. HostError otherwise: another process holds the address (another host
+    home, a proxy orphaned by a killed supervisord), or nginx cannot start (see its error log)."""
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(settings.host)
+    url = f"http://{host or settings.host}:{settings.port}{IDENTITY_PATH}"
+    expected, seen = host_id(settings), "no answer"
+    deadline = time.monotonic() + PROXY_VERIFY_S
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.get(url, timeout=2.0)
+            if answer.status_code == 200 and answer.text.strip() == expected:
+                return
+            seen = f"HTTP {answer.status_code} from another server"
+        except httpx.HTTPError as exc:
+            seen = type(exc).__name__
+        time.sleep(0.3)
+    raise HostError(
+        f"proxy: MLOPS_SERVING_ADDRESS {settings.address} is not answered by this host's nginx "
+        f"({seen}): is another process listening there? see "
+        f"{settings.home / 'logs' / 'nginx-error.log'}"
+    )

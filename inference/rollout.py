@@ -81,12 +81,24 @@ def open_host(params: Params, log: Log, settings: HostSettings | None = None) ->
     backends = [(state.current.ports, 100)] if state.current else None
     conf = proxy.prepare(settings, params.serve.max_body_bytes, backends)
     supervisor.ensure_supervisord(settings, conf)
+    proxy.verify(settings)  # the serving address is ours before anything is started behind it
     keep = {supervisor.group_name(v) for v in ([state.current.version] if state.current else [])}
     for group in supervisor.groups(settings):
         if group not in keep:
             log(f"reconcile: removing {group}, left by an interrupted deploy (not in state.json)")
             supervisor.stop_group(settings, group[1:])
     return host
+
+
+def make_home(settings: HostSettings) -> None:
+    """MLOPS_SERVING_HOME made (mode 0700: its supervisor configs hold the API key) if missing;
+    HostError naming it when it cannot be."""
+    try:
+        settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HostError(
+            f"MLOPS_SERVING_HOME {settings.home}: cannot create it ({exc.strerror})"
+        ) from None
 
 
 def free_ports(settings: HostSettings, count: int, taken: set[int]) -> list[int]:
@@ -451,12 +463,17 @@ def deploy(
     from pipelines.lifecycle import exclusive
 
     settings = settings or host_settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    make_home(settings)
     with exclusive(settings.home):
         fetching = Host(settings, params, log)
         before = set(store.imported(settings))
         checked = fetch(fetching, version, bento)  # bad input: nothing started, nothing changed
-        host = open_host(params, log, settings)
+        try:
+            host = open_host(params, log, settings)
+        except HostError:
+            if checked.tag not in before:
+                store.remove(settings, checked.tag)  # nothing changed: not even an import
+            raise
         host.timings.update(fetching.timings)
         try:
             return finish(host, checked, lambda: roll_out(host, checked))
@@ -481,7 +498,7 @@ def rollback(
     from pipelines.lifecycle import exclusive
 
     settings = settings or host_settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    make_home(settings)
     with exclusive(settings.home):
         state = read_state(settings.home)
         target = to or (state.previous.version if state.previous else None)

@@ -94,7 +94,8 @@ def inspect(archive: Path, model_name: str, version: str | None = None) -> Bento
             model_tag = str(labels.get("model", ""))
             golden = _member(tar, f"models/{model_tag.replace(':', '/')}/golden.json")
     except (tarfile.TarError, OSError, EOFError, yaml.YAMLError) as exc:
-        raise FetchError(f"archive {archive}: not a readable bento archive ({exc})") from None
+        reason = str(exc).splitlines()[0].rstrip(":") if str(exc) else type(exc).__name__
+        raise FetchError(f"archive {archive}: not a readable bento archive ({reason})") from None
     if not info:
         raise FetchError(f"archive {archive}: no bento.yaml (not a bento archive)")
     if info.get("name") != model_name:

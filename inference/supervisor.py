@@ -26,9 +26,11 @@ nginx's own unit with `ExecReload=/usr/sbin/nginx -s reload`. This module drives
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -172,6 +174,7 @@ def ensure_supervisord(settings: HostSettings, nginx_conf: Path) -> None:
     conf_path(settings).write_text(render_supervisord(settings, nginx_conf))
     if running(settings):
         return
+    clear_orphans(settings, nginx_conf)
     subprocess.run(
         [str(settings.supervisord), "-c", str(conf_path(settings))],
         check=True,
@@ -185,6 +188,54 @@ def ensure_supervisord(settings: HostSettings, nginx_conf: Path) -> None:
     while not running(settings):
         if time.monotonic() > deadline:
             raise HostError(f"supervisord did not start: see {settings.home / 'logs'}")
+        time.sleep(0.2)
+
+
+def orphans(settings: HostSettings, nginx_conf: Path) -> list[int]:
+    """PIDs of what a dead supervisord of this home left running (its children are re-parented,
+    not stopped, when it is SIGKILLed): nginx started with this home's conf (it would hold the
+    serving address), and `bentoml serve` processes of this home's replicas (BENTOML_HOME under
+    <home>/run/; they would hold their ports)."""
+    conf = str(nginx_conf).encode()
+    replicas = f"BENTOML_HOME={settings.home / 'run'}/".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            if conf in cmdline or any(
+                v.startswith(replicas) for v in (proc / "environ").read_bytes().split(b"\0")
+            ):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found + children(found)
+
+
+def children(parents: list[int]) -> list[int]:
+    """PIDs whose parent is one of `parents` (an orphaned nginx master's workers: their command
+    line is only "nginx: worker process", and they hold the listening socket too)."""
+    wanted, found = {str(p) for p in parents}, []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            except (OSError, IndexError):
+                continue
+            if ppid in wanted:
+                found.append(int(proc.name))
+    return found
+
+
+def clear_orphans(settings: HostSettings, nginx_conf: Path) -> None:
+    """SIGKILL `orphans` before a new supervisord starts this home's programs again (bounded
+    wait for them to go): otherwise its nginx and replicas could not bind their addresses."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while (left := orphans(settings, nginx_conf)) and time.monotonic() < deadline:
+        for found in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(found, signal.SIGKILL)
         time.sleep(0.2)
 
 

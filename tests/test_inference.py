@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -103,6 +104,24 @@ def test_nginx_conf_holds_the_body_limit_request_id_and_listen_address(tmp_path:
     for line in ("listen 0.0.0.0:8080;", "client_max_body_size 123456;", "daemon off;"):
         assert line in conf
     assert "proxy_set_header X-Request-ID $rid;" in conf and "add_header X-Request-ID $rid" in conf
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (.ci/run installs it)")
+def test_nginx_accepts_the_rendered_conf_with_json_errors_and_the_host_id(tmp_path: Path) -> None:
+    settings = host_settings({"MLOPS_SERVING_HOME": str(tmp_path)})
+    conf = proxy.prepare(settings, 4096, None)
+    text = conf.read_text()
+    for code in proxy.NGINX_ERRORS:
+        assert f"error_page {code} @e{code};" in text
+    assert f'return 200 "{proxy.host_id(settings)}"' in text
+    assert proxy.host_id(settings) == proxy.host_id(settings)  # made once
+    checked = subprocess.run(
+        ["nginx", "-t", "-q", "-c", str(conf), "-e", str(tmp_path / "logs" / "e.log")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stderr
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from inference import rollout, store, supervisor
-from inference.errors import CheckError, FetchError
-from inference.settings import HostSettings
+from inference.errors import CheckError, FetchError, HostError
+from inference.settings import HostSettings, host_settings
 from inference.state import history, read_state, state_path
 from pipelines.config import Params
 from tests.inference_host import (
@@ -132,6 +132,7 @@ def test_first_deploy_serves_through_the_proxy(world: World) -> None:
         timeout=30,
     )
     assert too_big.status_code == 413
+    assert "max_body_bytes" in too_big.json()["error"]  # nginx's own errors are JSON too
     state = read_state(world.settings.home)
     assert state.current and state.current.version == "1"
     assert supervisor.groups(world.settings) == ["v1"]
@@ -210,6 +211,63 @@ def test_a_killed_serving_process_is_restarted_by_the_supervisor(world: World) -
     time.sleep(5)  # it stays up: the killed arbiter's orphaned workers no longer hold the port
     assert supervisor.pid(world.settings, program) == restarted
     assert proxied(world).json()[0]["model_version"] == "1"
+
+
+def alive(pid: int) -> bool:
+    """Running: listed and not a zombie (an orphan killed here waits for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_killed_supervisord_leaves_no_orphan_holding_the_address(world: World) -> None:
+    """SIGKILL of supervisord re-parents its nginx and replicas, still bound to their addresses.
+    The next deploy's new supervisord would crash-loop its nginx behind an orphan serving stale
+    weights: it kills the orphans first, and the proxy is this host's again."""
+    serving = read_state(world.settings.home).current
+    assert serving is not None
+    old_nginx = supervisor.pid(world.settings, "proxy")
+    os.kill(int((world.settings.home / "supervisord.pid").read_text()), signal.SIGKILL)
+    time.sleep(1)
+    assert alive(old_nginx)  # the orphan: still up, still bound
+    rollout.open_host(world.params, world.log, world.settings)
+    assert not alive(old_nginx)
+    assert supervisor.pid(world.settings, "proxy") not in (0, old_nginx)
+    deadline = time.monotonic() + 120  # the version's programs start again under the new one
+    while time.monotonic() < deadline and proxied(world).status_code != 200:
+        time.sleep(1)
+    assert proxied(world).json()[0]["model_version"] == serving.version
+
+
+def test_a_serving_address_held_by_another_process_is_refused_and_nothing_changes(
+    world: World, tmp_path: Path
+) -> None:
+    """A second host home told to listen where the first one's nginx does: the deploy fails
+    naming the address, instead of reporting success behind a proxy that never bound."""
+    other = host_settings(
+        {
+            "MLOPS_SERVING_HOME": str(tmp_path / "other"),
+            "MLOPS_SERVING_ADDRESS": world.settings.address,
+            "MLOPS_SERVING_PORTS": f"{world.settings.ports[0] + 50}-{world.settings.ports[1]}",
+            "MLOPS_API_KEY": API_KEY,
+        }
+    )
+    try:
+        with pytest.raises(HostError, match=rf"MLOPS_SERVING_ADDRESS {world.settings.address} "):
+            rollout.deploy(world.params, bento=str(world.archives["1"]), settings=other)
+        assert store.imported(other) == []  # not even the import stays
+        assert not (other.home / "state.json").exists()
+        assert proxied(world).status_code == 200  # the first host serves on
+    finally:
+        supervisor.shutdown(other)
+
+
+def test_a_home_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    settings = host_for(tmp_path / "file" / "home")
+    with pytest.raises(HostError, match=r"MLOPS_SERVING_HOME .*/file/home: cannot create it"):
+        rollout.deploy(tiny_params(), bento="x.bento", settings=settings)
 
 
 def test_bad_inputs_name_the_defect_and_change_nothing(world: World, tmp_path: Path) -> None:
