@@ -23,7 +23,12 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -224,7 +229,20 @@ def test_each_stage_is_a_completed_task_run(stack: Stack, finished: FlowRun) -> 
     flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=[finished.id]))
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=flow_runs)
-    states = {str(run.name): run.state.type.value for run in runs if run.state}
+        deployment = client.read_deployment_by_name("deploy/on-demand")
+        deploys = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        )
+    # the new champion's hand-off to the inference host: one deploy/on-demand run of its registry
+    # version, linked under the train run by a task run, waiting for an inference worker (none
+    # runs in this test)
+    links = {run.id: run for run in runs}
+    handoff = [run for run in deploys if run.parent_task_run_id in links]
+    assert len(handoff) == 1, [(r.name, r.parameters) for r in deploys]
+    assert str(handoff[0].parameters["version"]).isdigit()
+    assert handoff[0].state is not None and handoff[0].state.type.value == "SCHEDULED"
+    links.pop(handoff[0].parent_task_run_id)
+    states = {str(run.name): run.state.type.value for run in links.values() if run.state}
     stages = stage_order(stack.checkout)
     # the champion gate after the stages; a first run's model becomes champion and is packaged
     gate = ["register", "package"] if "select" in stages else []
