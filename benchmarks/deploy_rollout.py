@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,52 +67,12 @@ def large_graph(root: Path) -> tuple[Path, Path]:
     images, exported to ONNX with its metadata: (model dir, prepared dir)."""
     from benchmarks.model_speed import LARGE, synthetic_images
     from pipelines.config import load_params
-    from pipelines.export import export
-    from pipelines.runtime import read_metadata
     from tests.conftest import REPO
-    from tests.modelzoo import trained_model
+    from tests.inference_host import trained_graph
 
     synthetic_images(root / "data" / "synthetic32.csv", rows=1000)
     params = load_params(REPO / "params.yaml", overrides={**LARGE, **LARGE_FAST})
-    prepared, model = trained_model(root, params)
-    model_dir = root / "graph"
-    model_dir.mkdir()
-    export(params.export, model, prepared, model_dir / "model.onnx")
-    (model_dir / "metadata.json").write_text(json.dumps(read_metadata(model_dir / "model.onnx")))
-    return model_dir, prepared
-
-
-@contextlib.contextmanager
-def mlflow_server(root: Path) -> Iterator[str]:
-    """A real `mlflow server --serve-artifacts` (sqlite, artifacts over HTTP) on a free loopback
-    port, as tests/test_serve_live.py starts it; its URL."""
-    import httpx
-
-    from tests.processes import free_port, stop_group
-
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--workers", "1", "--serve-artifacts"]
-    command += ["--backend-store-uri", f"sqlite:///{root / 'server.db'}"]
-    command += ["--artifacts-destination", str(root / "server-artifacts")]
-    log = (root / "mlflow-server.log").open("wb")
-    server = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"mlflow server did not start: {root / 'mlflow-server.log'}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        yield url
-    finally:
-        stop_group(server, grace_s=15)
-        log.close()
+    return trained_graph(root, params)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -297,6 +255,7 @@ def main() -> None:
             rows_of,
             tiny_graph,
         )
+        from tests.processes import mlflow_server
 
         results: dict[str, Any] = {"load_average_start": os.getloadavg()}
         graphs = {"digits": tiny_graph, "large": large_graph}

@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 
 from inference.settings import HostSettings, host_settings
+from pipelines.config import Params
 from pipelines.export import export
 from pipelines.prepare import read_split
 from pipelines.preprocessing import to_model_input
@@ -34,7 +35,12 @@ API_KEY = "host-test-key"
 
 def tiny_graph(root: Path) -> tuple[Path, Path]:
     """A trained tiny CNN exported to ONNX with its metadata: (model dir, prepared dir)."""
-    params = tiny_params(**{"train.epochs": 8, "train.patience": 8})
+    return trained_graph(root, tiny_params(**{"train.epochs": 8, "train.patience": 8}))
+
+
+def trained_graph(root: Path, params: Params) -> tuple[Path, Path]:
+    """The model `params` describe, trained under `root`, exported to ONNX with its metadata in
+    root/graph: (model dir, prepared dir)."""
     prepared, model = trained_model(root, params)
     model_dir = root / "graph"
     model_dir.mkdir()

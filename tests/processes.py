@@ -8,7 +8,10 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 
@@ -44,3 +47,35 @@ def stop_group(process: subprocess.Popen[bytes], grace_s: float = 20) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, 9)
         process.wait()
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[str]:
+    """A real `mlflow server` with `--serve-artifacts` (clients log and download artifacts over
+    HTTP, the store is only the server's: sqlite and a folder under `root`) on a free loopback
+    port; its URL once /health answers. RuntimeError with its log's tail if it does not start
+    within 120 s."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--workers", "1", "--serve-artifacts"]
+    command += ["--backend-store-uri", f"sqlite:///{root / 'server.db'}"]
+    command += ["--artifacts-destination", str(root / "server-artifacts")]
+    log_path = root / "mlflow-server.log"
+    log = log_path.open("wb")
+    server = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop_group(server, grace_s=15)
+        log.close()

@@ -3,14 +3,12 @@ runs it in a subprocess, and clients (concurrent, fuzzing, the README's curl exa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +29,7 @@ from pipelines.runtime import logits, read_metadata, session, softmax
 from pipelines.tracking import start_parent_run
 from tests.conftest import REPO
 from tests.modelzoo import tiny_params, trained_model
-from tests.processes import free_port, stop_group
+from tests.processes import mlflow_server
 from tests.serving import live_service
 from tests.test_register import select_dir
 
@@ -48,35 +46,6 @@ class Champion:
         self.prepared = prepared
         self.mlflow_uri = mlflow_uri
         self.root = root
-
-
-@contextlib.contextmanager
-def mlflow_server(root: Path) -> Iterator[str]:
-    """A real `mlflow server` with `--serve-artifacts` (clients log and download artifacts over
-    HTTP, the store is only the server's) on a free loopback port; its URL."""
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--workers", "1", "--serve-artifacts"]
-    command += ["--backend-store-uri", f"sqlite:///{root / 'server.db'}"]
-    command += ["--artifacts-destination", str(root / "server-artifacts")]
-    log = (root / "mlflow-server.log").open("wb")
-    server = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (root / "mlflow-server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server not healthy after 120 s"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        yield url
-    finally:
-        stop_group(server, grace_s=15)
-        log.close()
 
 
 @pytest.fixture(scope="module")
