@@ -154,7 +154,7 @@ def step(name: str, action: Callable[[Clock], Any], url: str, rows: list[list[fl
             result = {"outcome": "rejected", "reason": str(exc)}
         time.sleep(1)
         seconds = time.perf_counter() - began + 1
-    result |= {"requests": load.statuses.total(), "failed": load.failed}
+    result |= {"requests": load.statuses.total(), "failed": load.failed, "retried": load.retried}
     result["load_rate_per_s"] = load.statuses.total() / seconds
     print(f"{name}: {json.dumps(result)}", flush=True)
     return result

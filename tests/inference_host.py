@@ -157,7 +157,12 @@ def host_for(home: Path) -> HostSettings:
 @dataclass
 class Load:
     """A bounded constant stream of /predict requests through the proxy in a thread: statuses
-    and the model versions that answered."""
+    and the model versions that answered.
+
+    It behaves as the README asks clients to: a request whose keep-alive connection the proxy
+    closed without any answer (nginx's reload closes idle client connections; one sent at that
+    instant meets the close) is sent once more on a new connection, and counted in `retried`.
+    /predict is idempotent, so the retry is safe."""
 
     url: str
     rows: list[list[float]]
@@ -166,6 +171,7 @@ class Load:
     statuses: Counter = field(default_factory=Counter)
     versions: Counter = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
+    retried: int = 0
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -178,10 +184,13 @@ class Load:
             for i in range(self.max_requests):
                 if self._stop.is_set() or time.monotonic() > deadline:
                     return
+                body = {"rows": self.rows[i % 5 : i % 5 + 2]}
                 try:
-                    r = client.post(
-                        f"{self.url}/predict", json={"rows": self.rows[i % 5 : i % 5 + 2]}
-                    )
+                    try:
+                        r = client.post(f"{self.url}/predict", json=body)
+                    except httpx.RemoteProtocolError:  # closed unanswered: once more, new conn
+                        self.retried += 1
+                        r = client.post(f"{self.url}/predict", json=body)
                     self.statuses[r.status_code] += 1
                     if r.status_code == 200:
                         self.versions[r.json()[0]["model_version"]] += 1
