@@ -24,7 +24,7 @@ from pipelines.artifacts import file_sha256, read_json
 from pipelines.champion import CHALLENGER, CHAMPION, accuracy_on, judge
 from pipelines.config import Params
 from pipelines.runtime import read_metadata
-from pipelines.select import GOLDEN
+from pipelines.select import CANDIDATES, GOLDEN, MODEL, WINNER
 from pipelines.tracking import client_for, run_tags
 
 ONNX_HASH_TAG = "onnx_sha256"  # on each version: the SHA-256 of its model.onnx
@@ -63,12 +63,12 @@ def log_candidate(client: Any, params: Params, root: Path, parent: str, select_d
     _, experiment = client_for(params.tracking, root)
     tags = {**run_tags(root), MLFLOW_PARENT_RUN_ID: parent, "mlops.stage": "register"}
     run_id = str(client.create_run(experiment, run_name="register", tags=tags).info.run_id)
-    client.log_artifact(run_id, str(select_dir / "model.onnx"), "model")
-    client.log_dict(run_id, read_metadata(select_dir / "model.onnx"), "model/metadata.json")
+    client.log_artifact(run_id, str(select_dir / MODEL), "model")
+    client.log_dict(run_id, read_metadata(select_dir / MODEL), "model/metadata.json")
     if (select_dir / GOLDEN).is_file():  # the deploy checks' rows; `package` requires it
         client.log_artifact(run_id, str(select_dir / GOLDEN), "model")
-    client.log_artifact(run_id, str(select_dir / "candidates.md"))
-    client.log_artifact(run_id, str(select_dir / "winner.json"))
+    client.log_artifact(run_id, str(select_dir / CANDIDATES))
+    client.log_artifact(run_id, str(select_dir / WINNER))
     return run_id
 
 
@@ -85,11 +85,11 @@ def register(
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name)
-    digest = file_sha256(select_dir / "model.onnx")
+    digest = file_sha256(select_dir / MODEL)
     existing = registered_version(client, name, digest)
     if existing is not None:
         return regate(client, name, existing, select_dir, prepared_dir, params)
-    winner = read_json(select_dir / "winner.json")["winner"]
+    winner = read_json(select_dir / WINNER)["winner"]
     run_id = log_candidate(client, params, root, parent, select_dir)
     version = client.create_model_version(
         name,
@@ -123,7 +123,7 @@ def regate(
     version = str(existing.version)
     old = current_champion(client, name)
     if old is not None and str(old.version) == version:
-        accuracy = accuracy_on(select_dir / "model.onnx", prepared_dir)
+        accuracy = accuracy_on(select_dir / MODEL, prepared_dir)
         reason = (
             f"the same ONNX graph is already version {version}, the champion: "
             "champion unchanged, nothing registered"
@@ -143,7 +143,7 @@ def decide(
     old = current_champion(client, name)
     with tempfile.TemporaryDirectory() as tmp:
         champion = champion_graph(client, old, tmp) if old is not None else None
-        verdict = judge(select_dir / "model.onnx", champion, prepared_dir, params)
+        verdict = judge(select_dir / MODEL, champion, prepared_dir, params)
     return Decision(
         version,
         CHAMPION if verdict.promote else CHALLENGER,
