@@ -2,9 +2,10 @@
 
 The alias `champion` moves to the new version only when its accuracy reaches the absolute floor
 `evaluate.min_accuracy` and it is at least as accurate as the current champion on the same test
-split (both evaluated here, now, with the same code), within `register.tolerance`; otherwise the
-new version becomes `challenger` and the run says why. Every decision is kept as tags on the
-versions (promotion history).
+split (both evaluated now, with the same code: `pipelines/champion.py`), within
+`register.tolerance`; otherwise the new version becomes `challenger` and the run says why. Every
+decision is kept as tags on the versions (promotion history). This module holds the registry
+calls only.
 
 Idempotent: each version records its ONNX graph's SHA-256 (tag `onnx_sha256`). A graph that is
 already a version is not registered again: when that version is the champion, nothing changes
@@ -20,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts import file_sha256, read_json
+from pipelines.champion import CHALLENGER, CHAMPION, accuracy_on, judge
 from pipelines.config import Params
-from pipelines.quantize import split_inputs
-from pipelines.runtime import logits, read_metadata, session
-from pipelines.select import GOLDEN
+from pipelines.runtime import read_metadata
+from pipelines.select import CANDIDATES, GOLDEN, MODEL, WINNER
 from pipelines.tracking import client_for, run_tags
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 ONNX_HASH_TAG = "onnx_sha256"  # on each version: the SHA-256 of its model.onnx
 
 
@@ -41,39 +41,6 @@ class Decision:
     promoted: bool  # `champion` moved to `version` in this run (the flow then packages it)
 
 
-def stage_output(root: Path, stage: str) -> Path:
-    """The first output that dvc.yaml declares for `stage` (paths live in dvc.yaml only)."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        found = repo.stage.collect(stage)
-        return root / str(found[0].outs[0].def_path)
-
-
-def accuracy_on(onnx_path: Path, prepared_dir: Path) -> float:
-    """Accuracy of an ONNX model on this run's test split."""
-    x, y = split_inputs(prepared_dir, "test", read_metadata(onnx_path)["preprocessing"])
-    return float((logits(session(onnx_path), x).argmax(axis=1) == y).mean())
-
-
-def gate(new: float, champion: float | None, tolerance: float, floor: float) -> tuple[bool, str]:
-    """Whether the new model may become champion, and why (pure: the policy alone). Accuracies
-    are fractions (0..1); `floor` is `evaluate.min_accuracy`, applied with or without a champion."""
-    if not new >= floor:
-        return False, (
-            f"accuracy {new:.4f} < evaluate.min_accuracy {floor:g} (the absolute floor): "
-            f"kept as {CHALLENGER}"
-        )
-    if champion is None:
-        return True, f"no champion yet; accuracy {new:.4f}"
-    if new >= champion - tolerance:
-        return True, f"accuracy {new:.4f} >= champion's {champion:.4f} - tolerance {tolerance:g}"
-    return False, (
-        f"accuracy {new:.4f} < champion's {champion:.4f} - tolerance {tolerance:g} "
-        f"on the same test split: kept as {CHALLENGER}"
-    )
-
-
 def current_champion(client: Any, name: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 
@@ -83,11 +50,9 @@ def current_champion(client: Any, name: str) -> Any | None:
         return None
 
 
-def champion_accuracy(client: Any, version: Any, prepared_dir: Path) -> float:
-    """Re-evaluate the current champion's ONNX graph on this run's test split."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(version.run_id, "model/model.onnx", tmp)
-        return accuracy_on(Path(local), prepared_dir)
+def champion_graph(client: Any, version: Any, folder: str) -> Path:
+    """The registered ONNX graph of model version `version`, downloaded into `folder`."""
+    return Path(client.download_artifacts(version.run_id, "model/model.onnx", folder))
 
 
 def log_candidate(client: Any, params: Params, root: Path, parent: str, select_dir: Path) -> str:
@@ -98,12 +63,12 @@ def log_candidate(client: Any, params: Params, root: Path, parent: str, select_d
     _, experiment = client_for(params.tracking, root)
     tags = {**run_tags(root), MLFLOW_PARENT_RUN_ID: parent, "mlops.stage": "register"}
     run_id = str(client.create_run(experiment, run_name="register", tags=tags).info.run_id)
-    client.log_artifact(run_id, str(select_dir / "model.onnx"), "model")
-    client.log_dict(run_id, read_metadata(select_dir / "model.onnx"), "model/metadata.json")
+    client.log_artifact(run_id, str(select_dir / MODEL), "model")
+    client.log_dict(run_id, read_metadata(select_dir / MODEL), "model/metadata.json")
     if (select_dir / GOLDEN).is_file():  # the deploy checks' rows; `package` requires it
         client.log_artifact(run_id, str(select_dir / GOLDEN), "model")
-    client.log_artifact(run_id, str(select_dir / "candidates.md"))
-    client.log_artifact(run_id, str(select_dir / "winner.json"))
+    client.log_artifact(run_id, str(select_dir / CANDIDATES))
+    client.log_artifact(run_id, str(select_dir / WINNER))
     return run_id
 
 
@@ -120,11 +85,11 @@ def register(
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name)
-    digest = file_sha256(select_dir / "model.onnx")
+    digest = file_sha256(select_dir / MODEL)
     existing = registered_version(client, name, digest)
     if existing is not None:
         return regate(client, name, existing, select_dir, prepared_dir, params)
-    winner = read_json(select_dir / "winner.json")["winner"]
+    winner = read_json(select_dir / WINNER)["winner"]
     run_id = log_candidate(client, params, root, parent, select_dir)
     version = client.create_model_version(
         name,
@@ -158,7 +123,7 @@ def regate(
     version = str(existing.version)
     old = current_champion(client, name)
     if old is not None and str(old.version) == version:
-        accuracy = accuracy_on(select_dir / "model.onnx", prepared_dir)
+        accuracy = accuracy_on(select_dir / MODEL, prepared_dir)
         reason = (
             f"the same ONNX graph is already version {version}, the champion: "
             "champion unchanged, nothing registered"
@@ -174,20 +139,19 @@ def regate(
 def decide(
     client: Any, name: str, version: str, select_dir: Path, prepared_dir: Path, params: Params
 ) -> Decision:
-    new = accuracy_on(select_dir / "model.onnx", prepared_dir)
+    """The gate (`pipelines.champion.judge`) for `version` against the current champion."""
     old = current_champion(client, name)
-    old_accuracy = champion_accuracy(client, old, prepared_dir) if old is not None else None
-    promote, reason = gate(
-        new, old_accuracy, params.register_.tolerance, params.evaluate.min_accuracy
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        champion = champion_graph(client, old, tmp) if old is not None else None
+        verdict = judge(select_dir / MODEL, champion, prepared_dir, params)
     return Decision(
         version,
-        CHAMPION if promote else CHALLENGER,
-        new,
+        CHAMPION if verdict.promote else CHALLENGER,
+        verdict.accuracy,
         str(old.version) if old is not None else None,
-        old_accuracy,
-        reason,
-        promoted=promote,
+        verdict.champion_accuracy,
+        verdict.reason,
+        promoted=verdict.promote,
     )
 
 

@@ -11,6 +11,7 @@ from pipelines.config import Params, RunOverrides
 from pipelines.tracking import UI_MODEL_TRAINING_QUERY, client_for, flatten, recorded_run
 
 DOCS_ARTIFACT = "data_docs/index.html"  # where the validate stage logs its Data Docs
+NO_DATA_DOCS = "No `validate` stage in dvc.yaml: no Data Docs"
 
 
 def mlflow_run_url(params: Params, root: Path, run_id: str, artifact: str | None = None) -> str:
@@ -23,6 +24,16 @@ def mlflow_run_url(params: Params, root: Path, run_id: str, artifact: str | None
     base = tracking if tracking.startswith("http") else params.tracking.ui_url
     page = f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
     return f"{page}{f'/artifacts/{artifact}' if artifact else ''}?{UI_MODEL_TRAINING_QUERY}"
+
+
+def data_docs_index(root: Path) -> Path | None:
+    """The Data Docs' front page: `pipelines.validate.DOCS_INDEX` in the folder that dvc.yaml
+    declares as the `validate` stage's output; None when dvc.yaml has no `validate` stage."""
+    from flows.dvc_outputs import data_docs_dir
+    from pipelines.validate import DOCS_INDEX
+
+    docs_dir = data_docs_dir(root)
+    return docs_dir / DOCS_INDEX if docs_dir is not None else None
 
 
 def data_docs_url(params: Params, root: Path, docs_dir: Path) -> str | None:

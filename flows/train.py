@@ -289,19 +289,25 @@ def _publish(
     failed: bool = False,
 ) -> dict[str, Any]:
     """Prefect artifacts: the MLflow run link, the Data Docs location, metrics, how to reproduce."""
-    from flows.reporting import data_docs_url, metrics_table, mlflow_run_url, reproduce_command
+    from flows.reporting import (
+        NO_DATA_DOCS,
+        data_docs_index,
+        data_docs_url,
+        metrics_table,
+        mlflow_run_url,
+        reproduce_command,
+    )
 
     url = mlflow_run_url(params, session.root, parent)
     create_link_artifact(url, link_text="MLflow parent run", key="mlflow-run")
-    metrics = session.metrics()
-    found = [m["docs_index"] for m in metrics.values() if isinstance(m, dict) and "docs_index" in m]
-    docs = session.root / (found[0] if found else "reports/validate/index.html")
-    docs_url = data_docs_url(params, session.root, docs.parent)  # file:// links open nothing
+    docs = data_docs_index(session.root)  # where dvc.yaml's validate stage writes them
+    docs_url = data_docs_url(params, session.root, docs.parent) if docs else None  # not file://
     if docs_url:
         create_link_artifact(docs_url, link_text="Great Expectations Data Docs", key="data-docs")
     else:
-        where = f"No validate run in MLflow; on the worker: `{docs}`"
+        where = f"No validate run in MLflow; on the worker: `{docs}`" if docs else NO_DATA_DOCS
         create_markdown_artifact(where, key="data-docs")
+    metrics = session.metrics()
     table = metrics_table(metrics, session.metrics_files(), states)
     create_markdown_artifact(
         f"{table}\n\n**Reproduce** on this commit: `{reproduce_command(overrides)}` (`--force`"
@@ -310,17 +316,16 @@ def _publish(
         key="run-metrics",
         description="Failed run: metrics of the stages that finished" if failed else None,
     )
-    return {"mlflow_run_url": url, "data_docs": str(docs)}
+    return {"mlflow_run_url": url, "data_docs": str(docs) if docs else None}
 
 
 @task(cache_policy=NO_CACHE, task_run_name="register")
 def register_task(params: Params, root: Path, parent: str) -> dict[str, Any]:
     """The selected model into the MLflow registry through the champion gate (flows/register.py)."""
-    from flows.register import register, stage_output
+    from flows.dvc_outputs import prepared_dir, stage_output
+    from flows.register import register
 
-    decision = register(
-        params, root, parent, stage_output(root, "select"), stage_output(root, "prepare")
-    )
+    decision = register(params, root, parent, stage_output(root, SELECT_STAGE), prepared_dir(root))
     create_markdown_artifact(
         f"Model `{params.register_.model_name}` version {decision.version} is "
         f"**{decision.alias}**: {decision.reason}",

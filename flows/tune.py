@@ -25,19 +25,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
+from flows.dvc_outputs import prepared_dir
 from flows.train import PROJECT_DIR_ENV, PROJECT_ROOT, StageFailed
 from pipelines.config import load_params
 
 STAGE = "tune"
-DATA_STAGE = "validate"  # brings data/prepared up to date (and checks it) first
-
-
-def prepared_dir(root: Path) -> str:
-    """The `--prepared` folder of the tune stage's command in dvc.yaml (paths live there)."""
-    import yaml
-
-    command = shlex.split(yaml.safe_load((root / "dvc.yaml").read_text())["stages"][STAGE]["cmd"])
-    return command[command.index("--prepared") + 1]
+DATA_STAGE = "validate"  # brings the prepared data up to date (and checks it) first
 
 
 def run_logged(command: list[str], root: Path, timeout_s: float) -> None:
@@ -69,7 +62,7 @@ def host_worker_index() -> int:
 
 @task(cache_policy=NO_CACHE, task_run_name="tune-worker")
 def run_worker(root: Path, trials: int | None, timeout_s: float) -> None:
-    command = [sys.executable, "-m", "pipelines.tune", "--prepared", prepared_dir(root)]
+    command = [sys.executable, "-m", "pipelines.tune", "--prepared", str(prepared_dir(root))]
     command += ["--worker", "--worker-index", str(host_worker_index())]
     if trials:
         command += ["--trials", str(trials)]

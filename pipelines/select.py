@@ -31,6 +31,9 @@ from pipelines.runtime import logits, parity, read_metadata, session
 
 log = logging.getLogger(__name__)
 Predict = Callable[[np.ndarray], np.ndarray]
+MODEL = "model.onnx"  # in the output folder: the winner's ONNX graph (what `register` registers)
+WINNER = "winner.json"  # ... the winner, why, the policy and every candidate's figures
+CANDIDATES = "candidates.md"  # ... the candidates as a Markdown table
 GOLDEN = "golden.json"  # beside the winner: the deploy checks' labelled rows and predictions
 GOLDEN_DECIMALS = 6  # probabilities are rounded so the file is byte-reproducible
 
@@ -388,10 +391,10 @@ def select(
     winner, explanation = choose(candidates, cfg)
     log.info("select: %s", explanation)
     onnx_path = Path(winner.extra.get("onnx", winner.path))
-    with atomic_path(out_dir / "model.onnx") as tmp:
+    with atomic_path(out_dir / MODEL) as tmp:
         shutil.copyfile(onnx_path, tmp)
     predict = winner_predictor(winner, cfg)
-    model = out_dir / "model.onnx"
+    model = out_dir / MODEL
     golden = golden_set(
         predict, prepared_dir, model, golden_rows, seed, winner.engine, winner.precision
     )
@@ -403,8 +406,8 @@ def select(
         "candidates": [asdict(c) for c in candidates],
         "dropped": {c.name: c.extra["reason"] for c in candidates if c.extra.get("dropped")},
     }
-    write_json(out_dir / "winner.json", summary)
-    with atomic_path(out_dir / "candidates.md") as tmp:
+    write_json(out_dir / WINNER, summary)
+    with atomic_path(out_dir / CANDIDATES) as tmp:
         tmp.write_text(markdown(candidates, winner, explanation))
     return summary
 
@@ -467,8 +470,8 @@ def _run(params: Params, args: argparse.Namespace) -> None:
                 "select.dropped": "; ".join(f"{k}: {v}" for k, v in dropped.items()) or "none",
             }
         )
-        run.log_artifact(args.out / "candidates.md")
-        run.log_artifact(args.out / "winner.json")
+        run.log_artifact(args.out / CANDIDATES)
+        run.log_artifact(args.out / WINNER)
 
 
 if __name__ == "__main__":

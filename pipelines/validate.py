@@ -35,6 +35,7 @@ from pipelines.tracking import RUN_FILE
 
 HASH_COLUMN = "_row_hash"
 DOCS_SITE = "validate"
+DOCS_INDEX = "index.html"  # the Data Docs' front page, in the docs folder
 NUMERIC_TYPES = [
     *(f"{kind}{bits}" for kind in ("int", "uint", "Int", "UInt") for bits in (8, 16, 32, 64)),
     *(f"{kind}{bits}" for kind in ("float", "Float") for bits in (32, 64)),
@@ -469,7 +470,7 @@ def run_gate(
     source = context.data_sources.add_pandas("prepared")
     records = [r for c in build_checks(data, cfg, splits) for r in run_check(context, source, c)]
     add_source_rows(records, prepared_dir)
-    summary = summarize(records, Path(docs_dir) / "index.html")
+    summary = summarize(records, Path(docs_dir) / DOCS_INDEX)
     write_json(Path(docs_dir) / "summary.json", summary)
     log.info("validate: %d of %d expectations passed", summary["successful"], summary["evaluated"])
     return summary
@@ -493,7 +494,7 @@ def clear_docs(docs_dir: Path) -> None:
     """Drop the pages of an earlier run (only what GX writes), so the site shows this run only."""
     for name in ("expectations", "validations"):
         shutil.rmtree(Path(docs_dir) / name, ignore_errors=True)
-    for name in ("index.html", "summary.json", RUN_FILE):
+    for name in (DOCS_INDEX, "summary.json", RUN_FILE):
         (Path(docs_dir) / name).unlink(missing_ok=True)
 
 

@@ -29,7 +29,7 @@ from prefect.states import State
 
 from flows import deployments
 from flows.params_file import overridden_params_file, render_overridden
-from flows.reporting import reproduce_command
+from flows.reporting import NO_DATA_DOCS, reproduce_command
 from flows.train import StageFailed, StageRejected, ensure_gpu_limit, stage_order, train
 from pipelines import telemetry_off
 from pipelines.config import RunOverrides
@@ -191,6 +191,7 @@ def test_only_a_champion_that_moved_is_packaged(
     prefect_api: None, fake_project: Path, monkeypatch: pytest.MonkeyPatch, promoted: bool
 ) -> None:
     """A rerun whose model is already the champion (`promoted` false) packages nothing."""
+    import flows.dvc_outputs
     import flows.package
     import flows.register
     import flows.train
@@ -198,7 +199,7 @@ def test_only_a_champion_that_moved_is_packaged(
     decision = flows.register.Decision("1", "champion", 0.97, "1", 0.97, "unchanged", promoted)
     packaged: list[str] = []
     monkeypatch.setattr(flows.train, "SELECT_STAGE", "evaluate")  # the fake graph's last stage
-    monkeypatch.setattr(flows.register, "stage_output", lambda root, stage: root / stage)
+    monkeypatch.setattr(flows.dvc_outputs, "stage_output", lambda root, stage: root / stage)
     monkeypatch.setattr(flows.register, "register", lambda *args: decision)
     fake = flows.package.Packaged("1", "m:1", "b:1", "/a.bento")
     monkeypatch.setattr(flows.package, "package", lambda *args: packaged.append("b:1") or fake)
@@ -209,13 +210,14 @@ def test_only_a_champion_that_moved_is_packaged(
 
 def fake_champion(monkeypatch: pytest.MonkeyPatch, promoted: bool) -> None:
     """register and package replaced: registry version 1 is (or is not) a new champion."""
+    import flows.dvc_outputs
     import flows.package
     import flows.register
     import flows.train
 
     decision = flows.register.Decision("1", "champion", 0.97, None, None, "new", promoted)
     monkeypatch.setattr(flows.train, "SELECT_STAGE", "evaluate")  # the fake graph's last stage
-    monkeypatch.setattr(flows.register, "stage_output", lambda root, stage: root / stage)
+    monkeypatch.setattr(flows.dvc_outputs, "stage_output", lambda root, stage: root / stage)
     monkeypatch.setattr(flows.register, "register", lambda *args: decision)
     fake = flows.package.Packaged("1", "m:1", "b:1", "/a.bento", "bento/b-1.bento")
     monkeypatch.setattr(flows.package, "package", lambda *args: fake)
@@ -400,7 +402,7 @@ def test_run_publishes_links_metrics_and_how_to_reproduce(
     assert set(artifacts) == {"mlflow-run", "data-docs", "run-metrics"}
     parent = state.result()["mlflow_parent_run_id"]
     assert parent in str(artifacts["mlflow-run"].data)
-    assert "reports/validate/index.html" in str(artifacts["data-docs"].data)
+    assert artifacts["data-docs"].data == NO_DATA_DOCS  # the fake dvc.yaml has no validate stage
     table = str(artifacts["run-metrics"].data)
     assert "| train | ran | metrics/train.json | epochs | 3 |" in table
     assert "`dvc exp run --force -S train.epochs=3`" in table
@@ -667,7 +669,7 @@ def test_deploy_from_git_clones_on_the_worker(prefect_api: None) -> None:
 def test_deploy_adds_a_tune_worker_on_the_training_pool(prefect_api: None) -> None:
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from flows.tune import prepared_dir
+    from flows.dvc_outputs import prepared_dir
 
     ids = deployments.deploy()
     deployment = read_deployment("tune-worker/on-demand")
@@ -678,7 +680,7 @@ def test_deploy_adds_a_tune_worker_on_the_training_pool(prefect_api: None) -> No
         with pytest.raises(PrefectHTTPStatusError, match="Validation failed"):
             client.create_flow_run_from_deployment(deployment.id, parameters={"trials": 0})
         client.create_flow_run_from_deployment(deployment.id, parameters={"trials": 3})
-    assert prepared_dir(REPO) == "data/prepared"  # the tune stage's folder, from dvc.yaml
+    assert prepared_dir(REPO) == REPO / "data/prepared"  # the prepare stage's output, dvc.yaml
 
 
 def test_tune_worker_prepares_the_data_then_joins_the_study(
@@ -695,7 +697,7 @@ def test_tune_worker_prepares_the_data_then_joins_the_study(
     tune.tune_worker(trials=2, project_dir=str(tmp_path))
     (dvc, repro, stage), worker = commands[0][-3:], commands[1]
     assert (dvc, repro, stage) == ("dvc", "repro", "validate")
-    assert worker[1:5] == ["-m", "pipelines.tune", "--prepared", "data/prepared"]
+    assert worker[1:5] == ["-m", "pipelines.tune", "--prepared", str(tmp_path / "data/prepared")]
     assert "--worker" in worker and worker[-2:] == ["--trials", "2"]
     index = int(worker[worker.index("--worker-index") + 1])
     assert index >= 1000  # apart from the stage's own workers 0 .. tune.workers - 1

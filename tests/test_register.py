@@ -8,27 +8,14 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.package import PackageError, package
-from flows.register import CHALLENGER, CHAMPION, ONNX_HASH_TAG, gate, register
+from flows.register import ONNX_HASH_TAG, register
 from pipelines.artifacts import file_sha256
+from pipelines.champion import CHALLENGER, CHAMPION
 from pipelines.export import export
 from pipelines.select import GOLDEN
 from pipelines.tracking import start_parent_run
 from tests.modelzoo import tiny_params, trained_model, write_golden
 from tests.test_export import tamper
-
-
-def test_gate_policy() -> None:
-    assert gate(0.90, None, 0.0, 0.8) == (True, "no champion yet; accuracy 0.9000")
-    assert gate(0.95, 0.95, 0.0, 0.8)[0] and gate(0.949, 0.95, 0.002, 0.8)[0]
-    refused, why = gate(0.90, 0.95, 0.01, 0.8)
-    assert not refused and "0.9000 < champion's 0.9500" in why and "challenger" in why
-
-
-def test_gate_applies_the_absolute_floor_with_or_without_a_champion() -> None:
-    refused, why = gate(0.11, None, 0.0, 0.8)  # chance level, nothing to compare with
-    assert not refused and why.startswith("accuracy 0.1100 < evaluate.min_accuracy 0.8")
-    assert not gate(0.79, 0.5, 0.0, 0.8)[0]  # better than a weak champion is not enough
-    assert gate(0.8, None, 0.0, 0.8)[0]
 
 
 def select_dir(root: Path, onnx_path: Path, prepared: Path | None = None) -> Path:
