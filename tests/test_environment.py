@@ -179,3 +179,9 @@ def test_values_handed_to_a_child_process_read_back_the_same() -> None:
         {"a": 1},
     )
     assert Environment.name("project_dir") == "MLOPS_PROJECT_DIR"
+
+
+def test_each_variable_says_who_sets_it() -> None:
+    for name, field in Environment.model_fields.items():
+        assert (field.description or "").startswith("Set "), name
+        assert Environment.name(name) == field.validation_alias
