@@ -18,7 +18,6 @@ import gc
 import hmac
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -40,28 +39,26 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pipelines import runtime
-from pipelines.config import ServeConfig, load_params
+from pipelines.config import Environment, ServeConfig, environment, load_params
 from pipelines.preprocessing import ImageError, image_to_rows, to_model_input
 
 ROOT = Path(__file__).resolve().parent
-OVERRIDES_ENV = "MLOPS_SERVE_OVERRIDES"  # JSON object of `serve` keys, e.g. {"max_batch_size": 1}
 # Read at import because BentoML's decorators take them when the class is defined: workers,
 # threads, `traffic.timeout`, the batching settings of `predict`, and the model tag that
 # `bentoml build` packs. Everything else (the model, its contract, the API key) is read when the
 # service starts, and lives on the instance.
+AT_IMPORT = environment()  # MLOPS_SERVE_OVERRIDES, MLOPS_MODEL_TAG (pipelines.config.Environment)
 PARAMS = load_params(
     ROOT / "params.yaml",
-    overrides={
-        f"serve.{k}": v for k, v in json.loads(os.environ.get(OVERRIDES_ENV) or "{}").items()
-    },
+    overrides={f"serve.{k}": v for k, v in AT_IMPORT.serve_overrides.items()},
 )
 SERVE: ServeConfig = PARAMS.serve
 # Adaptive batching only with a max batch over 1: otherwise each request is one model call, with no
 # BentoML dispatcher in between (see `serve.max_batch_size` in params.yaml for when that pays).
 BATCHING = SERVE.max_batch_size > 1
 LARGEST_CALL = SERVE.max_batch_size if BATCHING else SERVE.max_rows  # rows in one model call
-MODEL_TAG = os.environ.get("MLOPS_MODEL_TAG", f"{PARAMS.register_.model_name}:latest")
-API_KEY_ENV = "MLOPS_API_KEY"
+MODEL_TAG = AT_IMPORT.model_tag or f"{PARAMS.register_.model_name}:latest"
+API_KEY_ENV = Environment.name("api_key")
 PROTECTED = ("/predict", "/predict_image", "/metadata")
 log = logging.getLogger("mlops.service")
 
@@ -194,7 +191,7 @@ def pick_engine(model_dir: Path, serve: ServeConfig) -> Any:
     if reason is not None:
         log.info("engine: ONNX Runtime (TensorRT unavailable: %s)", reason)
         return OnnxEngine(onnx_path, serve.threads)
-    cache = Path(os.environ.get("MLOPS_TRT_CACHE", Path.home() / ".cache" / "mlops-trt"))
+    cache = environment().trt_cache
     key = tensorrt_engine.plan_key(onnx_path, tensorrt_engine.device_info())
     plan = cache / f"{key}-b{LARGEST_CALL}.plan"  # the plan's batch range is part of its key
     if not plan.exists():
@@ -367,7 +364,8 @@ class Guard:
         self.app = app
         self.max_body = max_body
         self.too_large = {"error": f"request body over {max_body} bytes"}
-        self.key = os.environ.get(API_KEY_ENV) or None
+        key = environment().api_key
+        self.key = key.get_secret_value() if key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -636,7 +634,7 @@ def openapi_document() -> dict[str, Any]:
     schemas["Error"] = ERROR_SCHEMA
     schemas["predict__Input"] = rows_schema()
     schemas["predict_image__Input"] = image_schema()
-    keyed = bool(os.environ.get(API_KEY_ENV))
+    keyed = environment().api_key is not None
     if keyed:
         doc["components"]["securitySchemes"] = {
             "bearer": {"type": "http", "scheme": "bearer"},

@@ -35,16 +35,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from flows.train import PROJECT_DIR_ENV, PROJECT_ROOT, ensure_gpu_limit, train
+from flows.train import PROJECT_ROOT, ensure_gpu_limit, train
 from pipelines import telemetry_off
 from pipelines.cli import run_cli
-from pipelines.config import OrchestrationConfig, Params, RunOverrides, load_params, section_dict
+from pipelines.config import (
+    Environment,
+    OrchestrationConfig,
+    Params,
+    RunOverrides,
+    load_params,
+    section_dict,
+)
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.deployments.runner import RunnerDeployment
     from prefect.runner.storage import RunnerStorage
 
+PROJECT_DIR_ENV = Environment.name("project_dir")  # MLOPS_PROJECT_DIR: each worker's checkout
 TRAINING_POOL = "training"
 INFERENCE_POOL = "inference"
 POOL_TYPE = "process"

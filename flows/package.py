@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts import file_sha256, read_json
-from pipelines.config import Params
+from pipelines.config import Environment, Params
 from pipelines.errors import PipelineError
 from pipelines.tracking import client_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-MODEL_TAG_ENV = "MLOPS_MODEL_TAG"  # which BentoML model service.py loads (and a build packs)
+MODEL_TAG_ENV = Environment.name("model_tag")  # the BentoML model service.py loads (a build packs)
 GOLDEN = "golden.json"  # pipelines.select.GOLDEN: the golden set, in the BentoML model's folder
 BENTO_DIR = "bento"  # artifact folder of the version's run holding its bento archive
 BENTO_TAG, BENTO_ARTIFACT = "bento_tag", "bento_artifact"  # model version tags

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import Params, RunOverrides
+from pipelines.config import Params, RunOverrides, environment
 from pipelines.tracking import UI_MODEL_TRAINING_QUERY, client_for, flatten, recorded_run
 
 DOCS_ARTIFACT = "data_docs/index.html"  # where the validate stage logs its Data Docs
@@ -17,10 +17,8 @@ NO_DATA_DOCS = "No `validate` stage in dvc.yaml: no Data Docs"
 def mlflow_run_url(params: Params, root: Path, run_id: str, artifact: str | None = None) -> str:
     """The run's page in the MLflow UI (`tracking.ui_url`, or the server itself) in its model
     training view; with `artifact`, that file opened in the run's Artifacts tab."""
-    import os
-
     _, experiment = client_for(params.tracking, root)
-    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+    tracking = environment().tracking_uri or ""
     base = tracking if tracking.startswith("http") else params.tracking.ui_url
     page = f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
     return f"{page}{f'/artifacts/{artifact}' if artifact else ''}?{UI_MODEL_TRAINING_QUERY}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
@@ -27,12 +26,21 @@ from prefect.tasks import exponential_backoff
 from flows.dvc_runner import DvcSession, StageOutcome
 from flows.params_file import effective_params, overridden_params_file, run_overrides
 from pipelines.cli import EXIT_REJECTED
-from pipelines.config import Arch, BatchSize, DataSource, Epochs, LearningRate, Params, RunOverrides
+from pipelines.config import (
+    Arch,
+    BatchSize,
+    DataSource,
+    Environment,
+    Epochs,
+    LearningRate,
+    Params,
+    RunOverrides,
+    environment,
+)
 from pipelines.errors import ParamsError, PipelineError
-from pipelines.tracking import PARENT_ENV, end_parent_run, start_parent_run
+from pipelines.tracking import end_parent_run, start_parent_run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PROJECT_DIR_ENV = "MLOPS_PROJECT_DIR"  # a worker's checkout (see flows/deployments.py)
 SELECT_STAGE = "select"  # its winner goes through the champion gate (a pipeline without: none)
 
 
@@ -197,7 +205,7 @@ def run_stages(
     """Each stage as its own task run, in order; returns stage -> final state name (also
     filled into `states` as they end, so a caller sees them when a stage fails)."""
     cfg = params.orchestration
-    env = {PARENT_ENV: parent_run_id}
+    env = Environment(parent_run_id=parent_run_id).exported()
     states = {} if states is None else states
     for stage in session.stage_order():
         timeout = cfg.stage_timeout_s.get(stage, max(cfg.stage_timeout_s.values()))
@@ -235,8 +243,8 @@ def train(
     up to date. `project_dir` is the checkout to run in (default: $MLOPS_PROJECT_DIR, else the
     checkout this file was loaded from).
     """
-    root = Path(project_dir or os.environ.get(PROJECT_DIR_ENV) or PROJECT_ROOT).resolve()
     try:
+        root = Path(project_dir or environment().project_dir or PROJECT_ROOT).resolve()
         overrides = run_overrides(
             epochs=epochs, lr=lr, batch_size=batch_size, arch=arch, data_source=data_source
         )

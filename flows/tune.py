@@ -12,7 +12,6 @@ The trials show in MLflow under a `tune-worker` run.
 
 from __future__ import annotations
 
-import os
 import shlex
 import socket
 import subprocess
@@ -26,8 +25,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field
 
 from flows.dvc_outputs import prepared_dir
-from flows.train import PROJECT_DIR_ENV, PROJECT_ROOT, StageFailed
-from pipelines.config import load_params
+from flows.train import PROJECT_ROOT, StageFailed
+from pipelines.config import environment, load_params
 
 STAGE = "tune"
 DATA_STAGE = "validate"  # brings the prepared data up to date (and checks it) first
@@ -77,7 +76,7 @@ def tune_worker(
 
     `trials`: at most this many trials from this worker (empty: until the study is full or
     `tune.timeout_s`). `project_dir`: the checkout (default: $MLOPS_PROJECT_DIR)."""
-    root = Path(project_dir or os.environ.get(PROJECT_DIR_ENV) or PROJECT_ROOT).resolve()
+    root = Path(project_dir or environment().project_dir or PROJECT_ROOT).resolve()
     params = load_params(root / "params.yaml")
     timeouts = params.orchestration.stage_timeout_s
     prepare_data(root, timeouts.get(DATA_STAGE, max(timeouts.values())))

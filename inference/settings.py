@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from inference.errors import HostSettingsError
+from pipelines.config import Environment
 
 HOME_ENV = "MLOPS_SERVING_HOME"
 ADDRESS_ENV = "MLOPS_SERVING_ADDRESS"
 PORTS_ENV = "MLOPS_SERVING_PORTS"
-API_KEY_ENV = "MLOPS_API_KEY"
+API_KEY_ENV = Environment.name("api_key")  # the service's own variable, passed on to replicas
 SUPERVISORD_ENV = "MLOPS_SUPERVISORD"
 NGINX_ENV = "MLOPS_NGINX"
 

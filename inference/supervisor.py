@@ -37,8 +37,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from inference.errors import HostError
 from inference.settings import HostSettings
+from pipelines.config import Environment
 
 PROXY_PROGRAM = "proxy"
 LAUNCHER = Path(__file__).with_name("serve.py")  # a replica's command (stdlib only)
@@ -106,9 +109,9 @@ def render_group(
     programs = [f"{group}-r{i}" for i in range(len(ports))]
     sections = [f"[group:{group}]\nprograms={','.join(programs)}\n"]
     for program, port in zip(programs, ports, strict=True):
-        env = {"BENTOML_HOME": str(run_home(settings, program)), "MLOPS_API_KEY": settings.api_key}
-        if model_tag:
-            env["MLOPS_MODEL_TAG"] = model_tag
+        key = SecretStr(settings.api_key)
+        passed = Environment(api_key=key, model_tag=model_tag or None).exported()
+        env = {"BENTOML_HOME": str(run_home(settings, program)), **passed}
         environment = ",".join(f'{k}="{v}"' for k, v in env.items())
         # By path: the program's interpreter need not have this checkout on its sys.path (and
         # no PYTHONPATH may point at it: the bento's own service.py must be the one imported).

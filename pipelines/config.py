@@ -7,6 +7,8 @@ an unknown key raises `ParamsError` naming the key and what is allowed.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -18,13 +20,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Json,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from pipelines.errors import ParamsError
+from pipelines.errors import EnvironmentVariableError, ParamsError
 from pipelines.models import ARCHITECTURES, IMAGE_INPUT
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -685,3 +689,131 @@ def _allowed_keys(loc: list[str]) -> list[str]:
 def section_dict(section: BaseModel) -> dict[str, Any]:
     """The section as plain data (for hashing, MLflow params, metadata)."""
     return section.model_dump(mode="json", by_alias=True)
+
+
+# --- environment variables --------------------------------------------------------------------
+# Host facts and hand-offs between processes; every tunable value lives in params.yaml instead.
+# Not here: the inference host's own variables (inference/settings.py: MLOPS_SERVING_*,
+# MLOPS_SUPERVISORD, MLOPS_NGINX) and those that libraries read themselves (PREFECT_*, the MLflow
+# client's MLFLOW_* credentials, CUDA_VISIBLE_DEVICES, torchrun's RANK / WORLD_SIZE / LOCAL_RANK).
+
+# MLflow's rule for a run id (mlflow.utils.validation's, in ASCII; not imported: MLflow is heavy
+# and the serving image has none)
+RunId = Annotated[str, Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,255}$")]
+
+
+class Environment(BaseModel):
+    """The environment variables the project reads itself: one field per variable, its
+    `validation_alias` the variable's name (`Environment.name`). Read them with `environment()`;
+    an empty value counts as unset. A process that starts another hands values on with
+    `Environment(field=...).exported()`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True)
+
+    tracking_uri: str | None = Field(
+        default=None,
+        validation_alias="MLFLOW_TRACKING_URI",
+        description="Set by the user or a worker's host: replaces params.yaml's tracking.uri "
+        "(MLflow's client reads it too).",
+    )
+    parent_run_id: RunId | None = Field(
+        default=None,
+        validation_alias="MLOPS_PARENT_RUN_ID",
+        description="Set by the train flow (or a user around `dvc repro`) for every stage "
+        "process: the MLflow parent run its stage runs nest under (pipelines/tracking.py).",
+    )
+    dvc_experiment: str | None = Field(
+        default=None,
+        validation_alias="DVC_EXP_NAME",
+        description="Set by `dvc exp run` for every stage command: its stages share one "
+        "parent run named after the experiment.",
+    )
+    dvc_baseline: str = Field(
+        default="",
+        validation_alias="DVC_EXP_BASELINE_REV",
+        description="Set by `dvc exp run` with DVC_EXP_NAME: the commit the experiment is on.",
+    )
+    tune_storage: str | None = Field(
+        default=None,
+        validation_alias="MLOPS_TUNE_STORAGE",
+        description="Set by the user (a PostgreSQL URL shared by tuning hosts) or by the tune "
+        "stage for its workers: replaces params.yaml's tune.storage.",
+    )
+    tune_run_id: RunId | None = Field(
+        default=None,
+        validation_alias="MLOPS_TUNE_RUN_ID",
+        description="Set by the tune stage for its worker processes: the MLflow run their "
+        "trials nest under.",
+    )
+    project_dir: Path | None = Field(
+        default=None,
+        validation_alias="MLOPS_PROJECT_DIR",
+        description="Set on each training host (its worker's environment): the checkout the "
+        "train and tune-worker flows run in (flows/deployments.py).",
+    )
+    model_tag: str | None = Field(
+        default=None,
+        validation_alias="MLOPS_MODEL_TAG",
+        description="Set by `flows.package` for `bentoml build` and by the inference host for "
+        "each replica: the BentoML model service.py serves (default <register.model_name>:latest).",
+    )
+    serve_overrides: Json[dict[str, Any]] = Field(
+        default_factory=dict,
+        validation_alias="MLOPS_SERVE_OVERRIDES",
+        description="Set by the user or a benchmark: a JSON object of `serve` keys for one "
+        'service run, e.g. {"max_batch_size": 64}.',
+    )
+    trt_cache: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "mlops-trt",
+        validation_alias="MLOPS_TRT_CACHE",
+        description="Set by the user: where service.py caches TensorRT plans.",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias="MLOPS_API_KEY",
+        description="Set on the serving host: the key /predict, /predict_image and /metadata "
+        "ask for (unset: no key).",
+    )
+
+    @field_validator("tune_storage")
+    @classmethod
+    def _storage(cls, url: str | None) -> str | None:
+        """Checked where a study can be opened. The lean bento has no SQLAlchemy and never opens
+        a study: a serving process on a shared host that has this variable set must start."""
+        import importlib.util
+
+        if url is None or importlib.util.find_spec("sqlalchemy") is None:
+            return url
+        return check_storage_url(url)
+
+    @classmethod
+    def name(cls, field: str) -> str:
+        """The variable behind `field` ("parent_run_id" -> "MLOPS_PARENT_RUN_ID")."""
+        return str(cls.model_fields[field].validation_alias)
+
+    def exported(self) -> dict[str, str]:
+        """The fields given to this instance as environment variables for a child process
+        (None -> "", which the child reads as unset)."""
+        given = [name for name in type(self).model_fields if name in self.model_fields_set]
+        return {self.name(name): _env_text(getattr(self, name)) for name in given}
+
+
+def _env_text(value: Any) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return "" if value is None else str(value)
+
+
+def environment(env: Mapping[str, str] | None = None) -> Environment:
+    """The project's variables from `env` (default: os.environ, read now, not cached). Raises
+    EnvironmentVariableError naming each bad variable on one line, never echoing a value (a URL
+    or a key may hold a secret)."""
+    env = os.environ if env is None else env
+    names = [Environment.name(field) for field in Environment.model_fields]
+    try:
+        return Environment.model_validate({name: env[name] for name in names if env.get(name)})
+    except ValidationError as exc:
+        problems = [f"{e['loc'][0]}: {e['msg']}" for e in exc.errors()]
+        raise EnvironmentVariableError("; ".join(problems).replace("Value error, ", "")) from None

@@ -40,3 +40,8 @@ class InUseError(PipelineError):
 
 class StorageError(PipelineError):
     """A database a stage keeps its state in (the tuning study) cannot be opened."""
+
+
+class EnvironmentVariableError(ParamsError):
+    """An environment variable the project reads (`pipelines.config.Environment`) has a bad
+    value; the message names the variable, never its value."""

@@ -1,6 +1,7 @@
 """MLflow tracking: one parent run per pipeline run, one nested run per stage.
 
-Run ids travel explicitly, in the environment of the stage processes (`resolve_parent`):
+Run ids travel explicitly, in the environment of the stage processes (`resolve_parent`; the
+variables are read through `pipelines.config.environment()`):
 - `MLOPS_PARENT_RUN_ID`: the orchestrator (the Prefect flow) creates the parent run and hands its
   id to every stage process; it owns the parent's status. A user can do the same around a plain
   `dvc repro` (`MLOPS_PARENT_RUN_ID=<run id> dvc repro`).
@@ -24,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import socket
 import subprocess
@@ -36,14 +36,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.artifacts import absolute_sqlite_url
-from pipelines.config import Params, TrackingConfig, section_dict
+from pipelines.config import Params, TrackingConfig, environment, section_dict
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-PARENT_ENV = "MLOPS_PARENT_RUN_ID"
-# Set by `dvc exp run` for every stage command (DVC 3: dvc.env.DVC_EXP_NAME, DVC_EXP_BASELINE_REV)
-DVC_EXP_NAME_ENV, DVC_EXP_BASELINE_ENV = "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"
 DVC_EXPERIMENT_TAG, DVC_BASELINE_TAG = "mlops.dvc.experiment", "mlops.dvc.baseline"
 # MLflow 3's experiment type tag: its UI reads "custom_model_development" as model training
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -72,7 +69,7 @@ log = logging.getLogger(__name__)
 
 def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
     """`MLFLOW_TRACKING_URI` if set, else `cfg.uri` with a relative SQLite path made absolute."""
-    return absolute_sqlite_url(os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri, root)
+    return absolute_sqlite_url(environment().tracking_uri or cfg.uri, root)
 
 
 def is_local_store(uri: str) -> bool:
@@ -281,13 +278,11 @@ def resolve_parent(params: Params, root: Path) -> tuple[str, bool]:
     """The parent run id, and whether this stage owns its status (no orchestrator above): the
     orchestrator's (`MLOPS_PARENT_RUN_ID`), the DVC experiment's (`DVC_EXP_NAME`), or a new one
     of this stage's own. See the module docstring."""
-    explicit = os.environ.get(PARENT_ENV)
-    if explicit:
-        return explicit, False
-    experiment = os.environ.get(DVC_EXP_NAME_ENV)
-    if experiment:
-        baseline = os.environ.get(DVC_EXP_BASELINE_ENV, "")
-        return experiment_parent(params, root, experiment, baseline), True
+    env = environment()
+    if env.parent_run_id:
+        return env.parent_run_id, False
+    if env.dvc_experiment:
+        return experiment_parent(params, root, env.dvc_experiment, env.dvc_baseline), True
     return start_parent_run(params, root), True
 
 

@@ -48,12 +48,13 @@ import yaml
 from pipelines.artifacts import absolute_sqlite_url, write_json
 from pipelines.cli import run_cli
 from pipelines.config import (
+    Environment,
     Params,
     SpaceParam,
     TrainConfig,
     TuneConfig,
     apply_overrides,
-    check_storage_url,
+    environment,
     section_dict,
     validate_params,
 )
@@ -68,8 +69,6 @@ if TYPE_CHECKING:
     from pipelines.training.loop import OnEpoch
 
 BEST_FORMAT = "mlops-tune-best/1"
-STORAGE_ENV = "MLOPS_TUNE_STORAGE"  # replaces tune.storage (e.g. a postgresql:// URL)
-TRIALS_PARENT_ENV = "MLOPS_TUNE_RUN_ID"  # the stage's MLflow run: its workers' trials nest there
 SQLITE_TIMEOUT_S = 60  # how long an SQLite writer waits for the lock (parallel workers)
 FINISHED_KEY = {"val_accuracy": "val_accuracy", "val_loss": "best_val_loss"}  # in train metrics
 log = logging.getLogger(__name__)
@@ -80,14 +79,9 @@ log = logging.getLogger(__name__)
 
 def storage_url(cfg: TuneConfig, root: Path) -> str:
     """`MLOPS_TUNE_STORAGE` if set, else `cfg.storage`; a relative SQLite path is made absolute.
-    Raises ParamsError naming `MLOPS_TUNE_STORAGE` when that is not a supported storage URL."""
-    env = os.environ.get(STORAGE_ENV)
-    if env:
-        try:
-            check_storage_url(env)
-        except ValueError as exc:
-            raise ParamsError(f"{STORAGE_ENV}: {exc}") from None
-    return absolute_sqlite_url(env or cfg.storage, root)
+    Raises EnvironmentVariableError (a ParamsError) naming `MLOPS_TUNE_STORAGE` when that is not
+    a supported storage URL."""
+    return absolute_sqlite_url(environment().tune_storage or cfg.storage, root)
 
 
 def study_lock(cfg: TuneConfig) -> contextlib.AbstractContextManager[None]:
@@ -95,7 +89,7 @@ def study_lock(cfg: TuneConfig) -> contextlib.AbstractContextManager[None]:
     join it): a second `tune` stage fails at once naming the holder's PID. A server storage
     (postgresql://) is shared by hosts by design: no lock. Relative paths: from the working
     directory (the project root)."""
-    url = os.environ.get(STORAGE_ENV) or cfg.storage
+    url = environment().tune_storage or cfg.storage
     prefix = "sqlite:///"
     if not cfg.enabled or not url.startswith(prefix):
         return contextlib.nullcontext()
@@ -407,7 +401,8 @@ def spawn_workers(
     base += ["--prepared", str(prepared_dir), "--worker", "--threads", threads]
     if parent is None:
         base.append("--untracked")
-    full_env = {**os.environ, STORAGE_ENV: storage, TRIALS_PARENT_ENV: parent or ""}
+    handed_on = Environment(tune_storage=storage, tune_run_id=parent).exported()
+    full_env = {**os.environ, **handed_on}
     return [
         subprocess.Popen([*base, "--worker-index", str(k)], env=full_env)
         for k in range(params.tune.workers)
@@ -585,7 +580,7 @@ def _work(
     root = Path.cwd()
     name = study_name(params, read_manifest(prepared_dir)["content_hash"])
     storage = storage_url(params.tune, root)
-    parent = os.environ.get(TRIALS_PARENT_ENV)
+    parent = environment().tune_run_id
     if untracked:
         work(params, prepared_dir, storage, name, worker, None, max_trials)
         return

@@ -9,14 +9,11 @@ from mlflow import MlflowClient
 
 from pipelines.config import Params
 from pipelines.tracking import (
-    DVC_EXP_BASELINE_ENV,
-    DVC_EXP_NAME_ENV,
     EXPERIMENT_KIND_TAG,
     MODEL_TRAINING,
     OWNER_HOST,
     OWNER_PID,
     OWNER_STARTED,
-    PARENT_ENV,
     client_for,
     dataset_input,
     owner_alive,
@@ -41,7 +38,7 @@ def test_stage_runs_nest_under_an_explicit_parent(
     params: Params, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     parent = start_parent_run(params, tmp_path)
-    monkeypatch.setenv(PARENT_ENV, parent)
+    monkeypatch.setenv("MLOPS_PARENT_RUN_ID", parent)
     with stage_run("prepare", params, {"prepare": {"seed": 1}}, tmp_path, data_hash="abc") as run:
         run.log_metrics({"rows": 3.0})
     with pytest.raises(RuntimeError), stage_run("train", params, {}, tmp_path) as failing:
@@ -66,15 +63,15 @@ def test_stages_of_one_dvc_experiment_share_its_parent(
     """`dvc exp run` names the experiment in each stage's environment: its stages nest under one
     parent named after it, which each stage reopens and ends; another experiment gets its own,
     and a stage run with neither variable (plain `dvc repro`) stands alone."""
-    monkeypatch.delenv(PARENT_ENV, raising=False)
-    monkeypatch.setenv(DVC_EXP_BASELINE_ENV, "0123abc")
+    monkeypatch.delenv("MLOPS_PARENT_RUN_ID", raising=False)
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123abc")
     runs = {}
     for experiment, stage in (("exp-a", "prepare"), ("exp-a", "train"), ("exp-b", "prepare")):
-        monkeypatch.setenv(DVC_EXP_NAME_ENV, experiment)
+        monkeypatch.setenv("DVC_EXP_NAME", experiment)
         with stage_run(stage, params, {}, tmp_path) as run:
             pass
         runs[experiment, stage] = run
-    monkeypatch.delenv(DVC_EXP_NAME_ENV)
+    monkeypatch.delenv("DVC_EXP_NAME")
     with stage_run("prepare", params, {}, tmp_path) as alone:
         pass
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])

@@ -32,6 +32,8 @@ def world() -> World:
 
     if not (dist.is_available() and dist.is_initialized()):
         return World()
+    # torchrun's variables (its contract, read here where PyTorch reads its own), not the
+    # project's: they stay out of pipelines.config.Environment
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
