@@ -9,7 +9,8 @@ from pipelines.config import Params
 from pipelines.errors import ParityError
 from pipelines.export import export, verify_onnx
 from pipelines.runtime import read_metadata, session
-from tests.modelzoo import tiny_params, trained_model
+from tests.helpers.modelzoo import trained_model
+from tests.helpers.params import tiny_params
 
 
 @pytest.fixture(scope="module")

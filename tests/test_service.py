@@ -16,8 +16,8 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from pipelines.prepare import read_split
-from tests.images import digit_image, encoded, mode_variants
-from tests.serving import tiny_bento_model
+from tests.helpers.images import digit_image, encoded, mode_variants
+from tests.helpers.serving import tiny_bento_model
 
 FEATURES = 64
 

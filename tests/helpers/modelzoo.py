@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.config import Params, load_params
+from pipelines.config import Params
 from pipelines.prepare import prepare
-from tests.conftest import REPO
-
-TINY = {"train.epochs": 2, "train.model.width": 8, "train.patience": 2}
-
-
-def tiny_params(**overrides: object) -> Params:
-    return load_params(REPO / "params.yaml", overrides={**TINY, **overrides})
+from tests.helpers.params import tiny_params
 
 
 def trained_model(root: Path, params: Params | None = None) -> tuple[Path, Path]:
-    """(prepared dir, model file) under `root`."""
+    """(prepared dir, model file) under `root`; `params` defaults to tiny_params()."""
     from pipelines.models import save_model
     from pipelines.train import train
 
