@@ -13,9 +13,8 @@ from pipelines.artifacts import file_sha256
 from pipelines.export import export
 from pipelines.select import GOLDEN
 from pipelines.tracking import start_parent_run
-from tests.helpers.modelzoo import trained_model, write_golden
+from tests.helpers.modelzoo import tamper, trained_model, write_golden
 from tests.helpers.params import tiny_params
-from tests.test_export import tamper
 
 
 def test_gate_policy() -> None:

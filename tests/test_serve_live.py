@@ -364,7 +364,7 @@ def test_malformed_uploads_are_refused_and_no_url_is_fetched_by_either_path(
 ) -> None:
     """Over HTTP, with batching off and on: each malformed upload is a 400 naming the field, and
     the URL sent as text (to a loopback listener) is never fetched."""
-    from tests.test_service import Listener, upload_cases
+    from tests.helpers.uploads import Listener, upload_cases
 
     listener = Listener()
     headers = {"content-type": "multipart/form-data; boundary=b0undary"}
@@ -438,7 +438,7 @@ def readme_examples() -> list[str]:
 
 
 def test_readme_curl_examples_work_against_a_live_server(server: str, tmp_path: Path) -> None:
-    from tests.test_service import png
+    from tests.helpers.images import png
 
     (tmp_path / "digit.png").write_bytes(png())
     commands = readme_examples()

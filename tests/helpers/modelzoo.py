@@ -30,3 +30,15 @@ def write_golden(onnx_path: Path, prepared: Path, out: Path, rows: int = 50) -> 
 
     write_json(out, golden_set(onnx_predictor(onnx_path, 0), prepared, onnx_path, rows, 0))
     return out
+
+
+def tamper(src: Path, dst: Path) -> None:
+    """Scale the last layer's weights: a graph that still loads and runs, but is wrong."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    weights = max(proto.graph.initializer, key=lambda t: len(t.dims) == 2 and t.dims[0] == 10)
+    array = numpy_helper.to_array(weights)
+    weights.CopyFrom(numpy_helper.from_array(-3 * array, weights.name))
+    onnx.save(proto, str(dst))
