@@ -6,7 +6,7 @@ and what the proxy costs; on the tiny digits graph and on a realistic one, side 
 Two models, one run: `digits` (the tiny 8x8 CNN the tests use, ~0.1 ms a call) and `large`
 (benchmarks/model_speed.py's wider CNN, width 64 depth 3, on 32x32 synthetic images: a call
 costs milliseconds). Each is trained briefly, exported to ONNX and packed as test bentos with a
-golden set (tests/inference_host.py), then logged and registered in a real `mlflow server
+golden set (tests/helpers/inference_host.py), then logged and registered in a real `mlflow server
 --serve-artifacts` (sqlite, loopback) the way flows.package does (tags bento_tag/bento_artifact):
 every deploy names a registry version, so "fetch" is a real download over HTTP.
 
@@ -44,7 +44,7 @@ LARGE_FAST = {"train.epochs": 1, "train.patience": 1, "train.batch_size": 16}
 
 
 def policy() -> Any:
-    from tests.modelzoo import tiny_params
+    from tests.helpers.params import tiny_params
 
     return tiny_params(
         **{
@@ -67,8 +67,8 @@ def large_graph(root: Path) -> tuple[Path, Path]:
     images, exported to ONNX with its metadata: (model dir, prepared dir)."""
     from benchmarks.model_speed import LARGE, synthetic_images
     from pipelines.config import load_params
-    from tests.conftest import REPO
-    from tests.inference_host import trained_graph
+    from tests.helpers import REPO
+    from tests.helpers.inference_host import trained_graph
 
     synthetic_images(root / "data" / "synthetic32.csv", rows=1000)
     params = load_params(REPO / "params.yaml", overrides={**LARGE, **LARGE_FAST})
@@ -89,7 +89,7 @@ def overhead(
     side); p50/p99 (ms) of each side over its blocks, their ratios, and any non-200."""
     from benchmarks.serve_openloop import Load as OpenLoop
     from benchmarks.serve_openloop import warm
-    from tests.inference_host import API_KEY
+    from tests.helpers.inference_host import API_KEY
 
     headers = {"x-api-key": API_KEY}
     sides = {
@@ -136,7 +136,7 @@ def step(name: str, action: Callable[[Clock], Any], url: str, rows: list[list[fl
     """`action(log)` under a steady closed-loop load through the proxy; failed requests, the
     outcome and the rollout's step seconds."""
     from inference.errors import CheckError
-    from tests.inference_host import Load
+    from tests.helpers.inference_host import Load
 
     clock = Clock(name)
     with Load(url, rows, max_requests=20000, max_s=300) as load:
@@ -166,7 +166,7 @@ def run_model(
     """One model's host: first deploy, rollout, rejection, rollback, proxy overhead."""
     from inference import rollout, supervisor
     from inference.state import read_state
-    from tests.inference_host import host_for
+    from tests.helpers.inference_host import host_for
 
     settings, params = host_for(root / "host"), policy()
     results: dict[str, Any] = {}
@@ -248,14 +248,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="deploy-rollout-") as tmp:
         root = Path(tmp)
         os.environ["BENTOML_HOME"] = str(root / "bentoml")  # the builds' store, not ~/bentoml
-        from tests.inference_host import (
+        from tests.helpers.inference_host import (
             build_bento,
             golden_set,
             register_archive,
             rows_of,
             tiny_graph,
         )
-        from tests.processes import mlflow_server
+        from tests.helpers.processes import mlflow_server
 
         results: dict[str, Any] = {"load_average_start": os.getloadavg()}
         graphs = {"digits": tiny_graph, "large": large_graph}

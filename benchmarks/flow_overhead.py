@@ -44,7 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.processes import free_port  # noqa: E402
+from tests.helpers.processes import free_port  # noqa: E402
 
 RATIO_GOAL = 1.15
 TASK_OVERHEAD_GOAL_MS = 100.0

@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
-from tests.processes import free_port, stop_group, wait_ready  # noqa: E402
+from tests.helpers.processes import free_port, stop_group, wait_ready  # noqa: E402
 
 CONNECTIONS = (1, 2, 4, 8, 16, 32, 64)
 SERVER_CPUS, CLIENT_CPUS = "0", "1"
@@ -128,10 +128,10 @@ def model_source(work: Path) -> tuple[Path, str]:
     selected = REPO / "models" / "select" / "model.onnx"
     model_dir = work / "model"
     if not selected.is_file():
-        from tests.serving import tiny_bento_model
+        from tests.helpers.serving import tiny_bento_model
 
         tiny_bento_model(work / "tiny")
-        return work / "tiny" / "model", "tiny CNN trained here (tests/serving.py)"
+        return work / "tiny" / "model", "tiny CNN trained here (tests/helpers/serving.py)"
     model_dir.mkdir(parents=True)
     shutil.copy(selected, model_dir / "model.onnx")
     metadata = read_metadata(selected)

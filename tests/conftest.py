@@ -1,17 +1,42 @@
-"""Shared fixtures. Every store (MLflow, Prefect, BentoML, DVC cache) is isolated per session."""
+"""Shared fixtures and hooks. Every store (MLflow, Prefect, BentoML, DVC cache) is isolated per
+session; tests marked `gpu` or `tensorrt` are skipped, with the reason, where the host lacks it.
+Helpers the tests share live in tests/helpers/ (they never import this file)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 
 import pytest
 
 from pipelines.config import Params, load_params
+from tests.helpers import REPO
+from tests.helpers.params import tiny_params
 
-REPO = Path(__file__).resolve().parents[1]
+
+@cache
+def missing(marker: str) -> str | None:
+    """Why a test marked `marker` cannot run on this host, or None when it can."""
+    if marker == "gpu":
+        import torch
+
+        return None if torch.cuda.is_available() else "no CUDA device"
+    from pipelines import tensorrt_engine
+
+    reason = tensorrt_engine.unavailable_reason()
+    return reason and f"TensorRT plans cannot be built here: {reason}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark a `gpu` / `tensorrt` test skipped where the host lacks it, with what is missing
+    (`-ra` lists it under the test's own name)."""
+    for item in items:
+        for marker in ("gpu", "tensorrt"):
+            if item.get_closest_marker(marker) and (reason := missing(marker)):
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,11 +66,8 @@ def isolated_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture
 def params() -> Params:
-    """The real params.yaml, shrunk for tests (few epochs, small model)."""
-    return load_params(
-        REPO / "params.yaml",
-        overrides={"train.epochs": 3, "train.model.width": 8, "train.patience": 3},
-    )
+    """The real params.yaml, shrunk for tests: tests.helpers.params.tiny_params()."""
+    return tiny_params()
 
 
 @pytest.fixture

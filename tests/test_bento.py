@@ -13,7 +13,7 @@ import yaml
 from flows.package import PackageError, export_target, package
 from pipelines.config import load_params
 from pipelines.errors import ParamsError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 HEAVY = ("torch", "mlflow", "prefect", "dvc", "great_expectations", "sklearn", "optuna")
 

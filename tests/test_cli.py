@@ -16,7 +16,7 @@ import yaml
 
 from pipelines.cli import EXIT_REJECTED
 from pipelines.config import STAGES
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # One bad value per stage, in the stage's own section where it has one (tune: the case).
 BAD = {

@@ -18,7 +18,7 @@ from pipelines.config import (
     validate_params,
 )
 from pipelines.errors import ParamsError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_params_yaml_loads_into_frozen_models() -> None:

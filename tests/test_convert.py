@@ -10,7 +10,7 @@ from pipelines import tensorrt_engine
 from pipelines.artifacts import read_json, write_json
 from pipelines.convert import convert
 from pipelines.runtime import session
-from tests.modelzoo import tiny_params
+from tests.helpers.params import tiny_params
 
 REASON = tensorrt_engine.unavailable_reason()
 
@@ -27,12 +27,11 @@ def test_convert_records_skipped_with_the_reason(tmp_path: Path) -> None:
     assert read_json(tmp_path / "out" / "plans.json") == result
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(REASON is not None, reason=f"TensorRT plans cannot be built here: {REASON}")
+@pytest.mark.tensorrt
 def test_plans_build_with_a_batch_profile_and_keep_parity(tmp_path: Path) -> None:
     from pipelines.export import export
     from pipelines.quantize import quantize
-    from tests.modelzoo import trained_model
+    from tests.helpers.modelzoo import trained_model
 
     params = tiny_params()
     prepared, model = trained_model(tmp_path, params)

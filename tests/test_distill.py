@@ -7,8 +7,9 @@ import torch.nn.functional as F  # noqa: N812
 from pipelines.distill import distill, distillation_loss
 from pipelines.errors import InUseError
 from pipelines.models import load_model, save_model
-from tests.locks import held_elsewhere
-from tests.modelzoo import tiny_params, trained_model
+from tests.helpers.locks import held_elsewhere
+from tests.helpers.modelzoo import trained_model
+from tests.helpers.params import tiny_params
 
 
 def test_loss_mixes_soft_targets_and_labels() -> None:

@@ -14,7 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.train import stage_order
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 FAST = {  # a quick, barely trained model: its logits are close, so quantization moves more

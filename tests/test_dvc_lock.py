@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def stale_entries(status: dict[str, Any]) -> list[str]:

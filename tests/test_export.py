@@ -1,15 +1,14 @@
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 from pipelines.config import Params
 from pipelines.errors import ParityError
 from pipelines.export import export, verify_onnx
 from pipelines.runtime import read_metadata, session
-from tests.modelzoo import tiny_params, trained_model
+from tests.helpers.modelzoo import tamper, trained_model
+from tests.helpers.params import tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +41,6 @@ def test_export_records_parity_within_the_gate(exported: tuple, tmp_path: Path) 
     assert metrics["max_abs_diff"] <= params.export.parity_max_abs_diff
     assert metrics["argmax_agreement"] >= params.export.parity_min_agreement
     assert metrics["test_rows"] == 270
-
-
-def tamper(src: Path, dst: Path) -> None:
-    """Scale the last layer's weights: a graph that still loads and runs, but is wrong."""
-    proto = onnx.load(str(src))
-    weights = max(proto.graph.initializer, key=lambda t: len(t.dims) == 2 and t.dims[0] == 10)
-    array = numpy_helper.to_array(weights)
-    weights.CopyFrom(numpy_helper.from_array(-3 * array, weights.name))
-    onnx.save(proto, str(dst))
 
 
 def test_parity_gate_fails_on_a_tampered_graph(exported: tuple, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from flows.train import StageFailed, StageRejected, ensure_gpu_limit, stage_orde
 from pipelines import telemetry_off
 from pipelines.config import RunOverrides
 from pipelines.errors import ParamsError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 STAGE_SCRIPT = '''
 """A fake stage. FAKE_<STAGE>="exit:<code>:<times>" fails the first <times> attempts with

@@ -35,8 +35,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.train import stage_order
 from pipelines.config import load_params
-from tests.conftest import REPO
-from tests.processes import free_port, stop_group
+from tests.helpers import REPO
+from tests.helpers.processes import free_port, stop_group
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright never downloads a browser

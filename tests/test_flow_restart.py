@@ -18,7 +18,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.processes import free_port, stop_group
+from tests.helpers.processes import free_port, stop_group
 from tests.test_flow import attempts, make_fake_project, set_orchestration, wait_until
 from tests.test_flow_e2e import base_env, start, tail, wait_healthy
 

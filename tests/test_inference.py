@@ -19,7 +19,7 @@ from inference.errors import FetchError, HostSettingsError
 from inference.settings import host_settings
 from inference.state import Slot, State, history, read_state, record, write_state
 from inference.store import inspect
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # /metrics as BentoML 1.4 serves it (trimmed): a /predict endpoint with 200s and 500s, a /readyz
 # probe that must not count, and the duration histogram.

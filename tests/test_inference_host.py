@@ -19,7 +19,7 @@ from inference.errors import CheckError, FetchError, HostError
 from inference.settings import HostSettings, host_settings
 from inference.state import history, read_state, state_path
 from pipelines.config import Params
-from tests.inference_host import (
+from tests.helpers.inference_host import (
     API_KEY,
     MODEL_NAME,
     Load,
@@ -30,7 +30,7 @@ from tests.inference_host import (
     rows_of,
     tiny_graph,
 )
-from tests.modelzoo import tiny_params
+from tests.helpers.params import tiny_params
 
 pytestmark = pytest.mark.slow
 FAULTY = Path(__file__).parent / "faulty" / "faulty_service.py"
@@ -390,7 +390,7 @@ def test_the_cli_rejects_bad_input_with_one_line_and_exit_2(tmp_path: Path) -> N
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     home = tmp_path / "host"
     env = {**os.environ, "MLOPS_SERVING_HOME": str(home), "MLOPS_API_KEY": API_KEY}

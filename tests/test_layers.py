@@ -4,7 +4,7 @@ the serving side never imports the training stack."""
 import ast
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 FORBIDDEN_IN_PIPELINES = {"prefect", "dvc", "flows"}
 

@@ -15,8 +15,8 @@ import yaml
 from pipelines.config import load_params, section_dict
 from pipelines.errors import InUseError
 from pipelines.lifecycle import exclusive
-from tests.conftest import REPO
-from tests.locks import held_elsewhere
+from tests.helpers import REPO
+from tests.helpers.locks import held_elsewhere
 
 # A parent that starts a stage-like child (its body runs under run_cli, as every stage's does),
 # prints the child's PID and waits for it.

@@ -16,8 +16,8 @@ import pipelines.quantize
 import pipelines.train
 from pipelines.artifacts import read_json, write_json
 from pipelines.cli import EXIT_REJECTED
-from tests.conftest import REPO
-from tests.modelzoo import trained_model
+from tests.helpers import REPO
+from tests.helpers.modelzoo import trained_model
 
 TEXT_COLUMN = "px_3"  # the fourth feature column of the built-in digits
 
@@ -27,7 +27,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A trained model and its ONNX export, with two broken copies of its prepared data: one with
     text in a feature column (all splits), one with 4 feature columns instead of 64."""
     from pipelines.export import export
-    from tests.modelzoo import tiny_params
+    from tests.helpers.params import tiny_params
 
     root = tmp_path_factory.mktemp("mismatch")
     params = tiny_params()

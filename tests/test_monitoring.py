@@ -26,9 +26,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.processes import free_port, stop_group
-from tests.serving import live_service, tiny_bento_model
+from tests.helpers import REPO
+from tests.helpers.processes import free_port, stop_group
+from tests.helpers.serving import live_service, tiny_bento_model
 
 MONITORING = REPO / "monitoring"
 CONFIG = MONITORING / "prometheus.yml"

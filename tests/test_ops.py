@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 START = REPO / "ops" / "start"
 UNITS = sorted((REPO / "ops" / "systemd").glob("*.service"))

@@ -8,7 +8,7 @@ from pipelines.artifacts import read_json
 from pipelines.config import Params, load_params
 from pipelines.errors import DataSourceError
 from pipelines.prepare import non_numeric_cells, prepare, read_split
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 TABLE = {
     "data.features": ["a", "b", "c"],

@@ -16,7 +16,8 @@ from pipelines.errors import PipelineError
 from pipelines.train import train
 from pipelines.training.checkpoints import checkpoint_files
 from pipelines.training.loop import cross_entropy
-from tests.modelzoo import tiny_params, trained_model
+from tests.helpers.modelzoo import trained_model
+from tests.helpers.params import tiny_params
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_every_stage_after_the_model_runs_the_floor_first() -> None:
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     dot = subprocess.run(
         [sys.executable, "-m", "dvc", "dag", "--dot"],

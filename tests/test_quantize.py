@@ -23,8 +23,9 @@ from pipelines.quantize import (
 )
 from pipelines.runtime import logits, read_metadata, session
 from pipelines.select import Family, select
-from tests.conftest import REPO
-from tests.modelzoo import tiny_params, trained_model
+from tests.helpers import REPO
+from tests.helpers.modelzoo import trained_model
+from tests.helpers.params import tiny_params
 
 
 @pytest.fixture(scope="module")

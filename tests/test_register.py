@@ -14,8 +14,8 @@ from pipelines.champion import CHALLENGER, CHAMPION
 from pipelines.export import export
 from pipelines.select import GOLDEN
 from pipelines.tracking import start_parent_run
-from tests.modelzoo import tiny_params, trained_model, write_golden
-from tests.test_export import tamper
+from tests.helpers.modelzoo import tamper, trained_model, write_golden
+from tests.helpers.params import tiny_params
 
 
 def select_dir(root: Path, onnx_path: Path, prepared: Path | None = None) -> Path:

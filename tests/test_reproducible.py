@@ -13,14 +13,12 @@ from pathlib import Path
 import pytest
 
 from pipelines.artifacts import file_sha256
-from pipelines.config import Params, load_params
-from tests.conftest import REPO
+from pipelines.config import Params
+from tests.helpers import REPO
+from tests.helpers.params import tiny_params
 
 pytestmark = pytest.mark.slow
-SHRUNK = {
-    "train.epochs": 2,
-    "train.model.width": 8,
-    "train.patience": 2,
+SHRUNK = {  # on tiny_params()
     "train.num_workers": 0,
     "train.device": "cpu",
     "quantize.calibration_samples": 64,
@@ -82,7 +80,7 @@ def hashes(path: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    params = load_params(REPO / "params.yaml", overrides=SHRUNK)
+    params = tiny_params(SHRUNK)
     roots = tmp_path_factory.mktemp("first"), tmp_path_factory.mktemp("second")
     for root in roots:
         run_stages(params, root)

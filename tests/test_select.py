@@ -25,7 +25,8 @@ from pipelines.select import (
     select,
     winner_predictor,
 )
-from tests.modelzoo import tiny_params, trained_model
+from tests.helpers.modelzoo import trained_model
+from tests.helpers.params import tiny_params
 
 
 def cand(

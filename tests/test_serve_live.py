@@ -27,10 +27,11 @@ from pipelines.prepare import read_split
 from pipelines.preprocessing import to_model_input
 from pipelines.runtime import logits, read_metadata, session, softmax
 from pipelines.tracking import start_parent_run
-from tests.conftest import REPO
-from tests.modelzoo import tiny_params, trained_model
-from tests.processes import mlflow_server
-from tests.serving import live_service
+from tests.helpers import REPO
+from tests.helpers.modelzoo import trained_model
+from tests.helpers.params import tiny_params
+from tests.helpers.processes import mlflow_server
+from tests.helpers.serving import live_service
 from tests.test_register import select_dir
 
 pytestmark = pytest.mark.slow
@@ -363,7 +364,7 @@ def test_malformed_uploads_are_refused_and_no_url_is_fetched_by_either_path(
 ) -> None:
     """Over HTTP, with batching off and on: each malformed upload is a 400 naming the field, and
     the URL sent as text (to a loopback listener) is never fetched."""
-    from tests.test_service import Listener, upload_cases
+    from tests.helpers.uploads import Listener, upload_cases
 
     listener = Listener()
     headers = {"content-type": "multipart/form-data; boundary=b0undary"}
@@ -380,12 +381,17 @@ def test_malformed_uploads_are_refused_and_no_url_is_fetched_by_either_path(
 
 def schemathesis_run(url: str, workdir: Path, *headers: str) -> subprocess.CompletedProcess[str]:
     """Schemathesis (all checks; examples, coverage and fuzzing phases, 50 examples an operation,
-    fixed seed) against `url`/docs.json; valid image uploads: tests/schemathesis_hooks.py."""
+    fixed seed) against `url`/docs.json; valid image uploads:
+    tests/helpers/schemathesis_hooks.py."""
     command = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{url}/docs.json"]
     command += ["--checks", "all", "--phases", "examples,coverage,fuzzing", "--max-examples", "50"]
     command += ["--seed", "1", "--workers", "1", "--request-timeout", "20", "--no-color"]
     command += ["--generation-database", "none", *(f"--header={h}" for h in headers)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "SCHEMATHESIS_HOOKS": "tests.helpers.schemathesis_hooks",
+    }
     return subprocess.run(
         command, cwd=workdir, env=env, capture_output=True, text=True, timeout=240, check=False
     )
@@ -432,7 +438,7 @@ def readme_examples() -> list[str]:
 
 
 def test_readme_curl_examples_work_against_a_live_server(server: str, tmp_path: Path) -> None:
-    from tests.test_service import png
+    from tests.helpers.images import png
 
     (tmp_path / "digit.png").write_bytes(png())
     commands = readme_examples()

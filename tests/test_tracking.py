@@ -22,7 +22,7 @@ from pipelines.tracking import (
     start_parent_run,
     tracking_uri,
 )
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_relative_sqlite_uri_is_under_the_project_root(

@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from pipelines.artifacts import read_json, write_json
-from pipelines.config import Params, load_params
+from pipelines.config import load_params
 from pipelines.errors import CheckpointError, DataSourceError, ParamsError
 from pipelines.models import load_model, save_model
 from pipelines.prepare import read_split
@@ -32,21 +31,16 @@ from pipelines.training.checkpoints import (
     read_checkpoint,
 )
 from pipelines.training.data import split_arrays
-from tests.locks import held_elsewhere
+from tests.helpers import REPO
+from tests.helpers.locks import held_elsewhere
+from tests.helpers.params import tiny_params, write_params_file
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = {"train.epochs": 3, "train.model.width": 8, "train.patience": 10, "train.num_workers": 0}
-TINY_MODEL = {"arch": "cnn", "width": 8, "depth": 2, "dropout": 0.1}
+# On top of tiny_params(): three epochs, no early stop, in-process loading.
+LOOP = {"train.epochs": 3, "train.patience": 10, "train.num_workers": 0}
 
 
 class Crash(Exception):
     """Stands for a process dying after some epoch."""
-
-
-def tiny(**overrides: Any) -> Params:
-    """The real params.yaml, shrunk: keys like train__lr mean "train.lr"."""
-    dotted = {key.replace("__", "."): value for key, value in overrides.items()}
-    return load_params(REPO / "params.yaml", overrides={**TINY, **dotted})
 
 
 def crash_after(epoch: int) -> Any:
@@ -79,7 +73,7 @@ def val_inputs(prepared: Path) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_each_arch_learns_well_above_chance(arch: str, prepared: Path, tmp_path: Path) -> None:
-    cfg = tiny(train__model__arch=arch, train__epochs=5, train__model__width=32).train
+    cfg = tiny_params(LOOP, train__model__arch=arch, train__epochs=5, train__model__width=32).train
     result = train(cfg, prepared, tmp_path / "ckpt")
     assert result.metrics["val_accuracy"] > 0.6  # 10 classes: chance is 0.1
     assert result.metrics["epochs_run"] == len(result.history) == 5
@@ -91,7 +85,7 @@ def test_each_arch_learns_well_above_chance(arch: str, prepared: Path, tmp_path:
 
 
 def test_same_seed_gives_identical_numbers_and_weights(prepared: Path, tmp_path: Path) -> None:
-    cfg = tiny().train
+    cfg = tiny_params(LOOP).train
     first, second = (train(cfg, prepared, tmp_path / name) for name in ("a", "b"))
     assert numbers(first) == numbers(second)
     assert_same_weights(first.model, second.model)
@@ -102,7 +96,7 @@ def test_same_seed_gives_identical_numbers_and_weights(prepared: Path, tmp_path:
 def test_resume_after_a_crash_matches_an_uninterrupted_run(
     prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = tiny(train__epochs=4).train
+    cfg = tiny_params(LOOP, train__epochs=4).train
     whole = train(cfg, prepared, tmp_path / "whole")
     with pytest.raises(Crash):
         train(cfg, prepared, tmp_path / "ckpt", on_epoch=crash_after(2))
@@ -117,7 +111,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(
 
 
 def test_loader_workers_change_nothing_even_across_a_resume(prepared: Path, tmp_path: Path) -> None:
-    cfg = tiny().train
+    cfg = tiny_params(LOOP).train
     plain = train(cfg, prepared, tmp_path / "plain")
     workers = cfg.model_copy(update={"num_workers": 2})
     with pytest.raises(Crash):
@@ -131,7 +125,7 @@ def test_loader_workers_change_nothing_even_across_a_resume(prepared: Path, tmp_
 def test_a_changed_config_or_resume_off_starts_fresh(
     prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = tiny().train
+    cfg = tiny_params(LOOP).train
     with pytest.raises(Crash):
         train(cfg, prepared, tmp_path, on_epoch=crash_after(1))
     with caplog.at_level(logging.INFO, logger="pipelines.train"):
@@ -155,7 +149,7 @@ def test_a_changed_config_or_resume_off_starts_fresh(
 def test_early_stopping_keeps_the_best_epoch(
     prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = tiny(train__epochs=10, train__patience=2, train__min_delta=100.0).train
+    cfg = tiny_params(LOOP, train__epochs=10, train__patience=2, train__min_delta=100.0).train
     with caplog.at_level(logging.INFO, logger="pipelines.train"):
         result = train(cfg, prepared, tmp_path)
     # No epoch beats the first by min_delta: two more epochs, then stop; epoch 1 is kept.
@@ -168,7 +162,7 @@ def test_early_stopping_keeps_the_best_epoch(
 def test_constant_schedule_and_one_log_line_per_epoch(
     prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = tiny(train__scheduler="constant", train__model__arch="mlp").train
+    cfg = tiny_params(LOOP, train__scheduler="constant", train__model__arch="mlp").train
     with caplog.at_level(logging.INFO, logger="pipelines.train"):
         result = train(cfg, prepared, tmp_path)
     assert {row["lr"] for row in result.history} == {cfg.lr}
@@ -179,7 +173,7 @@ def test_constant_schedule_and_one_log_line_per_epoch(
 
 
 def test_checkpoint_every_epoch_holds_the_whole_state(prepared: Path, tmp_path: Path) -> None:
-    cfg = tiny().train
+    cfg = tiny_params(LOOP).train
     seen = []
     for epoch in (1, 2):  # die after each epoch in turn: every run resumes the previous one
         with pytest.raises(Crash):
@@ -202,7 +196,7 @@ def test_checkpoint_every_epoch_holds_the_whole_state(prepared: Path, tmp_path: 
 def test_a_truncated_newest_checkpoint_is_skipped_and_the_older_one_resumed(
     prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = tiny(train__epochs=4).train
+    cfg = tiny_params(LOOP, train__epochs=4).train
     whole = train(cfg, prepared, tmp_path / "whole")
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Crash):
@@ -227,7 +221,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_the_older_one_resumed(
 def test_no_readable_checkpoint_starts_fresh_naming_each_file(
     prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = tiny().train
+    cfg = tiny_params(LOOP).train
     with pytest.raises(Crash):
         train(cfg, prepared, tmp_path / "ckpt", on_epoch=crash_after(2))
     files = sorted((tmp_path / "ckpt").glob("epoch-*.ckpt"))
@@ -254,14 +248,14 @@ def test_a_checkpoint_loads_tensors_and_plain_data_only(tmp_path: Path) -> None:
 
 def test_the_same_checkpoint_content_gives_the_same_bytes(prepared: Path, tmp_path: Path) -> None:
     with pytest.raises(Crash):
-        train(tiny().train, prepared, tmp_path / "a", on_epoch=crash_after(1))
+        train(tiny_params(LOOP).train, prepared, tmp_path / "a", on_epoch=crash_after(1))
     first = tmp_path / "a" / "epoch-00001.ckpt"
     again = CheckpointDir(tmp_path / "b").save(read_checkpoint(first))
     assert again.read_bytes() == first.read_bytes()
 
 
 def test_model_file_reloads_and_predicts_the_same(prepared: Path, tmp_path: Path) -> None:
-    result = train(tiny().train, prepared, tmp_path / "ckpt")
+    result = train(tiny_params(LOOP).train, prepared, tmp_path / "ckpt")
     save_model(tmp_path / "model.pt", result)
     content = torch.load(tmp_path / "model.pt", weights_only=True)
     assert set(content) == {"format", "model_args", "state_dict", "metadata"}
@@ -284,25 +278,24 @@ def test_unusable_inputs_raise_errors_a_user_can_act_on(prepared: Path, tmp_path
     with pytest.raises(CheckpointError, match="run the train stage"):
         load_model(tmp_path / "missing.pt")
     with pytest.raises(DataSourceError, match="run the prepare stage"):
-        train(tiny().train, tmp_path / "nothing", tmp_path / "ckpt")
+        train(tiny_params(LOOP).train, tmp_path / "nothing", tmp_path / "ckpt")
     odd = tmp_path / "odd"
     shutil.copytree(prepared, odd)
     manifest = read_json(odd / "manifest.json")
     write_json(odd / "manifest.json", {**manifest, "labels": list(range(9))})
     with pytest.raises(DataSourceError, match="label values 9 are not in"):
-        train(tiny().train, odd, tmp_path / "ckpt")
+        train(tiny_params(LOOP).train, odd, tmp_path / "ckpt")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_cuda_requested_without_a_gpu_is_rejected(prepared: Path, tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="no CUDA device"):
-        train(tiny(train__device="cuda").train, prepared, tmp_path)
+        train(tiny_params(LOOP, train__device="cuda").train, prepared, tmp_path)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_with_loader_workers(prepared: Path, tmp_path: Path) -> None:
-    cfg = tiny(train__device="cuda", train__bf16=True, train__num_workers=2).train
+    cfg = tiny_params(LOOP, train__device="cuda", train__bf16=True, train__num_workers=2).train
     result = train(cfg, prepared, tmp_path)
     assert result.metrics["val_accuracy"] > 0.3
     assert next(result.model.parameters()).device.type == "cpu"
@@ -322,19 +315,12 @@ def run_main(project: Path, prepared: Path) -> dict[str, Path]:
     return outputs
 
 
-def write_params(project: Path, **train: Any) -> None:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["train"].update(train)
-    project.mkdir(parents=True, exist_ok=True)
-    (project / "params.yaml").write_text(yaml.safe_dump(raw))
-
-
 def test_main_writes_outputs_and_tracks_epochs_and_a_reloadable_mlflow_model(
     prepared: Path, tmp_path: Path, mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mlflow
 
-    write_params(tmp_path, epochs=3, patience=10, model=TINY_MODEL)
+    write_params_file(tiny_params(LOOP), tmp_path)
     monkeypatch.chdir(tmp_path)
     out = run_main(tmp_path, prepared)
     metrics = read_json(out["metrics"])
@@ -387,8 +373,8 @@ def test_kill_9_mid_run_then_restart_resumes_to_the_same_result(
 ) -> None:
     """A real `python -m pipelines.train` killed with SIGKILL after epoch 2, started again."""
     epochs = 8
-    model = {"arch": "cnn", "width": 48, "depth": 2, "dropout": 0.1}  # ~0.3 s per epoch
-    write_params(tmp_path, epochs=epochs, patience=epochs, model=model, device="cpu")
+    shrunk = {"train.epochs": epochs, "train.patience": epochs, "train.device": "cpu"}
+    write_params_file(tiny_params(shrunk, train__model__width=48), tmp_path)  # ~0.3 s per epoch
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -435,7 +421,7 @@ def test_a_second_train_into_a_held_checkpoint_dir_fails_fast_naming_the_holder(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    write_params(tmp_path, epochs=3, patience=10, model=TINY_MODEL)
+    write_params_file(tiny_params(LOOP), tmp_path)
     monkeypatch.chdir(tmp_path)
     argv = ["--prepared", str(prepared), "--model", "model.pt", "--metrics", "train.json"]
     argv += ["--plots", "train.csv", "--checkpoint-dir", "checkpoints/train"]

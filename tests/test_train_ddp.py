@@ -17,17 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 
-from pipelines.config import Params, load_params, section_dict
+from pipelines.config import Params
 from pipelines.train import train
 from pipelines.training.checkpoints import checkpoint_files
-from tests.conftest import REPO
+from tests.helpers import REPO
+from tests.helpers.params import tiny_params, write_params_file
 
 ACCURACY_TOLERANCE = 0.03
 LOSS_TOLERANCE = 0.15  # relative
-SMALL = {"train.epochs": 5, "train.model.width": 8, "train.patience": 10, "train.num_workers": 0}
+SMALL = {"train.epochs": 5, "train.patience": 10, "train.num_workers": 0}  # on tiny_params()
 
 
 class Crash(Exception):
@@ -47,8 +47,8 @@ def torchrun(root: Path, prepared: Path, nproc: int = 2) -> subprocess.Completed
 
 @pytest.fixture
 def small(tmp_path: Path) -> Params:
-    params = load_params(REPO / "params.yaml", overrides=SMALL)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(section_dict(params), sort_keys=False))
+    params = tiny_params(SMALL)
+    write_params_file(params, tmp_path)
     return params
 
 

@@ -31,7 +31,8 @@ from pipelines.tune import (
     suggest,
     tune,
 )
-from tests.conftest import REPO
+from tests.helpers import REPO
+from tests.helpers.params import tiny_params
 
 SMALL_SPACE = {
     "train.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True},
@@ -40,10 +41,8 @@ SMALL_SPACE = {
 
 
 def tune_params(tmp_path: Path, space: dict[str, Any] | None = None, **tune: Any) -> Params:
-    """params.yaml shrunk: tiny CNN, few epochs; tuning on, a few trials, a study under tmp."""
-    raw = section_dict(load_params(REPO / "params.yaml"))
-    raw["train"].update(epochs=3, patience=10, num_workers=0)
-    raw["train"]["model"].update(width=8)
+    """tiny_params() with three epochs; tuning on, a few trials, a study under tmp."""
+    raw = section_dict(tiny_params(train__epochs=3, train__patience=10, train__num_workers=0))
     raw["tune"].update(
         enabled=True,
         trials=4,

@@ -25,8 +25,8 @@ from optuna.trial import TrialState
 
 from pipelines.config import Params, section_dict
 from pipelines.tune import make_storage, open_study, study_name
-from tests.conftest import REPO
-from tests.processes import free_port
+from tests.helpers import REPO
+from tests.helpers.processes import free_port
 from tests.test_tune import tune_params
 
 pytestmark = pytest.mark.slow

@@ -29,9 +29,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO
-from tests.netns import Host, lan, skip_reason
-from tests.processes import stop_group
+from tests.helpers import REPO
+from tests.helpers.netns import Host, lan, skip_reason
+from tests.helpers.processes import stop_group
 from tests.test_flow_e2e import base_env, tail
 
 pytestmark = [
@@ -502,8 +502,9 @@ def load_from_train(
 
 def second_version(cluster: Cluster, base: Path, version: str) -> None:
     """Registry version `version` on the training host: another trained model's bento, logged
-    and registered the way flows.package does it (tests/inference_host.py), made champion."""
-    from tests.inference_host import build_bento, golden_set, register_archive, tiny_graph
+    and registered the way flows.package does it (tests/helpers/inference_host.py), made
+    champion."""
+    from tests.helpers.inference_host import build_bento, golden_set, register_archive, tiny_graph
 
     model_dir, prepared = tiny_graph(base / "v2")
     archive = build_bento(model_dir, golden_set(model_dir, prepared, 50), version, base / "v2")
@@ -545,7 +546,7 @@ def kill_worker(cluster: Cluster, paths: Paths) -> None:
     and the flow run it started die as in a crash of the worker's service."""
     import psutil
 
-    from tests.netns import sh
+    from tests.helpers.netns import sh
 
     keep = {int((paths.serving_home / "supervisord.pid").read_text())}
     keep |= {child.pid for child in psutil.Process(min(keep)).children(recursive=True)}

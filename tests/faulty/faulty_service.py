@@ -1,6 +1,6 @@
 """Test-only: the product's service with a fault injected in front of it. After FAULT_AFTER
 POST /predict requests (its warm-up and checks pass), every /predict answers 500: the canary must
-see it and roll the candidate back. Packed into a test bento by tests/inference_host.py; the
+see it and roll the candidate back. Packed into a test bento by tests/helpers/inference_host.py; the
 product's service.py knows nothing of it."""
 
 from __future__ import annotations

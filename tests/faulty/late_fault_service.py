@@ -2,7 +2,7 @@
 exists in the replica's own BENTOML_HOME (supervisord gives each replica its own), every
 POST /predict answers 500: a candidate that passes its checks and the canary, then breaks after
 promotion, which the watch window must catch and roll back. The test creates the file when the
-deploy logs its promotion. Packed into a test bento by tests/inference_host.py."""
+deploy logs its promotion. Packed into a test bento by tests/helpers/inference_host.py."""
 
 from __future__ import annotations
 

@@ -25,9 +25,10 @@ from pipelines.export import export
 from pipelines.prepare import read_split
 from pipelines.preprocessing import to_model_input
 from pipelines.runtime import logits, read_metadata, session, softmax
-from tests.conftest import REPO
-from tests.modelzoo import tiny_params, trained_model
-from tests.processes import free_port
+from tests.helpers import REPO
+from tests.helpers.modelzoo import trained_model
+from tests.helpers.params import tiny_params
+from tests.helpers.processes import free_port
 
 MODEL_NAME = tiny_params().register_.model_name
 API_KEY = "host-test-key"

@@ -62,3 +62,17 @@ def mode_variants(base: Image.Image) -> dict[str, tuple[bytes, float]]:
         "I;16 tiff": (encoded(wide, "TIFF"), 0.05),
         "RGBA webp": (encoded(base.convert("RGBA"), "WEBP", lossless=True), 0.05),
     }
+
+
+def png(draw_one: bool = True, size: int = 64, background: int = 255) -> bytes:
+    """A `size`-square grayscale PNG: a vertical stroke (a "1") on `background`, or blank."""
+    image = Image.new("L", (size, size), background)
+    if draw_one:
+        from PIL import ImageDraw
+
+        ImageDraw.Draw(image).line(
+            [(size // 2, 6), (size // 2, size - 6)], fill=255 - background, width=size // 8
+        )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

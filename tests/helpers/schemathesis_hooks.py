@@ -9,7 +9,7 @@ import numpy as np
 import schemathesis
 from hypothesis import strategies as st
 
-from tests.images import digit_image, mode_variants
+from tests.helpers.images import digit_image, mode_variants
 
 DIGIT = digit_image(np.array([0, 0, 5, 13, 9, 1, 0, 0] * 8, np.float64))
 schemathesis.openapi.format(

@@ -13,9 +13,10 @@ from pathlib import Path
 from flows.package import save_bento_model
 from pipelines.export import export
 from pipelines.runtime import read_metadata
-from tests.conftest import REPO
-from tests.modelzoo import tiny_params, trained_model, write_golden
-from tests.processes import free_port, stop_group, wait_ready
+from tests.helpers import REPO
+from tests.helpers.modelzoo import trained_model, write_golden
+from tests.helpers.params import tiny_params
+from tests.helpers.processes import free_port, stop_group, wait_ready
 
 MODEL_NAME = tiny_params().register_.model_name
 

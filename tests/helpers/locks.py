@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 HOLD = """
 import sys, time

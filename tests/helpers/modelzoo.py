@@ -4,19 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.config import Params, load_params
+from pipelines.config import Params
 from pipelines.prepare import prepare
-from tests.conftest import REPO
-
-TINY = {"train.epochs": 2, "train.model.width": 8, "train.patience": 2}
-
-
-def tiny_params(**overrides: object) -> Params:
-    return load_params(REPO / "params.yaml", overrides={**TINY, **overrides})
+from tests.helpers.params import tiny_params
 
 
 def trained_model(root: Path, params: Params | None = None) -> tuple[Path, Path]:
-    """(prepared dir, model file) under `root`."""
+    """(prepared dir, model file) under `root`; `params` defaults to tiny_params()."""
     from pipelines.models import save_model
     from pipelines.train import train
 
@@ -36,3 +30,15 @@ def write_golden(onnx_path: Path, prepared: Path, out: Path, rows: int = 50) -> 
 
     write_json(out, golden_set(onnx_predictor(onnx_path, 0), prepared, onnx_path, rows, 0))
     return out
+
+
+def tamper(src: Path, dst: Path) -> None:
+    """Scale the last layer's weights: a graph that still loads and runs, but is wrong."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    weights = max(proto.graph.initializer, key=lambda t: len(t.dims) == 2 and t.dims[0] == 10)
+    array = numpy_helper.to_array(weights)
+    weights.CopyFrom(numpy_helper.from_array(-3 * array, weights.name))
+    onnx.save(proto, str(dst))
