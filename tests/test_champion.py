@@ -9,8 +9,8 @@ from pipelines.champion import accuracy_on, gate, judge
 from pipelines.config import Params
 from pipelines.evaluate import evaluate
 from pipelines.export import export
-from tests.modelzoo import tiny_params, trained_model
-from tests.test_export import tamper
+from tests.helpers.modelzoo import tamper, trained_model
+from tests.helpers.params import tiny_params
 
 
 def test_gate_policy() -> None:

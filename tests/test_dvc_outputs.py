@@ -8,7 +8,7 @@ from dvc.stage.exceptions import StageNotFound
 
 from flows.dvc_outputs import data_docs_dir, prepared_dir, stage_output
 from flows.reporting import data_docs_index
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_the_project_outputs_come_from_its_dvc_yaml() -> None:

@@ -14,7 +14,7 @@ from pipelines.cli import EXIT_REJECTED, run_cli
 from pipelines.config import Environment, Params, environment
 from pipelines.errors import EnvironmentVariableError, ParamsError
 from pipelines.tracking import tracking_uri
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # Reads of os.environ left outside the home, each with its reason: (file, key as written).
 LIBRARY_READS = {
