@@ -122,10 +122,27 @@ def quantize_int8(
 
 
 def to_fp16(src: Path, dst: Path) -> None:
+    """FP16 weights and activations, except the input scaling (`scaling_nodes`): raw feature
+    values (e.g. 1e5) lose digits or overflow in FP16 before they are scaled."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
+    model = onnx.load(str(src))
+    half = convert_float_to_float16(model, keep_io_types=True, node_block_list=scaling_nodes(model))
+    onnx.save(half, str(dst))
+
+
+def scaling_nodes(model: Any) -> list[str]:
+    """Names of the graph's nodes that apply the model's input scaling: those reading the
+    `Scaler`'s buffers (initializers named `scaler.*`, see pipelines/scaling.py). INT8 keeps
+    them float by itself: ONNX Runtime quantizes no Sub or Div."""
+    from pipelines.scaling import SCALER_PREFIX
+
+    return [
+        node.name
+        for node in model.graph.node
+        if any(name.startswith(SCALER_PREFIX) for name in node.input)
+    ]
 
 
 def make_variant(
