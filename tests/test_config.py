@@ -349,7 +349,7 @@ def test_names_follow_data_name_unless_set() -> None:
     )
     assert wine.register_.model_name == "wine-classifier" and wine.tune.study_name == "wine"
     assert wine.tracking.experiment == "lab"
-    with pytest.raises(ParamsError, match="data.name"):
+    with pytest.raises(ParamsError, match=r"data\.name"):
         load_params(REPO / "params.yaml", overrides={"data.name": "my data/x"})
 
 
@@ -375,7 +375,7 @@ def test_value_range_per_feature_or_learned() -> None:
 def test_images_take_one_value_range_and_no_model_scaling_by_default() -> None:
     params = load_params(REPO / "params.yaml")
     assert params.data.scaling == "auto" and params.data.model_scaling == "none"
-    with pytest.raises(ParamsError, match="value_range: images .*image_shape"):
+    with pytest.raises(ParamsError, match=r"value_range: images .*image_shape"):
         load_params(REPO / "params.yaml", overrides={"data.value_range": "learn"})
     chosen = load_params(REPO / "params.yaml", overrides={"data.scaling": "minmax"})
     assert chosen.data.model_scaling == "minmax"

@@ -147,9 +147,10 @@ def test_learned_value_ranges_come_from_the_training_split_with_a_margin(tmp_pat
         assert learned[column] == pytest.approx([low - margin, high + margin])
     spec = result["preprocessing"]
     assert spec["feature_ranges"] == [learned[c] for c in TABULAR_FEATURES]
-    assert spec["value_range"] == [min(r[0] for r in spec["feature_ranges"]), max(
-        r[1] for r in spec["feature_ranges"]
-    )]
+    assert spec["value_range"] == [
+        min(r[0] for r in spec["feature_ranges"]),
+        max(r[1] for r in spec["feature_ranges"]),
+    ]
     # tabular rows reach the model raw; the model scales them (standard: data.scaling auto)
     assert (spec["scaling"], spec["model_scaling"]) == ("none", "standard")
     assert read_json(tmp_path / "prepared" / "manifest.json") == result
