@@ -40,7 +40,7 @@ from starlette.routing import Route
 
 from pipelines import runtime
 from pipelines.config import Environment, ServeConfig, environment, load_params
-from pipelines.preprocessing import ImageError, image_to_rows, to_model_input
+from pipelines.preprocessing import ImageError, feature_ranges, image_to_rows, to_model_input
 
 ROOT = Path(__file__).resolve().parent
 # Read at import because BentoML's decorators take them when the class is defined: workers,
@@ -96,19 +96,21 @@ def one_line_client_errors() -> None:
 
 @dataclass(frozen=True)
 class RowContract:
-    """What a valid row is for one model: its feature count and trained value range
-    (`preprocessing.feature_columns` and `value_range` of the model's metadata.json), and the
-    request limit `serve.max_rows`."""
+    """What a valid row is for one model: its feature count and each feature's legal [low, high]
+    (`preprocessing.feature_columns`, and `feature_ranges` or the one `value_range`, of the
+    model's metadata.json: what `validate` checked the training data against), and the request
+    limit `serve.max_rows`."""
 
     features: int
-    low: float
-    high: float
+    low: tuple[float, ...]  # per feature
+    high: tuple[float, ...]
     max_rows: int
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], max_rows: int) -> "RowContract":
-        low, high = (float(v) for v in spec["value_range"])
-        return cls(len(spec["feature_columns"]), low, high, max_rows)
+        ranges = feature_ranges(spec)
+        low, high = (tuple(r[k] for r in ranges) for k in (0, 1))
+        return cls(len(ranges), low, high, max_rows)
 
 
 def check_rows(rows: list[list[float]], contract: RowContract) -> list[list[float]]:
@@ -123,12 +125,13 @@ def check_rows(rows: list[list[float]], contract: RowContract) -> list[list[floa
         if len(row) != contract.features:
             raise ValueError(f"row {i} has {len(row)} values; the model takes {contract.features}")
     x = np.asarray(rows, dtype=np.float64)
-    outside = (x < contract.low) | (x > contract.high)
+    low, high = np.asarray(contract.low), np.asarray(contract.high)
+    outside = (x < low) | (x > high)
     if outside.any():
         i, j = (int(k) for k in np.argwhere(outside)[0])
         raise ValueError(
             f"row {i}, feature {j}: {x[i, j]:g} is outside the trained range "
-            f"[{contract.low:g}, {contract.high:g}] ({int(outside.sum())} such values)"
+            f"[{low[j]:g}, {high[j]:g}] ({int(outside.sum())} such values)"
         )
     return rows
 
@@ -252,7 +255,7 @@ class Classifier:
         start at ~71 s, the bulk of a rollout's time to all traffic; these 9-24 sizes are 616
         rows."""
         start = time.perf_counter()
-        row = np.full((1, self.contract.features), self.contract.low, np.float32)
+        row = np.asarray([self.contract.low], np.float32)
         for size in warm_up_sizes(LARGEST_CALL):
             self.engine(to_model_input(np.repeat(row, size, axis=0), self.spec))
         log.info("warm-up: %.0f ms", (time.perf_counter() - start) * 1000)
@@ -302,6 +305,7 @@ class Classifier:
                 "rows": "a list of rows, each a list of numbers",
                 "features": self.spec["feature_columns"],
                 "value_range": self.spec["value_range"],
+                "feature_ranges": self.spec.get("feature_ranges"),  # per feature, or null
                 "image_shape": self.spec.get("image_shape"),
                 "max_rows": self.serve.max_rows,
             },
@@ -679,7 +683,14 @@ def rows_schema() -> dict[str, Any]:
     value: dict[str, Any] = {"type": "number"}
     row: dict[str, Any] = {"type": "array", "items": value}
     if service is not None:
-        value.update(minimum=service.contract.low, maximum=service.contract.high)
+        low, high = service.contract.low, service.contract.high
+        if len(set(low)) == 1 and len(set(high)) == 1:  # one range for every feature
+            value.update(minimum=low[0], maximum=high[0])
+        else:  # per feature (JSON Schema's prefixItems: item k has the k-th bounds)
+            row["prefixItems"] = [
+                {"type": "number", "minimum": lo, "maximum": hi}
+                for lo, hi in zip(low, high, strict=True)
+            ]
         row.update(minItems=service.contract.features, maxItems=service.contract.features)
     return {
         "type": "object",

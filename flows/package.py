@@ -148,14 +148,15 @@ def _env(key: str, value: str) -> Iterator[None]:
             os.environ[key] = saved
 
 
-def build(root: Path, model_tag: str, registry_version: str) -> str:
-    """`bentoml build` of bentofile.yaml, packing exactly `model_tag`; the bento's tag."""
+def build(root: Path, model_tag: str, registry_version: str, name: str) -> str:
+    """`bentoml build` of bentofile.yaml, packing exactly `model_tag`, as bento `name`
+    (register.model_name: bentofile.yaml's `name` is only the default); the bento's tag."""
     import bentoml
 
     labels = {"registry_version": registry_version, "model": model_tag}
     with _env(MODEL_TAG_ENV, model_tag):
         bento = bentoml.bentos.build_bentofile(
-            str(root / "bentofile.yaml"), build_ctx=str(root), labels=labels
+            str(root / "bentofile.yaml"), name=name, build_ctx=str(root), labels=labels
         )
     return str(bento.tag)
 
@@ -190,7 +191,7 @@ def package(params: Params, root: Path) -> Packaged:
     client, version = champion(params, root)
     name = params.register_.model_name
     model_tag = bento_model(client, version, name)
-    bento_tag = build(root, model_tag, str(version.version))
+    bento_tag = build(root, model_tag, str(version.version), name)
     target = export_target(params, root)
     if "://" not in target:
         Path(target).mkdir(parents=True, exist_ok=True)

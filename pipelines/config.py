@@ -10,7 +10,7 @@ import copy
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
@@ -148,22 +148,36 @@ class FeatureRange(Section):
 
 
 FeatureValue = Annotated[float, Field(ge=-1e12, le=1e12, allow_inf_nan=False)]
+Range = tuple[FeatureValue, FeatureValue]
 Pixels = Annotated[int, Field(gt=0, le=MAX_BATCH)]
+# A name for MLflow, Optuna, the registry and the bento: letters, digits, '.', '_', '-'.
+DataName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][\w.-]*$")]
+# Settings named after the data set (null in params.yaml): (section, key, name from data.name).
+NAMED_AFTER_DATA = (
+    ("register", "model_name", "{}-classifier"),
+    ("tracking", "experiment", "{}"),
+    ("tune", "study_name", "{}"),
+)
+AUTO_ARCH = "auto"  # train.model.arch / distill.model.arch: by the input's shape (Params)
+LEARN = "learn"  # data.value_range learned from the training split (see pipelines/prepare.py)
 
 
 class DataConfig(Section):
+    name: DataName
     source: DataSource
     label_column: str = Field(min_length=1)
     features: list[str] | FeatureRange
     labels: list[int] | list[str] = Field(min_length=2)
-    value_range: tuple[FeatureValue, FeatureValue]
+    # The validation contract: one [low, high] for every feature, one per feature, or `learn`.
+    value_range: Range | dict[str, Range] | Literal["learn"]
     image_shape: tuple[Pixels, Pixels] | None
+    # Scaling inside the model, fitted on the training split; auto: standard for tabular rows,
+    # none for images (their pixels are mapped from value_range to [0, 1] before the model).
+    scaling: Literal["auto", "standard", "minmax", "none"]
 
     @model_validator(mode="after")
     def _consistent(self) -> DataConfig:
-        low, high = self.value_range
-        if low > high:
-            raise ValueError(f"value_range: low {low} is above high {high}")
+        self._check_ranges()
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels: the label set has repeated values")
         if self.image_shape is not None:
@@ -175,11 +189,51 @@ class DataConfig(Section):
                 )
         return self
 
+    def _check_ranges(self) -> None:
+        if isinstance(self.value_range, tuple):
+            low, high = self.value_range
+            if low > high:
+                raise ValueError(f"value_range: low {low} is above high {high}")
+            return
+        if self.image_shape is not None:
+            raise ValueError(
+                "value_range: images (data.image_shape set) take one [low, high] for every "
+                "pixel, not a mapping or `learn`"
+            )
+        if isinstance(self.value_range, dict):
+            columns = self.feature_columns
+            unknown = [c for c in self.value_range if c not in columns]
+            missing = [c for c in columns if c not in self.value_range]
+            if unknown:
+                raise ValueError(f"value_range: {', '.join(unknown)}: not a feature column")
+            if missing:
+                raise ValueError(f"value_range: no [low, high] for {', '.join(missing)}")
+            for column, (low, high) in self.value_range.items():
+                if low > high:
+                    raise ValueError(f"value_range.{column}: low {low} is above high {high}")
+
     @property
     def feature_columns(self) -> list[str]:
         if isinstance(self.features, FeatureRange):
             return [f"{self.features.prefix}{i}" for i in range(self.features.count)]
         return list(self.features)
+
+    @property
+    def model_scaling(self) -> Literal["standard", "minmax", "none"]:
+        """The scaling the model applies (`auto` resolved by the input's shape)."""
+        if self.scaling == "auto":
+            return "none" if self.image_shape is not None else "standard"
+        return self.scaling
+
+    def ranges(self, learned: Mapping[str, Sequence[float]] | None = None) -> list[Range]:
+        """[low, high] per feature column; `learned` (prepare's, from the training split) when
+        value_range is `learn`. Raises ValueError when it is `learn` and `learned` is None."""
+        if isinstance(self.value_range, tuple):
+            return [self.value_range] * len(self.feature_columns)
+        table = self.value_range if isinstance(self.value_range, dict) else learned
+        if table is None:
+            raise ValueError("value_range is `learn`: the ranges come from prepare's manifest")
+        return [(float(table[c][0]), float(table[c][1])) for c in self.feature_columns]
 
 
 class PrepareConfig(Section):
@@ -215,6 +269,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(ge=0, le=10)
     scheduler: Literal["cosine", "constant"]
     patience: int = Field(gt=0, le=MAX_EPOCHS)
+    # batch_size is capped at training rows // this, so a small split still gets this many
+    # optimizer steps an epoch (pipelines/training/loop.py, `fitted_to`).
+    min_batches_per_epoch: int = Field(ge=1, le=MAX_COUNT)
     min_delta: float = Field(ge=0, le=100)
     seed: Seed
     device: Literal["auto", "cpu", "cuda"]
@@ -515,6 +572,28 @@ class Params(Section):
     deploy: DeployConfig
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived(cls, raw: Any) -> Any:
+        """Resolved before the sections validate: `arch: auto` in train.model and distill.model
+        (tabular rows -> mlp, images -> cnn, by data.image_shape) and the names that are null
+        (NAMED_AFTER_DATA: from data.name, e.g. digits -> digits-classifier)."""
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("data"), Mapping):
+            return raw
+        data, raw = raw["data"], dict(raw)
+        for section in ("train", "distill"):
+            part = raw.get(section)
+            model = part.get("model") if isinstance(part, Mapping) else None
+            if isinstance(model, Mapping) and model.get("arch") == AUTO_ARCH:
+                arch = "mlp" if data.get("image_shape") is None else "cnn"
+                raw[section] = {**part, "model": {**model, "arch": arch}}
+        name = data.get("name")
+        for section, key, pattern in NAMED_AFTER_DATA:
+            part = raw.get(section)
+            if isinstance(name, str) and isinstance(part, Mapping) and part.get(key, "") is None:
+                raw[section] = {**part, key: pattern.format(name)}
+        return raw
 
     @model_validator(mode="after")
     def _compatible(self) -> Params:

@@ -108,8 +108,11 @@ class TrainedModel(Protocol):
     metadata: dict[str, Any]
 
 
-def model_args(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The construction args stored with checkpoints and models: build_model(arch, **kwargs)."""
+def model_args(
+    cfg: TrainConfig, manifest: dict[str, Any], scaler: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The construction args stored with checkpoints and models: build_model(arch, **kwargs),
+    behind the input scaling `scaler` (`pipelines.scaling.fit_scaler`'s statistics) when given."""
     kwargs = {
         "input_shape": list(manifest["preprocessing"]["input_shape"]),
         "num_classes": len(manifest["labels"]),
@@ -117,14 +120,23 @@ def model_args(cfg: TrainConfig, manifest: dict[str, Any]) -> dict[str, Any]:
         "depth": cfg.model.depth,
         "dropout": cfg.model.dropout,
     }
-    return {"arch": cfg.model.arch, "kwargs": kwargs}
+    args: dict[str, Any] = {"arch": cfg.model.arch, "kwargs": kwargs}
+    if scaler is not None:
+        args["scaler"] = scaler
+    return args
 
 
 def rebuild(args: dict[str, Any]) -> nn.Module:
-    """A fresh (untrained) model from the construction args of `model_args`."""
+    """A fresh (untrained) model from the construction args of `model_args`: with a `scaler`,
+    a `pipelines.scaling.Scaled` (the scaling's buffers, then the network)."""
     kwargs = dict(args["kwargs"])
     kwargs["input_shape"] = tuple(kwargs["input_shape"])
-    return build_model(args["arch"], **kwargs)
+    net = build_model(args["arch"], **kwargs)
+    if not args.get("scaler"):
+        return net
+    from pipelines.scaling import Scaled, Scaler
+
+    return Scaled(Scaler(args["scaler"]["shift"], args["scaler"]["scale"]), net)
 
 
 def save_model(path: Path, trained: TrainedModel) -> None:

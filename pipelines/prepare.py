@@ -19,12 +19,15 @@ import pandas as pd
 
 from pipelines.artifacts import atomic_path, file_sha256, read_json, write_json
 from pipelines.cli import run_cli
-from pipelines.config import DataConfig, Params, PrepareConfig, section_dict
+from pipelines.config import LEARN, DataConfig, Params, PrepareConfig, section_dict
 from pipelines.errors import DataSourceError
 from pipelines.preprocessing import make_spec
 
 SPLITS = ("train", "val", "test")
 SAMPLE = 5  # example values and source rows kept per column
+# data.value_range `learn`: each column's training-split [min, max], widened on both sides by this
+# share of its span (of max(|value|, 1) for a constant column).
+LEARN_MARGIN = 0.5
 log = logging.getLogger(__name__)
 
 
@@ -143,6 +146,22 @@ def _split(
     return first.sort_index(), second.sort_index()
 
 
+def learn_ranges(train: pd.DataFrame, columns: list[str]) -> dict[str, list[float]]:
+    """data.value_range `learn`: per feature column, [min - m, max + m] over the training split's
+    numbers (text and nulls ignored: `validate` reports them), m = LEARN_MARGIN x the span. A
+    column without a single number gets [0, 0] (validate then fails it, naming the column)."""
+    ranges = {}
+    for column in columns:
+        values = pd.to_numeric(train[column], errors="coerce").dropna()
+        if values.empty:
+            ranges[column] = [0.0, 0.0]
+            continue
+        low, high = float(values.min()), float(values.max())
+        margin = LEARN_MARGIN * ((high - low) or max(abs(low), 1.0))
+        ranges[column] = [low - margin, high + margin]
+    return ranges
+
+
 def content_hash(splits: dict[str, pd.DataFrame]) -> str:
     """A hash of the split contents (values, columns and split membership), not of file bytes."""
     digest = hashlib.sha256()
@@ -160,6 +179,8 @@ def manifest(
     non_numeric: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     frame = splits["train"]
+    learned = learn_ranges(frame, data.feature_columns) if data.value_range == LEARN else None
+    ranges = data.ranges(learned)
     return {
         "source": data.source,
         "source_sha256": source_sha256,
@@ -168,7 +189,10 @@ def manifest(
         "feature_columns": data.feature_columns,
         "schema": {str(c): str(t) for c, t in frame.dtypes.items()},
         "image_shape": list(data.image_shape) if data.image_shape else None,
-        "preprocessing": make_spec(data.feature_columns, data.value_range, data.image_shape),
+        "learned_ranges": learned,  # data.value_range `learn`: per column, from the train split
+        "preprocessing": make_spec(
+            data.feature_columns, ranges, data.image_shape, data.model_scaling
+        ),
         "splits": {
             name: {
                 "rows": len(part),

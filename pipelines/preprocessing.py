@@ -1,9 +1,21 @@
 """The one preprocessing used by training, evaluation and serving (numpy only: no torch here).
 
 A `spec` is plain data stored in the data manifest and in every model's metadata:
-{"feature_columns": [...], "value_range": [low, high], "input_shape": [C, H, W] or [F],
- "image_shape": [H, W] or None}. Rows whose features are pixels (image_shape set) can also come
-from an image file: `image_to_rows` (Pillow, imported only when called).
+{"feature_columns": [...], "value_range": [low, high], "feature_ranges": [[low, high], ...] or
+ None, "input_shape": [C, H, W] or [F], "image_shape": [H, W] or None, "scaling": ...,
+ "model_scaling": "standard" | "minmax" | "none"}. Rows whose features are pixels (image_shape
+set) can also come from an image file: `image_to_rows` (Pillow, imported only when called).
+
+Two scalings, each in one place only:
+- `scaling` (before the model, here): `RANGE_SCALING` for images, the pixels mapped from
+  `value_range` to [0, 1] (also what an image file becomes); `"none"` for tabular rows, which
+  reach the model as raw feature values.
+- `model_scaling` (inside the model, `pipelines.models.Scaler`): per-feature statistics fitted
+  on the training split (data.scaling), buffers of the model itself, so the exported ONNX graph
+  applies them and nothing else holds a copy.
+
+`value_range` is the validation contract (what values are legal): the envelope of
+`feature_ranges` when those are given per feature (data.value_range as a mapping, or `learn`).
 """
 
 from __future__ import annotations
@@ -16,33 +28,50 @@ import numpy as np
 
 from pipelines.errors import FeatureError
 
+RANGE_SCALING = "min-max to [0, 1] over value_range"  # images: pixels before the model
+
 
 def make_spec(
     feature_columns: Sequence[str],
-    value_range: Sequence[float],
+    ranges: Sequence[Sequence[float]],
     image_shape: Sequence[int] | None,
+    model_scaling: str = "none",
 ) -> dict[str, Any]:
+    """The spec of the data: `ranges` one [low, high] per feature column (all equal when
+    data.value_range is one pair: then `feature_ranges` is None); `model_scaling` the scaling the
+    model applies itself (fitted in train)."""
+    pairs = [[float(low), float(high)] for low, high in ranges]
     shape = [1, *image_shape] if image_shape else [len(feature_columns)]
+    uniform = all(pair == pairs[0] for pair in pairs)
     return {
         "feature_columns": list(feature_columns),
-        "value_range": [float(value_range[0]), float(value_range[1])],
+        "value_range": [min(p[0] for p in pairs), max(p[1] for p in pairs)],
+        "feature_ranges": None if uniform else pairs,
         "input_shape": shape,
         "image_shape": list(image_shape) if image_shape else None,
-        "scaling": "min-max to [0, 1] over value_range",
+        "scaling": RANGE_SCALING if image_shape else "none",
+        "model_scaling": model_scaling,
     }
 
 
+def feature_ranges(spec: Mapping[str, Any]) -> list[tuple[float, float]]:
+    """[low, high] per feature column: the legal values (specs without `feature_ranges` have
+    one `value_range` for all)."""
+    pairs = spec.get("feature_ranges") or [spec["value_range"]] * len(spec["feature_columns"])
+    return [(float(low), float(high)) for low, high in pairs]
+
+
 def to_model_input(rows: Any, spec: Mapping[str, Any], source: str = "") -> np.ndarray:
-    """(N, F) raw feature rows (array or DataFrame) -> (N, *input_shape) float32 scaled to [0, 1].
+    """(N, F) raw feature rows (array or DataFrame) -> (N, *input_shape) float32: images scaled
+    from value_range to [0, 1] (`scaling` RANGE_SCALING; specs written before `scaling` was
+    "none" for rows also said so), tabular rows as they are (the model scales them itself).
 
     Raises FeatureError naming the column and a non-numeric value, or the input shape the spec
     expects against the rows' column count; `source` (e.g. "model m.pt, prepared data d") prefixes
     the message."""
-    low, high = spec["value_range"]
-    scale = (high - low) or 1.0
     prefix = f"{source}: " if source else ""
     try:
-        values = np.asarray(rows, dtype=np.float32)
+        values = np.array(rows, dtype=np.float32)  # a copy: the caller's rows stay theirs
     except (TypeError, ValueError):
         column, value = _non_numeric(rows)
         raise FeatureError(
@@ -58,8 +87,10 @@ def to_model_input(rows: Any, spec: Mapping[str, Any], source: str = "") -> np.n
             f"data has {columns}; use a model trained on this data, or prepare the data it was "
             "trained on"
         )
-    x = (values - np.float32(low)) / np.float32(scale)
-    return x.reshape(len(x), *shape)
+    if spec.get("scaling", RANGE_SCALING) == RANGE_SCALING:
+        low, high = spec["value_range"]
+        values = (values - np.float32(low)) / np.float32((high - low) or 1.0)
+    return values.reshape(len(values), *shape)
 
 
 def _non_numeric(rows: Any) -> tuple[str, Any]:

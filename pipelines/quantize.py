@@ -11,6 +11,7 @@ One INT8 graph does not fit both engines (measured on this project's CPUs):
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import shutil
 import tempfile
@@ -122,10 +123,66 @@ def quantize_int8(
 
 
 def to_fp16(src: Path, dst: Path) -> None:
+    """FP16 weights and activations, except the input scaling (`scaling_nodes`): raw feature
+    values (e.g. 1e5) lose digits or overflow in FP16 before they are scaled."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
+    model = onnx.load(str(src))
+    blocked = scaling_nodes(model)
+    half = convert_float_to_float16(
+        copy.deepcopy(model), keep_io_types=True, node_block_list=blocked
+    )
+    keep_float_inputs(model, half, blocked)
+    onnx.save(half, str(dst))
+
+
+def keep_float_inputs(model: Any, half: Any, blocked: list[str]) -> None:
+    """The converter leaves `blocked` nodes in FP32 but still casts the graph input, their FP32
+    initializers and what one blocked node passes the next through FP16 in front of them (a raw
+    value of 1e5 becomes inf). Wire those inputs back to the FP32 graph input, the initializers
+    of `model` and the blocked node's FP32 output, and drop the casts no node reads any more (in
+    place, on `half`)."""
+    sources = {i.name for i in model.graph.input}
+    originals = {t.name: t for t in model.graph.initializer}
+    inputs = {n.name: list(n.input) for n in model.graph.node if n.name in blocked}
+    outputs = {n.name: list(n.output) for n in model.graph.node if n.name in blocked}
+    renamed = {  # a blocked node's output (FP32), by its name in `model`
+        old: new
+        for node in half.graph.node
+        if node.name in outputs
+        for old, new in zip(outputs[node.name], node.output, strict=True)
+    }
+    for node in half.graph.node:
+        for k, name in enumerate(inputs.get(node.name, [])):
+            if name in sources or name in originals:
+                node.input[k] = name
+            elif name in renamed:  # from another blocked node: no FP16 round trip between
+                node.input[k] = renamed[name]
+    for tensor in half.graph.initializer:
+        if tensor.name in originals and any(tensor.name in i for i in inputs.values()):
+            tensor.CopyFrom(originals[tensor.name])
+    while True:
+        read = {name for n in half.graph.node for name in n.input}
+        read |= {o.name for o in half.graph.output}
+        unused = [n for n in half.graph.node if n.op_type == "Cast" and not set(n.output) & read]
+        if not unused:
+            return
+        for node in unused:
+            half.graph.node.remove(node)
+
+
+def scaling_nodes(model: Any) -> list[str]:
+    """Names of the graph's nodes that apply the model's input scaling: those reading the
+    `Scaler`'s buffers (initializers named `scaler.*`, see pipelines/scaling.py). INT8 keeps
+    them float by itself: ONNX Runtime quantizes no Sub or Div."""
+    from pipelines.scaling import SCALER_PREFIX
+
+    return [
+        node.name
+        for node in model.graph.node
+        if any(name.startswith(SCALER_PREFIX) for name in node.input)
+    ]
 
 
 def make_variant(

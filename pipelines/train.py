@@ -48,10 +48,11 @@ from pipelines.lifecycle import exclusive
 from pipelines.models import model_args, rebuild, save_model
 from pipelines.prepare import read_manifest
 from pipelines.preprocessing import to_model_input
+from pipelines.scaling import fit_scaler
 from pipelines.training.checkpoints import checkpoint, shared_start
 from pipelines.training.data import load_data
 from pipelines.training.distributed import distributed, rank_device, resolve_device, world
-from pipelines.training.loop import LossFn, OnEpoch, State, fit, make_loop
+from pipelines.training.loop import LossFn, OnEpoch, State, fit, fitted_to, make_loop
 
 if TYPE_CHECKING:
     from pipelines.tracking import StageRun
@@ -186,8 +187,20 @@ def _train(
 ) -> TrainResult:
     manifest = read_manifest(prepared_dir)
     data = load_data(prepared_dir, manifest)
-    args = model_args(cfg, manifest)
-    fp = fingerprint(cfg, manifest["content_hash"], objective[1] if objective else "")
+    scaling = manifest["preprocessing"].get("model_scaling", "none")
+    args = model_args(cfg, manifest, fit_scaler(scaling, data.x_train.numpy()))
+    fp = fingerprint(cfg, manifest["content_hash"], objective[1] if objective else "", scaling)
+    fitted = fitted_to(cfg, len(data.y_train))
+    if fitted is not cfg:
+        log.info(
+            "train: %d training rows: batches of %d, not train.batch_size %d "
+            "(train.min_batches_per_epoch %d)",
+            len(data.y_train),
+            fitted.batch_size,
+            cfg.batch_size,
+            cfg.min_batches_per_epoch,
+        )
+    cfg = fitted
     loop = make_loop(cfg, args, rank_device(resolve_device(cfg.device)))
     if objective is not None:
         loop.loss = objective[0]
@@ -252,13 +265,17 @@ def summary(state: State, train_rows: int, resumed_from: int | None) -> dict[str
     }
 
 
-def fingerprint(cfg: TrainConfig, content_hash: str, objective: str = "") -> str:
-    """Identifies what a run computes: the train section (less NOT_FINGERPRINTED), the data, and
-    a non-default objective's description (e.g. the teacher and settings of a distillation)."""
+def fingerprint(
+    cfg: TrainConfig, content_hash: str, objective: str = "", scaling: str = "none"
+) -> str:
+    """Identifies what a run computes: the train section (less NOT_FINGERPRINTED), the data, a
+    non-default objective's description (e.g. the teacher and settings of a distillation) and
+    the model's input scaling (data.scaling, resolved; `none` adds nothing)."""
     section = {k: v for k, v in section_dict(cfg).items() if k not in NOT_FINGERPRINTED}
-    blob = json.dumps(
-        {"train": section, "data": content_hash, "objective": objective}, sort_keys=True
-    )
+    content = {"train": section, "data": content_hash, "objective": objective}
+    if scaling != "none":
+        content["scaling"] = scaling
+    blob = json.dumps(content, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -115,14 +115,15 @@ def _meta(columns: list[str], **extra: Any) -> dict[str, Any]:
     return {"depends_on": columns, **extra}
 
 
-def schema_expectations(data: DataConfig) -> list[Any]:
-    """Required columns, at least one row, numeric non-null in-range features, known labels."""
+def schema_expectations(data: DataConfig, ranges: list[tuple[float, float]]) -> list[Any]:
+    """Required columns, at least one row, numeric non-null features within their [low, high]
+    of `ranges` (one per feature column: `DataConfig.ranges`), known labels."""
     ex = _gx().expectations
     required = [*data.feature_columns, data.label_column]
     found = [ex.ExpectColumnToExist(column=c, meta=_meta([c])) for c in required]
     found.append(ex.ExpectTableRowCountToBeBetween(min_value=1, meta=_meta([])))
-    for column in data.feature_columns:
-        found.extend(feature_expectations(column, data.value_range))
+    for column, value_range in zip(data.feature_columns, ranges, strict=True):
+        found.extend(feature_expectations(column, value_range))
     label = data.label_column
     found.append(ex.ExpectColumnValuesToNotBeNull(column=label, meta=_meta([label], reason="null")))
     found.append(
@@ -193,16 +194,27 @@ def leakage_expectation(data: DataConfig, train_hashes: list[str]) -> Any:
 
 
 def build_checks(
-    data: DataConfig, cfg: ValidateConfig, splits: dict[str, pd.DataFrame]
+    data: DataConfig,
+    cfg: ValidateConfig,
+    splits: dict[str, pd.DataFrame],
+    learned: dict[str, list[float]] | None = None,
 ) -> list[Check]:
-    """The three suites with their frames: `rows`, `classes`, `leakage`."""
+    """The three suites with their frames: `rows`, `classes`, `leakage`. `learned`: the
+    manifest's ranges when data.value_range is `learn`."""
     rows = rows_frame(splits, data)
+    try:
+        ranges = data.ranges(learned)
+    except ValueError as exc:  # `learn` without prepare's manifest
+        raise DataSourceError(f"data.{exc}; run the prepare stage first") from None
     train_hashes = sorted(set(row_hashes(splits["train"], data.feature_columns)))
     by_label = {"result_format": "COMPLETE", "unexpected_index_column_names": ["label"]}
     summary = {"result_format": "SUMMARY"}
     return [
         Check(
-            "rows", rows, [*schema_expectations(data), duplicate_expectation(data, cfg)], summary
+            "rows",
+            rows,
+            [*schema_expectations(data, ranges), duplicate_expectation(data, cfg)],
+            summary,
         ),
         Check("classes", class_frame(rows, data), class_expectations(data, cfg), by_label),
         Check(
@@ -468,7 +480,10 @@ def run_gate(
     clear_docs(docs_dir)
     context = gx_context(docs_dir)
     source = context.data_sources.add_pandas("prepared")
-    records = [r for c in build_checks(data, cfg, splits) for r in run_check(context, source, c)]
+    manifest = Path(prepared_dir) / "manifest.json"
+    learned = read_manifest(prepared_dir).get("learned_ranges") if manifest.is_file() else None
+    checks = build_checks(data, cfg, splits, learned)
+    records = [r for c in checks for r in run_check(context, source, c)]
     add_source_rows(records, prepared_dir)
     summary = summarize(records, Path(docs_dir) / DOCS_INDEX)
     write_json(Path(docs_dir) / "summary.json", summary)

@@ -321,3 +321,61 @@ def test_the_schedule_is_checked_when_params_load(key: str, value: str, shown: s
     assert (
         load_params(REPO / "params.yaml", overrides=good).orchestration.timezone == "Europe/Berlin"
     )
+
+
+def test_arch_auto_follows_the_input_shape() -> None:
+    """`auto` (params.yaml's default): images -> cnn, tabular rows -> mlp, in train and distill;
+    an explicit arch is kept."""
+    images = load_params(REPO / "params.yaml")
+    assert (images.train.model.arch, images.distill.model.arch) == ("cnn", "cnn")
+    raw = raw_params()
+    raw["data"]["image_shape"] = None
+    rows = validate_params(raw)
+    assert (rows.train.model.arch, rows.distill.model.arch) == ("mlp", "mlp")
+    raw["distill"]["model"]["arch"] = "cnn"
+    line = next(line for line in rejected(raw).splitlines() if "distill.model.arch" in line)
+    assert "data.image_shape" in line
+
+
+def test_names_follow_data_name_unless_set() -> None:
+    """The digits' effective names stay; another data.name renames what is null; an explicit
+    name is kept."""
+    params = load_params(REPO / "params.yaml")
+    assert params.data.name == "digits"
+    assert params.register_.model_name == "digits-classifier"
+    assert (params.tracking.experiment, params.tune.study_name) == ("digits", "digits")
+    wine = load_params(
+        REPO / "params.yaml", overrides={"data.name": "wine", "tracking.experiment": "lab"}
+    )
+    assert wine.register_.model_name == "wine-classifier" and wine.tune.study_name == "wine"
+    assert wine.tracking.experiment == "lab"
+    with pytest.raises(ParamsError, match=r"data\.name"):
+        load_params(REPO / "params.yaml", overrides={"data.name": "my data/x"})
+
+
+def test_value_range_per_feature_or_learned() -> None:
+    raw = raw_params()
+    raw["data"].update(features=["a", "b"], image_shape=None)
+    raw["data"]["value_range"] = {"a": [0, 1], "b": [-5, 1000]}
+    data = validate_params(raw).data
+    assert data.ranges() == [(0.0, 1.0), (-5.0, 1000.0)]
+    assert data.model_scaling == "standard"  # auto, tabular rows
+    raw["data"]["value_range"] = "learn"
+    data = validate_params(raw).data
+    assert data.ranges({"a": [0, 2], "b": [1, 3]}) == [(0.0, 2.0), (1.0, 3.0)]
+    for mapping, problem in [
+        ({"a": [0, 1]}, "value_range: no [low, high] for b"),
+        ({"a": [0, 1], "b": [0, 1], "c": [0, 1]}, "value_range: c: not a feature column"),
+        ({"a": [0, 1], "b": [2, 1]}, "value_range.b: low 2.0 is above high 1.0"),
+    ]:
+        raw["data"]["value_range"] = mapping
+        assert problem in rejected(raw)
+
+
+def test_images_take_one_value_range_and_no_model_scaling_by_default() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params.data.scaling == "auto" and params.data.model_scaling == "none"
+    with pytest.raises(ParamsError, match=r"value_range: images .*image_shape"):
+        load_params(REPO / "params.yaml", overrides={"data.value_range": "learn"})
+    chosen = load_params(REPO / "params.yaml", overrides={"data.scaling": "minmax"})
+    assert chosen.data.model_scaling == "minmax"

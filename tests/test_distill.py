@@ -44,3 +44,21 @@ def test_a_second_distill_into_a_held_checkpoint_dir_fails_fast(tmp_path: Path) 
     with held_elsewhere(tmp_path / "ckpt") as pid, pytest.raises(InUseError) as refused:
         distill(params.train, params.distill, teacher, prepared, tmp_path / "ckpt")
     assert str(refused.value) == f"{tmp_path / 'ckpt'} is in use by PID {pid}"
+
+
+def test_a_tabular_student_gets_the_teachers_input_scaling(tmp_path: Path) -> None:
+    """Both fit the same scaling on the same training split: the student's buffers equal the
+    teacher's, and `auto` made both MLPs."""
+    from pipelines.scaling import Scaled
+    from tests.helpers.modelzoo import tabular_params
+
+    params = tabular_params(tmp_path)
+    prepared, teacher_path = trained_model(tmp_path, params)
+    teacher, _ = load_model(teacher_path)
+    student = distill(
+        params.train, params.distill, teacher_path, prepared, tmp_path / "student-checkpoints"
+    )
+    assert params.train.model.arch == params.distill.model.arch == "mlp"
+    assert isinstance(student.model, Scaled) and isinstance(teacher, Scaled)
+    for name in ("shift", "scale"):
+        assert torch.equal(getattr(student.model.scaler, name), getattr(teacher.scaler, name))

@@ -27,8 +27,9 @@ FAST = {  # a quick, barely trained model: its logits are close, so quantization
 }
 
 
-def copy_project(dest: Path) -> Path:
-    """The repo's tracked and new (non-ignored) files, committed in a fresh git repo."""
+def copy_project(dest: Path, edits: dict[str, str] = FAST) -> Path:
+    """The repo's tracked and new (non-ignored) files, params.yaml with `edits` (text
+    replacements), committed in a fresh git repo."""
     listed = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"],
         cwd=REPO,
@@ -40,7 +41,7 @@ def copy_project(dest: Path) -> Path:
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
-    edit_params(dest, FAST)
+    edit_params(dest, edits)
     for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "copy"]):
         git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args]
         subprocess.run(git, cwd=dest, check=True)

@@ -102,3 +102,31 @@ def test_export_is_byte_identical_and_holds_no_path_of_the_environment(
     again = elsewhere / "model.onnx"
     export(params.export, model.resolve(), prepared.resolve(), again)
     assert again.read_bytes() == raw
+
+
+def test_a_tabular_model_exports_with_its_scaling_and_takes_raw_values(tmp_path: Path) -> None:
+    """The scaling fitted on the training split is in the graph (the Scaler's buffers as
+    initializers): ONNX Runtime on raw feature rows gives the PyTorch model's logits."""
+    import onnx
+    import torch
+
+    from pipelines.export import test_inputs
+    from pipelines.models import load_model
+    from tests.helpers.modelzoo import tabular_params
+
+    params = tabular_params(tmp_path)
+    prepared, model_path = trained_model(tmp_path, params)
+    out = tmp_path / "model.onnx"
+    metrics = export(params.export, model_path, prepared, out)
+    assert metrics["max_abs_diff"] <= params.export.parity_max_abs_diff
+    proto = onnx.load(str(out))
+    names = {tensor.name for tensor in proto.graph.initializer}
+    assert {"scaler.shift", "scaler.scale"} <= names
+    model, meta = load_model(model_path)
+    x = test_inputs(prepared, meta["preprocessing"])
+    assert x.shape[1:] == (4,) and float(np.abs(x).max()) > 1000  # raw values go in
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    sess = session(out)
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert np.abs(got - expected).max() <= 1e-4

@@ -131,3 +131,37 @@ def test_numbers_stored_as_text_become_numbers(tmp_path: Path) -> None:
     params = table_params("data/t.parquet")
     manifest = prepare(params.data, params.prepare, tmp_path, tmp_path / "out")
     assert manifest["non_numeric"] == {} and manifest["schema"]["a"] == "float64"
+
+
+def test_learned_value_ranges_come_from_the_training_split_with_a_margin(tmp_path: Path) -> None:
+    from pipelines.prepare import LEARN_MARGIN
+    from tests.helpers.modelzoo import TABULAR_FEATURES, tabular_params
+
+    params = tabular_params(tmp_path)
+    result = prepare(params.data, params.prepare, tmp_path, tmp_path / "prepared")
+    train = read_split(tmp_path / "prepared", "train")
+    learned = result["learned_ranges"]
+    for column in TABULAR_FEATURES:
+        low, high = train[column].min(), train[column].max()
+        margin = LEARN_MARGIN * (high - low)
+        assert learned[column] == pytest.approx([low - margin, high + margin])
+    spec = result["preprocessing"]
+    assert spec["feature_ranges"] == [learned[c] for c in TABULAR_FEATURES]
+    assert spec["value_range"] == [
+        min(r[0] for r in spec["feature_ranges"]),
+        max(r[1] for r in spec["feature_ranges"]),
+    ]
+    # tabular rows reach the model raw; the model scales them (standard: data.scaling auto)
+    assert (spec["scaling"], spec["model_scaling"]) == ("none", "standard")
+    assert read_json(tmp_path / "prepared" / "manifest.json") == result
+
+
+def test_the_digits_spec_keeps_its_pixel_scaling(tmp_path: Path) -> None:
+    params = load_params(REPO / "params.yaml")
+    spec = prepare(params.data, params.prepare, REPO, tmp_path)["preprocessing"]
+    assert spec["scaling"] == "min-max to [0, 1] over value_range"
+    assert (spec["model_scaling"], spec["feature_ranges"], spec["value_range"]) == (
+        "none",
+        None,
+        [0.0, 16.0],
+    )

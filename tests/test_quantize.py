@@ -207,3 +207,30 @@ def test_a_variant_missing_parity_is_dropped_and_select_goes_on(
     table = (tmp_path / "select" / "candidates.md").read_text()
     row = next(line for line in table.splitlines() if "onnxruntime-fp16" in line)
     assert "(dropped)" in row and fp16["reason"] in row
+
+
+def test_the_input_scaling_stays_float_in_every_variant(tmp_path: Path) -> None:
+    """FP16 blocks the Scaler's nodes (raw values such as 1e4 lose digits in FP16); INT8
+    quantizes no Sub or Div: in every variant the scaling reads float32 buffers and raw float32
+    input, and the variants agree with FP32 on the raw test rows."""
+    from pipelines.quantize import scaling_nodes
+    from tests.helpers.modelzoo import tabular_params
+
+    params = tabular_params(tmp_path)
+    prepared, model = trained_model(tmp_path, params)
+    export(params.export, model, prepared, tmp_path / "model.onnx")
+    out = tmp_path / "variants"
+    results = quantize(params.quantize, tmp_path / "model.onnx", prepared, out)
+    for variant in VARIANTS:
+        assert results[variant]["status"] == "kept", (variant, results[variant])
+        proto = onnx.load(str(out / f"{variant}.onnx"))
+        floats = {
+            t.name: t.data_type for t in proto.graph.initializer if t.name.startswith("scaler.")
+        }
+        assert floats == {
+            "scaler.shift": onnx.TensorProto.FLOAT,
+            "scaler.scale": onnx.TensorProto.FLOAT,
+        }, variant
+        nodes = {n.name: n for n in proto.graph.node}
+        sub = next(nodes[name] for name in scaling_nodes(proto) if nodes[name].op_type == "Sub")
+        assert sub.input[0] == proto.graph.input[0].name, variant  # the raw input, no cast

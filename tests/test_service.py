@@ -428,3 +428,23 @@ def test_warm_up_covers_small_sizes_powers_of_two_and_the_largest_call(
     client: TestClient, largest: int, expected: list[int]
 ) -> None:
     assert sys.modules["service"].warm_up_sizes(largest) == expected
+
+
+def test_rows_are_checked_against_each_features_own_range(client: TestClient) -> None:
+    """A spec with `feature_ranges` (data.value_range per feature, or learned): each value
+    against its own feature's [low, high]; a spec without them: one range for all."""
+    service = sys.modules["service"]
+    spec = {
+        "feature_columns": ["a", "b"],
+        "value_range": [-1.0, 2000.0],
+        "feature_ranges": [[-1.0, 1.0], [100.0, 2000.0]],
+    }
+    contract = service.RowContract.from_spec(spec, max_rows=4)
+    assert (contract.low, contract.high) == ((-1.0, 100.0), (1.0, 2000.0))
+    assert service.check_rows([[0.5, 1500.0]], contract) == [[0.5, 1500.0]]
+    with pytest.raises(ValueError, match=r"row 0, feature 0: 5 is outside .*\[-1, 1\]"):
+        service.check_rows([[5.0, 1500.0]], contract)  # inside the envelope, not its own range
+    with pytest.raises(ValueError, match=r"row 1, feature 1: 50 is outside .*\[100, 2000\]"):
+        service.check_rows([[0.0, 150.0], [0.0, 50.0]], contract)
+    uniform = service.RowContract.from_spec({**spec, "feature_ranges": None}, max_rows=4)
+    assert (uniform.low, uniform.high) == ((-1.0, -1.0), (2000.0, 2000.0))

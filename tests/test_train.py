@@ -434,3 +434,46 @@ def test_a_second_train_into_a_held_checkpoint_dir_fails_fast_naming_the_holder(
     assert not Path("model.pt").exists() and not Path("train.json").exists()
     main(argv)  # the holder gone (killed: the kernel dropped its lock), the stage runs
     assert read_json(Path("train.json"))["epochs_run"] == 3
+
+
+@pytest.mark.parametrize(
+    ("rows", "batch"),
+    [(1257, 64), (124, 7), (16, 1), (5, 1), (2000, 64)],
+)
+def test_a_small_training_split_gets_smaller_batches(rows: int, batch: int) -> None:
+    """train.min_batches_per_epoch (16): at least that many steps an epoch where rows allow."""
+    from pipelines.training.loop import fitted_to
+
+    cfg = tiny_params(LOOP).train
+    fitted = fitted_to(cfg, rows)
+    assert fitted.batch_size == batch
+    assert (fitted is cfg) == (batch == cfg.batch_size)
+    assert fitted.model_copy(update={"batch_size": cfg.batch_size}) == cfg
+
+
+def test_tabular_rows_are_scaled_inside_the_model_by_training_split_statistics(
+    tmp_path: Path,
+) -> None:
+    """Standard scaling (data.scaling auto) fitted on the training split only, held as buffers
+    of the model (saved and reloaded with it), applied to raw feature values."""
+    from pipelines.prepare import prepare
+    from pipelines.scaling import Scaled
+    from tests.helpers.modelzoo import TABULAR_FEATURES, tabular_params
+
+    params = tabular_params(tmp_path)
+    prepared = tmp_path / "prepared"
+    prepare(params.data, params.prepare, tmp_path, prepared)
+    result = train(params.train, prepared, tmp_path / "checkpoints")
+    assert isinstance(result.model, Scaled) and result.model_args["scaler"]["kind"] == "standard"
+    rows = read_split(prepared, "train")[TABULAR_FEATURES].to_numpy(np.float64)
+    state = result.model.state_dict()
+    assert np.allclose(state["scaler.shift"].numpy(), rows.mean(axis=0), rtol=1e-5)
+    assert np.allclose(state["scaler.scale"].numpy(), rows.std(axis=0), rtol=1e-5)
+    save_model(tmp_path / "model.pt", result)
+    model, metadata = load_model(tmp_path / "model.pt")
+    assert metadata["preprocessing"]["model_scaling"] == "standard"
+    x = val_inputs(prepared)
+    assert float(x.abs().max()) > 1000  # raw values: the myriads column
+    with torch.no_grad():
+        assert torch.equal(model(x), result.model(x))
+    assert result.metrics["val_accuracy"] >= 0.9  # 3 well-separated classes

@@ -228,3 +228,21 @@ def assert_failed_run_with_docs(uri: str) -> None:
     assert client.get_metric_history(run_id, "expectations_failed")[0].value == 1
     docs = {Path(a.path).name for a in client.list_artifacts(run_id, "data_docs")}
     assert {"index.html", "summary.json"} <= docs
+
+
+def test_learned_and_per_feature_ranges_are_the_contract(tmp_path: Path) -> None:
+    """`value_range: learn`: the ranges prepare recorded from the training split; a test value
+    far outside its own column's range fails, naming the column and that range."""
+    from tests.helpers.modelzoo import tabular_params
+
+    params = tabular_params(tmp_path)
+    prepared = tmp_path / "prepared"
+    result = prepare(params.data, params.prepare, tmp_path, prepared)
+    test = pd.read_parquet(prepared / "test.parquet")
+    test.loc[0, "unit"] = 1000.0  # inside every other column's range, not in `unit`'s
+    test.to_parquet(prepared / "test.parquet", index=False)
+    with pytest.raises(DataValidationError) as info:
+        validate(params.data, params.validate_, prepared, tmp_path / "docs")
+    low, high = result["learned_ranges"]["unit"]
+    assert "on 'unit': 1 of" in str(info.value)
+    assert f"outside [{low}, {high}]" in str(info.value)

@@ -73,6 +73,16 @@ class State:
         return self.stopped_early or self.epoch >= epochs
 
 
+def fitted_to(cfg: TrainConfig, train_rows: int) -> TrainConfig:
+    """`cfg` for a training split of `train_rows` rows: `batch_size` (the global batch) capped at
+    rows // min_batches_per_epoch, so an epoch is at least that many optimizer steps and a run of
+    E epochs at least E x that many; early stopping and the schedule count epochs. E.g. 124 rows:
+    batches of 7, not 64 (18 steps an epoch instead of 2). The digits (1257 training rows,
+    cap 78) keep their 64. `cfg` itself when nothing changes."""
+    batch = max(1, min(cfg.batch_size, train_rows // cfg.min_batches_per_epoch))
+    return cfg if batch == cfg.batch_size else cfg.model_copy(update={"batch_size": batch})
+
+
 def make_loop(cfg: TrainConfig, args: dict[str, Any], device: torch.device) -> Loop:
     """Seed every RNG, then build the model, AdamW and the LR schedule."""
     random.seed(cfg.seed)
