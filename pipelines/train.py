@@ -185,7 +185,7 @@ def _train(
     objective: tuple[LossFn, str] | None,
 ) -> TrainResult:
     manifest = read_manifest(prepared_dir)
-    data = load_data(prepared_dir, manifest)
+    data = load_data(prepared_dir, manifest, cfg.augment)
     args = model_args(cfg, manifest)
     fp = fingerprint(cfg, manifest["content_hash"], objective[1] if objective else "")
     loop = make_loop(cfg, args, rank_device(resolve_device(cfg.device)))
