@@ -183,9 +183,8 @@ class DataConfig(Section):
             c = self.channels
             if c * h * w != len(self.feature_columns):
                 size = f"{c}x{h}x{w}={c * h * w}" if c > 1 else f"{h}x{w}={h * w}"
-                raise ValueError(
-                    f"image_shape: {size} does not match {len(self.feature_columns)} feature columns"
-                )
+                count = len(self.feature_columns)
+                raise ValueError(f"image_shape: {size} does not match {count} feature columns")
         return self
 
     @property

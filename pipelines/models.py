@@ -150,7 +150,9 @@ def _resnet_classes() -> tuple[type, type]:
                 planes = width * 2**i
                 stride = 1 if i == 0 else 2
                 stages.append(
-                    nn.Sequential(BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes, 1))
+                    nn.Sequential(
+                        BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes, 1)
+                    )
                 )
                 inplanes = planes
             self.layer1, self.layer2, self.layer3, self.layer4 = stages

@@ -221,7 +221,7 @@ def prepare_images(
     from pipelines.image_folder import assign_splits, pixel_rows, scan
 
     folder = root / data.source
-    files = scan(folder, list(data.labels))
+    files = scan(folder, data.labels)
     files["split"] = assign_splits(files, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     spec = make_spec(
         data.feature_columns, data.value_range, data.image_shape, data.channels, image_folder=True
@@ -234,7 +234,9 @@ def prepare_images(
         splits[name] = frame
     broken = files[files["error"].notna()]
     for path, error in zip(broken["path"][:SAMPLE], broken["error"][:SAMPLE], strict=False):
-        log.warning("prepare: %s/%s does not decode (%s); validate will reject it", folder, path, error)
+        log.warning(
+            "prepare: %s/%s does not decode (%s); validate will reject it", folder, path, error
+        )
     with atomic_path(out_dir / "files.csv") as tmp:
         files.to_csv(tmp, index=False)
     for name, part in splits.items():

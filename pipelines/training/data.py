@@ -9,12 +9,11 @@ decoded per batch, in the DataLoader's worker processes, with the augmentations 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -77,7 +76,8 @@ def load_data(
             raise DataSourceError(f"{prepared_dir}: the {name} split has no rows; add data")
         x, y = split_arrays(frame, manifest, name, f"{prepared_dir} ({name} split)")
         tensors += [torch.from_numpy(x), torch.from_numpy(y)]
-    data = Data(*tensors)
+    x_train, y_train, x_val, y_val = tensors
+    data = Data(x_train, y_train, x_val, y_val)
     if manifest.get("image_folder"):
         from pipelines.prepare import read_files
 
@@ -135,7 +135,9 @@ class ImageBatches(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         try:
             content = path.read_bytes()
         except OSError as exc:
-            raise DataSourceError(f"{path}: cannot be read ({exc.strerror}); run prepare again")
+            raise DataSourceError(
+                f"{path}: cannot be read ({exc.strerror}); run prepare again"
+            ) from None
         box = self.crop_box(*self.sizes[index]) if self.scale else None
         flip = self.hflip and bool(torch.rand(()) < 0.5)
         return decode_image(content, self.spec, crop=box, flip=flip)
