@@ -278,3 +278,53 @@ def test_prepare_validate_train_export_on_a_folder(project: Path) -> None:
     assert train["epochs_run"] == 2
     export = json.loads((project / "metrics/export/teacher.json").read_text())
     assert export["argmax_agreement"] == 1.0, export
+
+
+@pytest.mark.slow
+def test_the_service_predicts_an_image_file_as_its_prepared_row(tmp_path: Path) -> None:
+    """/predict_image of a file of the folder answers what /predict answers for the row
+    `prepare` decoded from that file: the service decodes as training did (resnet18 model)."""
+    import json
+
+    from starlette.testclient import TestClient
+
+    from flows.package import save_bento_model
+    from pipelines.export import export
+    from pipelines.models import save_model
+    from pipelines.runtime import read_metadata
+    from pipelines.train import train
+
+    write_digit_folder(tmp_path / SOURCE, per_class=10, size=32)
+    params = folder_params(
+        **{"train.model.arch": "resnet18", "train.model.width": 4, "train.epochs": 1}
+    )
+    prepared = tmp_path / "prepared"
+    prepare(params.data, params.prepare, tmp_path, prepared)
+    with pytest.MonkeyPatch.context() as env:
+        env.chdir(tmp_path)  # the training images are read from the project root
+        result = train(params.train, prepared, tmp_path / "checkpoints")
+    save_model(tmp_path / "model.pt", result)
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    export(params.export, tmp_path / "model.pt", prepared, model_dir / "model.onnx")
+    (model_dir / "metadata.json").write_text(json.dumps(read_metadata(model_dir / "model.onnx")))
+    tag = save_bento_model("image-folder-test", model_dir, "1")
+
+    test = read_split(prepared, "test")
+    sys.modules.pop("service", None)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLOPS_MODEL_TAG", tag)
+        import service
+
+        with TestClient(service.SERVICE.to_asgi(), raise_server_exceptions=False) as client:
+            suffixes = test["path"].map(lambda p: Path(p).suffix)
+            for i in (suffixes.eq(".png").idxmax(), suffixes.eq(".jpg").idxmax()):
+                path = test["path"][i]
+                content = (tmp_path / SOURCE / path).read_bytes()
+                image = client.post("/predict_image", files={"image": (path, content)})
+                assert image.status_code == 200, image.text
+                row = test.loc[i, params.data.feature_columns].to_numpy(np.float64)
+                rows = client.post("/predict", json={"rows": [row.tolist()]})
+                assert rows.status_code == 200, rows.text
+                assert image.json()[0]["probabilities"] == rows.json()[0]["probabilities"]
+    sys.modules.pop("service", None)
