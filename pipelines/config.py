@@ -96,13 +96,14 @@ Arch = Annotated[
 
 
 def _data_source(value: str) -> str:
-    """The built-in "digits", or a relative path to a table file under data/ (no `..`)."""
+    """The built-in "digits", or a relative path under data/ (no `..`) to a table file or to a
+    folder of images (one sub-folder per class: `is_image_folder`)."""
     if value in BUILTIN_SOURCES:
         return value
-    if not value.lower().endswith(TABLE_SUFFIXES):
+    if not value.lower().endswith(TABLE_SUFFIXES) and PurePosixPath(value).suffix:
         raise ValueError(
-            f"neither a built-in source ({', '.join(BUILTIN_SOURCES)}) "
-            f"nor a table file ({', '.join(TABLE_SUFFIXES)})"
+            f"neither a built-in source ({', '.join(BUILTIN_SOURCES)}), "
+            f"a table file ({', '.join(TABLE_SUFFIXES)}) nor a folder of images (no suffix)"
         )
     posix, windows = PurePosixPath(value), PureWindowsPath(value)
     if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
@@ -112,15 +113,19 @@ def _data_source(value: str) -> str:
     return value
 
 
-_TABLE = r"\.([cC][sS][vV]|[pP][aA][rR][qQ][uU][eE][tT]|[pP][qQ])"
+def is_image_folder(source: str) -> bool:
+    """A `data.source` that names a folder of images: neither built in nor a table file."""
+    return source not in BUILTIN_SOURCES and not source.lower().endswith(TABLE_SUFFIXES)
+
+
 DataSource = Annotated[
     str,
     AfterValidator(_data_source),
     Field(
         min_length=1,
-        description='"digits" or a CSV/Parquet path under data/',
+        description='"digits" or a CSV/Parquet file or a folder of images under data/',
         # The same rule for the flow's form (JSON Schema, checked when a run is created).
-        json_schema_extra={"pattern": rf"^(digits|data/(?!(.*[/\\])?\.\.([/\\]|$)).+{_TABLE})$"},
+        json_schema_extra={"pattern": r"^(digits|data/(?!(.*[/\\])?\.\.([/\\]|$)).+)$"},
     ),
 ]
 
@@ -174,6 +179,17 @@ class DataConfig(Section):
     # Scaling inside the model, fitted on the training split; auto: standard for tabular rows,
     # none for images (their pixels are mapped from value_range to [0, 1] before the model).
     scaling: Literal["auto", "standard", "minmax", "none"]
+    # Colour channels of the model input: 1 (gray) or 3 (RGB, a folder of images only).
+    channels: Literal[1, 3] = 1
+
+    @model_validator(mode="after")
+    def _image_folder(self) -> DataConfig:
+        """A folder of images needs image_shape; 3 channels need a folder of images."""
+        if is_image_folder(self.source) and self.image_shape is None:
+            raise ValueError("image_shape: a folder of images needs [H, W] (the model's input)")
+        if self.channels != 1 and not is_image_folder(self.source):
+            raise ValueError("channels: 3 channels need a folder of images as data.source")
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> DataConfig:
@@ -182,11 +198,11 @@ class DataConfig(Section):
             raise ValueError("labels: the label set has repeated values")
         if self.image_shape is not None:
             h, w = self.image_shape
-            if h * w != len(self.feature_columns):
-                raise ValueError(
-                    f"image_shape: {h}x{w}={h * w} does not match "
-                    f"{len(self.feature_columns)} feature columns"
-                )
+            c = self.channels
+            if c * h * w != len(self.feature_columns):
+                size = f"{c}x{h}x{w}={c * h * w}" if c > 1 else f"{h}x{w}={h * w}"
+                count = len(self.feature_columns)
+                raise ValueError(f"image_shape: {size} does not match {count} feature columns")
         return self
 
     def _check_ranges(self) -> None:
@@ -259,6 +275,40 @@ class ModelConfig(Section):
     width: int = Field(gt=0, le=4096)
     depth: int = Field(gt=0, le=8)
     dropout: float = Field(ge=0.0, lt=1.0)
+    # A local weights file to start from (a state dict, or a model file of an earlier run),
+    # relative to the project root; read with torch.load(weights_only=True). None: from scratch.
+    weights: str | None = None
+
+
+Fraction = Annotated[float, Field(gt=0, le=1)]
+AspectRatio = Annotated[float, Field(gt=0, le=100)]
+
+
+class RandomResizedCrop(Section):
+    """A random crop of `scale` x the image's area and `ratio` (width / height) resized to
+    data.image_shape (torchvision's RandomResizedCrop, with its defaults)."""
+
+    scale: tuple[Fraction, Fraction] = (0.08, 1.0)
+    ratio: tuple[AspectRatio, AspectRatio] = (0.75, 4 / 3)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RandomResizedCrop:
+        for key in ("scale", "ratio"):
+            low, high = getattr(self, key)
+            if low > high:
+                raise ValueError(f"{key}: low {low} is above high {high}")
+        return self
+
+
+class AugmentConfig(Section):
+    """Augmentations of the training images (a folder of images only; none at evaluation)."""
+
+    random_resized_crop: RandomResizedCrop | None = None
+    hflip: bool = False  # mirror left-right with probability 0.5
+
+    @property
+    def active(self) -> bool:
+        return self.random_resized_crop is not None or self.hflip
 
 
 class TrainConfig(Section):
@@ -278,6 +328,7 @@ class TrainConfig(Section):
     bf16: bool
     num_workers: int = Field(ge=0, le=MAX_PROCESSES)
     resume: bool
+    augment: AugmentConfig = AugmentConfig()
 
 
 class SpaceParam(Section):
@@ -601,6 +652,7 @@ class Params(Section):
         problems = [
             *arch_problems("train.model.arch", self.train.model.arch, self.data),
             *arch_problems("distill.model.arch", self.distill.model.arch, self.data),
+            *augment_problems(self),
             *space_problems(self),
             *batch_problems(self),
         ]
@@ -616,6 +668,16 @@ def arch_problems(key: str, arch: str, data: DataConfig) -> list[str]:
         return [
             f"{key}: {arch!r} takes images but data.image_shape is null (tabular rows); "
             f"set data.image_shape to [H, W] or use {flat}"
+        ]
+    return []
+
+
+def augment_problems(params: Params) -> list[str]:
+    """Augmentations transform image files: they need a folder of images as data.source."""
+    if params.train.augment.active and not is_image_folder(params.data.source):
+        return [
+            "train.augment: augmentations need a folder of images as data.source "
+            f"(got {params.data.source!r}); remove them or set them to null/false"
         ]
     return []
 

@@ -14,6 +14,7 @@ registry (params validation) stays cheap.
 
 from __future__ import annotations
 
+import functools
 import pickle
 import struct
 from collections.abc import Callable
@@ -93,6 +94,106 @@ def cnn(
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout)]
     layers.append(nn.Linear(channels, num_classes))
     return nn.Sequential(*layers)
+
+
+@register("resnet18", image_input=True)
+def resnet18(
+    input_shape: tuple[int, ...], num_classes: int, width: int, depth: int, dropout: float
+) -> nn.Module:
+    """ResNet-18 (He et al. 2016: BasicBlocks [2, 2, 2, 2]) in its small-input (CIFAR) form, as
+    is standard for 32x32 images: a 3x3 stride-1 stem and no max pooling, so a 32x32 input keeps
+    a 4x4 map before global average pooling. `width` is the stem's channels (64 in the paper;
+    doubling per stage), the stem takes the data's channels (C of `input_shape`), `dropout`
+    before the linear head; `depth` is not used (the layout is fixed).
+
+    Written here rather than taken from torchvision: no torchvision wheel of this host's CPU
+    torch build exists (its CUDA build fails to import there). The module names match
+    torchvision's `resnet18` (conv1, bn1, layer1..4, fc), so its state dicts fit apart from the
+    stem and head."""
+    if len(input_shape) != 3:
+        raise ValueError(f"resnet18 needs a (C, H, W) input shape, got {input_shape}")
+    return ResNet(input_shape[0], num_classes, width, dropout)
+
+
+@functools.cache
+def _resnet_classes() -> tuple[type, type]:
+    """The ResNet modules (built on first use: torch is imported inside functions here)."""
+    from torch import Tensor, nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self, inplanes: int, planes: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(planes)
+            self.relu = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.downsample: nn.Module | None = None
+            if stride != 1 or inplanes != planes:
+                self.downsample = nn.Sequential(
+                    nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+                )
+
+        def forward(self, x: Tensor) -> Tensor:
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(out)) + identity)
+
+    class ResNetModule(nn.Module):
+        def __init__(self, channels: int, num_classes: int, width: int, dropout: float) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(channels, width, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            self.relu = nn.ReLU(inplace=True)
+            stages, inplanes = [], width
+            for i in range(4):
+                planes = width * 2**i
+                stride = 1 if i == 0 else 2
+                stages.append(
+                    nn.Sequential(
+                        BasicBlock(inplanes, planes, stride), BasicBlock(planes, planes, 1)
+                    )
+                )
+                inplanes = planes
+            self.layer1, self.layer2, self.layer3, self.layer4 = stages
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.dropout = nn.Dropout(dropout)
+            self.fc = nn.Linear(inplanes, num_classes)
+            for module in self.modules():  # torchvision's initialization
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(module, nn.BatchNorm2d):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+
+        def forward(self, x: Tensor) -> Tensor:
+            x = self.relu(self.bn1(self.conv1(x)))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return self.fc(self.dropout(self.avgpool(x).flatten(1)))
+
+    return BasicBlock, ResNetModule
+
+
+def ResNet(channels: int, num_classes: int, width: int, dropout: float) -> nn.Module:  # noqa: N802
+    """The small-input ResNet-18 module (see `resnet18`)."""
+    return _resnet_classes()[1](channels, num_classes, width, dropout)
+
+
+def load_weights(model: nn.Module, path: Path | str) -> None:
+    """Load a user's local weights file into `model` (strict): a plain state dict or a model
+    file of `save_model`, read with `weights_only=True` (nothing runs, nothing downloads).
+    Raises CheckpointError naming the file when it is unreadable or does not fit."""
+    content = read_torch(path, "not a readable weights file")
+    if isinstance(content, dict) and content.get("format") == MODEL_FORMAT:
+        content = content.get("state_dict")
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path}: not a state dict (a mapping of names to tensors)")
+    try:
+        model.load_state_dict(content)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else first[0]
+        raise CheckpointError(f"{path}: the weights do not fit the model: {detail}") from exc
 
 
 # --- model files --------------------------------------------------------------------------------

@@ -19,7 +19,14 @@ import pandas as pd
 
 from pipelines.artifacts import atomic_path, file_sha256, read_json, write_json
 from pipelines.cli import run_cli
-from pipelines.config import LEARN, DataConfig, Params, PrepareConfig, section_dict
+from pipelines.config import (
+    LEARN,
+    DataConfig,
+    Params,
+    PrepareConfig,
+    is_image_folder,
+    section_dict,
+)
 from pipelines.errors import DataSourceError
 from pipelines.preprocessing import make_spec
 
@@ -191,7 +198,7 @@ def manifest(
         "image_shape": list(data.image_shape) if data.image_shape else None,
         "learned_ranges": learned,  # data.value_range `learn`: per column, from the train split
         "preprocessing": make_spec(
-            data.feature_columns, ranges, data.image_shape, data.model_scaling
+            data.feature_columns, ranges, data.image_shape, data.model_scaling, data.channels
         ),
         "splits": {
             name: {
@@ -208,7 +215,10 @@ def manifest(
 
 
 def prepare(data: DataConfig, cfg: PrepareConfig, root: Path, out_dir: Path) -> dict[str, Any]:
-    """Write `out_dir`/{train,val,test}.parquet and manifest.json; return the manifest."""
+    """Write `out_dir`/{train,val,test}.parquet and manifest.json; return the manifest. A folder
+    of images (`prepare_images`) also writes `out_dir`/files.csv."""
+    if is_image_folder(data.source):
+        return prepare_images(data, cfg, root, out_dir)
     frame, source_sha = load_source(data, root)
     cells = non_numeric_cells(frame, numeric_columns(data))
     for column in (c for c in numeric_columns(data) if c in frame.columns and c not in cells):
@@ -230,6 +240,58 @@ def prepare(data: DataConfig, cfg: PrepareConfig, root: Path, out_dir: Path) -> 
     result = manifest(data, splits, source_sha, cells)
     write_json(out_dir / "manifest.json", result)  # last: its presence means a complete output
     return result
+
+
+def prepare_images(
+    data: DataConfig, cfg: PrepareConfig, root: Path, out_dir: Path
+) -> dict[str, Any]:
+    """A folder of images: `files.csv` lists every file (`pipelines.image_folder.FILE_COLUMNS`
+    + its split), the splits hold the decoded pixel rows of the files that decode (+ path,
+    sha256), split by content (`assign_splits`). Files that do not decode are listed, in no
+    split: `validate` names them."""
+    from pipelines.image_folder import assign_splits, pixel_rows, scan
+
+    folder = root / data.source
+    files = scan(folder, data.labels)
+    files["split"] = assign_splits(files, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    spec = make_spec(
+        data.feature_columns,
+        data.ranges(),
+        data.image_shape,
+        data.model_scaling,
+        channels=data.channels,
+        image_folder=True,
+    )
+    splits = {}
+    for name in SPLITS:
+        chosen = files[files["split"] == name].reset_index(drop=True)
+        frame = pixel_rows(folder, chosen, spec, data.feature_columns)
+        frame.insert(len(data.feature_columns), data.label_column, chosen["label"].to_numpy())
+        splits[name] = frame
+    broken = files[files["error"].notna()]
+    for path, error in zip(broken["path"][:SAMPLE], broken["error"][:SAMPLE], strict=False):
+        log.warning(
+            "prepare: %s/%s does not decode (%s); validate will reject it", folder, path, error
+        )
+    with atomic_path(out_dir / "files.csv") as tmp:
+        files.to_csv(tmp, index=False)
+    for name, part in splits.items():
+        with atomic_path(out_dir / f"{name}.parquet") as tmp:
+            part.to_parquet(tmp, index=False)
+    files_sha = hashlib.sha256(files.to_csv(index=False).encode()).hexdigest()
+    result = manifest(data, splits, files_sha)
+    result["preprocessing"] = spec
+    result["image_folder"] = {"root": data.source, "files": len(files), "broken": len(broken)}
+    write_json(out_dir / "manifest.json", result)  # last: its presence means a complete output
+    return result
+
+
+def read_files(prepared_dir: Path) -> pd.DataFrame:
+    """The file list `prepare` wrote for a folder of images (path, label, sha256, ..., split)."""
+    path = Path(prepared_dir) / "files.csv"
+    if not path.is_file():
+        raise DataSourceError(f"{path}: no such file; run the prepare stage first")
+    return pd.read_csv(path, keep_default_na=False, na_values=[""])
 
 
 def read_manifest(prepared_dir: Path) -> dict[str, Any]:

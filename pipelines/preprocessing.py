@@ -36,14 +36,18 @@ def make_spec(
     ranges: Sequence[Sequence[float]],
     image_shape: Sequence[int] | None,
     model_scaling: str = "none",
+    channels: int = 1,
+    image_folder: bool = False,
 ) -> dict[str, Any]:
     """The spec of the data: `ranges` one [low, high] per feature column (all equal when
     data.value_range is one pair: then `feature_ranges` is None); `model_scaling` the scaling the
-    model applies itself (fitted in train)."""
+    model applies itself (fitted in train); `image_folder`: rows are decoded image files
+    (`decode_image`), so an image sent to the service is decoded the same way (and `channels`
+    may be 3)."""
     pairs = [[float(low), float(high)] for low, high in ranges]
-    shape = [1, *image_shape] if image_shape else [len(feature_columns)]
+    shape = [channels, *image_shape] if image_shape else [len(feature_columns)]
     uniform = all(pair == pairs[0] for pair in pairs)
-    return {
+    spec = {
         "feature_columns": list(feature_columns),
         "value_range": [min(p[0] for p in pairs), max(p[1] for p in pairs)],
         "feature_ranges": None if uniform else pairs,
@@ -52,6 +56,13 @@ def make_spec(
         "scaling": RANGE_SCALING if image_shape else "none",
         "model_scaling": model_scaling,
     }
+    if image_folder:
+        spec["image_decode"] = {"channels": channels, "resample": "bilinear", **IMAGE_DECODE}
+    return spec
+
+
+# How `decode_image` turns a file into pixels (recorded in the spec: a change shows in metadata).
+IMAGE_DECODE = {"gray": "luminance, no inversion", "color": "RGB, alpha dropped"}
 
 
 def feature_ranges(spec: Mapping[str, Any]) -> list[tuple[float, float]]:
@@ -135,6 +146,8 @@ def image_to_rows(
     shape = image_shape(spec)
     if shape is None:
         raise ImageError("this model takes tabular rows, not images (its data has no image_shape)")
+    if spec.get("image_decode"):  # trained on a folder of image files: decoded as in training
+        return decode_image(data, spec, max_pixels=max_pixels).reshape(1, -1)
     try:
         with Image.open(io.BytesIO(data)) as image:
             size = image.width * image.height
@@ -194,3 +207,63 @@ def composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     ink_is_dark = weight == 0 or float((gray * alpha).sum()) / weight < 0.5
     background = np.float32(1.0 if ink_is_dark else 0.0)
     return alpha * gray + (1 - alpha) * background
+
+
+def open_image(data: bytes, max_pixels: int = 4096 * 4096) -> Any:
+    """A decoded Pillow image (pixels loaded); raises ImageError when `data` is no readable
+    image or has more than `max_pixels` pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise ImageError(
+                f"image has {image.width * image.height} pixels: over the limit of {max_pixels}"
+            )
+        image.load()
+    except UnidentifiedImageError:
+        raise ImageError("not a readable image: PNG or JPEG expected") from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, ImageError):
+            raise
+        raise ImageError(f"not a readable image: {exc}") from None
+    return image
+
+
+def decode_image(
+    data: bytes,
+    spec: Mapping[str, Any],
+    crop: tuple[float, float, float, float] | None = None,
+    flip: bool = False,
+    max_pixels: int = 4096 * 4096,
+) -> np.ndarray:
+    """An image file of a folder data set -> raw pixel row values (C, H, W) float32 in the data's
+    value range: the one decoding of `prepare` (the splits' rows), training (with `crop` and
+    `flip`: the augmentations) and the service's `/predict_image` (without).
+
+    Channels 1: `luminance` (any mode, 1 = white; no inversion); channels 3: RGB (alpha dropped).
+    Each channel in [0, 1] is resized to (H, W) with Pillow's bilinear filter (antialiased when
+    shrinking), from `crop` = (left, upper, right, lower) in source pixels when given (the whole
+    image otherwise), mirrored left-right when `flip`, then mapped 0..1 -> [low, high].
+    Raises ImageError (unreadable, too large, a mode with no defined range)."""
+    from PIL import Image
+
+    channels = int(spec["input_shape"][0])
+    height, width = image_shape(spec) or (0, 0)
+    with open_image(data, max_pixels) as image:
+        if channels == 1:
+            planes = [luminance(image)]
+        else:
+            rgb = np.asarray(image.convert("RGB"), np.float32) / np.float32(255)
+            planes = [rgb[:, :, c] for c in range(3)]
+    resized = []
+    for plane in planes:
+        small = Image.fromarray(plane.astype(np.float32)).resize(
+            (width, height), Image.Resampling.BILINEAR, box=crop
+        )
+        resized.append(np.asarray(small, np.float32))
+    pixels = np.stack(resized)
+    if flip:
+        pixels = pixels[:, :, ::-1]
+    low, high = spec["value_range"]
+    return np.float32(low) + np.clip(pixels, 0, 1) * np.float32(high - low)

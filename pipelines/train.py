@@ -186,7 +186,7 @@ def _train(
     objective: tuple[LossFn, str] | None,
 ) -> TrainResult:
     manifest = read_manifest(prepared_dir)
-    data = load_data(prepared_dir, manifest)
+    data = load_data(prepared_dir, manifest, cfg.augment)
     scaling = manifest["preprocessing"].get("model_scaling", "none")
     args = model_args(cfg, manifest, fit_scaler(scaling, data.x_train.numpy()))
     fp = fingerprint(cfg, manifest["content_hash"], objective[1] if objective else "", scaling)

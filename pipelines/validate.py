@@ -28,9 +28,9 @@ import pandas as pd
 
 from pipelines.artifacts import write_json
 from pipelines.cli import run_cli
-from pipelines.config import DataConfig, Params, ValidateConfig, section_dict
+from pipelines.config import DataConfig, Params, ValidateConfig, is_image_folder, section_dict
 from pipelines.errors import DataSourceError, DataValidationError
-from pipelines.prepare import SPLITS, as_numbers, numeric_columns, read_manifest
+from pipelines.prepare import SPLITS, as_numbers, numeric_columns, read_files, read_manifest
 from pipelines.tracking import RUN_FILE
 
 HASH_COLUMN = "_row_hash"
@@ -71,6 +71,14 @@ def load_splits(prepared_dir: Path) -> dict[str, pd.DataFrame]:
     return splits
 
 
+def content_hashes(frame: pd.DataFrame, data: DataConfig) -> pd.Series:
+    """What identifies a row's content: the image file's sha256 for a folder of images (as
+    prepare recorded it), else the digest of the feature values (`row_hashes`)."""
+    if is_image_folder(data.source) and "sha256" in frame.columns:
+        return frame["sha256"].astype(object)
+    return row_hashes(frame, data.feature_columns)
+
+
 def row_hashes(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
     """One hex digest per row over `columns` (those present): identical rows, identical digest."""
     present = [c for c in columns if c in frame.columns]
@@ -83,7 +91,7 @@ def rows_frame(splits: dict[str, pd.DataFrame], data: DataConfig) -> pd.DataFram
     column that came as text (a CSV cell such as `n/a`) has its numbers parsed, so the type check
     counts only the values that are no number."""
     frame = pd.concat([splits[name] for name in SPLITS], ignore_index=True)
-    frame[HASH_COLUMN] = row_hashes(frame, data.feature_columns)
+    frame[HASH_COLUMN] = content_hashes(frame, data)
     for column in (c for c in numeric_columns(data) if c in frame.columns):
         frame[column] = as_numbers(frame[column])
     return frame
@@ -104,7 +112,7 @@ def class_frame(rows: pd.DataFrame, data: DataConfig) -> pd.DataFrame:
 
 
 def leakage_frame(splits: dict[str, pd.DataFrame], data: DataConfig) -> pd.DataFrame:
-    return pd.DataFrame({HASH_COLUMN: row_hashes(splits["test"], data.feature_columns)})
+    return pd.DataFrame({HASH_COLUMN: content_hashes(splits["test"], data)})
 
 
 # --- the suite, derived from the config -----------------------------------------------------
@@ -117,12 +125,15 @@ def _meta(columns: list[str], **extra: Any) -> dict[str, Any]:
 
 def schema_expectations(data: DataConfig, ranges: list[tuple[float, float]]) -> list[Any]:
     """Required columns, at least one row, numeric non-null features within their [low, high]
-    of `ranges` (one per feature column: `DataConfig.ranges`), known labels."""
+    of `ranges` (one per feature column: `DataConfig.ranges`), known labels. A folder of images:
+    its pixel columns are written by `prepare`'s decoder (in range by construction), so the
+    files are checked instead (`file_expectations`)."""
     ex = _gx().expectations
-    required = [*data.feature_columns, data.label_column]
+    pixels = is_image_folder(data.source)
+    required = [*([] if pixels else data.feature_columns), data.label_column]
     found = [ex.ExpectColumnToExist(column=c, meta=_meta([c])) for c in required]
     found.append(ex.ExpectTableRowCountToBeBetween(min_value=1, meta=_meta([])))
-    for column, value_range in zip(data.feature_columns, ranges, strict=True):
+    for column, value_range in [] if pixels else zip(data.feature_columns, ranges, strict=True):
         found.extend(feature_expectations(column, value_range))
     label = data.label_column
     found.append(ex.ExpectColumnValuesToNotBeNull(column=label, meta=_meta([label], reason="null")))
@@ -193,21 +204,62 @@ def leakage_expectation(data: DataConfig, train_hashes: list[str]) -> Any:
     )
 
 
+# Pillow modes `decode_image` reads with a defined range (see preprocessing.luminance).
+IMAGE_MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "I;16", "I;16B", "I"]
+MAX_IMAGE_PIXELS = 4096 * 4096  # open_image's limit: larger files do not decode
+
+
+def files_frame(files: pd.DataFrame, folder: str) -> pd.DataFrame:
+    """The file list of a folder of images, paths under `folder` (data.source), with each
+    file's pixel count."""
+    frame = files.copy()
+    frame["path"] = folder.rstrip("/") + "/" + frame["path"]
+    frame["pixels"] = (frame["width"] * frame["height"]).astype("float64")
+    return frame
+
+
+def file_expectations() -> list[Any]:
+    """Every file decodes; its mode is one the decoder reads; its size within the limit."""
+    ex = _gx().expectations
+    return [
+        ex.ExpectColumnValuesToBeNull(
+            column="error",
+            description="Every image file decodes (Pillow reads it whole)",
+            meta=_meta(["path"], check="image decodes"),
+        ),
+        ex.ExpectColumnValuesToBeInSet(
+            column="mode",
+            value_set=IMAGE_MODES,
+            meta=_meta(["path"], check="image mode", reason=f"not one of {IMAGE_MODES}"),
+        ),
+        ex.ExpectColumnValuesToBeBetween(
+            column="pixels",
+            min_value=1,
+            max_value=MAX_IMAGE_PIXELS,
+            meta=_meta(["path"], check="image size", limit=MAX_IMAGE_PIXELS),
+        ),
+    ]
+
+
 def build_checks(
     data: DataConfig,
     cfg: ValidateConfig,
     splits: dict[str, pd.DataFrame],
     learned: dict[str, list[float]] | None = None,
+    files: pd.DataFrame | None = None,
 ) -> list[Check]:
     """The three suites with their frames: `rows`, `classes`, `leakage`. `learned`: the
-    manifest's ranges when data.value_range is `learn`."""
+    manifest's ranges when data.value_range is `learn`. A folder of images (`files`: prepare's
+    file list) adds `files`, and its duplicates and leakage are judged by the files' content
+    hashes."""
     rows = rows_frame(splits, data)
     try:
         ranges = data.ranges(learned)
     except ValueError as exc:  # `learn` without prepare's manifest
         raise DataSourceError(f"data.{exc}; run the prepare stage first") from None
-    train_hashes = sorted(set(row_hashes(splits["train"], data.feature_columns)))
+    train_hashes = sorted(set(content_hashes(splits["train"], data)))
     by_label = {"result_format": "COMPLETE", "unexpected_index_column_names": ["label"]}
+    by_path = {"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]}
     summary = {"result_format": "SUMMARY"}
     return [
         Check(
@@ -222,6 +274,11 @@ def build_checks(
             leakage_frame(splits, data),
             [leakage_expectation(data, train_hashes)],
             summary,
+        ),
+        *(
+            [Check("files", files_frame(files, data.source), file_expectations(), by_path)]
+            if files is not None
+            else []
         ),
     ]
 
@@ -438,6 +495,29 @@ def _leakage(r: dict[str, Any]) -> list[str]:
     return [f"train/test leakage: {r['unexpected_count']} test rows identical to train rows"]
 
 
+def _file_lines(r: dict[str, Any], why: Callable[[dict[str, Any]], str]) -> list[str]:
+    """One line per bad file (its path first), at most SAMPLE, then how many more."""
+    found = r["unexpected_rows"] or []
+    lines = [f"{row['path']}: {why(row)}" for row in found[:SAMPLE]]
+    if len(found) > SAMPLE:
+        lines.append(f"... and {len(found) - SAMPLE} more file(s) ({r['check']})")
+    return lines
+
+
+def _undecodable(r: dict[str, Any]) -> list[str]:
+    return _file_lines(r, lambda row: f"does not decode: {row['error']}")
+
+
+def _mode(r: dict[str, Any]) -> list[str]:
+    return _file_lines(r, lambda row: f"image mode {row['mode']} is not supported ({r['reason']})")
+
+
+def _size(r: dict[str, Any]) -> list[str]:
+    return _file_lines(
+        r, lambda row: f"{row['pixels']:.0f} pixels, outside 1 .. {r['limit']} (image size)"
+    )
+
+
 DESCRIBE: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "expect_column_to_exist": _missing,
     "expect_table_row_count_to_be_between": _no_rows,
@@ -446,6 +526,9 @@ DESCRIBE: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "class imbalance": _imbalance,
     "duplicate rows": _duplicates,
     "train/test leakage": _leakage,
+    "image decodes": _undecodable,
+    "image mode": _mode,
+    "image size": _size,
 }
 
 
@@ -477,12 +560,13 @@ def run_gate(
 ) -> dict[str, Any]:
     """Run the gate; write Data Docs and `docs_dir/summary.json`; return the summary (no raise)."""
     splits = load_splits(prepared_dir)
+    files = read_files(prepared_dir) if is_image_folder(data.source) else None
     clear_docs(docs_dir)
     context = gx_context(docs_dir)
     source = context.data_sources.add_pandas("prepared")
     manifest = Path(prepared_dir) / "manifest.json"
     learned = read_manifest(prepared_dir).get("learned_ranges") if manifest.is_file() else None
-    checks = build_checks(data, cfg, splits, learned)
+    checks = build_checks(data, cfg, splits, learned, files)
     records = [r for c in checks for r in run_check(context, source, c)]
     add_source_rows(records, prepared_dir)
     summary = summarize(records, Path(docs_dir) / DOCS_INDEX)

@@ -218,7 +218,7 @@ def test_data_source_must_be_a_relative_path_under_data(source: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "source", ["digits", "data/raw/my set.csv", "data/x.PARQUET", "data/a..b.pq"]
+    "source", ["digits", "data/raw/my set.csv", "data/x.PARQUET", "data/a..b.pq", "data/raw/pets"]
 )
 def test_data_source_accepts_builtin_and_tables_under_data(source: str) -> None:
     load_params(REPO / "params.yaml", overrides={"data.source": source})

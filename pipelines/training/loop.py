@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from pipelines.config import TrainConfig
 from pipelines.errors import PipelineError
-from pipelines.models import cpu_copy, rebuild
+from pipelines.models import cpu_copy, load_weights, rebuild
 from pipelines.training.data import Data
 from pipelines.training.distributed import global_mean, world
 from pipelines.training.progress import Progress
@@ -91,7 +91,10 @@ def make_loop(cfg: TrainConfig, args: dict[str, Any], device: torch.device) -> L
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    model = rebuild(args).to(device)
+    model = rebuild(args)
+    if cfg.model.weights:
+        load_weights(model, cfg.model.weights)
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -138,11 +141,13 @@ class ShuffledBatches(Sampler[torch.Tensor]):
 
 
 def make_loader(data: Data, cfg: TrainConfig, loop: Loop) -> DataLoader[Any]:
-    """Batch-level fetching from a TensorDataset (`batch_size=None`: the sampler yields whole
-    batches); pinned memory and persistent workers keep a GPU fed."""
+    """Batch-level fetching from a TensorDataset, or from the image files (`Data.train_images`)
+    (`batch_size=None`: the sampler yields whole batches; a worker decodes a whole batch);
+    pinned memory and persistent workers keep a GPU fed."""
     place = world()
+    dataset = data.train_images or TensorDataset(data.x_train, data.y_train)
     return DataLoader(
-        TensorDataset(data.x_train, data.y_train),
+        dataset,
         sampler=ShuffledBatches(
             len(data.y_train), cfg.batch_size, loop.shuffle, place.rank, place.size
         ),
