@@ -130,9 +130,8 @@ def test_rgb_folders_decode_to_three_channels(tmp_path: Path) -> None:
 
     from pipelines.preprocessing import decode_image, image_to_rows, make_spec, to_model_input
 
-    spec = make_spec(
-        [f"px_{i}" for i in range(3 * 4 * 4)], [0, 1], [4, 4], channels=3, image_folder=True
-    )
+    columns = [f"px_{i}" for i in range(3 * 4 * 4)]
+    spec = make_spec(columns, [(0, 1)] * len(columns), [4, 4], channels=3, image_folder=True)
     image = Image.new("RGB", (8, 8), (255, 0, 128))
     buffer = tmp_path / "red.png"
     image.save(buffer)
