@@ -273,7 +273,8 @@ def _run(
         run_stages(params, work, stages, env, force, states)
         if experiment:
             save_experiment(work, experiment)
-            get_run_logger().info("saved as DVC experiment %r: dvc exp apply %s", *[experiment] * 2)
+            logger = get_run_logger()
+            logger.info("saved as DVC experiment %r: dvc exp apply %s", experiment, experiment)
         decision = register_task(params, root, work, parent) if SELECT_STAGE in states else None
         # only a champion that moved in this run: an unchanged one is not packaged again
         bento = package_task(params, root) if decision and decision["promoted"] else None
