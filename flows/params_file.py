@@ -1,9 +1,8 @@
-"""UI overrides of params.yaml: validated by the same models, applied for the run, then undone."""
+"""UI overrides of params.yaml: validated by the same models, written into a copy's params.yaml
+(flows/experiment.py: the checkout's own file is never rewritten)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -52,17 +51,3 @@ def render_overridden(text: str, overrides: RunOverrides) -> str:
     out = StringIO()
     yaml.dump(doc, out)
     return out.getvalue()
-
-
-@contextlib.contextmanager
-def overridden_params_file(root: Path, overrides: RunOverrides) -> Iterator[Path]:
-    """params.yaml holds the overrides while the stages run (DVC reads it), then is restored."""
-    path = root / PARAMS_FILE
-    original = path.read_text()
-    if overrides.as_dotted():
-        path.write_text(render_overridden(original, overrides))
-    try:
-        yield path
-    finally:
-        if path.read_text() != original:
-            path.write_text(original)

@@ -1,9 +1,11 @@
 """The `train` flow: the stages of dvc.yaml, in DVC's order, one Prefect task run each.
 
 Operations only: which stages run is DVC's business (`dvc repro --single-item`, so an up-to-date
-stage is skipped and shown as such), done by one DVC process per flow run (flows/dvc_runner.py);
-this flow adds parameters from the UI, retries, timeouts, the `gpu` concurrency limit, the
-MLflow parent run, and links to the results.
+stage is skipped and shown as such), one `dvc` process per stage (flows/dvc_runner.py); this
+flow adds parameters from the UI, retries, timeouts, the `gpu` concurrency limit, the MLflow
+parent run, and links to the results. A run with values from the UI runs as a DVC experiment in
+a worktree of its own (flows/experiment.py): the checkout's params.yaml and dvc.lock stay as
+they are; a run without updates them, like `dvc repro`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import gc
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
@@ -23,8 +26,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 from prefect.tasks import exponential_backoff
 
-from flows.dvc_runner import DvcSession, StageOutcome
-from flows.params_file import effective_params, overridden_params_file, run_overrides
+from flows.dvc_runner import StageOutcome, metrics, metrics_files, reproduce, stage_order
+from flows.experiment import experiment_workspace, save_experiment
+from flows.params_file import effective_params, run_overrides
 from pipelines.cli import EXIT_REJECTED
 from pipelines.config import (
     Arch,
@@ -38,7 +42,7 @@ from pipelines.config import (
     environment,
 )
 from pipelines.errors import ParamsError, PipelineError
-from pipelines.tracking import end_parent_run, start_parent_run
+from pipelines.tracking import end_parent_run, start_parent_run, tracking_uri
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SELECT_STAGE = "select"  # its winner goes through the champion gate (a pipeline without: none)
@@ -52,16 +56,6 @@ class StageRejected(RuntimeError):
     """A stage rejected its input (bad params, failed data validation): retrying cannot help."""
 
 
-def stage_order(root: Path) -> list[str]:
-    """The stages of the project at `root` in DVC's order, read in this process."""
-    from dvc.repo import Repo
-
-    from flows.dvc_runner import stage_order as order
-
-    with Repo(str(root)) as repo:
-        return order(repo)
-
-
 def _retryable(task: Any, task_run: Any, state: State[Any]) -> bool:
     """Retry a failed stage unless it rejected its input."""
     return not isinstance(state.result(raise_on_failure=False), StageRejected)
@@ -70,19 +64,19 @@ def _retryable(task: Any, task_run: Any, state: State[Any]) -> bool:
 @task(retry_condition_fn=_retryable, cache_policy=NO_CACHE, log_prints=True)
 def run_stage(
     stage: str,
-    session: DvcSession,
+    root: Path,
     timeout_s: float,
     force: bool = False,
     env: Mapping[str, str] | None = None,
 ) -> State[Any]:
-    """`dvc repro --single-item <stage>` (in the flow run's DVC process), output in the task log.
-
-    DVC decides whether the stage runs: Prefect never caches a stage (`NO_CACHE`).
+    """`dvc repro --single-item <stage>` in `root` (a process of its own, `env` set for it
+    alone), output in the task log. DVC decides whether the stage runs: Prefect never caches a
+    stage (`NO_CACHE`).
     """
     logger = get_run_logger()
     logger.info("$ dvc repro --single-item%s %s", " --force" if force else "", stage)
     try:
-        outcome = session.reproduce(stage, force, timeout_s, logger.info, env)
+        outcome = reproduce(root, stage, force, timeout_s, logger.info, env)
     except TimeoutError as exc:
         raise StageFailed(f"{exc}; its process group was killed") from None
     try:
@@ -197,22 +191,21 @@ def _log_if_waiting(logger: Any, stage: str, wait_s: float) -> None:
 
 def run_stages(
     params: Params,
-    session: DvcSession,
-    parent_run_id: str,
+    root: Path,
+    stages: Sequence[str],
+    env: Mapping[str, str],
     force: bool = False,
     states: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Each stage as its own task run, in order; returns stage -> final state name (also
-    filled into `states` as they end, so a caller sees them when a stage fails)."""
+    """Each of `stages` in `root` as its own task run, in order, each stage process getting
+    `env`; returns stage -> final state name (also filled into `states` as they end, so a
+    caller sees them when a stage fails)."""
     cfg = params.orchestration
-    env = Environment(parent_run_id=parent_run_id).exported()
     states = {} if states is None else states
-    for stage in session.stage_order():
+    for stage in stages:
         timeout = cfg.stage_timeout_s.get(stage, max(cfg.stage_timeout_s.values()))
         with gpu_slot(stage, params):
-            state = _stage_task(stage, params)(
-                stage, session, timeout, force, env, return_state=True
-            )
+            state = _stage_task(stage, params)(stage, root, timeout, force, env, return_state=True)
         states[stage] = state.name or state.type.value
         state.result()  # raises the stage's error: later stages never run
     return states
@@ -239,9 +232,10 @@ def train(
 ) -> dict[str, Any] | State[Any]:
     """Run the stages of dvc.yaml in DVC's order, one task run each, tracked in MLflow.
 
-    Leave a value empty to use params.yaml's. `force` re-runs every stage even when DVC has it
-    up to date. `project_dir` is the checkout to run in (default: $MLOPS_PROJECT_DIR, else the
-    checkout this file was loaded from).
+    Leave a value empty to use params.yaml's; a run with values is a DVC experiment named
+    after the flow run (`dvc exp show`, `dvc exp apply <name>` in the checkout). `force`
+    re-runs every stage even when DVC has it up to date. `project_dir` is the checkout to run
+    in (default: $MLOPS_PROJECT_DIR, else the checkout this file was loaded from).
     """
     try:
         root = Path(project_dir or environment().project_dir or PROJECT_ROOT).resolve()
@@ -251,29 +245,62 @@ def train(
         params = effective_params(root, overrides)  # rejects a bad value before any stage runs
     except ParamsError as exc:
         return rejected(exc)
-    with overridden_params_file(root, overrides), DvcSession(root) as session:
-        session.start()  # DVC gets ready in its own process while MLflow starts here
-        parent = start_parent_run(params, root, name="train-flow", source="flows/train.py")
-        states: dict[str, str] = {}
-        try:
-            run_stages(params, session, parent, force, states)
-            decision = register_task(params, root, parent) if SELECT_STAGE in states else None
-            # only a champion that moved in this run: an unchanged one is not packaged again
-            bento = package_task(params, root) if decision and decision["promoted"] else None
-            # a new champion goes to the inference host (deploy.on_new_champion); never a challenger
-            handoff = bento if params.deploy.on_new_champion else None
-            deploy = start_deploy(handoff["registry_version"]) if handoff else None
-        except BaseException as exc:
-            end_parent_run(params, root, parent, status="FAILED")
-            _publish(params, session, parent, overrides, states, failed=True)
-            if isinstance(exc, StageRejected):
+    from prefect.runtime import flow_run
+
+    name = str(flow_run.name)
+    with contextlib.ExitStack() as stack:
+        work = root
+        if overrides.as_dotted():  # the run's own worktree: the checkout's files stay as they are
+            try:
+                work = stack.enter_context(experiment_workspace(root, overrides, name))
+            except ParamsError as exc:
                 return rejected(exc)
-            raise
-        end_parent_run(params, root, parent)
-        links = _publish(params, session, parent, overrides, states)
+        return _run(params, root, work, overrides, force, experiment=name if work != root else None)
+
+
+def _run(
+    params: Params,
+    root: Path,
+    work: Path,
+    overrides: RunOverrides,
+    force: bool,
+    experiment: str | None,
+) -> dict[str, Any] | State[Any]:
+    """The stages in `work` (the checkout `root`, or an experiment's worktree), then the
+    champion gate, the hand-off, and what the UI shows."""
+    with ThreadPoolExecutor(1) as pool:
+        order = pool.submit(stage_order, work)  # DVC reads the graph while MLflow starts here
+        parent = start_parent_run(params, root, name="train-flow", source="flows/train.py")
+    env = Environment(parent_run_id=parent).exported()
+    if work != root:  # the stages' MLflow runs go to the checkout's store, not the worktree's
+        env |= Environment(tracking_uri=tracking_uri(params.tracking, root)).exported()
+    states: dict[str, str] = {}
+    stages: list[str] = []
+    try:
+        stages = order.result()
+        run_stages(params, work, stages, env, force, states)
+        if experiment:
+            save_experiment(work, experiment)
+            logger = get_run_logger()
+            logger.info("saved as DVC experiment %r: dvc exp apply %s", experiment, experiment)
+        decision = register_task(params, root, work, parent) if SELECT_STAGE in states else None
+        # only a champion that moved in this run: an unchanged one is not packaged again
+        bento = package_task(params, root) if decision and decision["promoted"] else None
+        # a new champion goes to the inference host (deploy.on_new_champion); never a challenger
+        handoff = bento if params.deploy.on_new_champion else None
+        deploy = start_deploy(handoff["registry_version"]) if handoff else None
+    except BaseException as exc:
+        end_parent_run(params, root, parent, status="FAILED")
+        _publish(params, root, work, parent, overrides, stages, states, failed=True)
+        if isinstance(exc, StageRejected):
+            return rejected(exc)
+        raise
+    end_parent_run(params, root, parent)
+    links = _publish(params, root, work, parent, overrides, stages, states, experiment)
     return {
         "mlflow_parent_run_id": parent,
         "stages": states,
+        "experiment": experiment,
         "register": decision,
         "package": bento,
         "deploy": deploy,
@@ -290,13 +317,17 @@ def rejected(exc: Exception) -> State[Any]:
 
 def _publish(
     params: Params,
-    session: DvcSession,
+    root: Path,
+    work: Path,
     parent: str,
     overrides: RunOverrides,
+    stages: list[str],
     states: dict[str, str],
+    experiment: str | None = None,
     failed: bool = False,
 ) -> dict[str, Any]:
-    """Prefect artifacts: the MLflow run link, the Data Docs location, metrics, how to reproduce."""
+    """Prefect artifacts: the MLflow run link, the Data Docs location, metrics (read in `work`,
+    where the stages ran), how to reproduce, and the DVC experiment the run was saved as."""
     from flows.reporting import (
         NO_DATA_DOCS,
         data_docs_index,
@@ -306,21 +337,27 @@ def _publish(
         reproduce_command,
     )
 
-    url = mlflow_run_url(params, session.root, parent)
+    url = mlflow_run_url(params, root, parent)
     create_link_artifact(url, link_text="MLflow parent run", key="mlflow-run")
-    docs = data_docs_index(session.root)  # where dvc.yaml's validate stage writes them
-    docs_url = data_docs_url(params, session.root, docs.parent) if docs else None  # not file://
+    figures = metrics(work)
+    docs = data_docs_index(work)  # where dvc.yaml's validate stage writes them
+    docs_url = data_docs_url(params, root, docs.parent) if docs else None  # not file://
     if docs_url:
         create_link_artifact(docs_url, link_text="Great Expectations Data Docs", key="data-docs")
     else:
         where = f"No validate run in MLflow; on the worker: `{docs}`" if docs else NO_DATA_DOCS
         create_markdown_artifact(where, key="data-docs")
-    metrics = session.metrics()
-    table = metrics_table(metrics, session.metrics_files(), states)
+    table = metrics_table(figures, metrics_files(work, stages), states)
+    saved = (
+        f"\n\n**DVC experiment** `{experiment}` (`dvc exp show` in the checkout lists it):"
+        f" `dvc exp apply {experiment}` brings its params, dvc.lock and outputs into the checkout"
+        if experiment
+        else ""
+    )
     create_markdown_artifact(
         f"{table}\n\n**Reproduce** on this commit: `{reproduce_command(overrides)}` (`--force`"
         " reruns every stage: in this checkout DVC finds their outputs recorded and would skip"
-        " them all)",
+        f" them all){saved}",
         key="run-metrics",
         description="Failed run: metrics of the stages that finished" if failed else None,
     )
@@ -328,12 +365,13 @@ def _publish(
 
 
 @task(cache_policy=NO_CACHE, task_run_name="register")
-def register_task(params: Params, root: Path, parent: str) -> dict[str, Any]:
-    """The selected model into the MLflow registry through the champion gate (flows/register.py)."""
+def register_task(params: Params, root: Path, work: Path, parent: str) -> dict[str, Any]:
+    """The selected model (of the stages that ran in `work`) into the MLflow registry through
+    the champion gate (flows/register.py)."""
     from flows.dvc_outputs import prepared_dir, stage_output
     from flows.register import register
 
-    decision = register(params, root, parent, stage_output(root, SELECT_STAGE), prepared_dir(root))
+    decision = register(params, root, parent, stage_output(work, SELECT_STAGE), prepared_dir(work))
     create_markdown_artifact(
         f"Model `{params.register_.model_name}` version {decision.version} is "
         f"**{decision.alias}**: {decision.reason}",

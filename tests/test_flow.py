@@ -6,6 +6,7 @@ the real stages run in the slow tier (tests/test_flow_e2e.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ from prefect.exceptions import ParameterTypeError
 from prefect.states import State
 
 from flows import deployments
-from flows.params_file import overridden_params_file, render_overridden
+from flows.params_file import render_overridden
 from flows.reporting import NO_DATA_DOCS, reproduce_command
 from flows.train import StageFailed, StageRejected, ensure_gpu_limit, stage_order, train
 from pipelines import telemetry_off
@@ -39,12 +40,13 @@ from tests.helpers import REPO
 STAGE_SCRIPT = '''
 """A fake stage. FAKE_<STAGE>="exit:<code>:<times>" fails the first <times> attempts with
 <code>; FAKE_<STAGE>="hang:<times>" starts a child process and sleeps, <times> times;
-FAKE_<STAGE>="wait:<file>" waits until <file> exists."""
+FAKE_<STAGE>="wait:<file>" waits until <file> exists. Attempts are counted in $FAKE_ATTEMPTS
+(default: ./attempts), which outlives a run's experiment worktree."""
 import json, os, pathlib, subprocess, sys, time
 import yaml
 
 stage = sys.argv[1]
-tries = pathlib.Path("attempts") / stage
+tries = pathlib.Path(os.environ.get("FAKE_ATTEMPTS", "attempts")) / stage
 tries.parent.mkdir(exist_ok=True)
 attempt = int(tries.read_text()) + 1 if tries.exists() else 1
 tries.write_text(str(attempt))
@@ -109,9 +111,11 @@ def prefect_api(isolated_stores: Path) -> Iterator[None]:
 
 @pytest.fixture
 def fake_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A git + DVC project with three fake stages and a copy of params.yaml (fast settings)."""
+    """A git + DVC project with three fake stages and a copy of params.yaml (fast settings),
+    committed."""
     for name in STAGES:
         monkeypatch.delenv(f"FAKE_{name.upper()}", raising=False)
+    monkeypatch.setenv("FAKE_ATTEMPTS", str(tmp_path / "project" / "attempts"))
     return make_fake_project(tmp_path / "project")
 
 
@@ -127,7 +131,17 @@ def make_fake_project(root: Path) -> Path:
     set_orchestration(root, retries=1, retry_delay_s=0, stage_timeout_s=timeouts, gpu_stages=[])
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     Repo.init(str(root)).close()
+    git_commit(root, "fake project")
     return root
+
+
+GIT_IDENTITY = ["-c", "user.name=test", "-c", "user.email=test@localhost"]
+
+
+def git_commit(root: Path, message: str) -> None:
+    """Commit everything in `root` (a run with overrides needs a commit for its experiment)."""
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", *GIT_IDENTITY, "commit", "-qm", message], cwd=root, check=True)
 
 
 def set_orchestration(root: Path, **values: Any) -> None:
@@ -408,14 +422,107 @@ def test_run_publishes_links_metrics_and_how_to_reproduce(
     assert "`dvc exp run --force -S train.epochs=3`" in table
 
 
-def test_overrides_reach_the_stages_and_params_yaml_is_restored(
+def checkout_files(root: Path) -> dict[str, bytes]:
+    """The checkout's files a run with overrides must leave byte for byte as they are."""
+    return {name: (root / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
+
+
+def dvc(root: Path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def worktrees(root: Path) -> list[str]:
+    listed = subprocess.run(
+        ["git", "worktree", "list", "--porcelain"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [line.split(" ", 1)[1] for line in listed.splitlines() if line.startswith("worktree ")]
+
+
+def test_a_run_with_overrides_is_a_dvc_experiment_and_leaves_the_checkout_alone(
     prefect_api: None, fake_project: Path
 ) -> None:
-    before = (fake_project / "params.yaml").read_text()
+    """The overrides reach the stages in a worktree of their own; the checkout's params.yaml,
+    dvc.lock and outputs stay byte for byte; `dvc exp show` lists the run under the flow run's
+    name and `dvc exp apply` brings its params and outputs into the checkout."""
+    assert run_flow(fake_project).is_completed()  # the nightly run: dvc.lock in the checkout
+    before = checkout_files(fake_project)
+    trained = (fake_project / "out" / "train.txt").read_text()
     state = run_flow(fake_project, epochs=7)
     assert state.is_completed(), state
+    result = state.result()
+    assert result["stages"] == {"prepare": "Cached", "train": "Completed", "evaluate": "Completed"}
+    assert checkout_files(fake_project) == before
+    assert (fake_project / "out" / "train.txt").read_text() == trained
+    assert worktrees(fake_project) == [str(fake_project)]
+    assert not any((fake_project / ".dvc" / "tmp" / "flow-runs").iterdir())
+    name = result["experiment"]
+    assert name == flow_run_name(state)
+    assert name in dvc(fake_project, "exp", "show", "--json")
+    dvc(fake_project, "exp", "apply", name)
     assert (fake_project / "out" / "train.txt").read_text() == "train epochs=7"
-    assert (fake_project / "params.yaml").read_text() == before
+    assert yaml.safe_load((fake_project / "params.yaml").read_text())["train"]["epochs"] == 7
+
+
+def flow_run_name(state: State[Any]) -> str:
+    assert state.state_details.flow_run_id is not None
+    with get_client(sync_client=True) as client:
+        return str(client.read_flow_run(state.state_details.flow_run_id).name)
+
+
+RUN_WITH_OVERRIDE = """
+import sys
+from flows.train import train
+train(project_dir=sys.argv[1], epochs=9)
+"""
+
+
+def test_a_killed_run_with_overrides_leaves_the_checkout_alone_and_its_worktree_goes_next_time(
+    prefect_api: None, fake_project: Path, tmp_path: Path
+) -> None:
+    """SIGKILL to the flow process while a stage of a run with overrides runs: params.yaml and
+    dvc.lock are byte for byte as before; the next run removes the dead run's worktree."""
+    from prefect.settings import PREFECT_API_URL
+
+    assert run_flow(fake_project).is_completed()
+    before = checkout_files(fake_project)
+    go = tmp_path / "go"
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "FAKE_TRAIN": f"wait:{go}",
+    }
+    env["PYTHONPATH"] = str(REPO)
+    flow = subprocess.Popen(
+        [sys.executable, "-c", RUN_WITH_OVERRIDE, str(fake_project)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: attempts(fake_project, "train") == 2, timeout_s=180)
+        assert len(worktrees(fake_project)) == 2  # the run's own, beside the checkout
+    finally:  # the whole host goes: the flow process and the stage's own session
+        doomed = [flow.pid, *(p.pid for p in psutil.Process(flow.pid).children(recursive=True))]
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        flow.wait()
+        go.touch()
+    assert checkout_files(fake_project) == before
+    assert run_flow(fake_project, epochs=5).is_completed()
+    assert worktrees(fake_project) == [str(fake_project)]
+    assert not any((fake_project / ".dvc" / "tmp" / "flow-runs").iterdir())
+    assert checkout_files(fake_project) == before
 
 
 def test_rejected_stage_is_not_retried_and_later_stages_never_run(
@@ -439,7 +546,9 @@ def test_a_failed_run_names_the_defect_and_shows_only_this_runs_figures(
     """The flow run's message keeps the indented lines under `error: ` (the failed check, its
     column, the count); the metrics table holds only figures of stages of this run: the earlier
     run's evaluate figures (another model) are left out, not mixed in."""
-    assert run_flow(fake_project, epochs=2).is_completed()
+    epochs = yaml.safe_load((fake_project / "params.yaml").read_text())["train"]["epochs"]
+    assert epochs != 4
+    assert run_flow(fake_project).is_completed()  # in the checkout: its outputs, dvc.lock
     monkeypatch.setenv("FAKE_EVALUATE", "exit:2:5")
     state = run_flow(fake_project, epochs=4)
     assert state.is_failed()
@@ -450,8 +559,8 @@ def test_a_failed_run_names_the_defect_and_shows_only_this_runs_figures(
         artifacts = {str(a.key): a for a in client.read_artifacts(flow_run_filter=of_run(state))}
     table = str(artifacts["run-metrics"].data)
     assert "| train | ran | metrics/train.json | epochs | 4 |" in table
-    assert "| prepare | up to date | metrics/prepare.json | epochs | 2 |" in table
-    assert "metrics/evaluate.json" not in table  # epochs=2: the earlier model's figures
+    assert f"| prepare | up to date | metrics/prepare.json | epochs | {epochs} |" in table
+    assert "metrics/evaluate.json" not in table  # the earlier model's figures
     assert "Not in this run (failed or not reached; figures left out): evaluate" in table
 
 
@@ -494,7 +603,8 @@ def test_transient_failure_is_retried(
 def test_timeout_kills_the_stage_process_group_and_the_retry_starts_afresh(
     prefect_api: None, fake_project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    set_orchestration(fake_project, stage_timeout_s={"train": 2})
+    # 20 s: a `dvc` process and the stage start within it on a loaded host; the others: ample
+    set_orchestration(fake_project, stage_timeout_s={"prepare": 300, "train": 20, "evaluate": 300})
     monkeypatch.setenv("FAKE_TRAIN", "hang:1")
     state = run_flow(fake_project)
     assert state.is_completed(), state
@@ -502,7 +612,7 @@ def test_timeout_kills_the_stage_process_group_and_the_retry_starts_afresh(
     assert not alive(child)
     train_run = task_runs(state)["train"]
     assert (train_run.run_count, attempts(fake_project, "train")) == (2, 2)
-    expected = f"{StageFailed.__name__}(\"stage 'train' timed out after 2 s; its process"
+    expected = f"{StageFailed.__name__}(\"stage 'train' timed out after 20 s; its process"
     assert expected in task_log(train_run, expected)
 
 
@@ -586,16 +696,27 @@ def test_the_printed_reproduce_command_reruns_the_stages(
     assert (fake_project / "out" / "train.txt").read_text() == "train epochs=3"
 
 
-def test_overridden_params_keep_comments_and_are_undone(tmp_path: Path) -> None:
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    original = (tmp_path / "params.yaml").read_text()
+def test_overridden_params_keep_comments() -> None:
+    original = (REPO / "params.yaml").read_text()
     rendered = render_overridden(original, RunOverrides(epochs=5))
     assert "# The one configuration" in rendered
     assert yaml.safe_load(rendered)["train"]["epochs"] == 5
-    with pytest.raises(RuntimeError), overridden_params_file(tmp_path, RunOverrides(lr=0.1)):
-        assert yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]["lr"] == 0.1
-        raise RuntimeError("a stage failed")
-    assert (tmp_path / "params.yaml").read_text() == original
+
+
+def test_a_stage_past_its_timeout_is_killed_with_its_process_group(tmp_path: Path) -> None:
+    """`dvc repro` of a stage whose command starts a child and hangs: past the timeout both are
+    gone (one process group), and the call raises TimeoutError naming the stage."""
+    from flows.dvc_runner import reproduce
+
+    root = make_fake_project(tmp_path / "project")
+    env = {"FAKE_PREPARE": "hang:1", "FAKE_ATTEMPTS": str(root / "attempts")}
+    lines: list[str] = []
+    # 30 s: DVC and the stage start well within it, even on a loaded CI host
+    with pytest.raises(TimeoutError, match="stage 'prepare' timed out after 30 s"):
+        reproduce(root, "prepare", False, 30, lines.append, env)
+    child = int((root / "attempts" / "prepare.child").read_text())
+    assert not alive(child)
+    assert "FAKE_PREPARE" not in os.environ  # a stage's environment is its own
 
 
 # --- deployments -------------------------------------------------------------------------

@@ -256,10 +256,31 @@ def test_run_links_mlflow_data_docs_and_metrics(stack: Stack, finished: FlowRun)
     docs = link(found["data-docs"])  # the validate run's copy in the MLflow UI, not a file://
     assert docs.startswith(f"{load_params(stack.checkout / 'params.yaml').tracking.ui_url}/#/")
     assert docs.endswith("/artifacts/data_docs/index.html?workflowType=machine_learning")
-    assert (stack.checkout / "reports" / "validate" / "index.html").is_file()
     table = found["run-metrics"].data
     assert "| metrics/train.json |" in table and "| metrics/evaluate.json |" in table
     assert "dvc exp run --force -S train.epochs=2" in table
+
+
+def test_the_run_is_a_dvc_experiment_and_the_checkout_is_untouched(
+    stack: Stack, finished: FlowRun
+) -> None:
+    """A run with a value from the UI ran in a worktree of its own, now removed: the checkout's
+    tracked files (params.yaml, dvc.lock, metrics) are as committed, none of its outputs were
+    written, and `dvc exp show` there lists the run under the flow run's name."""
+    assert git(stack.checkout, "status", "--porcelain", "--untracked-files=no") == ""
+    assert not (stack.checkout / "reports" / "validate").exists()
+    assert git(stack.checkout, "worktree", "list", "--porcelain").count("worktree ") == 1
+    shown = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"],
+        cwd=stack.checkout,
+        env=base_env(stack.logs / "dvc-home"),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f'"{finished.name}"' in shown
+    assert "run-metrics" in artifacts(finished)
+    assert f"dvc exp apply {finished.name}" in artifacts(finished)["run-metrics"].data
 
 
 def test_mlflow_parent_run_holds_one_nested_run_per_stage(stack: Stack, finished: FlowRun) -> None:
@@ -412,5 +433,5 @@ def test_a_git_deployment_runs_a_fresh_clone(stack: Stack, finished: FlowRun) ->
         filter_string="tags.`mlops.kind` = 'pipeline' and attributes.status = 'FAILED'",
     )
     commits = [run.data.tags["git.commit"].removesuffix("-dirty") for run in runs]
-    assert commits == [head]  # "-dirty": params.yaml holds the run's overrides while it runs
+    assert commits == [head]  # the clone as cloned: the run's values went to its own worktree
     assert (work / "mlops" / ".git").is_dir()
