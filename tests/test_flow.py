@@ -864,7 +864,7 @@ def test_run_form_shows_what_an_empty_field_uses_and_refuses_unknown_names(
     assert fields["epochs"]["type"] == "integer"
     assert f"train.epochs, now {params.train.epochs}" in fields["epochs"]["title"]
     assert f"train.model.arch, now {params.train.model.arch}" in fields["arch"]["title"]
-    assert fields["arch"]["enum"] == ["mlp", "cnn"]
+    assert fields["arch"]["enum"] == ["mlp", "cnn", "resnet18"]  # the registered architectures
     assert "re-run every stage" in fields["force"]["title"]
     with get_client(sync_client=True) as client:
         for parameters in ({"epoch": 3}, {"project_dir": "/tmp"}):
