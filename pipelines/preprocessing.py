@@ -141,25 +141,15 @@ def image_to_rows(
     bright value (a light-background image, the usual scan or drawing, is inverted), area-average
     resize to (H, W), then 0..1 -> [low, high]. Raises ImageError (unreadable, too large, a mode
     with no defined range)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     shape = image_shape(spec)
     if shape is None:
         raise ImageError("this model takes tabular rows, not images (its data has no image_shape)")
     if spec.get("image_decode"):  # trained on a folder of image files: decoded as in training
         return decode_image(data, spec, max_pixels=max_pixels).reshape(1, -1)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            size = image.width * image.height
-            gray = None if size > max_pixels else luminance(image)
-    except UnidentifiedImageError:
-        raise ImageError("not a readable image: PNG or JPEG expected") from None
-    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, ImageError):
-            raise
-        raise ImageError(f"not a readable image: {exc}") from None
-    if gray is None:
-        raise ImageError(f"image has {size} pixels: over the limit of {max_pixels}")
+    with open_image(data, max_pixels) as image:
+        gray = luminance(image)
     if gray.mean() > 0.5:  # a light background: make the ink bright
         gray = 1.0 - gray
     height, width = shape
