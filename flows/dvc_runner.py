@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,9 +65,11 @@ def run_logged(
 
     Returns (exit status, the lines). Raises TimeoutError past `timeout_s` seconds, having
     killed the process group. Whatever the command left running in its group when it exited
-    is killed too."""
+    is killed too. The command dies with this process: util-linux's `setpriv --pdeathsig`
+    (SIGKILL when the flow process is killed; the stage under it dies with it,
+    pipelines/lifecycle.py), where there is one."""
     proc = subprocess.Popen(
-        args,
+        [*dies_with_this_process(), *args],
         cwd=root,
         env=dvc_env(env),
         stdin=subprocess.DEVNULL,
@@ -89,6 +92,14 @@ def run_logged(
         _kill_group(proc.pid)  # the stage's leftovers: their pipe would keep the reader waiting
     reader.join(timeout=10)
     return code, lines
+
+
+def dies_with_this_process() -> list[str]:
+    """The prefix that makes a command SIGKILLed when this process dies (a new session is out
+    of reach of the signals a killed flow's process group gets): `setpriv --pdeathsig KILL --`
+    on Linux with util-linux, nothing elsewhere."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 def _kill_group(pgid: int) -> None:

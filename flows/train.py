@@ -180,12 +180,14 @@ def _log_if_waiting(logger: Any, stage: str, wait_s: float) -> None:
     if limit.active_slots >= limit.limit:
         logger.info(
             "%s waits for a slot of the global concurrency limit %r (%d of %d taken), at most"
-            " %g s (orchestration.gpu_wait_s)",
+            " %g s (orchestration.gpu_wait_s). If no run holds it, it is stale (a run killed on a"
+            " temporary server, which never expires leases): free it with: %s",
             stage,
             GPU_LIMIT,
             limit.active_slots,
             limit.limit,
             wait_s,
+            RESET_GPU_LIMIT,
         )
 
 
@@ -460,12 +462,23 @@ def ensure_gpu_limit(slots: int = 1) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The main job: the `train` flow on params.yaml, on a temporary local Prefect server
-    unless PREFECT_API_URL points at one."""
+    unless PREFECT_API_URL points at one. Values given here (--epochs 5 ...) make the run a DVC
+    experiment, as the UI's form does."""
     parser = argparse.ArgumentParser(prog="python -m flows.train", description=main.__doc__)
     parser.add_argument("--force", action="store_true", help="re-run up-to-date stages too")
+    for name, key in RunOverrides.KEYS.items():  # the UI's form, on the command line
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, metavar="VALUE", help=f"this run's {key}")
     args = parser.parse_args(argv)
+    try:  # a bad value: one line and exit 2, before a server or a stage starts
+        given = {k: v for k, v in vars(args).items() if k in RunOverrides.KEYS and v is not None}
+        values = run_overrides(**given).model_dump(exclude_none=True)
+    except ParamsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_REJECTED)
     ensure_gpu_limit()
-    result = train(force=args.force, return_state=True).result(raise_on_failure=False)
+    state = train(force=args.force, **values, return_state=True)
+    result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):  # the last lines: the defect, no traceback
         print(f"error: {result}", file=sys.stderr)
         rejected_input = isinstance(result, StageRejected | PipelineError)

@@ -82,6 +82,31 @@ def check_storage_url(url: str) -> str:
     return url
 
 
+# Tracking stores this project runs against: MLflow's server (http/https), a database store
+# (SQLAlchemy URLs), Databricks. MLflow 3 refuses its file store ("maintenance mode") unless
+# MLFLOW_ALLOW_FILE_STORE is set: `file:` and bare paths are refused here with that reason.
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking_uri(uri: str) -> str:
+    """`uri` if it names a tracking store this project supports (TRACKING_SCHEMES, a database
+    driver after `+` allowed); ValueError naming the scheme otherwise, never the URI (it may hold
+    a password)."""
+    scheme = uri.split("://", 1)[0].split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme in TRACKING_SCHEMES:
+        return uri
+    expected = "http(s)://host:port, sqlite:///<file>, postgresql://... or databricks"
+    if scheme in ("", "file"):
+        return _file_store(uri, expected)
+    raise ValueError(f"unsupported scheme {scheme!r}; expected {expected}")
+
+
+def _file_store(uri: str, expected: str) -> str:
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
+        return uri
+    raise ValueError(f"a file store (MLflow 3 refuses it); expected {expected}")
+
+
 def _registered(value: str) -> str:
     if value not in ARCHITECTURES:
         raise ValueError(f"{value!r} is not registered; allowed: {', '.join(ARCHITECTURES)}")
@@ -471,7 +496,7 @@ class RegisterConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: str = Field(min_length=1)
+    uri: Annotated[str, Field(min_length=1), AfterValidator(check_tracking_uri)]
     artifacts: str = Field(min_length=1)
     experiment: str = Field(min_length=1)
     ui_url: str = Field(min_length=1)
@@ -915,6 +940,11 @@ class Environment(BaseModel):
         description="Set on the serving host: the key /predict, /predict_image and /metadata "
         "ask for (unset: no key).",
     )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking(cls, uri: str | None) -> str | None:
+        return None if uri is None else check_tracking_uri(uri)
 
     @field_validator("tune_storage")
     @classmethod

@@ -156,7 +156,16 @@ def _split(
 def learn_ranges(train: pd.DataFrame, columns: list[str]) -> dict[str, list[float]]:
     """data.value_range `learn`: per feature column, [min - m, max + m] over the training split's
     numbers (text and nulls ignored: `validate` reports them), m = LEARN_MARGIN x the span. A
-    column without a single number gets [0, 0] (validate then fails it, naming the column)."""
+    column without a single number gets [0, 0] (validate then fails it, naming the column).
+    Raises DataSourceError naming the feature columns the data does not have (nothing to learn
+    from: `validate` would name them too, but prepare cannot write its manifest without them)."""
+    missing = [c for c in columns if c not in train.columns]
+    if missing:
+        have = ", ".join(map(str, list(train.columns)[:12]))
+        raise DataSourceError(
+            f"data.features: {', '.join(missing)}: not a column of the data (value_range "
+            f"`learn` needs every feature; columns: {have})"
+        )
     ranges = {}
     for column in columns:
         values = pd.to_numeric(train[column], errors="coerce").dropna()
@@ -234,6 +243,8 @@ def prepare(data: DataConfig, cfg: PrepareConfig, root: Path, out_dir: Path) -> 
             ", ".join(map(str, found["rows"])),
         )
     splits = split(frame, data.label_column, cfg)
+    if data.value_range == LEARN:  # a feature it cannot learn is named before anything is written
+        learn_ranges(splits["train"], data.feature_columns)
     for name, part in splits.items():
         with atomic_path(out_dir / f"{name}.parquet") as tmp:
             part.reset_index(drop=True).to_parquet(tmp, index=False)

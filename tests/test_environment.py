@@ -136,6 +136,8 @@ def test_unset_and_empty_take_the_defaults() -> None:
         ("MLOPS_PARENT_RUN_ID", "not a run id", "should match pattern"),
         ("MLOPS_TUNE_RUN_ID", "../x", "should match pattern"),
         ("MLOPS_TUNE_STORAGE", "mysql://u:secret@db/optuna", "unsupported scheme 'mysql'"),
+        ("MLFLOW_TRACKING_URI", "ftp://u:secret@host/x", "unsupported scheme 'ftp'"),
+        ("MLFLOW_TRACKING_URI", "not a uri", "a file store (MLflow 3 refuses it)"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(name: str, value: str, says: str) -> None:

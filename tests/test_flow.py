@@ -33,6 +33,7 @@ from flows.params_file import render_overridden
 from flows.reporting import NO_DATA_DOCS, reproduce_command
 from flows.train import StageFailed, StageRejected, ensure_gpu_limit, stage_order, train
 from pipelines import telemetry_off
+from pipelines.cli import EXIT_REJECTED
 from pipelines.config import RunOverrides
 from pipelines.errors import ParamsError
 from tests.helpers import REPO
@@ -893,3 +894,54 @@ def test_deploy_adds_the_inference_hosts_deployments(prefect_api: None) -> None:
         with pytest.raises(PrefectHTTPStatusError, match="Validation failed"):
             client.create_flow_run_from_deployment(ids["deploy/on-demand"], parameters={"v": "1"})
         client.create_flow_run_from_deployment(ids["deploy/on-demand"], parameters={"version": "3"})
+
+
+def test_the_cli_takes_the_forms_values_and_refuses_a_bad_one_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    """`python -m flows.train --epochs 0 --arch nope`: one line per bad value, exit 2, and no
+    Prefect server or stage was started (PREFECT_API_URL points at a closed port)."""
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.train", "--epochs", "0", "--arch", "nope"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == EXIT_REJECTED, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[0] == "error: invalid override:" and len(lines) == 3, lines
+    assert "train.epochs (epochs)" in lines[1] and "train.model.arch (arch)" in lines[2]
+
+
+def test_a_killed_flow_process_takes_its_stage_command_with_it(tmp_path: Path) -> None:
+    """The stage runs in a session of its own (so a timeout can kill its group), out of reach
+    of the killed flow's group: `setpriv --pdeathsig` kills it when the flow process dies."""
+    import shutil
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("util-linux's setpriv is not installed")
+    script = (
+        "import sys; from pathlib import Path; from flows.dvc_runner import run_logged\n"
+        "run_logged([sys.executable, '-c', 'import os, time; print(os.getpid(), flush=True); "
+        "time.sleep(120)'], Path('.'), 120, lambda line: print(line, flush=True))\n"
+    )
+    flow = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert flow.stdout is not None
+    stage = int(flow.stdout.readline())
+    assert alive(stage)
+    flow.kill()
+    flow.wait()
+    deadline = time.monotonic() + 10
+    while alive(stage) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(stage)

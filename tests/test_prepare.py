@@ -156,6 +156,20 @@ def test_learned_value_ranges_come_from_the_training_split_with_a_margin(tmp_pat
     assert read_json(tmp_path / "prepared" / "manifest.json") == result
 
 
+def test_learning_ranges_of_a_feature_the_data_lacks_is_one_line_naming_it(
+    tmp_path: Path,
+) -> None:
+    """`learn` with a configured feature that is not a column: DataSourceError naming it and the
+    columns there are, no manifest (was a KeyError traceback)."""
+    from tests.helpers.modelzoo import TABULAR_FEATURES, tabular_params
+
+    params = tabular_params(tmp_path, **{"data.features": [*TABULAR_FEATURES[:-1], "extra_pct"]})
+    with pytest.raises(DataSourceError, match=r"data.features: extra_pct: not a column") as info:
+        prepare(params.data, params.prepare, tmp_path, tmp_path / "prepared")
+    assert "\n" not in str(info.value) and "tiny" in str(info.value)
+    assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())
+
+
 def test_the_digits_spec_keeps_its_pixel_scaling(tmp_path: Path) -> None:
     params = load_params(REPO / "params.yaml")
     spec = prepare(params.data, params.prepare, REPO, tmp_path)["preprocessing"]
