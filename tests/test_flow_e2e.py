@@ -301,7 +301,7 @@ def test_mlflow_parent_run_holds_one_nested_run_per_stage(stack: Stack, finished
     ("parameters", "reason"),
     [
         ({"epochs": -1}, "-1 is less than or equal to the minimum of 0"),
-        ({"arch": "resnet"}, "'resnet' is not one of ['mlp', 'cnn']"),
+        ({"arch": "resnet"}, "'resnet' is not one of ['mlp', 'cnn', 'resnet18']"),
     ],
 )
 def test_bad_parameters_are_rejected_when_the_run_is_created(
