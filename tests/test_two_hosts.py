@@ -424,10 +424,10 @@ def first(cluster: Cluster, workers: Paths) -> tuple[str, Any]:
     return train_and_hand_off(cluster, epochs=3)
 
 
-def golden(cluster: Cluster) -> dict[str, Any]:
+def golden(cluster: Cluster, version: str) -> dict[str, Any]:
     """The golden set `select` wrote on the training host (rows, labels, its predictions), as
-    `register` logged it with the champion's version (`model/golden.json`): a run with UI values
-    is a DVC experiment whose outputs stay out of the checkout."""
+    `register` logged it with registry `version` (`model/golden.json`): a run with UI values is a
+    DVC experiment whose outputs stay out of the checkout."""
     import tempfile
 
     from mlflow import MlflowClient
@@ -435,7 +435,7 @@ def golden(cluster: Cluster) -> dict[str, Any]:
     env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": cluster.mlflow_admin}
     with _environ(env), tempfile.TemporaryDirectory() as tmp:
         client = MlflowClient(cluster.mlflow_uri)
-        run_id = client.get_model_version_by_alias(MODEL, "champion").run_id
+        run_id = client.get_model_version(MODEL, version).run_id
         path = client.download_artifacts(str(run_id), "model/golden.json", tmp)
         return dict(json.loads(Path(path).read_text()))
 
@@ -459,7 +459,7 @@ def test_whole_path_a_client_on_train_gets_the_new_champions_predictions(
     assert deploy_run.state.is_completed(), (
         f"{deploy_run.state!r}\n{tail(cluster.log('infer-worker'), 80)}"
     )
-    gold = golden(cluster)
+    gold = golden(cluster, version)
     done = cluster.train.run(
         [
             sys.executable,
@@ -536,7 +536,7 @@ def test_rollout_of_a_new_version_fails_no_request(
     old = first[0]
     new = str(int(old) + 1)
     second_version(cluster, cluster.base, new)
-    with load_from_train(cluster, golden(cluster)["rows"], "rollout") as load:
+    with load_from_train(cluster, golden(cluster, first[0])["rows"], "rollout") as load:
         flow_run = wait_final(
             cluster, run_deployment(cluster, "deploy/on-demand", {"version": new}).id
         )
@@ -574,7 +574,7 @@ def test_the_inference_worker_killed_mid_deploy_leaves_serving_untouched(
     before = serving_state(workers)["current"]
     target = first[0] if before["version"] != first[0] else None  # a kept version, or the champion
     group = workers.serving_home / "conf.d"
-    with load_from_train(cluster, golden(cluster)["rows"], "kill") as load:
+    with load_from_train(cluster, golden(cluster, first[0])["rows"], "kill") as load:
         flow_run = run_deployment(
             cluster, "deploy/on-demand", {"version": target} if target else {}
         )
