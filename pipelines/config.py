@@ -581,6 +581,12 @@ class ServeConfig(Section):
     max_rows: int = Field(ge=1, le=MAX_BATCH)
     max_body_bytes: int = Field(ge=1024, le=2**30)
     max_image_pixels: int = Field(ge=1, le=2**28)
+    # The prediction log (service.py, pipelines/prediction_log.py): a sample of what is served.
+    log_fraction: float = Field(ge=0, le=1)  # share of requests logged; 0: nothing written
+    log_dir: Path  # relative: to the server's working directory; MLOPS_LOG_DIR replaces it
+    log_max_bytes: int = Field(ge=1024, le=2**40)  # one file's size before it rotates
+    log_max_files: int = Field(ge=1, le=1000)  # rotated files kept beside the current one
+    batch_max_bytes: int = Field(ge=1024, le=2**34)  # a batch-scoring file's upload limit
 
 
 class DeployConfig(Section):
@@ -604,6 +610,13 @@ class DeployConfig(Section):
     watch_s: float = Field(ge=0, le=86400)  # after promotion; a breach rolls back by itself
     poll_s: float = Field(gt=0, le=3600)  # how often canary and watch read /metrics
     drain_timeout_s: float = Field(gt=0, le=3600)  # old version: wait for in-flight requests
+
+
+class MonitorConfig(Section):
+    """Watching what the inference host serves (the reference profile `select` writes; the
+    `monitor` flow)."""
+
+    reference_rows: int = Field(ge=1, le=MAX_COUNT)  # training-split rows in the reference profile
 
 
 class RunOverrides(Section):
@@ -646,6 +659,7 @@ class Params(Section):
     package: PackageConfig
     serve: ServeConfig
     deploy: DeployConfig
+    monitor: MonitorConfig
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -933,6 +947,12 @@ class Environment(BaseModel):
         default_factory=lambda: Path.home() / ".cache" / "mlops-trt",
         validation_alias="MLOPS_TRT_CACHE",
         description="Set by the user: where service.py caches TensorRT plans.",
+    )
+    log_dir: Path | None = Field(
+        default=None,
+        validation_alias="MLOPS_LOG_DIR",
+        description="Set by the inference host for each version's replicas (or by the user): "
+        "the service's prediction and feedback log directory; replaces serve.log_dir.",
     )
     api_key: SecretStr | None = Field(
         default=None,
