@@ -519,6 +519,20 @@ def _stage_names(names: Any) -> Any:
     return names
 
 
+def cron_expression(value: str) -> str:
+    """`value`, parsed as Prefect's CronSchedule parses it (croniter; no random/hashed fields);
+    ValueError otherwise."""
+    from croniter import croniter
+
+    if not croniter.is_valid(value) or any(
+        field.casefold() in ("r", "h") for field in value.split()
+    ):
+        raise ValueError(
+            "not a cron expression (5 fields: minute hour day month weekday, e.g. '0 2 * * *')"
+        )
+    return value
+
+
 class OrchestrationConfig(Section):
     # Stages not named get the largest timeout given.
     stage_timeout_s: Annotated[dict[str, Seconds], AfterValidator(_stage_names)] = Field(
@@ -535,16 +549,7 @@ class OrchestrationConfig(Section):
     @field_validator("nightly_cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        """Parsed as Prefect's CronSchedule parses it (croniter; no random/hashed fields)."""
-        from croniter import croniter
-
-        if not croniter.is_valid(value) or any(
-            field.casefold() in ("r", "h") for field in value.split()
-        ):
-            raise ValueError(
-                "not a cron expression (5 fields: minute hour day month weekday, e.g. '0 2 * * *')"
-            )
-        return value
+        return cron_expression(value)
 
     @field_validator("timezone")
     @classmethod
@@ -617,6 +622,26 @@ class MonitorConfig(Section):
     `monitor` flow)."""
 
     reference_rows: int = Field(ge=1, le=MAX_COUNT)  # training-split rows in the reference profile
+    window_rows: int = Field(ge=2, le=MAX_COUNT)  # newest logged rows the flow judges at once
+    min_rows: int = Field(ge=2, le=MAX_COUNT)  # fewer logged rows: not judged
+    drift_threshold: float = Field(ge=0, le=1)  # share of drifting features that is drift
+    min_accuracy: float = Field(ge=0, le=1)  # production accuracy (with feedback) floor
+    min_feedback_rows: int = Field(ge=1, le=MAX_COUNT)  # fewer labelled rows: accuracy not judged
+    schedule: str | None  # cron of `monitor/scheduled` in orchestration.timezone; None: no schedule
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return None if value is None else cron_expression(value)
+
+    @model_validator(mode="after")
+    def _window_holds_min_rows(self) -> MonitorConfig:
+        if self.min_rows > self.window_rows:
+            raise ValueError(
+                f"min_rows ({self.min_rows}) > window_rows ({self.window_rows}): no window"
+                " could ever be judged"
+            )
+        return self
 
 
 class RunOverrides(Section):
