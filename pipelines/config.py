@@ -624,6 +624,7 @@ class MonitorConfig(Section):
     reference_rows: int = Field(ge=1, le=MAX_COUNT)  # training-split rows in the reference profile
     window_rows: int = Field(ge=2, le=MAX_COUNT)  # newest logged rows the flow judges at once
     min_rows: int = Field(ge=2, le=MAX_COUNT)  # fewer logged rows: not judged
+    drift_alpha: float = Field(gt=0, lt=1)  # per-feature K-S test level
     drift_threshold: float = Field(ge=0, le=1)  # share of drifting features that is drift
     min_accuracy: float = Field(ge=0, le=1)  # production accuracy (with feedback) floor
     min_feedback_rows: int = Field(ge=1, le=MAX_COUNT)  # fewer labelled rows: accuracy not judged

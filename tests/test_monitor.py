@@ -1,0 +1,224 @@
+"""The monitor (pipelines/drift.py, flows/monitor.py): drift of logged rows against the
+reference profile, production accuracy from feedback, the report, the gauges.
+
+Fast: the statistics on the digits (reference: the training split; served: the held-out rows,
+shifted or not), written in the service's log format. Slow: a real `prefect server`,
+`python -m flows.deployments` (the monitor deployment and the `retrain-on-drift` automation),
+and `python -m flows.monitor` on an unshifted then a shifted log: the automation creates a
+`train/on-demand` run whose `reason` names the drifted features.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines import drift
+from pipelines.config import MonitorConfig, load_params
+from pipelines.reference import Reference, load_reference
+from tests.helpers import REPO
+from tests.helpers.drift import Digits, append_lines, digits, log_lines, shifted, write_profile
+
+SHIFTED = list(range(16, 32))  # rows 3 and 4 of the 8x8 image: a quarter of the features
+
+
+def monitor_config(**update: object) -> MonitorConfig:
+    base = load_params(REPO / "params.yaml").monitor
+    return base.model_copy(update={"window_rows": 300, "min_rows": 100, **update})
+
+
+@pytest.fixture(scope="module")
+def data() -> Digits:
+    return digits()
+
+
+@pytest.fixture(scope="module")
+def reference(data: Digits, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    return load_reference(write_profile(tmp_path_factory.mktemp("ref"), data))
+
+
+def served(data: Digits, seed: int, rows: int = 300) -> np.ndarray:
+    return data.served[np.random.default_rng(seed).permutation(len(data.served))[:rows]]
+
+
+def test_unshifted_windows_raise_no_alarm(
+    data: Digits, reference: Reference, tmp_path: Path
+) -> None:
+    cfg = monitor_config()
+    for seed in range(3):
+        log = tmp_path / f"w{seed}"
+        append_lines(log / "predictions-w0.jsonl", log_lines(data, served(data, seed)))
+        result, _ = drift.check(reference, log, cfg)
+        assert result.judged and result.rows == 300
+        assert not result.alarm, result.reasons
+        assert result.drift_share <= cfg.drift_threshold
+        assert result.prediction_js < 0.1  # the same model on the same distribution
+
+
+def test_shifted_features_raise_an_alarm_naming_them(
+    data: Digits, reference: Reference, tmp_path: Path
+) -> None:
+    rows = shifted(served(data, 7), SHIFTED, 1.0)
+    append_lines(tmp_path / "predictions-w0.jsonl", log_lines(data, rows))
+    result, nannyml_result = drift.check(reference, tmp_path, monitor_config())
+    assert result.alarm and result.reasons[0].startswith("drift: ")
+    named = set(result.drifted_features)
+    assert len(named & {f"pixel_{i}" for i in SHIFTED}) >= 0.75 * len(named), named
+    assert len(named) > 0.2 * len(data.features)
+    report = drift.write_report(result, nannyml_result, tmp_path / "report.html")
+    text = report.read_text()
+    assert "Drift report: ALARM" in text and result.drifted_features[0] in text
+
+
+def test_wrong_feedback_lowers_production_accuracy(
+    data: Digits, reference: Reference, tmp_path: Path
+) -> None:
+    lines = log_lines(data, served(data, 3), rows_per_request=4)
+    append_lines(tmp_path / "predictions-w0.jsonl", lines)
+    wrong = set(range(0, len(lines), 4))  # every 4th row labelled unlike its prediction: 25 %
+    feedback = [
+        {
+            "request_id": line["request_id"],
+            "row": line["row"],
+            "label": (line["prediction"] + 1) % 10 if i in wrong else line["prediction"],
+            "timestamp": line["timestamp"],
+        }
+        for i, line in enumerate(lines)
+    ]
+    append_lines(tmp_path / "feedback-w0.jsonl", feedback)
+    result, _ = drift.check(reference, tmp_path, monitor_config(min_accuracy=0.9))
+    assert result.feedback_rows == len(lines)
+    assert result.accuracy == pytest.approx(0.75)
+    assert any(r.startswith("accuracy: 0.750") for r in result.reasons), result.reasons
+
+
+def test_the_window_is_the_newest_rows_of_the_serving_version(
+    data: Digits, reference: Reference, tmp_path: Path
+) -> None:
+    old = log_lines(data, shifted(served(data, 1, 200), SHIFTED, 2.0), version="0")
+    new = log_lines(data, served(data, 2, 200), start=1000)
+    append_lines(tmp_path / "predictions-w0.jsonl.1", new[:100])  # rotated: the older half
+    append_lines(tmp_path / "predictions-w0.jsonl", [*old, *new[100:]])
+    (tmp_path / "predictions-w0.jsonl").open("a").write('{"cut by a full disk\n')
+    window = drift.read_window(tmp_path, data.features, 150, model_version="1")
+    assert list(window["request_id"]) == [f"r{1000 + i}" for i in range(50, 200)]
+
+
+def test_too_few_rows_are_not_judged(data: Digits, reference: Reference, tmp_path: Path) -> None:
+    append_lines(tmp_path / "predictions-w0.jsonl", log_lines(data, served(data, 0, 20)))
+    result, nannyml_result = drift.check(reference, tmp_path, monitor_config())
+    assert (result.judged, result.alarm, nannyml_result) == (False, False, None)
+    assert math.isnan(result.drift_share)
+
+
+def test_a_log_of_another_model_is_named(reference: Reference, tmp_path: Path) -> None:
+    line = {"request_id": "a", "row": 0, "timestamp": "t", "model_version": "1"}
+    append_lines(tmp_path / "predictions-w0.jsonl", [{**line, "features": {"x": 1.0}}])
+    with pytest.raises(drift.LogError, match="lack feature"):
+        drift.check(reference, tmp_path, monitor_config())
+    with pytest.raises(drift.LogError, match="no such directory"):
+        drift.check(reference, tmp_path / "missing", monitor_config())
+
+
+def test_prediction_drift_compares_label_shares() -> None:
+    same = drift.prediction_drift({"a": 0.5, "b": 0.5}, ["a", "b"] * 50)
+    moved = drift.prediction_drift({"a": 0.5, "b": 0.5}, ["a"] * 90 + ["b"] * 10)
+    assert same[0] == pytest.approx(0.0, abs=1e-9) and same[1] == pytest.approx(1.0)
+    assert moved[0] > 0.3 and moved[1] < 1e-6 and moved[2] == {"a": 0.9, "b": 0.1}
+
+
+def test_monitor_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="min_rows"):
+        monitor_config().model_validate({**monitor_config().model_dump(), "min_rows": 400})
+    with pytest.raises(ValueError, match="cron"):
+        monitor_config().model_validate({**monitor_config().model_dump(), "schedule": "often"})
+
+
+# --- slow: the flow, the event and the automation on a real Prefect server ------------------
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from tests.helpers.prefect_server import prefect_server
+
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as api:
+        yield api
+
+
+def run_cli(module: str, api: str, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    from tests.helpers.prefect_server import client_env
+
+    command = [sys.executable, "-m", module, *args]
+    env = client_env(home, api)
+    return subprocess.run(
+        command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_drift_starts_train_on_demand_with_the_reason(
+    prefect_api: str, data: Digits, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    deployed = run_cli("flows.deployments", prefect_api, tmp_path / "deployer")
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    assert "monitor/scheduled" in deployed.stdout
+    ids = dict(line.split(": ", 1) for line in deployed.stdout.splitlines() if ": " in line)
+    train_id = ids["train/on-demand"].split()[0]
+    reference = write_profile(tmp_path, data)
+    log = tmp_path / "log"
+
+    def train_runs() -> list[object]:
+        wanted = DeploymentFilter(id=DeploymentFilterId(any_=[train_id]))
+        with (
+            temporary_settings({PREFECT_API_URL: prefect_api}),
+            get_client(sync_client=True) as client,
+        ):
+            return list(client.read_flow_runs(deployment_filter=wanted))
+
+    append_lines(log / "predictions-w0.jsonl", log_lines(data, served(data, 11, 500)))
+    calm = run_cli(
+        "flows.monitor",
+        prefect_api,
+        tmp_path / "w",
+        "--log-dir",
+        str(log),
+        "--reference",
+        str(reference),
+    )
+    assert calm.returncode == 0 and "no alarm" in calm.stdout, calm.stderr[-3000:]
+    time.sleep(5)  # the automation would act within a second or two
+    assert train_runs() == []
+    gauges = (log / "monitor" / "monitor.prom").read_text()
+    assert "mlops_monitor_alarm" in gauges and 'feature="pixel_20"' in gauges
+
+    rows = shifted(served(data, 12, 500), SHIFTED, 1.0)
+    append_lines(log / "predictions-w0.jsonl", log_lines(data, rows, start=10_000))
+    alarm = run_cli(
+        "flows.monitor",
+        prefect_api,
+        tmp_path / "w",
+        "--log-dir",
+        str(log),
+        "--reference",
+        str(reference),
+    )
+    assert alarm.returncode == 0 and "ALARM" in alarm.stdout, alarm.stderr[-3000:]
+    deadline = time.monotonic() + 90
+    while not (runs := train_runs()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(runs) == 1, "the automation made no train/on-demand run"
+    reason = runs[0].parameters["reason"]  # type: ignore[attr-defined]
+    result = json.loads((log / "monitor" / "result.json").read_text())
+    assert reason.startswith("drift: ") and result["drifted_features"][0] in reason
