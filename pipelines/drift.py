@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -253,15 +253,22 @@ def _isnan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def check(
-    reference: Reference,
-    log_dir: Path,
-    cfg: MonitorConfig,
-) -> tuple[DriftResult, Any]:
-    """The newest window of `log_dir` judged against `reference` (see the module doc); returns
-    the result and NannyML's result (None when the window was too small to judge). Raises
+def check(reference: Reference, log_dir: Path, cfg: MonitorConfig) -> tuple[DriftResult, Any]:
+    """The newest window of `log_dir` (read_window) judged against `reference` (judge). Raises
     LogError for an unusable log directory."""
     window = read_window(log_dir, reference.features, cfg.window_rows, reference.model_version)
+    return judge(reference, window, cfg, lambda: read_lines(log_dir, FEEDBACK_GLOB))
+
+
+def judge(
+    reference: Reference,
+    window: pd.DataFrame,
+    cfg: MonitorConfig,
+    feedback: Callable[[], Iterable[Mapping[str, Any]]] = list,
+) -> tuple[DriftResult, Any]:
+    """`window` (read_window's frame) against `reference` (see the module doc), `feedback` read
+    only when the window is judged; returns the result and NannyML's result (None when the
+    window has fewer than `monitor.min_rows` rows: not judged, no alarm)."""
     result = DriftResult(len(window), int(window["request_id"].nunique()), reference.model_version)
     if len(window) < cfg.min_rows:
         return result, None
@@ -279,9 +286,7 @@ def check(
     result.prediction_js, result.prediction_p, result.predicted = prediction_drift(
         reference.predicted_label_distribution, window["prediction"]
     )
-    result.accuracy, result.feedback_rows = production_accuracy(
-        window, read_lines(log_dir, FEEDBACK_GLOB)
-    )
+    result.accuracy, result.feedback_rows = production_accuracy(window, feedback())
     result.reasons = reasons(result, cfg)
     return result, nannyml_result
 

@@ -222,3 +222,21 @@ def test_drift_starts_train_on_demand_with_the_reason(
     reason = runs[0].parameters["reason"]  # type: ignore[attr-defined]
     result = json.loads((log / "monitor" / "result.json").read_text())
     assert reason.startswith("drift: ") and result["drifted_features"][0] in reason
+
+
+def test_the_monitor_dashboard_reads_the_gauges_the_flow_writes(tmp_path: Path) -> None:
+    """Every mlops_monitor_* name in monitoring/grafana/monitor.json is one the flow writes."""
+    import re
+
+    from flows.monitor import write_gauges
+
+    result = drift.DriftResult(300, 300, "1", {"pixel_20": drift.FeatureDrift(0.3, 0.1, True)})
+    result.drift_share, result.reasons = 1.0, ["drift: ..."]
+    write_gauges(result, tmp_path / "monitor.prom")
+    text = (tmp_path / "monitor.prom").read_text()
+    written = set(re.findall(r"^(mlops_monitor_\w+)[{ ]", text, re.MULTILINE))
+    assert 'mlops_monitor_feature_drift_statistic{feature="pixel_20",model_version="1"} 0.3' in text
+    board = json.loads((REPO / "monitoring" / "grafana" / "monitor.json").read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    used = set().union(*(re.findall(r"mlops_monitor_\w+", e) for e in exprs))
+    assert used and used <= written, used - written
