@@ -125,7 +125,7 @@ def main() -> None:
     figures["settings"] = {
         **cfg.model_dump(),
         "log_fraction": params.serve.log_fraction,
-        "reference_rows": reference.rows,
+        "reference_profile_rows": reference.rows,
         "shifted_features": len(columns),
         "features": len(data.features),
         "step_rows": args.step,

@@ -759,6 +759,16 @@ def test_deploy_creates_pools_queues_limit_and_deployments(
         ("0 2 * * *", "UTC")
     ]
     assert on_demand.schedules == []
+    monitor = read_deployment("monitor/scheduled")
+    assert (monitor.work_pool_name, monitor.entrypoint) == ("inference", "flows/monitor.py:monitor")
+    assert [s.schedule.cron for s in monitor.schedules] == ["*/30 * * * *"]  # monitor.schedule
+    from prefect.automations import Automation
+
+    automation = Automation.read(name="retrain-on-drift")  # one, updated in place
+    (action,) = automation.actions
+    assert (action.type, action.deployment_id) == ("run-deployment", on_demand.id)
+    assert action.parameters == {"reason": "{{ event.payload.reason }}"}
+    assert automation.trigger.expect == {"mlops.monitor.drift"}
 
 
 def test_redeploy_replaces_the_schedule(prefect_api: None, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -179,7 +180,7 @@ def test_drift_starts_train_on_demand_with_the_reason(
     reference = write_profile(tmp_path, data)
     log = tmp_path / "log"
 
-    def train_runs() -> list[object]:
+    def train_runs() -> list[Any]:
         wanted = DeploymentFilter(id=DeploymentFilterId(any_=[train_id]))
         with (
             temporary_settings({PREFECT_API_URL: prefect_api}),
@@ -219,7 +220,7 @@ def test_drift_starts_train_on_demand_with_the_reason(
     while not (runs := train_runs()) and time.monotonic() < deadline:
         time.sleep(1)
     assert len(runs) == 1, "the automation made no train/on-demand run"
-    reason = runs[0].parameters["reason"]  # type: ignore[attr-defined]
+    reason = runs[0].parameters["reason"]
     result = json.loads((log / "monitor" / "result.json").read_text())
     assert reason.startswith("drift: ") and result["drifted_features"][0] in reason
 
@@ -240,3 +241,23 @@ def test_the_monitor_dashboard_reads_the_gauges_the_flow_writes(tmp_path: Path) 
     exprs = [t["expr"] for p in board["panels"] for t in p["targets"]]
     used = set().union(*(re.findall(r"mlops_monitor_\w+", e) for e in exprs))
     assert used and used <= written, used - written
+
+
+@pytest.mark.slow
+def test_a_missing_log_is_one_line_and_exit_2(
+    prefect_api: str, data: Digits, tmp_path: Path
+) -> None:
+    reference = write_profile(tmp_path, data)
+    done = run_cli(
+        "flows.monitor",
+        prefect_api,
+        tmp_path / "home",
+        "--log-dir",
+        str(tmp_path / "nowhere"),
+        "--reference",
+        str(reference),
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'nowhere'}: no such directory (the service's prediction log)"
+    )
