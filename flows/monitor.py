@@ -9,7 +9,11 @@ reference profile (pipelines/drift.py does the statistics, with NannyML). Each r
 - an MLflow run `monitor` (metrics per feature and overall, the report, result.json);
 - on an alarm (drift share over `monitor.drift_threshold`, or production accuracy under
   `monitor.min_accuracy`), the Prefect event `mlops.monitor.drift` with the reason: the
-  automation `retrain-on-drift` (flows/deployments.py) starts `train/on-demand` with it.
+  automation `retrain-on-drift` (flows/deployments.py) starts `train/on-demand` with it; not
+  while a run it started earlier has not finished (one retraining per lasting drift).
+
+The window holds the logged rows of the serving version only (state.json's registry version;
+with `--reference`, the profile's `model_version` when it names one, else every row).
 
 Runs on the `inference` pool (deployment `monitor/scheduled`, on `monitor.schedule`; its Run
 button runs it at once) or by hand: `python -m flows.monitor [--log-dir D] [--reference R]`.
@@ -51,11 +55,12 @@ def log_dir_of(params: Params, given: str | None) -> Path:
     return path if path.is_absolute() else PROJECT_ROOT / path
 
 
-def reference_dir_of(params: Params, given: str | None) -> Path:
-    """`given`, else the `reference/` folder of the BentoML model of the version this inference
-    host serves (state.json under MLOPS_SERVING_HOME). MonitorInputError when neither exists."""
+def reference_dir_of(params: Params, given: str | None) -> tuple[Path, str | None]:
+    """(`given`, None), else (the `reference/` folder of the BentoML model of the version this
+    inference host serves (state.json under MLOPS_SERVING_HOME), that registry version).
+    MonitorInputError when neither exists."""
     if given:
-        return Path(given)
+        return Path(given), None
     from inference import store
     from inference.settings import HOME_ENV, host_settings
     from inference.state import read_state
@@ -69,7 +74,7 @@ def reference_dir_of(params: Params, given: str | None) -> Path:
     if current is None:
         raise MonitorInputError(f"{settings.home}: this inference host serves no version yet")
     bento = store.local(settings, current.bento, params.register_.model_name)
-    return store.model_dir(settings, current.bento, bento.model_tag) / "reference"
+    return store.model_dir(settings, current.bento, bento.model_tag) / "reference", current.version
 
 
 @flow(name="monitor", log_prints=True)
@@ -87,8 +92,8 @@ def monitor(
     params = load_params(PARAMS)
     try:
         logs = log_dir_of(params, log_dir)
-        profile = load_reference(reference_dir_of(params, reference))
-        result, nannyml_result = drift.check(profile, logs, params.monitor)
+        folder, serving = reference_dir_of(params, reference)
+        result, nannyml_result = drift.check(load_reference(folder), logs, params.monitor, serving)
     except PipelineError as exc:
         logger.error("%s", exc)
         return Failed(message=str(exc), data=exc)
@@ -99,7 +104,7 @@ def monitor(
     write_gauges(result, out / GAUGES)
     run_id = log_to_mlflow(params, result, out)
     publish(params, result, run_id)
-    if result.alarm:
+    if result.alarm and not retrain_pending(logger):
         emit_drift_event(params, result)
     return {**result.as_dict(), "mlflow_run_id": run_id, "report": str(out / REPORT)}
 
@@ -212,6 +217,46 @@ def publish(params: Params, result: Any, run_id: str) -> None:
         f"| feature | K-S D | critical D |\n|---|---|---|\n{rows}",
         key="drift-summary",
     )
+
+
+RETRAIN_DEPLOYMENT = "train/on-demand"  # what the automation `retrain-on-drift` runs
+
+
+def retrain_pending(logger: Any) -> bool:
+    """True (and a log line) when a run of train/on-demand started by the automation (it has
+    a `reason`) has not finished yet: a drift that lasts until the new model serves asks once."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+
+    unfinished = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED]
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(RETRAIN_DEPLOYMENT)
+        except ObjectNotFound:
+            return False
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=unfinished))
+            ),
+        )
+    asked = [r for r in runs if r.parameters.get("reason")]
+    if asked:
+        logger.info(
+            "not emitted: %s run %s, asked for by an earlier alarm, has not finished (%s)",
+            RETRAIN_DEPLOYMENT,
+            asked[0].name,
+            asked[0].state_name,
+        )
+    return bool(asked)
 
 
 def emit_drift_event(params: Params, result: Any) -> None:

@@ -253,11 +253,19 @@ def _isnan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def check(reference: Reference, log_dir: Path, cfg: MonitorConfig) -> tuple[DriftResult, Any]:
-    """The newest window of `log_dir` (read_window) judged against `reference` (judge). Raises
-    LogError for an unusable log directory."""
-    window = read_window(log_dir, reference.features, cfg.window_rows, reference.model_version)
-    return judge(reference, window, cfg, lambda: read_lines(log_dir, FEEDBACK_GLOB))
+def check(
+    reference: Reference, log_dir: Path, cfg: MonitorConfig, model_version: str | None = None
+) -> tuple[DriftResult, Any]:
+    """The newest window of `log_dir` (read_window: rows of `model_version`, else of the
+    reference's own version when it names one, else all) judged against `reference` (judge).
+    Raises LogError for an unusable log directory."""
+    version = model_version or reference.model_version
+    window = read_window(log_dir, reference.features, cfg.window_rows, version)
+    result, nannyml_result = judge(
+        reference, window, cfg, lambda: read_lines(log_dir, FEEDBACK_GLOB)
+    )
+    result.model_version = version
+    return result, nannyml_result
 
 
 def judge(

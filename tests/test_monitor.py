@@ -223,6 +223,21 @@ def test_drift_starts_train_on_demand_with_the_reason(
     reason = runs[0].parameters["reason"]
     result = json.loads((log / "monitor" / "result.json").read_text())
     assert reason.startswith("drift: ") and result["drifted_features"][0] in reason
+    again = run_cli(
+        "flows.monitor",
+        prefect_api,
+        tmp_path / "w",
+        "--log-dir",
+        str(log),
+        "--reference",
+        str(reference),
+    )
+    assert (
+        "ALARM" in again.stdout
+        and "not emitted: train/on-demand run" in again.stdout + again.stderr
+    )
+    time.sleep(5)
+    assert len(train_runs()) == 1  # the first run has not finished: drift asks once
 
 
 def test_the_monitor_dashboard_reads_the_gauges_the_flow_writes(tmp_path: Path) -> None:
