@@ -986,6 +986,9 @@ def document_feedback(doc: dict[str, Any], described: dict[str, Any]) -> None:
     """POST /feedback in the OpenAPI document: FeedbackBody's schema and its statuses."""
     body = FeedbackBody.model_json_schema()
     body["additionalProperties"] = False
+    service = running_service()
+    if service is not None:  # the labels the running model has (others are a 400)
+        body["properties"]["labels"]["items"] = {"enum": service.labels}
     errors = {code: ERRORS[code] for code in (400, 401, 413, 500)}
     doc["components"]["schemas"]["feedback__Input"] = body
     doc["paths"]["/feedback"] = {
@@ -1005,6 +1008,7 @@ def document_feedback(doc: dict[str, Any], described: dict[str, Any]) -> None:
     }
 
 
+TASK_STATES = ["pending", "in_progress", "completed", "failed", "canceled"]  # as BentoML answers
 TASK_ERRORS = {
     400: "No task_id, or the task has not finished (`error` says which)",
     401: ERRORS[401],
@@ -1030,7 +1034,14 @@ def document_batch(doc: dict[str, Any]) -> None:
             "200": post["responses"]["200"],
             **{str(code): error_response(text) for code, text in ERRORS.items()},
         }
-    for path in (f"{BATCH}/{route}" for route in ("status", "get", "retry", "cancel")):
+    # BentoML's own schema of a task's status lists other values than its server answers, and
+    # requires fields that /submit and /retry do not send.
+    status = doc["components"]["schemas"]["TaskStatusResponse"]
+    status["properties"]["status"]["enum"] = TASK_STATES
+    status["required"] = ["task_id", "status"]
+    # Cancelling is not supported by `bentoml serve` (always a 400): not part of the contract.
+    doc["paths"].pop(f"{BATCH}/cancel", None)
+    for path in (f"{BATCH}/{route}" for route in ("status", "get", "retry")):
         for operation in doc["paths"][path].values():
             operation["responses"] = {
                 "200": operation["responses"]["200"],
