@@ -49,8 +49,15 @@ class MonitorInputError(PipelineError):
     """The flow cannot find what to compare (no log directory, no reference profile)."""
 
 
-def log_dir_of(params: Params, given: str | None) -> Path:
-    """`given`, else MLOPS_LOG_DIR, else params.yaml serve.log_dir (relative: to the checkout)."""
+def log_dir_of(params: Params, given: str | None, serving: str | None) -> Path:
+    """`given`, else MLOPS_LOG_DIR, else on an inference host the log folder of the `serving`
+    version (its replicas' folders inside: inference/supervisor.py), else params.yaml
+    serve.log_dir (relative: to the checkout)."""
+    if not given and environment().log_dir is None and serving is not None:
+        from inference.settings import host_settings
+        from inference.supervisor import prediction_log_dir
+
+        return prediction_log_dir(host_settings(), serving, "replica").parent
     path = Path(given) if given else environment().log_dir or params.serve.log_dir
     return path if path.is_absolute() else PROJECT_ROOT / path
 
@@ -83,16 +90,17 @@ def monitor(
 ) -> dict[str, Any] | State[Any]:
     """Judge the newest window of the prediction log against the serving version's reference
     profile; report it (HTML, gauges, MLflow) and emit `mlops.monitor.drift` on an alarm.
-    `log_dir`: the service's log directory (default MLOPS_LOG_DIR, else serve.log_dir);
-    `reference`: a `reference/` folder (default: the serving version's, on an inference host)."""
+    `log_dir`: the service's log directory (default: MLOPS_LOG_DIR; on an inference host the
+    serving version's; else serve.log_dir); `reference`: a `reference/` folder (default: the
+    serving version's, on an inference host)."""
     from pipelines import drift
     from pipelines.reference import load_reference
 
     logger = get_run_logger()
     params = load_params(PARAMS)
     try:
-        logs = log_dir_of(params, log_dir)
         folder, serving = reference_dir_of(params, reference)
+        logs = log_dir_of(params, log_dir, serving)
         result, nannyml_result = drift.check(load_reference(folder), logs, params.monitor, serving)
     except PipelineError as exc:
         logger.error("%s", exc)

@@ -103,12 +103,13 @@ def _no_nan(value: Any) -> Any:
 
 
 def read_lines(directory: Path, pattern: str) -> list[dict[str, Any]]:
-    """Every JSON object in the files of `directory` matching `pattern` (rotated ones too),
+    """Every JSON object in the files matching `pattern` (rotated ones too) in `directory` and
+    its subfolders (an inference host logs each replica of a version in a folder of its own),
     oldest file first. A line that is not a JSON object (a write cut by a full disk) is
     skipped. Raises LogError when `directory` does not exist."""
     if not directory.is_dir():
         raise LogError(f"{directory}: no such directory (the service's prediction log)")
-    files = sorted(directory.glob(pattern), key=lambda p: (p.stat().st_mtime, -_rotation(p)))
+    files = sorted(directory.rglob(pattern), key=lambda p: (p.stat().st_mtime, -_rotation(p)))
     records = []
     for path in files:
         for line in path.read_text(errors="replace").splitlines():

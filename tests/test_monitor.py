@@ -106,7 +106,8 @@ def test_the_window_is_the_newest_rows_of_the_serving_version(
 ) -> None:
     old = log_lines(data, shifted(served(data, 1, 200), SHIFTED, 2.0), version="0")
     new = log_lines(data, served(data, 2, 200), start=1000)
-    append_lines(tmp_path / "predictions-w0.jsonl.1", new[:100])  # rotated: the older half
+    # rotated, in another replica's folder (as an inference host keeps them): the older half
+    append_lines(tmp_path / "replica-2" / "predictions-w0.jsonl.1", new[:100])
     append_lines(tmp_path / "predictions-w0.jsonl", [*old, *new[100:]])
     (tmp_path / "predictions-w0.jsonl").open("a").write('{"cut by a full disk\n')
     window = drift.read_window(tmp_path, data.features, 150, model_version="1")
@@ -276,3 +277,83 @@ def test_a_missing_log_is_one_line_and_exit_2(
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'nowhere'}: no such directory (the service's prediction log)"
     )
+
+
+def serve_logged(url: str, rows: np.ndarray, logs: Path) -> None:
+    """POST `rows` to /predict, 10 a request, each logged (X-Log-Request); returns once the
+    log holds them (it is written off the request path)."""
+    import httpx
+
+    before = len(drift.read_lines(logs, drift.PREDICTIONS_GLOB)) if logs.is_dir() else 0
+    for i in range(0, len(rows), 10):
+        body = {"rows": rows[i : i + 10].tolist()}
+        answer = httpx.post(f"{url}/predict", json=body, headers={"X-Log-Request": "1"})
+        assert answer.status_code == 200, answer.text
+    deadline = time.monotonic() + 60
+    while len(drift.read_lines(logs, drift.PREDICTIONS_GLOB)) < before + len(rows):
+        assert time.monotonic() < deadline, "the served rows never all reached the log"
+        time.sleep(0.2)
+
+
+def train_runs_of(api: str) -> list[Any]:
+    """The flow runs of train/on-demand on the server at `api`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("train/on-demand")
+        wanted = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        return list(client.read_flow_runs(deployment_filter=wanted))
+
+
+def delete_train_runs(api: str) -> None:
+    """Earlier tests' train/on-demand runs (never picked up: no worker) deleted."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    runs = train_runs_of(api)
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        for run in runs:
+            client.delete_flow_run(run.id)
+
+
+@pytest.mark.slow
+def test_served_load_then_shifted_load_on_a_real_service(prefect_api: str, tmp_path: Path) -> None:
+    """A real `bentoml serve` (service.py) logs what it serves; the reference profile is the
+    one `select` builds (pipelines.reference.build_reference). Traffic drawn from the test
+    split: no alarm over two windows; the same traffic with a quarter of the features shifted:
+    an alarm naming them, and the automation's train/on-demand run with that reason."""
+    from pipelines.prepare import read_split
+    from pipelines.reference import build_reference
+    from pipelines.runtime import read_metadata
+    from pipelines.select import onnx_predictor
+    from tests.helpers.serving import live_service, tiny_bento_model
+
+    deployed = run_cli("flows.deployments", prefect_api, tmp_path / "deployer")
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    delete_train_runs(prefect_api)
+    tag, prepared = tiny_bento_model(tmp_path)
+    onnx = tmp_path / "model" / "model.onnx"
+    spec = read_metadata(onnx)["preprocessing"]
+    profile = build_reference(prepared, spec, onnx_predictor(onnx, 0), tmp_path, 2000, 0)
+    columns = list(spec["feature_columns"])
+    test = read_split(prepared, "test")[columns].to_numpy(float)
+    logs, rng = tmp_path / "logs", np.random.default_rng(0)
+    env = {"MLOPS_MODEL_TAG": tag, "MLOPS_LOG_DIR": str(logs), "MLOPS_API_KEY": ""}
+    args = ("--log-dir", str(logs), "--reference", str(profile))
+    with live_service(env=env, log=tmp_path / "serve.log") as url:
+        for _ in range(2):  # two windows of unshifted traffic
+            serve_logged(url, test[rng.integers(0, len(test), 500)], logs)
+            calm = run_cli("flows.monitor", prefect_api, tmp_path / "w", *args)
+            assert calm.returncode == 0 and "no alarm" in calm.stdout, calm.stderr[-3000:]
+        serve_logged(url, shifted(test[rng.integers(0, len(test), 500)], SHIFTED, 1.0), logs)
+    alarm = run_cli("flows.monitor", prefect_api, tmp_path / "w", *args)
+    assert alarm.returncode == 0 and "ALARM" in alarm.stdout, alarm.stderr[-3000:]
+    named = json.loads((logs / "monitor" / "result.json").read_text())["drifted_features"]
+    assert len(set(named) & {columns[i] for i in SHIFTED}) >= 0.75 * len(named), named
+    deadline = time.monotonic() + 90
+    while not (runs := train_runs_of(prefect_api)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(runs) == 1, "the automation made no train/on-demand run"
+    assert named[0] in runs[0].parameters["reason"]
