@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +40,6 @@ from pipelines.errors import PipelineError
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PARAMS = PROJECT_ROOT / "params.yaml"
 EVENT = "mlops.monitor.drift"  # the automation `retrain-on-drift` listens for it
-PUSHGATEWAY_ENV = "MLOPS_PUSHGATEWAY_URL"  # a host fact: where gauges are pushed, if anywhere
 REPORT, RESULT, GAUGES = "drift_report.html", "result.json", "monitor.prom"
 
 
@@ -69,14 +67,16 @@ def reference_dir_of(params: Params, given: str | None) -> tuple[Path, str | Non
     if given:
         return Path(given), None
     from inference import store
-    from inference.settings import HOME_ENV, host_settings
+    from inference.errors import HostSettingsError
+    from inference.settings import host_settings
     from inference.state import read_state
 
-    if not os.environ.get(HOME_ENV):
+    try:
+        settings = host_settings()
+    except HostSettingsError as exc:
         raise MonitorInputError(
-            f"no reference profile: pass --reference DIR, or run on an inference host ({HOME_ENV})"
-        )
-    settings = host_settings()
+            f"no reference profile: pass --reference DIR, or run on an inference host ({exc})"
+        ) from None
     current = read_state(settings.home).current
     if current is None:
         raise MonitorInputError(f"{settings.home}: this inference host serves no version yet")
@@ -171,7 +171,7 @@ def write_gauges(result: Any, path: Path) -> None:
     registry = gauges(result)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_to_textfile(str(path), registry)
-    gateway = os.environ.get(PUSHGATEWAY_ENV)
+    gateway = environment().pushgateway_url
     if gateway:
         push_to_gateway(gateway, job="mlops_monitor", registry=registry)
 

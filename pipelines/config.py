@@ -957,6 +957,12 @@ class Environment(BaseModel):
         description="Set on each training host (its worker's environment): the checkout the "
         "train and tune-worker flows run in (flows/deployments.py).",
     )
+    pushgateway_url: str | None = Field(
+        default=None,
+        validation_alias="MLOPS_PUSHGATEWAY_URL",
+        description="Set on the inference host (its worker's environment): the Prometheus "
+        "Pushgateway the `monitor` flow pushes its gauges to (flows/monitor.py); unset: none.",
+    )
     model_tag: str | None = Field(
         default=None,
         validation_alias="MLOPS_MODEL_TAG",

@@ -357,3 +357,38 @@ def test_served_load_then_shifted_load_on_a_real_service(prefect_api: str, tmp_p
         time.sleep(1)
     assert len(runs) == 1, "the automation made no train/on-demand run"
     assert named[0] in runs[0].parameters["reason"]
+
+
+def test_gauges_are_pushed_when_a_pushgateway_is_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With MLOPS_PUSHGATEWAY_URL set, the gauges go to /metrics/job/mlops_monitor there (a
+    stand-in HTTP server records what a Pushgateway would receive)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from flows.monitor import write_gauges
+
+    received: list[tuple[str, str, bytes]] = []
+
+    class Gateway(BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.command, self.path, body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            """Quiet."""
+
+    server = HTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("MLOPS_PUSHGATEWAY_URL", f"127.0.0.1:{server.server_port}")
+        result = drift.DriftResult(300, 300, "1", {"pixel_3": drift.FeatureDrift(0.05, 0.1, False)})
+        write_gauges(result, tmp_path / "monitor.prom")
+    finally:
+        server.shutdown()
+    ((method, path, body),) = received
+    assert (method, path) == ("PUT", "/metrics/job/mlops_monitor")
+    assert b'mlops_monitor_feature_drift_statistic{feature="pixel_3",model_version="1"}' in body
