@@ -110,8 +110,8 @@ def monitor(
     drift.write_report(result, nannyml_result, out / REPORT)
     (out / RESULT).write_text(json.dumps(result.as_dict(), indent=2))
     write_gauges(result, out / GAUGES)
-    run_id = log_to_mlflow(params, result, out)
-    publish(params, result, run_id)
+    run_id = mlflow_run_or_warning(params, result, out, logger)
+    publish(params, result, run_id, out / REPORT)
     if result.alarm and not retrain_pending(logger):
         emit_drift_event(params, result)
     return {**result.as_dict(), "mlflow_run_id": run_id, "report": str(out / REPORT)}
@@ -210,12 +210,37 @@ def log_to_mlflow(params: Params, result: Any, out: Path) -> str:
     return run_id
 
 
-def publish(params: Params, result: Any, run_id: str) -> None:
-    """Prefect artifacts: a link to the report in the MLflow UI, and the verdict in Markdown."""
+def mlflow_run_or_warning(params: Params, result: Any, out: Path, logger: Any) -> str | None:
+    """log_to_mlflow's run id; None, with one warning line, when the MLflow server refuses or
+    cannot be reached (the report, the gauges and the event do not depend on it)."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    try:
+        return log_to_mlflow(params, result, out)
+    except (MlflowException, RequestException, OSError) as exc:
+        logger.warning(
+            "MLflow run not written (%s): the report stays at %s. Behind MLflow's basic auth"
+            " the inference host's account needs EDIT on the experiment (README: Drift and"
+            " retraining)",
+            str(exc).splitlines()[0][:300],
+            out / REPORT,
+        )
+        return None
+
+
+def publish(params: Params, result: Any, run_id: str | None, report: Path) -> None:
+    """Prefect artifacts: a link to the report in the MLflow UI (else its path on the host),
+    and the verdict in Markdown."""
     from flows.reporting import mlflow_run_url
 
-    url = mlflow_run_url(params, PROJECT_ROOT, run_id, REPORT)
-    create_link_artifact(url, link_text="Drift report (MLflow)", key="drift-report")
+    if run_id:
+        url = mlflow_run_url(params, PROJECT_ROOT, run_id, REPORT)
+        create_link_artifact(url, link_text="Drift report (MLflow)", key="drift-report")
+    else:
+        create_markdown_artifact(
+            f"Drift report on the inference host: `{report}`", key="drift-report"
+        )
     rows = "\n".join(
         f"| {n} | {f.statistic:.4f} | {f.threshold:.4f} |"
         for n, f in sorted(result.features.items(), key=lambda kv: -kv[1].statistic)[:15]

@@ -392,3 +392,27 @@ def test_gauges_are_pushed_when_a_pushgateway_is_set(
     ((method, path, body),) = received
     assert (method, path) == ("PUT", "/metrics/job/mlops_monitor")
     assert b'mlops_monitor_feature_drift_statistic{feature="pixel_3",model_version="1"}' in body
+
+
+def test_a_refused_mlflow_run_is_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's 403 for an account without EDIT on the experiment: no run, one warning line."""
+    from mlflow.exceptions import MlflowException
+
+    from flows import monitor
+
+    def refuse(*args: object) -> str:
+        raise MlflowException("Permission denied\nmore detail", error_code="PERMISSION_DENIED")
+
+    warned: list[str] = []
+
+    class Logger:
+        def warning(self, message: str, *args: object) -> None:
+            warned.append(message % args)
+
+    monkeypatch.setattr(monitor, "log_to_mlflow", refuse)
+    params = load_params(REPO / "params.yaml")
+    assert monitor.mlflow_run_or_warning(params, None, tmp_path, Logger()) is None
+    (line,) = warned
+    assert line.startswith("MLflow run not written (Permission denied)") and "EDIT" in line
