@@ -68,6 +68,11 @@ PARAMS = PROJECT_ROOT / "params.yaml"
 # Flow parameters kept out of the run form (and refused by the API): a worker's file-system path.
 INTERNAL_PARAMETERS = ("project_dir",)
 FORCE_HELP = "Re-run every stage even when DVC has it up to date (off: DVC runs what changed)."
+REASON_HINT = (
+    "reason: why this run (optional)",
+    "Shown in the run's log and its run-reason artifact. The retrain-on-drift automation fills"
+    " it with the monitor's finding (which features drifted, or the production accuracy).",
+)
 
 
 class WorkerCheckout:
@@ -351,7 +356,7 @@ def train_form_hints(params: Params) -> dict[str, tuple[str, str]]:
 
     The value shown is params.yaml's when deployed; the run itself reads the worker's
     params.yaml at run time (a deployment default would freeze the value instead)."""
-    hints = {"force": ("force: re-run every stage", FORCE_HELP)}
+    hints = {"force": ("force: re-run every stage", FORCE_HELP), "reason": REASON_HINT}
     for name, key in RunOverrides.KEYS.items():
         value = _lookup(params, key)
         hints[name] = (

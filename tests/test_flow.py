@@ -867,7 +867,7 @@ def test_run_form_shows_what_an_empty_field_uses_and_refuses_unknown_names(
     deployment_id: UUID = deployments.deploy()["train/on-demand"]
     schema = read_deployment("train/on-demand").parameter_openapi_schema
     fields = schema["properties"]
-    assert set(fields) == {"epochs", "lr", "batch_size", "arch", "data_source", "force"}
+    assert set(fields) == {"epochs", "lr", "batch_size", "arch", "data_source", "force", "reason"}
     assert schema["additionalProperties"] is False
     for name, field in fields.items():
         assert "anyOf" not in field and field.get("default", False) is not None, field
