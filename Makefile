@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev,postgres]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,postgres,monitor]"
 	touch $@
 
 # The main job: the `train` flow (dvc.yaml's stages as Prefect task runs) on a temporary local

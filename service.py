@@ -5,8 +5,12 @@ It serves the BentoML model that `python -m flows.package` made from the MLflow 
 project's numpy-level preprocessing; never torch, MLflow, Prefect, DVC or Great Expectations.
 
 Endpoints: POST /predict (feature rows, adaptive batching), POST /predict_image (an image file),
-GET /metadata, GET /docs.json (the OpenAPI contract: see HttpContract), plus BentoML's /healthz,
-/livez, /readyz and /metrics. Settings come from the `serve` section of params.yaml (inside the
+POST /feedback (true labels for an earlier request), the batch-scoring task /score_file (a CSV
+file; /score_file/submit, /status, /get: BentoML's task endpoints), GET /metadata, GET /docs.json
+(the OpenAPI contract: see HttpContract), plus BentoML's /healthz, /livez, /readyz and /metrics.
+Every /predict and /predict_image response carries X-Request-ID (the client's own, or a new one);
+a sample of those requests (`serve.log_fraction`) goes to the prediction log (RequestLog,
+pipelines/prediction_log.py). Settings come from the `serve` section of params.yaml (inside the
 bento: the copy it was built with). With the
 environment variable MLOPS_API_KEY set, the prediction endpoints and /metadata need
 `Authorization: Bearer <key>` (or `X-API-Key: <key>`) and answer 401 otherwise.
@@ -14,13 +18,18 @@ MLOPS_SERVE_OVERRIDES (a JSON object of `serve` keys) overrides settings for one
 '{"max_batch_size": 64}' to switch adaptive batching on (benchmarks/serve_load.py does).
 """
 
+import csv
 import gc
 import hmac
+import io
 import json
 import logging
+import re
 import shutil
 import time
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,7 +38,15 @@ import bentoml
 import numpy as np
 from bentoml.exceptions import BentoMLException, NotFound
 from bentoml.validators import ContentType
-from pydantic import AfterValidator, BaseModel, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -40,7 +57,9 @@ from starlette.routing import Route
 
 from pipelines import runtime
 from pipelines.config import Environment, ServeConfig, environment, load_params
+from pipelines.prediction_log import PredictionLog
 from pipelines.preprocessing import ImageError, feature_ranges, image_to_rows, to_model_input
+from pipelines.reference import image_statistics, is_image_model, profile_columns
 
 ROOT = Path(__file__).resolve().parent
 # Read at import because BentoML's decorators take them when the class is defined: workers,
@@ -59,7 +78,8 @@ BATCHING = SERVE.max_batch_size > 1
 LARGEST_CALL = SERVE.max_batch_size if BATCHING else SERVE.max_rows  # rows in one model call
 MODEL_TAG = AT_IMPORT.model_tag or f"{PARAMS.register_.model_name}:latest"
 API_KEY_ENV = Environment.name("api_key")
-PROTECTED = ("/predict", "/predict_image", "/metadata")
+BATCH = "/score_file"  # the batch-scoring task and its /submit, /status, /get, ... routes
+PROTECTED = ("/predict", "/predict_image", "/metadata", "/feedback")  # and everything under BATCH
 log = logging.getLogger("mlops.service")
 
 Scope = MutableMapping[str, Any]
@@ -242,8 +262,16 @@ class Classifier:
         self.labels: list[Any] = list(self.metadata["labels"])
         self.contract = RowContract.from_spec(self.spec, self.serve.max_rows)
         self.engine = pick_engine(model_dir, self.serve)
+        self.log_columns = profile_columns(self.spec)  # the log's `features` keys
+        self.known_labels = {(type(label), label) for label in self.labels}
+        self.prediction_log = open_prediction_log(self.serve)
         self.warm_up()
         tune_gc()
+
+    @bentoml.on_shutdown
+    def close_prediction_log(self) -> None:
+        """Write out what the prediction log still has queued."""
+        self.prediction_log.close()
 
     def warm_up(self) -> None:
         """Run the batch sizes requests most often have once before the first request, so they
@@ -288,11 +316,63 @@ class Classifier:
         """An image file (PNG, JPEG, ...; any Pillow mode with a fixed range) through the training
         data's preprocessing. HttpContract has already checked that `image` is one uploaded file
         (BentoML itself would fetch a URL given as text)."""
+        data = image.read_bytes()
         try:
-            row = image_to_rows(image.read_bytes(), self.spec, self.serve.max_image_pixels)
+            row = image_to_rows(data, self.spec, self.serve.max_image_pixels)
         except ImageError as exc:  # the error body of every other 4xx here (see ERROR_SCHEMA)
             return as_json({"error": f"image: {exc}"}, status=400)
+        sample = SAMPLE.get()
+        if sample is not None:  # RequestLog logs this request: its features, from the image
+            sample.features = [self.row_features(row[0], image_size(data))]
         return as_json(self.infer(row))
+
+    @bentoml.task
+    def score_file(self, file: Path) -> Predictions:
+        """Batch scoring: a CSV file (UTF-8, a header naming the model's feature columns; other
+        columns are ignored) -> one prediction per data line, in order, as /predict answers. A
+        task: POST /score_file/submit returns a task id, /score_file/status and /score_file/get
+        give its state and result. A file that is not such a table fails the task (status
+        `failed`) with a 400 and the error body naming the line and column. (Returned, not raised:
+        BentoML 1.4 wraps a raised InvalidArgument's body in a list.)"""
+        try:
+            rows = read_csv_rows(file.read_bytes(), self.spec["feature_columns"], self.contract)
+        except ValueError as exc:
+            return as_json({"error": f"file: {exc}"}, status=400)
+        x = rows.astype(np.float32)  # as /predict builds its input
+        answers: list[dict[str, Any]] = []
+        for start in range(0, len(x), LARGEST_CALL):
+            answers.extend(self.infer(x[start : start + LARGEST_CALL]))
+        return as_json(answers)
+
+    def row_features(self, row: np.ndarray, size: tuple[int, int]) -> dict[str, float]:
+        """One served row as the log's `features`: {column: value}, or for a model trained on
+        image files the 4 image statistics (pipelines.reference.image_statistics) of the
+        decoded row with the source image's (width, height) `size`."""
+        if is_image_model(self.spec):
+            return image_statistics(row, self.spec["value_range"], *size)
+        return dict(zip(self.log_columns, map(float, row), strict=True))
+
+    def log_sample(self, request_id: str, path: str, sample: "Sample") -> None:
+        """Queue a sampled, answered (200) request for the prediction log: its rows (from the
+        request body, or the features predict_image kept) and the answers of the response body.
+        Never raises: a body it cannot read is one log line."""
+        try:
+            answers = json.loads(b"".join(sample.response))
+            if path == "/predict":
+                rows = np.asarray(json.loads(b"".join(sample.request))["rows"], np.float64)
+                size = tuple(reversed(self.spec.get("image_shape") or (0, 0)))
+                sample.features = [self.row_features(row, size) for row in rows]
+            labels = [a["label"] for a in answers]
+            confidences = [max(a["probabilities"]) for a in answers]
+            self.prediction_log.predictions(
+                request_id, sample.features, labels, confidences, self.version
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("prediction log: request %s not logged (%r)", request_id, exc)
+
+    def is_label(self, value: Any) -> bool:
+        """Whether `value` is one of the model's labels, type included (1 is not "1")."""
+        return (type(value), value) in self.known_labels
 
     def describe(self) -> dict[str, Any]:
         """GET /metadata's body: the served model (`model_version` is its registry version)."""
@@ -316,6 +396,75 @@ class Classifier:
                 "max_latency_ms": self.serve.max_latency_ms,
             },
         }
+
+
+def open_prediction_log(serve: ServeConfig) -> PredictionLog:
+    """This worker's prediction log: in MLOPS_LOG_DIR, else `serve.log_dir` (relative: to the
+    working directory), files named after the worker (`bentoml.server_context.worker_index`), so
+    several workers never share a file."""
+    directory = environment().log_dir or serve.log_dir
+    worker = int(getattr(bentoml.server_context, "worker_index", None) or 1)
+    return PredictionLog(
+        directory, serve.log_fraction, serve.log_max_bytes, serve.log_max_files, worker
+    )
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image file from its header (the pixels are not decoded again)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return int(image.width), int(image.height)
+
+
+def read_csv_rows(data: bytes, columns: list[str], contract: RowContract) -> np.ndarray:
+    """A CSV file's rows as float64 (rows, features) in `columns` order. ValueError naming the
+    line and column: not UTF-8, no header or a missing column, a line of the wrong length, a
+    value that is no finite number or is outside the trained range (contract.low/high)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text: send a CSV file with a header line") from None
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    missing = [c for c in columns if c not in (header or [])]
+    if header is None or missing:
+        raise ValueError(f"the header has no column(s) {missing[:5]} (of {len(columns)} needed)")
+    where = [header.index(c) for c in columns]
+    rows = []
+    for line, record in enumerate(reader, start=2):
+        if not record:
+            continue
+        if len(record) != len(header):
+            raise ValueError(f"line {line}: {len(record)} fields, the header has {len(header)}")
+        rows.append([record[k] for k in where])
+    if not rows:
+        raise ValueError("no data lines after the header")
+    return checked_values(rows, columns, contract)
+
+
+def checked_values(rows: list[list[str]], columns: list[str], contract: RowContract) -> np.ndarray:
+    """The text cells of read_csv_rows as numbers, checked as /predict checks its rows."""
+    try:
+        x = np.asarray(rows, dtype=np.float64)
+    except ValueError:
+        for i, row in enumerate(rows):
+            for j, cell in enumerate(row):
+                try:
+                    float(cell)
+                except ValueError:
+                    raise ValueError(
+                        f"line {i + 2}, column {columns[j]!r}: {cell!r} is not a number"
+                    ) from None
+        raise
+    bad = ~np.isfinite(x) | (x < np.asarray(contract.low)) | (x > np.asarray(contract.high))
+    if bad.any():
+        i, j = (int(k) for k in np.argwhere(bad)[0])
+        raise ValueError(
+            f"line {i + 2}, column {columns[j]!r}: {x[i, j]:g} is not a finite number in the "
+            f"trained range [{contract.low[j]:g}, {contract.high[j]:g}] ({int(bad.sum())} such)"
+        )
+    return x
 
 
 WARM_EVERY_SIZE_UP_TO = 16
@@ -357,17 +506,159 @@ async def metadata(request: Request) -> JSONResponse:
     return JSONResponse(service.describe())
 
 
+RequestId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+
+
+class FeedbackBody(BaseModel):
+    """POST /feedback's body: the true label of each row of an earlier request, in its order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: RequestId
+    labels: list[StrictInt | StrictStr] = Field(min_length=1, max_length=SERVE.max_rows)
+
+
+async def feedback(request: Request) -> JSONResponse:
+    """POST /feedback {"request_id": ..., "labels": [label per row]}: written to the feedback
+    log (pipelines/prediction_log.py), to be joined with the prediction log by request id. 400
+    naming the problem (a label the model does not have, a malformed body); 503 before start-up."""
+    service = running_service()
+    if service is None:
+        return JSONResponse({"error": "model not loaded yet"}, status_code=503)
+    try:
+        body = FeedbackBody.model_validate_json(await request.body() or b"{}")
+    except ValidationError as exc:
+        first = exc.errors(include_context=False, include_input=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        return JSONResponse({"error": f"feedback: {where}: {first['msg']}"}, status_code=400)
+    unknown = [(i, v) for i, v in enumerate(body.labels) if not service.is_label(v)]
+    if unknown:
+        row, value = unknown[0]
+        return JSONResponse(
+            {
+                "error": f"feedback: labels[{row}]: unknown label {value!r}; the model's labels "
+                f"are {service.labels} ({len(unknown)} unknown)"
+            },
+            status_code=400,
+        )
+    service.prediction_log.feedback(body.request_id, body.labels)
+    return JSONResponse({"request_id": body.request_id, "rows": len(body.labels)})
+
+
 SERVICE: Any = Classifier  # a bentoml.Service (the decorator's type hints say the class)
-SERVICE.mount_asgi_app(Starlette(routes=[Route("/metadata", metadata, methods=["GET"])]), path="/")
+SERVICE.mount_asgi_app(
+    Starlette(
+        routes=[
+            Route("/metadata", metadata, methods=["GET"]),
+            Route("/feedback", feedback, methods=["POST"]),
+        ]
+    ),
+    path="/",
+)
+
+
+class Sample:
+    """What RequestLog keeps of a request it logs: the bodies, the status, and the features
+    when the endpoint computed them (predict_image)."""
+
+    __slots__ = ("features", "request", "response", "status")
+
+    def __init__(self) -> None:
+        self.request: list[bytes] = []
+        self.response: list[bytes] = []
+        self.status = 0
+        self.features: list[dict[str, float]] = []
+
+
+SAMPLE: ContextVar[Sample | None] = ContextVar("mlops_sample", default=None)
+REQUEST_ID_HEADER = b"x-request-id"
+LOG_REQUEST_HEADER = b"x-log-request"  # "1": log this request whatever the sampling says
+LOGGED_PATHS = {"/predict", "/predict_image"}
+REQUEST_ID_RULE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestLog:
+    """ASGI middleware on POST /predict and /predict_image: the request id, and the sample.
+
+    Every response carries `X-Request-ID`: the client's own (1-128 characters of A-Z a-z 0-9 .
+    _ : -; anything else is a 400), or a new one. A request is sampled with probability
+    `serve.log_fraction` (or always with `X-Log-Request: 1`, e.g. by a client that will send
+    feedback, unless the fraction is 0); a sampled request answered 200 is logged after its
+    response is sent (`Classifier.log_sample`), read from its bodies, so the same record comes
+    from DirectPredict, BentoML's dispatch and adaptive batching alike."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in LOGGED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(REQUEST_ID_HEADER)
+        request_id = uuid.uuid4().hex if given is None else given.decode("latin-1")
+        if given is not None and not REQUEST_ID_RULE.fullmatch(request_id):
+            error = "X-Request-ID: 1 to 128 characters of A-Z a-z 0-9 . _ : - expected"
+            await send_json(send, 400, {"error": error})
+            return
+        id_header = (REQUEST_ID_HEADER, request_id.encode())
+        service = running_service()
+        if service is None or not self.sampled(service, headers):
+
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), id_header]
+                await send(message)
+
+            await self.app(scope, receive, send_with_id)
+            return
+        sample = Sample()
+        token = SAMPLE.set(sample)
+        try:
+            await self.app(
+                scope, self.copying(receive, sample), self.keeping(send, sample, id_header)
+            )
+        finally:
+            SAMPLE.reset(token)
+        if sample.status == 200:
+            service.log_sample(request_id, scope["path"], sample)
+
+    @staticmethod
+    def sampled(service: Any, headers: dict[bytes, bytes]) -> bool:
+        log_: PredictionLog = service.prediction_log
+        if log_.fraction > 0 and headers.get(LOG_REQUEST_HEADER) == b"1":
+            return True
+        return log_.sampled()
+
+    @staticmethod
+    def copying(receive: Receive, sample: Sample) -> Receive:
+        async def receive_copy() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                sample.request.append(message.get("body", b""))
+            return message
+
+        return receive_copy
+
+    @staticmethod
+    def keeping(send: Send, sample: Sample, id_header: tuple[bytes, bytes]) -> Send:
+        async def send_copy(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                sample.status = int(message["status"])
+                message["headers"] = [*message.get("headers", ()), id_header]
+            elif message["type"] == "http.response.body":
+                sample.response.append(message.get("body", b""))
+            await send(message)
+
+        return send_copy
 
 
 class Guard:
     """ASGI middleware: the optional API key and the request-body limit, before any parsing."""
 
-    def __init__(self, app: Any, max_body: int) -> None:
+    def __init__(self, app: Any, max_body: int, max_batch_body: int | None = None) -> None:
         self.app = app
-        self.max_body = max_body
-        self.too_large = {"error": f"request body over {max_body} bytes"}
+        self.limits = (max_body, max_batch_body or max_body)  # elsewhere, under BATCH
         key = environment().api_key
         self.key = key.get_secret_value() if key else None
 
@@ -376,19 +667,24 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if self.key is not None and scope["path"] in PROTECTED and not self.authorized(headers):
+        path = scope["path"]
+        batch = path == BATCH or path.startswith(f"{BATCH}/")
+        protected = path in PROTECTED or batch
+        if self.key is not None and protected and not self.authorized(headers):
             await send_json(
                 send, 401, {"error": f"missing or wrong API key (set by {API_KEY_ENV})"}
             )
             return
+        limit = self.limits[batch]
+        too_large = {"error": f"request body over {limit} bytes"}
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            await send_json(send, 413, self.too_large)
+        if length is not None and length.isdigit() and int(length) > limit:
+            await send_json(send, 413, too_large)
             return
         if length is None and scope["method"] in {"POST", "PUT", "PATCH"}:
-            body = await read_body(receive, self.max_body)
+            body = await read_body(receive, limit)
             if body is None:
-                await send_json(send, 413, self.too_large)
+                await send_json(send, 413, too_large)
                 return
             receive = replay(body)
         await self.app(scope, receive, send)
@@ -490,6 +786,12 @@ JSON_TYPE = "application/json"
 FORM_TYPE = "multipart/form-data"
 BODY_TYPES = {"/predict": JSON_TYPE, "/predict_image": FORM_TYPE}  # what each endpoint reads
 IMAGE_FIELD = "image"
+FILE_FIELD = "file"  # the batch task's upload
+UPLOADS = {  # what HttpContract checks: the form endpoints and their one file field
+    "/predict_image": IMAGE_FIELD,
+    BATCH: FILE_FIELD,
+    f"{BATCH}/submit": FILE_FIELD,
+}
 UTF_8 = {"utf-8", "utf8", "us-ascii", "ascii"}
 
 
@@ -513,14 +815,15 @@ class HttpContract:
         if scope["path"] == "/docs.json" and scope["method"] == "GET":
             await send_json(send, 200, openapi_document())
             return
-        expected = BODY_TYPES.get(scope["path"])
+        path = scope["path"]
+        expected = FORM_TYPE if path in UPLOADS else BODY_TYPES.get(path)
         if expected is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         refused = content_type_problem(scope, expected)
         if refused is None and expected == FORM_TYPE:
             body = await read_body(receive) or b""  # Guard has bounded it
-            refused = await upload_problem(scope, body)
+            refused = await upload_problem(scope, body, UPLOADS[path])
             receive = replay(body)
         if refused is not None:
             await send_json(send, refused[0], {"error": refused[1]})
@@ -548,7 +851,9 @@ def content_type_problem(scope: Scope, expected: str) -> tuple[int, str] | None:
         return None
     if kind != expected:
         return 415, f"Content-Type {kind or '(none)'}: {path} takes {expected}" + (
-            f" with the file in the field '{IMAGE_FIELD}'" if expected == FORM_TYPE else ""
+            f" with the file in the field '{UPLOADS.get(path, IMAGE_FIELD)}'"
+            if expected == FORM_TYPE
+            else ""
         )
     charset = params.get("charset")
     if expected == JSON_TYPE and charset is not None and charset.lower() not in UTF_8:
@@ -559,10 +864,12 @@ def content_type_problem(scope: Scope, expected: str) -> tuple[int, str] | None:
     return None
 
 
-async def upload_problem(scope: Scope, body: bytes) -> tuple[int, str] | None:
+async def upload_problem(
+    scope: Scope, body: bytes, field: str = IMAGE_FIELD
+) -> tuple[int, str] | None:
     """(400, message) unless the multipart body holds exactly one non-empty uploaded file in
-    the field `image` and no other field; else None. Parsed with Starlette's form parser, the one
-    BentoML uses next, so both see the same parts."""
+    `field` (`image`; `file` for the batch task) and no other field; else None. Parsed with
+    Starlette's form parser, the one BentoML uses next, so both see the same parts."""
     boundary = content_type(scope)[1]["boundary"]
     if f"--{boundary}--".encode() not in body:
         return 400, "multipart body is cut short or malformed: no closing boundary"
@@ -572,22 +879,23 @@ async def upload_problem(scope: Scope, body: bytes) -> tuple[int, str] | None:
         return 400, f"malformed multipart body: {getattr(exc, 'detail', exc)}"
     try:
         items = form.multi_items()
-        others = sorted({name for name, _ in items} - {IMAGE_FIELD})
-        images = [value for name, value in items if name == IMAGE_FIELD]
-        if not images:
+        others = sorted({name for name, _ in items} - {field})
+        files = [value for name, value in items if name == field]
+        kind = "an uploaded image file" if field == IMAGE_FIELD else "an uploaded file"
+        if not files:
             got = f" (got {others})" if others else ""
-            return 400, f"missing the form field '{IMAGE_FIELD}' (an uploaded image file){got}"
+            return 400, f"missing the form field '{field}' ({kind}){got}"
         if others:
-            return 400, f"unexpected form field(s) {others}: send only the field '{IMAGE_FIELD}'"
-        if len(images) > 1:
-            return 400, f"field '{IMAGE_FIELD}': {len(images)} values; send exactly one file"
-        if not isinstance(images[0], UploadFile):
+            return 400, f"unexpected form field(s) {others}: send only the field '{field}'"
+        if len(files) > 1:
+            return 400, f"field '{field}': {len(files)} values; send exactly one file"
+        if not isinstance(files[0], UploadFile):
             return 400, (
-                f"field '{IMAGE_FIELD}' must be an uploaded file (a part with a filename), not "
+                f"field '{field}' must be an uploaded file (a part with a filename), not "
                 "text: URLs are not fetched"
             )
-        if not images[0].size:
-            return 400, f"field '{IMAGE_FIELD}' is an empty file"
+        if not files[0].size:
+            return 400, f"field '{field}' is an empty file"
         return None
     finally:
         await form.close()
@@ -662,13 +970,83 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"200": described, "401": error_response(ERRORS[401])},
         }
     }
-    for path in PROTECTED:
+    document_feedback(doc, described)
+    document_batch(doc)
+    batch = [path for path in doc["paths"] if path == BATCH or path.startswith(f"{BATCH}/")]
+    for path in [*PROTECTED, *batch]:
         for operation in doc["paths"][path].values():
             if keyed:
                 operation["security"] = [{"bearer": []}, {"apiKey": []}]
             else:
                 operation["responses"].pop("401", None)
     return doc
+
+
+def document_feedback(doc: dict[str, Any], described: dict[str, Any]) -> None:
+    """POST /feedback in the OpenAPI document: FeedbackBody's schema and its statuses."""
+    body = FeedbackBody.model_json_schema()
+    body["additionalProperties"] = False
+    service = running_service()
+    if service is not None:  # the labels the running model has (others are a 400)
+        body["properties"]["labels"]["items"] = {"enum": service.labels}
+    errors = {code: ERRORS[code] for code in (400, 401, 413, 500)}
+    doc["components"]["schemas"]["feedback__Input"] = body
+    doc["paths"]["/feedback"] = {
+        "post": {
+            "description": "True labels for the rows of an earlier request (by X-Request-ID).",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    JSON_TYPE: {"schema": {"$ref": "#/components/schemas/feedback__Input"}}
+                },
+            },
+            "responses": {
+                "200": described,
+                **{str(code): error_response(text) for code, text in errors.items()},
+            },
+        }
+    }
+
+
+TASK_STATES = ["pending", "in_progress", "completed", "failed", "canceled"]  # as BentoML answers
+TASK_ERRORS = {
+    400: "No task_id, or the task has not finished (`error` says which)",
+    401: ERRORS[401],
+    404: "No task with this id",
+    500: ERRORS[500],
+}
+
+
+def document_batch(doc: dict[str, Any]) -> None:
+    """The batch task's routes with this service's contract: /score_file and /score_file/submit
+    take one uploaded CSV file in `file` (HttpContract checks it) and answer as /predict does;
+    the task routes (status, get, retry, cancel) answer this service's error body."""
+    doc["components"]["schemas"]["score_file__Input"] = upload_schema(
+        FILE_FIELD, "a CSV file: a header naming the model's feature columns, a row per line"
+    )
+    for path in (BATCH, f"{BATCH}/submit"):
+        post = doc["paths"][path]["post"]
+        post["requestBody"] = {
+            "required": True,
+            "content": {FORM_TYPE: {"schema": {"$ref": "#/components/schemas/score_file__Input"}}},
+        }
+        post["responses"] = {
+            "200": post["responses"]["200"],
+            **{str(code): error_response(text) for code, text in ERRORS.items()},
+        }
+    # BentoML's own schema of a task's status lists other values than its server answers, and
+    # requires fields that /submit and /retry do not send.
+    status = doc["components"]["schemas"]["TaskStatusResponse"]
+    status["properties"]["status"]["enum"] = TASK_STATES
+    status["required"] = ["task_id", "status"]
+    # Cancelling is not supported by `bentoml serve` (always a 400): not part of the contract.
+    doc["paths"].pop(f"{BATCH}/cancel", None)
+    for path in (f"{BATCH}/{route}" for route in ("status", "get", "retry")):
+        for operation in doc["paths"][path].values():
+            operation["responses"] = {
+                "200": operation["responses"]["200"],
+                **{str(code): error_response(text) for code, text in TASK_ERRORS.items()},
+            }
 
 
 def error_response(description: str) -> dict[str, Any]:
@@ -709,22 +1087,33 @@ def rows_schema() -> dict[str, Any]:
 
 
 def image_schema() -> dict[str, Any]:
-    image = {
+    return upload_schema(
+        IMAGE_FIELD,
+        "an image file Pillow reads (PNG, JPEG, ...): 8/16-bit grayscale, RGB(A), palette, CMYK "
+        "or YCbCr",
+    )
+
+
+def upload_schema(field: str, what: str) -> dict[str, Any]:
+    """A multipart form of one uploaded file in `field` and nothing else."""
+    upload = {
         "type": "string",
         "format": "binary",
-        "description": "an image file Pillow reads (PNG, JPEG, ...): 8/16-bit grayscale, RGB(A), "
-        "palette, CMYK or YCbCr; an uploaded file part, never a URL",
+        "description": f"{what}; an uploaded file part, never a URL",
     }
     return {
         "type": "object",
         "title": "Input",
-        "required": [IMAGE_FIELD],
-        "properties": {IMAGE_FIELD: image},
+        "required": [field],
+        "properties": {field: upload},
         "additionalProperties": False,
     }
 
 
-SERVICE.add_asgi_middleware(Guard, max_body=SERVE.max_body_bytes)
+SERVICE.add_asgi_middleware(
+    Guard, max_body=SERVE.max_body_bytes, max_batch_body=SERVE.batch_max_bytes
+)
+SERVICE.add_asgi_middleware(RequestLog)
 SERVICE.add_asgi_middleware(HttpContract)
 if not BATCHING:  # the fast path's figure: see DirectPredict
     SERVICE.add_asgi_middleware(DirectPredict, input_model=SERVICE.apis["predict"].input_spec)

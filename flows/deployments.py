@@ -32,7 +32,7 @@ import argparse
 import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
 from flows.train import PROJECT_ROOT, ensure_gpu_limit, train
@@ -68,6 +68,11 @@ PARAMS = PROJECT_ROOT / "params.yaml"
 # Flow parameters kept out of the run form (and refused by the API): a worker's file-system path.
 INTERNAL_PARAMETERS = ("project_dir",)
 FORCE_HELP = "Re-run every stage even when DVC has it up to date (off: DVC runs what changed)."
+REASON_HINT = (
+    "reason: why this run (optional)",
+    "Shown in the run's log and its run-reason artifact. The retrain-on-drift automation fills"
+    " it with the monitor's finding (which features drifted, or the production accuracy).",
+)
 
 
 class WorkerCheckout:
@@ -224,7 +229,86 @@ def deploy(
     ids["tune-worker/on-demand"] = _apply(tune, tune_form_hints(params))
     for deployment in inference_deployments(storage, variables):
         ids[f"{deployment.flow_name}/{deployment.name}"] = _apply(deployment, {})
+    monitor = monitor_deployment(params, storage, variables)
+    ids["monitor/scheduled"] = _apply(monitor, {})
+    ensure_retrain_automation(ids["train/on-demand"])
     return ids
+
+
+MONITOR_ENTRYPOINT = "flows/monitor.py:monitor"
+RETRAIN_AUTOMATION = "retrain-on-drift"
+
+
+def monitor_deployment(
+    params: Params, storage: RunnerStorage, variables: dict[str, Any]
+) -> RunnerDeployment:
+    """`monitor/scheduled` on the `inference` pool: on `monitor.schedule` (cron, in
+    `orchestration.timezone`; none when null), and at once from the UI's Run button."""
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.schedules import Cron
+
+    from flows.monitor import monitor
+
+    cron = params.monitor.schedule
+    deployment = RunnerDeployment.from_flow(
+        monitor,
+        name="scheduled",
+        schedule=Cron(cron, params.orchestration.timezone) if cron else None,
+        work_pool_name=INFERENCE_POOL,
+        job_variables=dict(variables),
+        enforce_parameter_schema=True,
+        tags=["inference", "monitor"],
+        description=(monitor.description or "").strip(),
+    )
+    deployment.entrypoint = MONITOR_ENTRYPOINT
+    deployment.storage = storage
+    return deployment
+
+
+def retrain_automation(train_deployment: UUID) -> Any:
+    """The automation: each `mlops.monitor.drift` event (flows/monitor.py) runs the deployment
+    `train_deployment` (train/on-demand) with the event's reason as the run's `reason`."""
+    from prefect.automations import Automation
+    from prefect.events.actions import RunDeployment
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    from flows.monitor import EVENT
+
+    return Automation(
+        name=RETRAIN_AUTOMATION,
+        description="The monitor flow found drift (or low production accuracy): retrain.",
+        trigger=EventTrigger(
+            expect={EVENT},
+            match={"prefect.resource.id": "mlops.model.*"},
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[
+            RunDeployment(
+                source="selected",
+                deployment_id=train_deployment,
+                parameters={"reason": "{{ event.payload.reason }}"},
+                job_variables=None,
+            )
+        ],
+    )
+
+
+def ensure_retrain_automation(train_deployment: UUID) -> UUID:
+    """Create `retrain-on-drift`, or bring the one of that name up to date; its id."""
+    from prefect.automations import Automation
+
+    wanted = retrain_automation(train_deployment)
+    try:  # called from sync code: the sync variants (typed as their async twins)
+        found = cast("Automation", Automation.read(name=RETRAIN_AUTOMATION))
+    except ValueError:  # Prefect's "Automation with name ... not found"
+        created = cast("Automation", wanted.create())
+        assert created.id is not None
+        return created.id
+    assert found.id is not None
+    wanted.id = found.id
+    wanted.update()
+    return found.id
 
 
 INFERENCE_ENTRYPOINTS = {
@@ -272,7 +356,7 @@ def train_form_hints(params: Params) -> dict[str, tuple[str, str]]:
 
     The value shown is params.yaml's when deployed; the run itself reads the worker's
     params.yaml at run time (a deployment default would freeze the value instead)."""
-    hints = {"force": ("force: re-run every stage", FORCE_HELP)}
+    hints = {"force": ("force: re-run every stage", FORCE_HELP), "reason": REASON_HINT}
     for name, key in RunOverrides.KEYS.items():
         value = _lookup(params, key)
         hints[name] = (

@@ -12,8 +12,10 @@ Run by the `train` flow after `register`, or by hand: `python -m flows.package`.
    inference host downloads it through the MLflow server. Once per version: packaging the same
    champion again logs nothing more.
 
-The BentoML model holds the champion's model.onnx, metadata.json and golden.json (the golden set
-`select` measured: the inference host's checks read it from the model's directory). The inference
+The BentoML model holds the champion's model.onnx, metadata.json, golden.json (the golden set
+`select` measured: the inference host's checks read it from the model's directory) and, when the
+version has one, the reference profile `reference/` (pipelines/reference.py: the `monitor` flow's
+baseline). The inference
 host runs `bentoml import <archive>` and `bentoml serve <bento tag>`: it never unpickles anything
 from the training host.
 """
@@ -38,6 +40,7 @@ from pipelines.tracking import client_for
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_TAG_ENV = Environment.name("model_tag")  # the BentoML model service.py loads (a build packs)
 GOLDEN = "golden.json"  # pipelines.select.GOLDEN: the golden set, in the BentoML model's folder
+REFERENCE = "reference"  # pipelines.reference.REFERENCE: the reference profile's folder, beside it
 BENTO_DIR = "bento"  # artifact folder of the version's run holding its bento archive
 BENTO_TAG, BENTO_ARTIFACT = "bento_tag", "bento_artifact"  # model version tags
 
@@ -92,9 +95,10 @@ def bento_model(client: Any, version: Any, name: str) -> str:
 def save_bento_model(
     name: str, model_dir: Path, registry_version: str, source: dict[str, str] | None = None
 ) -> str:
-    """A BentoML model `name` from `model_dir` (model.onnx + metadata.json, and golden.json when
-    there), unless the newest model of that name already holds the same graph and the same golden
-    set (metadata `onnx_sha256`, `golden_sha256`: "" without one); returns its tag."""
+    """A BentoML model `name` from `model_dir` (model.onnx + metadata.json, and golden.json and
+    reference/ when there), unless the newest model of that name already holds the same graph,
+    the same golden set and the same reference profile (metadata `onnx_sha256`, `golden_sha256`,
+    `reference_sha256`: "" without one); returns its tag."""
     import bentoml
 
     onnx_path, metadata_path = model_dir / "model.onnx", model_dir / "metadata.json"
@@ -104,11 +108,14 @@ def save_bento_model(
     golden = model_dir / GOLDEN
     digest = file_sha256(onnx_path)
     golden_digest = file_sha256(golden) if golden.is_file() else ""
+    reference = model_dir / REFERENCE
+    reference_digest = folder_sha256(reference) if reference.is_dir() else ""
     newest = _newest(name)
     if (
         newest is not None
         and newest.info.metadata.get("onnx_sha256") == digest
         and newest.info.metadata.get("golden_sha256", "") == golden_digest
+        and newest.info.metadata.get("reference_sha256", "") == reference_digest
     ):
         return str(newest.tag)
     precision = str(read_json(metadata_path).get("precision", "unknown"))
@@ -116,6 +123,7 @@ def save_bento_model(
         "registry_version": registry_version,
         "onnx_sha256": digest,
         "golden_sha256": golden_digest,
+        "reference_sha256": reference_digest,
         "precision": precision,
         **(source or {}),
     }
@@ -125,7 +133,19 @@ def save_bento_model(
         shutil.copy(metadata_path, Path(model.path) / "metadata.json")
         if golden_digest:
             shutil.copy(golden, Path(model.path) / GOLDEN)
+        if reference_digest:
+            shutil.copytree(reference, Path(model.path) / REFERENCE)
     return str(model.tag)
+
+
+def folder_sha256(folder: Path) -> str:
+    """One digest of a folder's files: their relative paths and contents, in sorted order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}:{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def _newest(name: str) -> Any | None:

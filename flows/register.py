@@ -23,6 +23,7 @@ from typing import Any
 from pipelines.artifacts import file_sha256, read_json
 from pipelines.champion import CHALLENGER, CHAMPION, accuracy_on, judge
 from pipelines.config import Params
+from pipelines.reference import REFERENCE
 from pipelines.runtime import read_metadata
 from pipelines.select import CANDIDATES, GOLDEN, MODEL, WINNER
 from pipelines.tracking import client_for, run_tags
@@ -57,7 +58,8 @@ def champion_graph(client: Any, version: Any, folder: str) -> Path:
 
 def log_candidate(client: Any, params: Params, root: Path, parent: str, select_dir: Path) -> str:
     """A nested `register` run holding what serving needs (artifact `model/`: model.onnx,
-    metadata.json and, when `select` wrote it, golden.json); returns its run id."""
+    metadata.json and, when `select` wrote them, golden.json and the reference profile
+    `reference/`); returns its run id."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     _, experiment = client_for(params.tracking, root)
@@ -67,6 +69,8 @@ def log_candidate(client: Any, params: Params, root: Path, parent: str, select_d
     client.log_dict(run_id, read_metadata(select_dir / MODEL), "model/metadata.json")
     if (select_dir / GOLDEN).is_file():  # the deploy checks' rows; `package` requires it
         client.log_artifact(run_id, str(select_dir / GOLDEN), "model")
+    if (select_dir / REFERENCE).is_dir():  # the monitor flow's baseline; `package` packs it
+        client.log_artifacts(run_id, str(select_dir / REFERENCE), f"model/{REFERENCE}")
     client.log_artifact(run_id, str(select_dir / CANDIDATES))
     client.log_artifact(run_id, str(select_dir / WINNER))
     return run_id

@@ -231,14 +231,20 @@ def train(
     data_source: DataSource | None = None,
     force: bool = False,
     project_dir: str | None = None,
+    reason: str | None = None,
 ) -> dict[str, Any] | State[Any]:
     """Run the stages of dvc.yaml in DVC's order, one task run each, tracked in MLflow.
 
     Leave a value empty to use params.yaml's; a run with values is a DVC experiment named
     after the flow run (`dvc exp show`, `dvc exp apply <name>` in the checkout). `force`
     re-runs every stage even when DVC has it up to date. `project_dir` is the checkout to run
-    in (default: $MLOPS_PROJECT_DIR, else the checkout this file was loaded from).
+    in (default: $MLOPS_PROJECT_DIR, else the checkout this file was loaded from). `reason`:
+    why the run was started (the `retrain-on-drift` automation puts the monitor's finding
+    here); shown in the run's log and as its `run-reason` artifact.
     """
+    if reason:
+        get_run_logger().info("started because: %s", reason)
+        create_markdown_artifact(f"Started because: {reason}", key="run-reason")
     try:
         root = Path(project_dir or environment().project_dir or PROJECT_ROOT).resolve()
         overrides = run_overrides(

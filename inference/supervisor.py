@@ -110,7 +110,8 @@ def render_group(
     sections = [f"[group:{group}]\nprograms={','.join(programs)}\n"]
     for program, port in zip(programs, ports, strict=True):
         key = SecretStr(settings.api_key)
-        passed = Environment(api_key=key, model_tag=model_tag or None).exported()
+        logs = prediction_log_dir(settings, version, program)
+        passed = Environment(api_key=key, model_tag=model_tag or None, log_dir=logs).exported()
         env = {"BENTOML_HOME": str(run_home(settings, program)), **passed}
         environment = ",".join(f'{k}="{v}"' for k, v in env.items())
         # By path: the program's interpreter need not have this checkout on its sys.path (and
@@ -124,6 +125,13 @@ def render_group(
             "stdout_logfile_maxbytes=10MB\nstdout_logfile_backups=2\n"
         )
     return "\n".join(sections)
+
+
+def prediction_log_dir(settings: HostSettings, version: str, program: str) -> Path:
+    """A replica's prediction and feedback log (MLOPS_LOG_DIR): <home>/predictions/v<version>/
+    <program>/, one folder per version and in it one per replica, so replicas never share a
+    file (the `monitor` flow reads a version's folder recursively)."""
+    return settings.home / "predictions" / group_name(version) / program
 
 
 def run_home(settings: HostSettings, program: str) -> Path:

@@ -16,6 +16,7 @@ TELEMETRY_OFF = {
     "GX_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
     "BENTOML_DO_NOT_TRACK": "true",
+    "NML_DISABLE_USAGE_LOGGING": "1",  # NannyML (the monitor flow's drift tests)
 }
 
 

@@ -519,6 +519,20 @@ def _stage_names(names: Any) -> Any:
     return names
 
 
+def cron_expression(value: str) -> str:
+    """`value`, parsed as Prefect's CronSchedule parses it (croniter; no random/hashed fields);
+    ValueError otherwise."""
+    from croniter import croniter
+
+    if not croniter.is_valid(value) or any(
+        field.casefold() in ("r", "h") for field in value.split()
+    ):
+        raise ValueError(
+            "not a cron expression (5 fields: minute hour day month weekday, e.g. '0 2 * * *')"
+        )
+    return value
+
+
 class OrchestrationConfig(Section):
     # Stages not named get the largest timeout given.
     stage_timeout_s: Annotated[dict[str, Seconds], AfterValidator(_stage_names)] = Field(
@@ -535,16 +549,7 @@ class OrchestrationConfig(Section):
     @field_validator("nightly_cron")
     @classmethod
     def _cron(cls, value: str) -> str:
-        """Parsed as Prefect's CronSchedule parses it (croniter; no random/hashed fields)."""
-        from croniter import croniter
-
-        if not croniter.is_valid(value) or any(
-            field.casefold() in ("r", "h") for field in value.split()
-        ):
-            raise ValueError(
-                "not a cron expression (5 fields: minute hour day month weekday, e.g. '0 2 * * *')"
-            )
-        return value
+        return cron_expression(value)
 
     @field_validator("timezone")
     @classmethod
@@ -581,6 +586,12 @@ class ServeConfig(Section):
     max_rows: int = Field(ge=1, le=MAX_BATCH)
     max_body_bytes: int = Field(ge=1024, le=2**30)
     max_image_pixels: int = Field(ge=1, le=2**28)
+    # The prediction log (service.py, pipelines/prediction_log.py): a sample of what is served.
+    log_fraction: float = Field(ge=0, le=1)  # share of requests logged; 0: nothing written
+    log_dir: Path  # relative: to the server's working directory; MLOPS_LOG_DIR replaces it
+    log_max_bytes: int = Field(ge=1024, le=2**40)  # one file's size before it rotates
+    log_max_files: int = Field(ge=1, le=1000)  # rotated files kept beside the current one
+    batch_max_bytes: int = Field(ge=1024, le=2**34)  # a batch-scoring file's upload limit
 
 
 class DeployConfig(Section):
@@ -604,6 +615,34 @@ class DeployConfig(Section):
     watch_s: float = Field(ge=0, le=86400)  # after promotion; a breach rolls back by itself
     poll_s: float = Field(gt=0, le=3600)  # how often canary and watch read /metrics
     drain_timeout_s: float = Field(gt=0, le=3600)  # old version: wait for in-flight requests
+
+
+class MonitorConfig(Section):
+    """Watching what the inference host serves (the reference profile `select` writes; the
+    `monitor` flow)."""
+
+    reference_rows: int = Field(ge=1, le=MAX_COUNT)  # training-split rows in the reference profile
+    window_rows: int = Field(ge=2, le=MAX_COUNT)  # newest logged rows the flow judges at once
+    min_rows: int = Field(ge=2, le=MAX_COUNT)  # fewer logged rows: not judged
+    drift_alpha: float = Field(gt=0, lt=1)  # per-feature K-S test level
+    drift_threshold: float = Field(ge=0, le=1)  # share of drifting features that is drift
+    min_accuracy: float = Field(ge=0, le=1)  # production accuracy (with feedback) floor
+    min_feedback_rows: int = Field(ge=1, le=MAX_COUNT)  # fewer labelled rows: accuracy not judged
+    schedule: str | None  # cron of `monitor/scheduled` in orchestration.timezone; None: no schedule
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return None if value is None else cron_expression(value)
+
+    @model_validator(mode="after")
+    def _window_holds_min_rows(self) -> MonitorConfig:
+        if self.min_rows > self.window_rows:
+            raise ValueError(
+                f"min_rows ({self.min_rows}) > window_rows ({self.window_rows}): no window"
+                " could ever be judged"
+            )
+        return self
 
 
 class RunOverrides(Section):
@@ -646,6 +685,7 @@ class Params(Section):
     package: PackageConfig
     serve: ServeConfig
     deploy: DeployConfig
+    monitor: MonitorConfig
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
@@ -917,6 +957,12 @@ class Environment(BaseModel):
         description="Set on each training host (its worker's environment): the checkout the "
         "train and tune-worker flows run in (flows/deployments.py).",
     )
+    pushgateway_url: str | None = Field(
+        default=None,
+        validation_alias="MLOPS_PUSHGATEWAY_URL",
+        description="Set on the inference host (its worker's environment): the Prometheus "
+        "Pushgateway the `monitor` flow pushes its gauges to (flows/monitor.py); unset: none.",
+    )
     model_tag: str | None = Field(
         default=None,
         validation_alias="MLOPS_MODEL_TAG",
@@ -933,6 +979,12 @@ class Environment(BaseModel):
         default_factory=lambda: Path.home() / ".cache" / "mlops-trt",
         validation_alias="MLOPS_TRT_CACHE",
         description="Set by the user: where service.py caches TensorRT plans.",
+    )
+    log_dir: Path | None = Field(
+        default=None,
+        validation_alias="MLOPS_LOG_DIR",
+        description="Set by the inference host for each version's replicas (or by the user): "
+        "the service's prediction and feedback log directory; replaces serve.log_dir.",
     )
     api_key: SecretStr | None = Field(
         default=None,

@@ -45,3 +45,8 @@ class StorageError(PipelineError):
 class EnvironmentVariableError(ParamsError):
     """An environment variable the project reads (`pipelines.config.Environment`) has a bad
     value; the message names the variable, never its value."""
+
+
+class ReferenceProfileError(PipelineError):
+    """A reference profile folder is missing a file or holds one that does not fit the format
+    (pipelines/reference.py); the message names the file."""

@@ -383,10 +383,15 @@ def select(
     cfg: SelectConfig,
     golden_rows: int = 200,
     seed: int = 0,
+    reference_rows: int = 2000,
 ) -> dict[str, Any]:
-    """Measure, choose, and write out_dir/{model.onnx, winner.json, candidates.md, golden.json}.
-    `golden_rows` (params deploy.golden_rows) and `seed` (params prepare.seed) pick the golden set
-    (see `golden_set`)."""
+    """Measure, choose, and write out_dir/{model.onnx, winner.json, candidates.md, golden.json,
+    reference/}. `golden_rows` (params deploy.golden_rows) and `seed` (params prepare.seed) pick
+    the golden set (see `golden_set`); `reference_rows` (monitor.reference_rows) and `seed` the
+    reference profile's sample (pipelines/reference.py; its predicted-label distribution is the
+    winner's, on the test split, with the winner's engine)."""
+    from pipelines.reference import build_reference
+
     candidates = tournament(families, convert_dir, prepared_dir, cfg)
     winner, explanation = choose(candidates, cfg)
     log.info("select: %s", explanation)
@@ -399,6 +404,8 @@ def select(
         predict, prepared_dir, model, golden_rows, seed, winner.engine, winner.precision
     )
     write_json(out_dir / GOLDEN, golden)
+    spec = read_metadata(model)["preprocessing"]
+    build_reference(prepared_dir, spec, predict, out_dir, reference_rows, seed)
     summary = {
         "winner": asdict(winner),
         "explanation": explanation,
@@ -439,6 +446,7 @@ def _run(params: Params, args: argparse.Namespace) -> None:
         "select": section_dict(params.select),
         "deploy": {"golden_rows": params.deploy.golden_rows},
         "prepare": {"seed": params.prepare.seed},
+        "monitor": {"reference_rows": params.monitor.reference_rows},
     }
     with stage_run("select", params, section, Path.cwd(), data_hash) as run:
         summary = select(
@@ -449,6 +457,7 @@ def _run(params: Params, args: argparse.Namespace) -> None:
             params.select,
             golden_rows=params.deploy.golden_rows,
             seed=params.prepare.seed,
+            reference_rows=params.monitor.reference_rows,
         )
         winner = summary["winner"]
         metrics = {k: winner[k] for k in ("accuracy", "macro_f1", "p50_ms", "p99_ms", "throughput")}

@@ -48,6 +48,7 @@ def isolated_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         "PREFECT_HOME": str(base / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "BENTOML_HOME": str(base / "bentoml"),
+        "MLOPS_LOG_DIR": str(base / "serve-logs"),  # service.py's prediction log
         "GX_ANALYTICS_ENABLED": "false",
         "DVC_NO_ANALYTICS": "1",
         "DO_NOT_TRACK": "true",

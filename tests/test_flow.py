@@ -759,6 +759,16 @@ def test_deploy_creates_pools_queues_limit_and_deployments(
         ("0 2 * * *", "UTC")
     ]
     assert on_demand.schedules == []
+    monitor = read_deployment("monitor/scheduled")
+    assert (monitor.work_pool_name, monitor.entrypoint) == ("inference", "flows/monitor.py:monitor")
+    assert [s.schedule.cron for s in monitor.schedules] == ["*/30 * * * *"]  # monitor.schedule
+    from prefect.automations import Automation
+
+    automation = Automation.read(name="retrain-on-drift")  # one, updated in place
+    (action,) = automation.actions
+    assert (action.type, action.deployment_id) == ("run-deployment", on_demand.id)
+    assert action.parameters == {"reason": "{{ event.payload.reason }}"}
+    assert automation.trigger.expect == {"mlops.monitor.drift"}
 
 
 def test_redeploy_replaces_the_schedule(prefect_api: None, tmp_path: Path) -> None:
@@ -857,7 +867,7 @@ def test_run_form_shows_what_an_empty_field_uses_and_refuses_unknown_names(
     deployment_id: UUID = deployments.deploy()["train/on-demand"]
     schema = read_deployment("train/on-demand").parameter_openapi_schema
     fields = schema["properties"]
-    assert set(fields) == {"epochs", "lr", "batch_size", "arch", "data_source", "force"}
+    assert set(fields) == {"epochs", "lr", "batch_size", "arch", "data_source", "force", "reason"}
     assert schema["additionalProperties"] is False
     for name, field in fields.items():
         assert "anyOf" not in field and field.get("default", False) is not None, field

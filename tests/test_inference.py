@@ -238,3 +238,4 @@ def test_a_version_is_one_supervisor_group_of_replicas_on_loopback(tmp_path: Pat
     assert "inference/serve.py digits-classifier:abc --host 127.0.0.1 --port 20002" in text
     assert f'BENTOML_HOME="{tmp_path}/run/v1_2-r1"' in text and 'MLOPS_API_KEY="k"' in text
     assert text.count("autorestart=true") == 2 and text.count('MLOPS_MODEL_TAG="m:1"') == 2
+    assert f'MLOPS_LOG_DIR="{tmp_path}/predictions/v1_2/v1_2-r1"' in text  # its own log

@@ -19,12 +19,21 @@ from tests.helpers.params import tiny_params
 
 
 def select_dir(root: Path, onnx_path: Path, prepared: Path | None = None) -> Path:
-    """What `select` leaves for `register`; with `prepared`, its golden set too (50 rows)."""
+    """What `select` leaves for `register`; with `prepared`, its golden set (50 rows) and its
+    reference profile (100 rows) too."""
+    from pipelines.reference import build_reference
+    from pipelines.runtime import logits, read_metadata, session
+
     out = root / "select"
     out.mkdir()
     shutil.copy(onnx_path, out / "model.onnx")
     if prepared is not None:
         write_golden(out / "model.onnx", prepared, out / GOLDEN)
+        graph, spec = (
+            session(out / "model.onnx"),
+            read_metadata(out / "model.onnx")["preprocessing"],
+        )
+        build_reference(prepared, spec, lambda x: logits(graph, x), out, rows=100, seed=0)
     winner = {"name": "teacher/onnxruntime-fp32", "engine": "onnxruntime", "precision": "fp32"}
     (out / "winner.json").write_text(json.dumps({"winner": winner}))
     (out / "candidates.md").write_text("| table |\n")

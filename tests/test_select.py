@@ -126,6 +126,25 @@ def test_tournament_measures_every_candidate_and_writes_the_winner(
     assert summary["explanation"] in (out / "candidates.md").read_text()
 
 
+def test_select_writes_the_reference_profile_with_the_winners_test_predictions(
+    selected: tuple[Path, Path, dict[str, Any]],
+) -> None:
+    from pipelines.reference import REFERENCE, load_reference
+
+    prepared, out, summary = selected
+    ref = load_reference(out / REFERENCE)
+    spec = read_metadata(out / "model.onnx")["preprocessing"]
+    assert ref.features == spec["feature_columns"]
+    assert ref.rows == min(len(read_split(prepared, "train")), tiny_params().monitor.reference_rows)
+    test = read_split(prepared, "test")
+    predict = winner_predictor(Candidate(**summary["winner"]), tiny_params().select)
+    x = to_model_input(test[spec["feature_columns"]].to_numpy(np.float32), spec)
+    predicted = predict(x).argmax(axis=1)
+    labels = read_json(prepared / "manifest.json")["labels"]
+    expected = {str(label): float(np.mean(predicted == i)) for i, label in enumerate(labels)}
+    assert ref.predicted_label_distribution == pytest.approx(expected, abs=1e-6)
+
+
 def test_golden_set_is_what_the_service_accepts_with_the_winners_onnxruntime_output(
     selected: tuple[Path, Path, dict[str, Any]],
 ) -> None:

@@ -116,6 +116,11 @@ def test_package_puts_the_golden_set_in_the_bento_and_the_archive_in_mlflow(
         assert len(names) == 1, tar.getnames()
         member = tar.extractfile(names[0])
         assert member is not None and member.read() == golden.read_bytes()
+        for name in ("reference/reference.json", "reference/features.parquet"):  # the profile
+            [packed] = [n for n in tar.getnames() if n.endswith(f"/{name}")]
+            member = tar.extractfile(packed)
+            expected = (golden.parent / name).read_bytes()
+            assert member is not None and member.read() == expected, name
 
 
 def test_packaging_again_reuses_the_model_and_logs_no_second_archive(champion: Champion) -> None:
@@ -441,6 +446,8 @@ def test_readme_curl_examples_work_against_a_live_server(server: str, tmp_path: 
     from tests.helpers.images import png
 
     (tmp_path / "digit.png").write_bytes(png())
+    columns = ",".join(f"px_{i}" for i in range(64))
+    (tmp_path / "rows.csv").write_text(f"{columns}\n" + ",".join(["0"] * 64) + "\n")
     commands = readme_examples()
     assert len(commands) >= 4
     seen = set()
@@ -463,8 +470,7 @@ def test_readme_curl_examples_work_against_a_live_server(server: str, tmp_path: 
             assert "bentoml_service_request_total" in out.stdout
         elif path.group(1) != "/readyz":
             body = json.loads(out.stdout)
-            shown = (
-                "error" if "error" in out.stdout else "label" if "predict" in command else "engine"
-            )
+            answers = {"/feedback": "request_id", "/score_file": "task_id", "/metadata": "engine"}
+            shown = "error" if "error" in out.stdout else answers.get(path.group(1), "label")
             assert shown in json.dumps(body), (command, body)
     assert {"/predict", "/predict_image", "/metadata", "/readyz", "/metrics"} <= seen
