@@ -1026,9 +1026,12 @@ def document_batch(doc: dict[str, Any]) -> None:
     )
     for path in (BATCH, f"{BATCH}/submit"):
         post = doc["paths"][path]["post"]
+        form = {"$ref": "#/components/schemas/score_file__Input"}
         post["requestBody"] = {
             "required": True,
-            "content": {FORM_TYPE: {"schema": {"$ref": "#/components/schemas/score_file__Input"}}},
+            "content": {
+                FORM_TYPE: {"schema": form, "encoding": {FILE_FIELD: {"contentType": "text/csv"}}}
+            },
         }
         post["responses"] = {
             "200": post["responses"]["200"],
