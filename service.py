@@ -357,9 +357,11 @@ class Classifier:
         request body, or the features predict_image kept) and the answers of the response body.
         Never raises: a body it cannot read is one log line."""
         try:
-            answers = json.loads(b"".join(sample.response))
+            answers = sample.answers or json.loads(b"".join(sample.response))
             if path == "/predict":
-                rows = np.asarray(json.loads(b"".join(sample.request))["rows"], np.float64)
+                rows = sample.rows
+                if rows is None:  # BentoML's dispatch answered (batching on): parse the body
+                    rows = np.asarray(json.loads(b"".join(sample.request))["rows"], np.float64)
                 size = tuple(reversed(self.spec.get("image_shape") or (0, 0)))
                 sample.features = [self.row_features(row, size) for row in rows]
             labels = [a["label"] for a in answers]
@@ -558,16 +560,18 @@ SERVICE.mount_asgi_app(
 
 
 class Sample:
-    """What RequestLog keeps of a request it logs: the bodies, the status, and the features
-    when the endpoint computed them (predict_image)."""
+    """What RequestLog keeps of a request it logs: the bodies, the status, and what the endpoint
+    already has parsed (predict_image: the features; DirectPredict: the rows and answers)."""
 
-    __slots__ = ("features", "request", "response", "status")
+    __slots__ = ("answers", "features", "request", "response", "rows", "status")
 
     def __init__(self) -> None:
         self.request: list[bytes] = []
         self.response: list[bytes] = []
         self.status = 0
         self.features: list[dict[str, float]] = []
+        self.rows: np.ndarray | None = None  # DirectPredict's parsed rows and answers
+        self.answers: list[dict[str, Any]] | None = None
 
 
 SAMPLE: ContextVar[Sample | None] = ContextVar("mlops_sample", default=None)
@@ -752,12 +756,16 @@ class DirectPredict:
             await send_json(send, 400, error, self.server)
             return
         try:
-            predictions = service.infer(np.asarray(rows, dtype=np.float32))
+            x = np.asarray(rows, dtype=np.float32)
+            predictions = service.infer(x)
         except Exception:
             log.exception("Exception on /predict [POST]")
             error = {"error": "An unexpected error has occurred, please check the server log."}
             await send_json(send, 500, error, self.server)
             return
+        sample = SAMPLE.get()
+        if sample is not None:  # RequestLog logs this request: no need to parse the bodies again
+            sample.rows, sample.answers = np.asarray(rows, np.float64), predictions
         await send_json(send, 200, predictions, self.server)
 
 
@@ -1026,9 +1034,12 @@ def document_batch(doc: dict[str, Any]) -> None:
     )
     for path in (BATCH, f"{BATCH}/submit"):
         post = doc["paths"][path]["post"]
+        form = {"$ref": "#/components/schemas/score_file__Input"}
         post["requestBody"] = {
             "required": True,
-            "content": {FORM_TYPE: {"schema": {"$ref": "#/components/schemas/score_file__Input"}}},
+            "content": {
+                FORM_TYPE: {"schema": form, "encoding": {FILE_FIELD: {"contentType": "text/csv"}}}
+            },
         }
         post["responses"] = {
             "200": post["responses"]["200"],

@@ -2,6 +2,7 @@
 at params.yaml's default (0.1) beside the same service with logging off (0), side by side.
 
     python benchmarks/serve_logging.py [--seconds 5] [--rounds 3] [--model large] [--out F]
+    python benchmarks/serve_logging.py --in-process [--rounds 5]
 
 Both servers run at once on the same model (the tiny digits CNN, where a model call is ~10 us and
 the log's share is largest; `--model large`: benchmarks/model_speed.py's CNN, ~1.6 ms a call),
@@ -11,6 +12,11 @@ the machine's load falls on both); saturation = the best rate of each. Open loop
 (benchmarks/serve_openloop.py): both at half the logging-off saturation, alternating, for p50 and
 p99 at equal rate. Reports the ratios logging ÷ off for throughput, and off ÷ logging for p99
 (both >= 0.95 is the issue's goal), the load average, and what the log wrote (lines, bytes).
+
+`--in-process`: the CPU time per one-row /predict of the service in this process (BentoML's ASGI
+app under Starlette's test client, the writer thread included) with log_fraction 0, 0.1 and 1,
+interleaved `--rounds` times, 2,000 requests each: less sensitive to a busy machine than
+throughput, it shows what logging a request costs.
 """
 
 from __future__ import annotations
@@ -128,6 +134,42 @@ def run(work: Path, seconds: float, rounds: int, rate_seconds: float, model: str
     }
 
 
+def in_process(work: Path, rounds: int, requests: int = 2000) -> dict[str, Any]:
+    """CPU microseconds per /predict request (process time, all threads) by log fraction."""
+    from starlette.testclient import TestClient
+
+    from pipelines.prediction_log import PredictionLog
+    from tests.helpers.serving import tiny_bento_model
+
+    tag, _ = tiny_bento_model(work / "tiny")
+    os.environ["MLOPS_MODEL_TAG"] = tag
+    import service
+
+    body = json.dumps({"rows": [model_row(work / "tiny" / "model")]})
+    cpu: dict[float, list[float]] = {0.0: [], 0.1: [], 1.0: []}
+    with TestClient(service.SERVICE.to_asgi()) as client:
+        running = service.running_service()
+        for _ in range(rounds):
+            for fraction, figures in cpu.items():
+                running.prediction_log = PredictionLog(
+                    work / f"log{fraction}", fraction, 10 << 20, 5
+                )
+                for _ in range(200):  # warm
+                    client.post("/predict", content=body)
+                start = time.process_time()
+                for _ in range(requests):
+                    client.post("/predict", content=body)
+                running.prediction_log.close()
+                figures.append((time.process_time() - start) / requests * 1e6)
+    best = {fraction: min(figures) for fraction, figures in cpu.items()}
+    return {
+        "cpu_us_per_request": cpu,
+        "best_us": best,
+        "added_us_at": {f: best[f] - best[0.0] for f in (0.1, 1.0)},
+        "load_average": os.getloadavg(),
+    }
+
+
 def report(results: dict[str, Any]) -> None:
     sat, p50, p99 = results["saturation_rps"], results["p50_ms"], results["p99_ms"]
     fraction = results["log_fraction"]["logging"]
@@ -153,7 +195,19 @@ def main() -> None:
     parser.add_argument("--rate-seconds", type=float, default=10.0, help="per open-loop run")
     parser.add_argument("--model", choices=("digits", "large"), default="digits")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    parser.add_argument("--in-process", action="store_true", help="CPU per request, in-process")
     args = parser.parse_args()
+    if args.in_process:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ.update({"BENTOML_HOME": str(Path(tmp) / "bentoml"), "DO_NOT_TRACK": "true"})
+            figures = in_process(Path(tmp), args.rounds)
+        for fraction, runs in figures["cpu_us_per_request"].items():
+            print(f"log_fraction {fraction:g}: CPU us/request {[round(r) for r in runs]}")
+        print(f"added CPU per request (best of rounds): {figures['added_us_at']}")
+        print(f"load average: {figures['load_average']}")
+        if args.out:
+            args.out.write_text(json.dumps(figures, indent=2))
+        return
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
     with tempfile.TemporaryDirectory() as tmp:

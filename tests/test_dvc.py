@@ -88,6 +88,9 @@ def test_first_experiment_runs_every_stage_under_one_mlflow_parent(project: Path
         assert (project / "metrics" / f"{name}.json").is_file()
     assert (project / "reports" / "validate" / "index.html").is_file()
     assert (project / "plots" / "evaluate" / "confusion_matrix.png").is_file()
+    from pipelines.reference import load_reference  # select's reference profile (issue 16)
+
+    assert load_reference(project / "models" / "select" / "reference").rows > 0
     client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'test.db'}")
     runs = client.search_runs(client.get_experiment_by_name("digits").experiment_id)
     stages = [r for r in runs if "mlops.stage" in r.data.tags]

@@ -134,8 +134,9 @@ def test_registering_the_same_graph_again_changes_nothing(
 def test_the_golden_set_goes_with_the_model_and_package_requires_it(
     tmp_path: Path, registry: MlflowClient
 ) -> None:
-    """`select`'s golden.json is logged in the version's `model/` artifact; a champion registered
-    without one is refused by `package`, naming the version and the file."""
+    """`select`'s golden.json (and its reference profile) is logged in the version's `model/`
+    artifact; a champion registered without a golden set is refused by `package`, naming the
+    version and the file."""
     params = tiny_params(**{"evaluate.min_accuracy": 0.3})
     prepared, model = trained_model(tmp_path, params)
     export(params.export, model, prepared, tmp_path / "model.onnx")
@@ -157,9 +158,19 @@ def test_the_golden_set_goes_with_the_model_and_package_requires_it(
     assert golden.version != bare.version
     run_id = registry.get_model_version(name, golden.version).run_id
     listed = {f.path for f in registry.list_artifacts(run_id, "model")}
-    assert listed == {"model/model.onnx", "model/metadata.json", f"model/{GOLDEN}"}
+    assert listed == {
+        "model/model.onnx",
+        "model/metadata.json",
+        f"model/{GOLDEN}",
+        "model/reference",  # the reference profile (issue 16), next to the golden set
+    }
     fetched = registry.download_artifacts(run_id, f"model/{GOLDEN}", str(tmp_path))
     assert Path(fetched).read_bytes() == (out / GOLDEN).read_bytes()
+    profile = registry.list_artifacts(run_id, "model/reference")
+    assert {f.path for f in profile} == {
+        "model/reference/features.parquet",
+        "model/reference/reference.json",
+    }
 
 
 @pytest.fixture(autouse=True)

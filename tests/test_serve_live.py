@@ -349,8 +349,12 @@ def test_fuzzed_uploads_never_get_a_5xx(server: str, data: bytes, content_type: 
 
 
 @pytest.fixture(scope="module")
-def keyed_server(champion: Champion) -> Iterator[str]:
-    with live_service(champion.packaged.bento_tag, env={"MLOPS_API_KEY": "k3y"}) as url:
+def keyed_server(champion: Champion, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # Its own BentoML task store: the other server may still be running fuzzed batch tasks, and
+    # opening a store another process writes to can fail on SQLite's lock.
+    store = tmp_path_factory.mktemp("keyed") / "task_result.db"
+    env = {"MLOPS_API_KEY": "k3y", "BENTOML_RESULT_STORE": str(store)}
+    with live_service(champion.packaged.bento_tag, env=env) as url:
         yield url
 
 
