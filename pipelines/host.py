@@ -118,12 +118,14 @@ class PrometheusSource:
 @dataclass
 class HostStats:
     """What the gate did: pauses (times training entered a pause), seconds it spent blocked,
-    seconds throttled, and the share over time [(seconds since start, share 0..1)]."""
+    seconds throttled, the share over time [(seconds since start, share 0..1)], and when the
+    loop blocked (the gate's clock, time.monotonic by default: for breach-to-pause delays)."""
 
     pauses: int = 0
     paused_seconds: float = 0.0
     throttled_seconds: float = 0.0
     share: list[tuple[float, float]] = field(default_factory=list)
+    blocked_at: list[float] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         """Summary figures for MLflow: host.pauses, host.paused_seconds, host.throttled_seconds."""
@@ -212,6 +214,7 @@ class TrainingGate:
         with self._cond:
             if self._mode == Mode.PAUSED and self._stop is None:
                 blocked = self.clock()
+                self.stats.blocked_at.append(blocked)
                 while self._mode == Mode.PAUSED and self._stop is None:
                     self._cond.wait(timeout=0.1)
                 self.stats.paused_seconds += self.clock() - blocked
@@ -282,6 +285,8 @@ class Controller:
         self.calm_since: float | None = None  # when the figures went below resume_below
         self.source_failed = False
         self.reason = "start"
+        # Each change: (the controller's clock, the new mode, its cause), as logged.
+        self.decisions: list[tuple[float, Mode, str]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -304,6 +309,7 @@ class Controller:
         if mode != self.gate.mode:
             cause = self.reason if self.hold <= window else "outside host.windows"
             log.info("host: training %s (%s)", WORDS[mode], cause)
+            self.decisions.append((self.clock(), mode, cause))
         self.gate.set_mode(mode)
         return mode
 
