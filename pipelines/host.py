@@ -284,6 +284,7 @@ class Controller:
         self.hold = Mode.FULL  # the SLO's limit
         self.calm_since: float | None = None  # when the figures went below resume_below
         self.source_failed = False
+        self.window = Mode.FULL  # the window's mode at the previous step
         self.reason = "start"
         # Each change: (the controller's clock, the new mode, its cause), as logged.
         self.decisions: list[tuple[float, Mode, str]] = []
@@ -307,10 +308,13 @@ class Controller:
         window = self.window_mode()
         mode = min(window, self.hold)
         if mode != self.gate.mode:
-            cause = self.reason if self.hold <= window else "outside host.windows"
+            cause = self.reason
+            if window != self.window:  # the window opened or closed
+                cause = "inside host.windows" if window == Mode.FULL else "outside host.windows"
             log.info("host: training %s (%s)", WORDS[mode], cause)
             self.decisions.append((self.clock(), mode, cause))
         self.gate.set_mode(mode)
+        self.window = window
         return mode
 
     def _failed(self, error: str) -> None:

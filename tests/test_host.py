@@ -247,6 +247,9 @@ def test_outside_its_window_training_waits_or_is_throttled(outside: str, mode: M
     at["now"] = datetime(2026, 6, 1, 21, 30, tzinfo=UTC)  # 23:30 in Berlin: inside
     assert c.step(ok()) == Mode.FULL
     assert c.step(ok(SLO_MS * 2)) == Mode.PAUSED  # inside its window the SLO still rules
+    causes = [cause for _, _, cause in c.decisions]
+    assert causes[:2] == ["outside host.windows", "inside host.windows"]
+    assert "over the SLO" in causes[2]
 
 
 def test_windows_wrap_midnight_and_are_read_in_their_time_zone() -> None:
