@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 
+from pipelines.artifacts import read_json
 from pipelines.config import HostConfig
 from pipelines.errors import ParamsError
 from pipelines.host import (
@@ -709,3 +710,43 @@ def test_a_throttled_gate_sleeps_for_its_duty_cycle(monkeypatch: pytest.MonkeyPa
     gate.boundary()
     assert slept == [pytest.approx(0.2)]
     assert gate.share(Mode.THROTTLED) == 0.5
+
+
+def test_a_stopped_tune_trial_is_no_failure_and_the_rerun_replaces_it(
+    tmp_path: Path, prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """StopRequested passes through Optuna's caught trial errors (a BaseException): the stage
+    stops; the next run marks the stopped trial failed (stale heartbeat) and runs the budget."""
+    import optuna
+    from optuna.trial import TrialState
+
+    import pipelines.train
+    from pipelines.config import section_dict, validate_params
+    from pipelines.tune import study_name, tune
+
+    raw = section_dict(tiny_params(train__epochs=2, train__patience=10, train__num_workers=0))
+    raw["tune"].update(
+        enabled=True,
+        trials=2,
+        workers=1,
+        heartbeat_s=1,
+        storage=f"sqlite:///{tmp_path / 'study.db'}",
+        space={"train.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}},
+    )
+    params = validate_params(raw)
+    real_train = pipelines.train.train
+
+    def stopped(*args: Any, **kwargs: Any) -> Any:
+        raise StopRequested("SIGTERM")
+
+    monkeypatch.setattr(pipelines.train, "train", stopped)
+    with pytest.raises(StopRequested):
+        tune(params, prepared, tmp_path)
+    name = study_name(params, read_json(prepared / "manifest.json")["content_hash"])
+    study = optuna.load_study(study_name=name, storage=params.tune.storage)
+    assert [t.state for t in study.trials] == [TrialState.RUNNING]
+
+    monkeypatch.setattr(pipelines.train, "train", real_train)
+    time.sleep(2.5)  # the stopped trial's heartbeat (1 s) is stale after 2 s
+    _, metrics = tune(params, prepared, tmp_path)
+    assert (metrics["trials_complete"], metrics["trials_failed"]) == (2, 1)
