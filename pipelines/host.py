@@ -442,10 +442,13 @@ def apply_quota(cfg: HostConfig) -> list[str]:
 def _ionice(process: Any, kind: str) -> str:
     import psutil
 
-    if kind == "idle":
-        process.ionice(psutil.IOPRIO_CLASS_IDLE)
-    else:
-        process.ionice(psutil.IOPRIO_CLASS_BE, value=7)
+    try:
+        if kind == "idle":
+            process.ionice(psutil.IOPRIO_CLASS_IDLE)
+        else:
+            process.ionice(psutil.IOPRIO_CLASS_BE, value=7)
+    except (psutil.Error, OSError) as exc:  # e.g. a container without the capability
+        return f"host: cannot set the I/O priority here ({exc}): host.training.ionice ignored"
     return f"host: training I/O priority {kind}"
 
 
