@@ -549,13 +549,18 @@ class OrchestrationConfig(Section):
     @field_validator("timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+        return known_zone(value)
 
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (an IANA name, e.g. UTC)") from None
-        return value
+
+def known_zone(value: str) -> str:
+    """`value` if it is an IANA time zone name; ValueError naming it otherwise."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (an IANA name, e.g. UTC)") from None
+    return value
 
 
 class PackageConfig(Section):
@@ -606,6 +611,85 @@ class DeployConfig(Section):
     drain_timeout_s: float = Field(gt=0, le=3600)  # old version: wait for in-flight requests
 
 
+Core = Annotated[int, Field(ge=0, le=4095)]  # a CPU number, as os.sched_setaffinity takes it
+WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+
+
+def _window(value: str) -> str:
+    if not WINDOW.match(value) or value[:5] == value[6:]:
+        raise ValueError(f"{value!r} is not a window; expected HH:MM-HH:MM (e.g. 22:00-06:00)")
+    return value
+
+
+Window = Annotated[str, AfterValidator(_window)]
+
+
+class TrainingShare(Section):
+    """What training may use in shared mode (pipelines/host.py applies it to the training
+    process): its cores, torch threads at full and at throttled share, CPU and I/O priority,
+    its cgroup v2 weights (where writable) and on CUDA its GPU memory fraction."""
+
+    cpus: list[Core] | None  # affinity; None: every core not in host.service.cpus
+    threads: int = Field(ge=1, le=MAX_PROCESSES)  # torch threads at full share
+    throttled_threads: int = Field(ge=1, le=MAX_PROCESSES)  # torch threads when throttled
+    # Throttled: the share of wall time training steps (sleeps after a step for the rest).
+    throttled_duty: float = Field(gt=0, le=1)
+    nice: int = Field(ge=0, le=19)  # added niceness (0: unchanged)
+    ionice: Literal["idle", "best-effort", "none"]
+    cpu_weight: int = Field(ge=1, le=10_000)  # cgroup v2 cpu.weight (the service's: 100)
+    io_weight: int = Field(ge=1, le=10_000)  # cgroup v2 io.weight
+    gpu_memory_fraction: float = Field(gt=0, le=1)  # torch.cuda.set_per_process_memory_fraction
+
+
+class ServiceReserve(Section):
+    """What is kept for the service: training never gets these cores."""
+
+    cpus: list[Core]
+    memory_mib: int = Field(ge=0, le=16_777_216)  # checked against free memory at start (warns)
+
+
+class Slo(Section):
+    """The local service's objective, read from its Prometheus /metrics every host.poll_ms."""
+
+    metrics_url: str = Field(pattern=r"^https?://")
+    p99_ms: float = Field(gt=0, le=600_000)  # p99 latency over the last poll window
+    max_in_flight: int = Field(ge=1, le=MAX_COUNT)  # bentoml_service_request_in_progress
+
+
+class HostConfig(Section):
+    """One host for training and serving (pipelines/host.py). dedicated: training runs as if
+    alone (nothing below applies). shared: training gets `training`'s share, pauses at its next
+    optimizer step when the service is over its `slo`, and resumes once both figures stayed below
+    `resume_below` x the SLO for `resume_after_s`; outside `windows` it waits or is throttled."""
+
+    mode: Literal["dedicated", "shared"]
+    training: TrainingShare
+    service: ServiceReserve
+    slo: Slo
+    on_breach: Literal["pause", "throttle"]  # what an SLO breach does to training
+    poll_ms: int = Field(ge=10, le=3_600_000)
+    resume_below: float = Field(gt=0, lt=1)
+    resume_after_s: float = Field(ge=0, le=86_400)
+    windows: list[Window]  # off-peak hours (HH:MM-HH:MM, may wrap midnight); [] = always
+    timezone: str = Field(min_length=1)
+    outside_window: Literal["wait", "throttle"]
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        return known_zone(value)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> HostConfig:
+        shared = set(self.training.cpus or ()) & set(self.service.cpus)
+        if shared:
+            cores = ", ".join(map(str, sorted(shared)))
+            raise ValueError(f"training.cpus: cores {cores} are reserved for the service")
+        if self.training.throttled_threads > self.training.threads:
+            raise ValueError("training.throttled_threads: more than training.threads")
+        return self
+
+
 class RunOverrides(Section):
     """The values users change between runs (the Prefect UI's form); None keeps params.yaml's."""
 
@@ -646,6 +730,7 @@ class Params(Section):
     package: PackageConfig
     serve: ServeConfig
     deploy: DeployConfig
+    host: HostConfig
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

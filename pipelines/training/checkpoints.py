@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from pipelines.errors import CheckpointError
 from pipelines.models import cpu_copy, read_torch, save_torch
 from pipelines.training.distributed import world
-from pipelines.training.loop import Loop, State
+from pipelines.training.loop import EpochProgress, Loop, State
 
 CHECKPOINT_FORMAT = "mlops-train-checkpoint/2"  # torch.save of a plain dict
 CHECKPOINT_FILE = re.compile(r"epoch-(\d+)\.ckpt")  # one per epoch; the newest two are kept
@@ -53,7 +54,9 @@ def shared_start(
         found = sent[0]
     state = State() if found is None else restore(loop, found[1])
     if found is not None and owner is not None:
-        log.info("train: resuming from epoch %d of %s", state.epoch, found[0])
+        done = state.progress
+        steps = f", step {done.steps} of epoch {state.epoch + 1}" if done else ""
+        log.info("train: resuming from epoch %d%s of %s", state.epoch, steps, found[0])
     if place.size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -133,7 +136,9 @@ def usable_checkpoint(
 def checkpoint(
     loop: Loop, state: State, args: dict[str, Any], fp: str, finished: bool
 ) -> dict[str, Any]:
-    """Everything needed to continue the run exactly; `finished` marks its last epoch."""
+    """Everything needed to continue the run exactly; `finished` marks its last epoch. Saved
+    mid-epoch (a stop at a step boundary), it also holds the epoch's progress."""
+    same_weights = state.best_epoch == state.epoch and state.progress is None
     return {
         "format": CHECKPOINT_FORMAT,
         "fingerprint": fp,
@@ -151,8 +156,10 @@ def checkpoint(
             "stopped_early": state.stopped_early,
         },
         # None: the best weights are this epoch's (most epochs improve: one copy less to write).
-        "best_weights": None if state.best_epoch == state.epoch else state.best_weights,
+        "best_weights": None if same_weights else state.best_weights,
         "history": state.history,
+        # A run stopped inside epoch `epoch + 1`: how far it got (`EpochProgress`); else None.
+        "progress": None if state.progress is None else asdict(state.progress),
     }
 
 
@@ -181,6 +188,7 @@ def restore(loop: Loop, content: dict[str, Any]) -> State:
         stopped_early=stopping["stopped_early"],
         best_weights=content["best_weights"] or cpu_copy(content["model"]),
         history=content["history"],
+        progress=EpochProgress(**progress) if (progress := content.get("progress")) else None,
     )
 
 

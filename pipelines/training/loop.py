@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from pipelines.config import TrainConfig
 from pipelines.errors import PipelineError
+from pipelines.host import StopRequested, TrainingGate
 from pipelines.models import cpu_copy, load_weights, rebuild
 from pipelines.training.data import Data
 from pipelines.training.distributed import global_mean, world
@@ -55,6 +56,22 @@ class Loop:
     bf16: bool
     loss: LossFn = cross_entropy
     ddp: nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
+    # Honoured after every optimizer step (pipelines/host.py): pauses, thread changes, stops.
+    gate: TrainingGate | None = None
+
+
+@dataclass
+class EpochProgress:
+    """How far a run got into an epoch it was stopped in (`StopRequested`): the shuffle
+    generator's state at the epoch's start (a resumed run draws the same permutation and skips
+    the batches done), optimizer steps done, the training loss summed over their rows, those
+    rows, and the seconds spent."""
+
+    shuffle: torch.Tensor
+    steps: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    seconds: float = 0.0
 
 
 @dataclass
@@ -68,6 +85,7 @@ class State:
     stopped_early: bool = False
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    progress: EpochProgress | None = None  # set while an epoch runs (and in a mid-epoch checkpoint)
 
     def finished(self, epochs: int) -> bool:
         return self.stopped_early or self.epoch >= epochs
@@ -124,11 +142,13 @@ class ShuffledBatches(Sampler[torch.Tensor]):
     ) -> None:
         self.size, self.batch_size, self.generator = size, batch_size, generator
         self.rank, self.ranks = rank, ranks
+        self.skip = 0  # batches of the next epoch already trained on (a mid-epoch resume)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         # A generator: the permutation is drawn at the first batch, not when DataLoader calls
         # iter() (it does so twice when starting worker processes; an eager draw would skip one).
         batches = torch.randperm(self.size, generator=self.generator).split(self.batch_size)
+        batches, self.skip = batches[self.skip :], 0
         if self.ranks == 1:
             yield from batches
             return
@@ -174,19 +194,32 @@ def fit(
     save: Callable[[], None],
     on_epoch: OnEpoch | None,
 ) -> None:
-    """Epochs until the configured count or early stopping; `save` after each."""
+    """Epochs until the configured count or early stopping; `save` after each. A stop asked
+    through the loop's gate (`StopRequested`, e.g. SIGTERM) is honoured at the next optimizer
+    step: `save` writes a mid-epoch checkpoint (`State.progress`), then it is raised again."""
     loader = make_loader(data, cfg, loop)
     val = (data.x_val.to(loop.device), data.y_val.to(loop.device))
     progress = Progress(cfg.epochs, state.epoch, quiet=world().rank != 0)
     try:
         while not state.finished(cfg.epochs):
-            row = run_epoch(loop, loader, val, cfg)
+            row = run_epoch(loop, loader, val, cfg, state)
             check_finite(row, state.epoch + 1)  # before the epoch is recorded or checkpointed
             record(state, row, loop, cfg)
             save()
             progress.update(state.epoch, row)
             if on_epoch is not None:
                 on_epoch(state.epoch, row)
+    except StopRequested as stop:
+        save()
+        done = state.progress.steps if state.progress else 0
+        log.info(
+            "train: stopped (%s) in epoch %d after %d optimizer steps; checkpoint saved, the "
+            "next run resumes from it",
+            stop,
+            state.epoch + 1,
+            done,
+        )
+        raise
     finally:
         progress.close()
     if state.stopped_early:
@@ -200,12 +233,29 @@ def fit(
 
 
 def run_epoch(
-    loop: Loop, loader: DataLoader[Any], val: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig
+    loop: Loop,
+    loader: DataLoader[Any],
+    val: tuple[torch.Tensor, torch.Tensor],
+    cfg: TrainConfig,
+    state: State,
 ) -> dict[str, float]:
-    """Train one epoch, step the schedule, validate: the epoch's history row."""
+    """Train one epoch (or its rest, after a mid-epoch resume: `state.progress`), step the
+    schedule, validate: the epoch's history row."""
     start = time.perf_counter()
+    progress = state.progress or EpochProgress(loop.shuffle.get_state())
+    if progress.steps:  # the same permutation as before the stop, less the batches done
+        loop.shuffle.set_state(progress.shuffle)
+        sampler = loader.sampler
+        if isinstance(sampler, ShuffledBatches):
+            sampler.skip = progress.steps
+    state.progress = progress
     lr = float(loop.optimizer.param_groups[0]["lr"])
-    train_loss = train_epoch(loop, loader)
+    try:
+        train_loss = train_epoch(loop, loader, progress)
+    except StopRequested:
+        progress.seconds += time.perf_counter() - start
+        raise
+    state.progress = None
     loop.scheduler.step()
     val_loss, val_accuracy = evaluate(loop, *val, cfg.batch_size)
     return {
@@ -213,17 +263,19 @@ def run_epoch(
         "val_loss": val_loss,
         "val_accuracy": val_accuracy,
         "lr": lr,
-        "seconds": time.perf_counter() - start,
+        "seconds": progress.seconds + time.perf_counter() - start,
     }
 
 
-def train_epoch(loop: Loop, loader: DataLoader[Any]) -> float:
-    """One pass over the loader; the loss is summed on the device and read once at the end
-    (under torchrun: summed over every rank)."""
+def train_epoch(loop: Loop, loader: DataLoader[Any], progress: EpochProgress) -> float:
+    """One pass over the loader (the rest of it after a mid-epoch resume); the loss is summed on
+    the device and read once at the end (under torchrun: summed over every rank). After every
+    optimizer step the loop's gate may block (paused) or raise StopRequested; `progress` then
+    holds the steps, loss and rows so far."""
     loop.model.train()
     model = loop.model if loop.ddp is None else loop.ddp  # DDP averages the gradients
-    total = torch.zeros((), device=loop.device)
-    seen = 0
+    total = torch.full((), progress.loss_sum, device=loop.device)
+    seen = progress.seen
     for x_host, y_host in loader:
         xb = x_host.to(loop.device, non_blocking=True)
         yb = y_host.to(loop.device, non_blocking=True)
@@ -234,6 +286,13 @@ def train_epoch(loop: Loop, loader: DataLoader[Any]) -> float:
         loop.optimizer.step()
         total.add_(loss.detach(), alpha=len(yb))
         seen += len(yb)
+        progress.steps += 1
+        if loop.gate is not None:
+            try:
+                loop.gate.boundary()
+            except StopRequested:
+                progress.loss_sum, progress.seen = total.item(), seen
+                raise
     if loop.ddp is not None:
         return global_mean(total, seen)
     return total.item() / seen

@@ -1,0 +1,520 @@
+"""One host for training and serving: training's share, inference first, off-peak windows.
+
+`params.yaml`'s `host` section (`HostConfig`). In `dedicated` mode training runs as if alone:
+`shared_host` only turns SIGTERM into a clean stop (a checkpoint at the next optimizer step).
+In `shared` mode it also
+
+- applies training's share to this process (`apply_quota`: CPU affinity, nice, ionice via
+  psutil; a cgroup v2 of its own with `cpu.weight` / `io.weight` where writable, else says so
+  once; on CUDA the GPU memory fraction), and torch's thread count through the gate;
+- starts a `Controller` thread that reads the local service's figures (`PrometheusSource`:
+  p99 latency over the last poll and requests in flight, from BentoML's `/metrics`) every
+  `host.poll_ms` and drives the `TrainingGate` with hysteresis: over the SLO training pauses (or
+  is throttled, `host.on_breach`); it runs again once both figures stayed below `resume_below`
+  x the SLO for `resume_after_s`. A source that cannot be read throttles training (fails safe)
+  and logs one error line until it answers again. Outside `host.windows` training waits or is
+  throttled (`host.outside_window`).
+
+The train loop calls `TrainingGate.boundary()` after every optimizer step: it blocks while
+paused (the process, its memory and its CUDA context stay), applies a thread change, sleeps for
+a throttled duty cycle, and raises `StopRequested` once a stop was asked (SIGTERM), so the loop
+saves a checkpoint and the stage exits. Every decision is logged with the figure that caused it
+(logger `pipelines.host`: lines in the stage log, so in the Prefect run) and counted
+(`HostStats`: pauses, paused seconds, the share over time; the train stage logs them to MLflow).
+
+No Prefect here: the pause is a plain mechanism the loop honours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipelines.config import HostConfig, ServiceReserve, TrainingShare
+from pipelines.errors import ParamsError
+
+log = logging.getLogger("pipelines.host")
+STOP_SIGNALS = (signal.SIGTERM,)  # what `shared_host` turns into a clean stop
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_NAME = "mlops-training"  # training's own cgroup v2, under this process's
+
+
+class Mode(enum.IntEnum):
+    """How much training may run; ordered, so `min` is the stricter of two."""
+
+    PAUSED = 0
+    THROTTLED = 1
+    FULL = 2
+
+
+class StopRequested(Exception):
+    """Raised by `TrainingGate.boundary` once a stop was asked (SIGTERM): the loop saves a
+    checkpoint at this step boundary and the stage exits; the next run resumes from it."""
+
+
+class SourceError(Exception):
+    """The service's figures cannot be read (endpoint gone, timeout, not Prometheus text)."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    """The service's figures over the last poll: p99 latency (ms; NaN when no request ended in
+    the window) and requests in flight (BentoML's gauge, summed over endpoints)."""
+
+    p99_ms: float
+    in_flight: float
+
+
+class MetricsSource(Protocol):
+    """Anything with `read() -> Reading` (raises SourceError when it cannot)."""
+
+    def read(self) -> Reading: ...
+
+
+class PrometheusSource:
+    """The local service's `/metrics` (BentoML 1.4): p99 of
+    `bentoml_service_request_duration_seconds` over the window since the previous read (delta
+    of the cumulative histograms; the first read only sets the baseline: NaN) and
+    `bentoml_service_request_in_progress`, of the prediction endpoints, parsed with
+    prometheus_client's parser (`inference.metrics`)."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.url, self.timeout_s = url, timeout_s
+        self._previous: Any = None
+
+    def read(self) -> Reading:
+        import httpx
+
+        from inference import metrics
+
+        try:
+            answer = httpx.get(self.url, timeout=self.timeout_s)
+            answer.raise_for_status()
+            scrape = metrics.parse(answer.text)
+        except (httpx.HTTPError, ValueError) as exc:
+            raise SourceError(f"{self.url}: {exc or type(exc).__name__}") from None
+        before, self._previous = self._previous, scrape
+        p99_s = math.nan if before is None else metrics.window(before, scrape).p99_s
+        return Reading(p99_s * 1000.0, scrape.in_progress)
+
+
+@dataclass
+class HostStats:
+    """What the gate did: pauses (times training entered a pause), seconds it spent blocked,
+    seconds throttled, and the share over time [(seconds since start, share 0..1)]."""
+
+    pauses: int = 0
+    paused_seconds: float = 0.0
+    throttled_seconds: float = 0.0
+    share: list[tuple[float, float]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """Summary figures for MLflow: host.pauses, host.paused_seconds, host.throttled_seconds."""
+        return {
+            "host.pauses": float(self.pauses),
+            "host.paused_seconds": self.paused_seconds,
+            "host.throttled_seconds": self.throttled_seconds,
+        }
+
+
+class TrainingGate:
+    """The pause mechanism the train loop honours at every optimizer-step boundary.
+
+    `threads` = (full, throttled) torch thread counts, or None to leave torch's alone (dedicated
+    mode); `duty` = the share of wall time a throttled run steps (1: no sleeping). The
+    controller calls `set_mode`; a signal handler calls `request_stop`; the loop calls
+    `boundary`. Thread-safe."""
+
+    def __init__(
+        self,
+        threads: tuple[int, int] | None = None,
+        duty: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.threads, self.duty, self.clock = threads, duty, clock
+        self.stats = HostStats()
+        self._cond = threading.Condition()
+        self._mode = Mode.FULL
+        self._stop: str | None = None
+        self._applied: int | None = None  # torch threads set by the loop's thread
+        self._start = clock()
+        self._since = self._start  # when the current mode began
+        self._last_step = self._start
+        self.stats.share.append((0.0, self.share(Mode.FULL)))
+
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why a stop was asked (e.g. "SIGTERM"), or None."""
+        return self._stop
+
+    def share(self, mode: Mode) -> float:
+        """Training's share of its full speed in `mode`: 1, 0, or throttled threads / full
+        threads x duty."""
+        if mode == Mode.PAUSED:
+            return 0.0
+        if mode == Mode.FULL:
+            return 1.0
+        full, throttled = self.threads or (1, 1)
+        return throttled / full * self.duty
+
+    def set_mode(self, mode: Mode) -> None:
+        """Set by the controller; a pause takes effect at the loop's next `boundary`."""
+        with self._cond:
+            if mode == self._mode:
+                return
+            now = self.clock()
+            if self._mode == Mode.THROTTLED:
+                self.stats.throttled_seconds += now - self._since
+            if mode == Mode.PAUSED:
+                self.stats.pauses += 1
+            self._mode, self._since = mode, now
+            self.stats.share.append((now - self._start, self.share(mode)))
+            self._cond.notify_all()
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to stop at its next boundary (wakes a paused loop); safe in a signal
+        handler."""
+        self._stop = reason
+        with contextlib.suppress(RuntimeError):  # a handler that interrupted a holder of _cond
+            if self._cond.acquire(blocking=False):
+                try:
+                    self._cond.notify_all()
+                finally:
+                    self._cond.release()
+
+    def boundary(self) -> None:
+        """Called by the loop after every optimizer step: raises StopRequested when a stop was
+        asked; blocks while paused (polled every 0.1 s, so a stop still gets through); applies
+        the mode's torch thread count; sleeps for a throttled duty cycle."""
+        with self._cond:
+            if self._mode == Mode.PAUSED and self._stop is None:
+                blocked = self.clock()
+                while self._mode == Mode.PAUSED and self._stop is None:
+                    self._cond.wait(timeout=0.1)
+                self.stats.paused_seconds += self.clock() - blocked
+            mode = self._mode
+        if self._stop is not None:
+            raise StopRequested(self._stop)
+        self._apply_threads(mode)
+        now = self.clock()
+        if mode == Mode.THROTTLED and self.duty < 1.0:
+            time.sleep((now - self._last_step) * (1.0 - self.duty) / self.duty)
+        self._last_step = self.clock()
+
+    def _apply_threads(self, mode: Mode) -> None:
+        if self.threads is None:
+            return
+        wanted = self.threads[1] if mode == Mode.THROTTLED else self.threads[0]
+        if wanted != self._applied:
+            import torch
+
+            torch.set_num_threads(wanted)
+            self._applied = wanted
+
+    def close(self) -> None:
+        """Count the time of the current mode (throttled seconds) up to now."""
+        with self._cond:
+            if self._mode == Mode.THROTTLED:
+                self.stats.throttled_seconds += self.clock() - self._since
+                self._since = self.clock()
+
+
+def in_window(windows: list[str], timezone: str, now: datetime | None = None) -> bool:
+    """Whether `now` (default: the current time) lies in one of `windows` ("HH:MM-HH:MM" in
+    `timezone`; a window whose end is before its start wraps midnight). No windows: always."""
+    from zoneinfo import ZoneInfo
+
+    if not windows:
+        return True
+    local = (now or datetime.now(ZoneInfo(timezone))).astimezone(ZoneInfo(timezone))
+    minute = local.hour * 60 + local.minute
+    for window in windows:
+        start = int(window[0:2]) * 60 + int(window[3:5])
+        end = int(window[6:8]) * 60 + int(window[9:11])
+        inside = start <= minute < end if start < end else minute >= start or minute < end
+        if inside:
+            return True
+    return False
+
+
+class Controller:
+    """Reads `source` every `cfg.poll_ms` in a thread of its own and drives `gate`.
+
+    `step(reading | error, now)` is one decision (pure but for the gate and the log; tests call
+    it directly with a scripted source): the stricter of the window's mode and the SLO's hold.
+    Over the SLO the hold becomes `on_breach` at once; it is released only after both figures
+    stayed below `resume_below` x the SLO for `resume_after_s`. A read that fails holds at
+    throttled (at least) and logs one error line until a read succeeds."""
+
+    def __init__(
+        self,
+        cfg: HostConfig,
+        gate: TrainingGate,
+        source: MetricsSource,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.cfg, self.gate, self.source, self.clock = cfg, gate, source, clock
+        self.now = now
+        self.hold = Mode.FULL  # the SLO's limit
+        self.calm_since: float | None = None  # when the figures went below resume_below
+        self.source_failed = False
+        self.reason = "start"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def window_mode(self) -> Mode:
+        """FULL inside the windows; outside, PAUSED (`wait`) or THROTTLED (`throttle`)."""
+        now = self.now() if self.now else None
+        if in_window(self.cfg.windows, self.cfg.timezone, now):
+            return Mode.FULL
+        return Mode.PAUSED if self.cfg.outside_window == "wait" else Mode.THROTTLED
+
+    def step(self, reading: Reading | None, error: str | None = None) -> Mode:
+        """One decision from one read (`reading`, or `error` when the read failed): sets the
+        gate's mode, logs a change with its cause, returns the mode."""
+        if reading is None:
+            self._failed(error or "no reading")
+        else:
+            self._judge(reading)
+        window = self.window_mode()
+        mode = min(window, self.hold)
+        if mode != self.gate.mode:
+            cause = self.reason if self.hold <= window else "outside host.windows"
+            log.info("host: training %s (%s)", mode.name.lower(), cause)
+        self.gate.set_mode(mode)
+        return mode
+
+    def _failed(self, error: str) -> None:
+        if not self.source_failed:
+            log.error(
+                "host: cannot read the service's metrics (%s); training throttled until they "
+                "answer",
+                error,
+            )
+        self.source_failed, self.calm_since = True, None
+        self.hold = min(self.hold, Mode.THROTTLED)
+        self.reason = "metrics source unreadable"
+
+    def _judge(self, reading: Reading) -> None:
+        if self.source_failed:
+            log.info("host: the service's metrics answer again")
+            self.source_failed = False
+        slo = self.cfg.slo
+        figures = f"p99 {reading.p99_ms:.1f} ms, in flight {reading.in_flight:g}"
+        over = reading.p99_ms > slo.p99_ms or reading.in_flight > slo.max_in_flight
+        if over:
+            breach = Mode.PAUSED if self.cfg.on_breach == "pause" else Mode.THROTTLED
+            self.hold = min(self.hold, breach)
+            self.calm_since = None
+            self.reason = f"{figures} over the SLO (p99 {slo.p99_ms:g} ms, {slo.max_in_flight})"
+            return
+        if self.hold == Mode.FULL:
+            return
+        factor = self.cfg.resume_below
+        calm = not reading.p99_ms > factor * slo.p99_ms and reading.in_flight <= (
+            factor * slo.max_in_flight
+        )
+        if not calm:
+            self.calm_since = None
+            return
+        now = self.clock()
+        self.calm_since = now if self.calm_since is None else self.calm_since
+        if now - self.calm_since >= self.cfg.resume_after_s:
+            self.hold, self.calm_since = Mode.FULL, None
+            self.reason = f"{figures} below {factor:g} x the SLO for {self.cfg.resume_after_s:g} s"
+
+    def poll_once(self) -> Mode:
+        """Read the source once and decide."""
+        try:
+            reading = self.source.read()
+        except SourceError as exc:
+            return self.step(None, str(exc))
+        return self.step(reading)
+
+    def start(self) -> None:
+        """Decide once now (a run outside its window waits from its first step), then every
+        poll in a daemon thread until `stop`."""
+        self.poll_once()
+        self._thread = threading.Thread(target=self._run, name="host-controller", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = self.cfg.poll_ms / 1000.0
+        while not self._stop.wait(interval):
+            try:
+                self.poll_once()
+            except Exception:  # a controller bug must not kill training: throttle, say so
+                log.exception("host: controller error; training throttled")
+                self.gate.set_mode(min(self.gate.mode, Mode.THROTTLED))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def training_cpus(share: TrainingShare, service: ServiceReserve) -> list[int]:
+    """The cores training may use: `share.cpus`, or every core this process may use that is
+    not reserved for the service. Raises ParamsError naming the key when none is left or a core
+    is not on this host."""
+    available = sorted(os.sched_getaffinity(0))
+    if share.cpus is not None:
+        missing = [c for c in share.cpus if c not in available]
+        if missing:
+            raise ParamsError(
+                f"host.training.cpus: cores {', '.join(map(str, missing))} are not available "
+                f"here (this process may use {', '.join(map(str, available))})"
+            )
+        return sorted(share.cpus)
+    cpus = [c for c in available if c not in service.cpus]
+    if not cpus:
+        raise ParamsError(
+            f"host.service.cpus: reserves every core this process may use "
+            f"({', '.join(map(str, available))}); leave training at least one"
+        )
+    return cpus
+
+
+def apply_quota(cfg: HostConfig) -> list[str]:
+    """Put this process (training) on its share: affinity, nice, ionice, a cgroup v2 of its own
+    where writable, the CUDA memory fraction; warn when less memory is free than the service's
+    reserve. Returns the lines it logged (one per control). Call it once, in the training
+    process, before the data loader starts its workers (they inherit it)."""
+    import psutil
+
+    process = psutil.Process()
+    share = cfg.training
+    cpus = training_cpus(share, cfg.service)
+    process.cpu_affinity(cpus)
+    lines = [f"host: training on cores {', '.join(map(str, cpus))}"]
+    if share.nice:
+        process.nice(min(19, process.nice() + share.nice))
+        lines.append(f"host: training niceness {process.nice()}")
+    if share.ionice != "none":
+        lines.append(_ionice(process, share.ionice))
+    lines.append(join_cgroup(share))
+    lines += _memory_lines(cfg.service, psutil.virtual_memory().available)
+    lines += _gpu_lines(share)
+    for line in lines:
+        log.info("%s", line)
+    return lines
+
+
+def _ionice(process: Any, kind: str) -> str:
+    import psutil
+
+    if kind == "idle":
+        process.ionice(psutil.IOPRIO_CLASS_IDLE)
+    else:
+        process.ionice(psutil.IOPRIO_CLASS_BE, value=7)
+    return f"host: training I/O priority {kind}"
+
+
+def join_cgroup(share: TrainingShare, root: Path = CGROUP_ROOT) -> str:
+    """Move this process into a cgroup v2 of its own (`mlops-training` under its current one)
+    with `cpu.weight` and `io.weight`; where cgroup v2 is absent or not writable, say so (the
+    per-process controls still apply). Returns the line to log."""
+    if not (root / "cgroup.controllers").exists():
+        return "host: no cgroup v2 here (cgroup v1 or none): per-process controls only"
+    try:
+        own = Path("/proc/self/cgroup").read_text().splitlines()[0].split("::", 1)[1]
+        group = root / own.lstrip("/") / CGROUP_NAME
+        group.mkdir(exist_ok=True)
+        for name, value in (("cpu.weight", share.cpu_weight), ("io.weight", share.io_weight)):
+            if (group / name).exists():
+                (group / name).write_text(f"{value}\n")
+        (group / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    except (OSError, IndexError) as exc:
+        return f"host: cgroup v2 not writable here ({exc}): per-process controls only"
+    return f"host: training in cgroup {group} (cpu.weight {share.cpu_weight})"
+
+
+def _memory_lines(service: ServiceReserve, available: int) -> list[str]:
+    if available < service.memory_mib * 2**20:
+        return [
+            f"host: only {available / 2**20:.0f} MiB free, less than host.service.memory_mib "
+            f"{service.memory_mib} kept for the service"
+        ]
+    return []
+
+
+def _gpu_lines(share: TrainingShare) -> list[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    torch.cuda.set_per_process_memory_fraction(share.gpu_memory_fraction)
+    return [f"host: training may use {share.gpu_memory_fraction:g} of the GPU's memory"]
+
+
+@contextlib.contextmanager
+def stop_on_signal(gate: TrainingGate) -> Iterator[None]:
+    """While inside, SIGTERM asks `gate` to stop (a checkpoint at the next step boundary)
+    instead of killing the process. Outside the main thread (no handler can be set) it does
+    nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        gate.request_stop(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+@contextlib.contextmanager
+def shared_host(
+    cfg: HostConfig, source: MetricsSource | None = None, quota: bool = True
+) -> Iterator[TrainingGate]:
+    """The gate a training run honours, for the run's duration.
+
+    dedicated: a plain gate (never paused) that turns SIGTERM into a clean stop. shared: the
+    same, plus training's share (`apply_quota`, when `quota`) and a `Controller` reading
+    `source` (default: `PrometheusSource(cfg.slo.metrics_url)`) every poll; at the end its
+    figures are logged (`HostStats` in `gate.stats`)."""
+    if cfg.mode == "dedicated":
+        gate = TrainingGate()
+        with stop_on_signal(gate):
+            yield gate
+        return
+    share = cfg.training
+    if quota:
+        apply_quota(cfg)
+    gate = TrainingGate((share.threads, share.throttled_threads), share.throttled_duty)
+    timeout_s = min(2.0, max(0.1, cfg.poll_ms / 1000.0))
+    controller = Controller(cfg, gate, source or PrometheusSource(cfg.slo.metrics_url, timeout_s))
+    controller.start()
+    try:
+        with stop_on_signal(gate):
+            yield gate
+    finally:
+        controller.stop()
+        gate.close()
+        stats = gate.stats
+        log.info(
+            "host: %d pauses, %.1f s paused, %.1f s throttled",
+            stats.pauses,
+            stats.paused_seconds,
+            stats.throttled_seconds,
+        )
