@@ -13,11 +13,13 @@ Side by side in one run, on this machine:
   end; its samples/s counts the epochs that ended inside the measured window.
 
 Scenarios: (a) service alone, (b) training alone, (c) both, no controls (training as it runs
-today, `host.mode: dedicated`), (d) both, `host.mode: shared` (quotas + the controller reading
-the service's /metrics). In (d) the service gets the cores `host.service.cpus` reserves for it
-(set here on its running processes, as its launcher would) and, after the steady window, the load
-steps to --overload x saturation for a few seconds: the time from that step to training paused
-(the stage log's pause line) is compared with one training step plus one poll.
+today, `host.mode: dedicated`), (d) both, `host.mode: shared`: params.yaml's `host` section as
+shipped (--slo-ms replaces host.slo.p99_ms), pointed at this service: training on the cores
+`host.service.cpus` leaves it, at its niceness and threads, with the controller reading the
+service's /metrics. The service itself stays unpinned (reserved cores are cores training never
+gets; --pin-service confines the service to them too). After (d)'s steady window, once training
+runs at full share again, the load steps to --overload x saturation for a few seconds: the time
+from that step to training paused is compared with one training step plus one poll.
 
 The load generator runs pinned to the last core in every scenario (with 2 cores it competes with
 training, as a client on another host would not); the scenarios run in rounds (a, b, c, d) so
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -52,6 +55,7 @@ from tests.helpers.processes import free_port, stop_group, wait_ready  # noqa: E
 CPUS = sorted(os.sched_getaffinity(0))
 CLIENT_CPUS = str(CPUS[-1])  # the load generator, every scenario
 TRAIN_ROWS = 3000  # synthetic 32x32 images: 2,100 training rows, 16 steps of 128 an epoch
+WARM_STEPS = 3  # steps before a measured window (imports, data, allocator warm)
 # The training workload: model_speed.LARGE trained "for ever" (the benchmark stops it).
 TRAINING = {
     "train.epochs": 10_000,
@@ -59,7 +63,6 @@ TRAINING = {
     "train.scheduler": "constant",
     "train.resume": False,
 }
-SLO_OVER_ALONE = 1.2  # (d)'s host.slo.p99_ms: this x (a)'s p99, unless SHARED_HOST_SLO_MS
 GOALS = {"p99_ratio": 1.25, "p99_ratio_stretch": 1.1, "training_share": 0.5}
 EVENT = "SHARED_HOST_EVENT "  # prefix of the worker's machine-readable stderr lines
 
@@ -68,41 +71,37 @@ EVENT = "SHARED_HOST_EVENT "  # prefix of the worker's machine-readable stderr l
 
 
 def train_worker(prepared: Path, checkpoints: Path, overrides: dict[str, Any]) -> None:
-    """Train model_speed.LARGE + TRAINING + `overrides` on `prepared` until killed; one EVENT line
-    per finished epoch on stderr ({"t": unix s, "epoch": n, "rows": training rows}), and the
-    pipeline's own log lines (the host controller's decisions among them) with unix times."""
+    """Train model_speed.LARGE + TRAINING + `overrides` on `prepared` until killed, under
+    `host` as the train stage runs it (`pipelines.host.shared_host`: dedicated, or shared with
+    its quotas and controller). On stderr: one EVENT line per optimizer step ({"t": unix s,
+    "rows": rows in the step}) and the pipeline's log lines (the controller's decisions among
+    them), each prefixed with its unix time."""
     from model_speed import LARGE
 
     from pipelines.config import load_params
-    from pipelines.prepare import read_split
+    from pipelines.host import shared_host
     from pipelines.train import train
 
     logging.basicConfig(
         level=logging.INFO, format="%(created).3f %(name)s %(message)s", stream=sys.stderr
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /metrics read
     params = load_params(REPO / "params.yaml", overrides={**LARGE, **TRAINING, **overrides})
-    rows = len(read_split(prepared, "train"))
+    with shared_host(params.host) as gate:
+        train(params.train, prepared, checkpoints, gate=StepEvents(gate, params.train.batch_size))
 
-    def on_epoch(epoch: int, row: dict[str, float]) -> None:
-        event = {"t": time.time(), "epoch": epoch, "rows": rows, "seconds": row["seconds"]}
+
+class StepEvents:
+    """A training gate that first writes one EVENT line per optimizer step, then does what the
+    run's own gate does (pause, throttle, stop)."""
+
+    def __init__(self, gate: Any, batch_size: int) -> None:
+        self.gate, self.batch_size = gate, batch_size
+
+    def boundary(self) -> None:
+        event = {"t": time.time(), "rows": self.batch_size}
         print(EVENT + json.dumps(event), file=sys.stderr, flush=True)
-
-    with shared_mode(params):
-        train(params.train, prepared, checkpoints, on_epoch)
-
-
-@contextlib.contextmanager
-def shared_mode(params: Any) -> Iterator[None]:
-    """`host.mode: shared`: the quotas and the controller around the training run (as the train
-    stage applies them); nothing in dedicated mode."""
-    host = getattr(params, "host", None)
-    if host is None or host.mode == "dedicated":
-        yield
-        return
-    from pipelines.host import shared_training  # type: ignore[import-not-found, unused-ignore]
-
-    with shared_training(host):
-        yield
+        self.gate.boundary()
 
 
 # ---- setup -------------------------------------------------------------------------------------
@@ -210,14 +209,14 @@ class Training:
         lines = self.log.read_text(errors="replace").splitlines()
         return [json.loads(line[len(EVENT) :]) for line in lines if line.startswith(EVENT)]
 
-    def wait_epochs(self, count: int, timeout_s: float = 300) -> None:
-        """Until `count` epochs have ended (the warm-up: imports, data, first steps)."""
+    def wait_steps(self, count: int, timeout_s: float = 300) -> None:
+        """Until `count` optimizer steps have ended (the warm-up: imports, data, first steps)."""
         deadline = time.monotonic() + timeout_s
         while len(self.events()) < count:
             if self.process.poll() is not None:
                 raise RuntimeError(f"training exited early: {self.log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"training: no {count} epochs in {timeout_s} s")
+                raise TimeoutError(f"training: no {count} steps in {timeout_s} s")
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -225,18 +224,24 @@ class Training:
         self.sink.close()
 
     def rate(self, start: float, end: float) -> dict[str, Any]:
-        """Training samples/s between the first and the last epoch end inside [start, end]."""
-        ends = [e for e in self.events() if start <= e["t"] <= end]
-        if len(ends) < 2:
-            return {"samples_per_s": None, "epochs": len(ends)}
-        samples = ends[0]["rows"] * (len(ends) - 1)
-        seconds = ends[-1]["t"] - ends[0]["t"]
+        """Training samples/s over [start, end]: the rows of the optimizer steps that ended
+        inside it over its length (paused time counts: it is the speed training kept)."""
+        steps = [e for e in self.events() if start <= e["t"] <= end]
+        ends = [e["t"] for e in steps]
+        gaps = sorted(b - a for a, b in itertools.pairwise(ends))
         return {
-            "samples_per_s": samples / seconds,
-            "epochs": len(ends) - 1,
-            "epoch_s": seconds / (len(ends) - 1),
-            "step_s": seconds / (len(ends) - 1) / -(-ends[0]["rows"] // 128),
+            "samples_per_s": sum(e["rows"] for e in steps) / (end - start),
+            "steps": len(steps),
+            "seconds": end - start,
+            "median_step_s": gaps[len(gaps) // 2] if gaps else None,
         }
+
+    def held(self, since: float) -> bool:
+        """Whether the controller's last decision line (any time) is a pause or throttle not
+        yet followed by "training full" after `since`."""
+        modes = ("training paused", "training throttled", "training full")
+        last = [text for _, text in self.log_lines("host: ") if any(m in text for m in modes)]
+        return bool(last) and "training full" not in last[-1]
 
     def log_lines(self, contains: str, after: float = 0.0) -> list[tuple[float, str]]:
         """(unix time, text) of the log lines containing `contains`, at or after `after`."""
@@ -254,7 +259,7 @@ def training_alone(prepared: Path, work: Path, seconds: float) -> dict[str, Any]
     """(b): the worker alone for `seconds` after its warm-up epochs."""
     training = Training(prepared, work, "b", {})
     try:
-        training.wait_epochs(2)
+        training.wait_steps(WARM_STEPS)
         start = time.time()
         time.sleep(seconds)
         return training.rate(start, time.time())
@@ -273,46 +278,62 @@ def both(
     """(c) or (d): the worker (with `overrides`) under the steady open-loop load."""
     training = Training(prepared, work, name, overrides)
     try:
-        training.wait_epochs(2)
+        training.wait_steps(WARM_STEPS)
         served = open_loop(**load)
         result = {"load": served, "training": training.rate(served["started_at"], time.time())}
         if overload_rate:
-            result["breach"] = breach(training, load | {"rate": overload_rate, "seconds": 6.0})
+            step = load | {"rate": overload_rate, "seconds": 6.0}
+            result["breach"] = breach(training, step, served["ended_at"])
         return result
     finally:
         training.stop()
 
 
-def breach(training: Training, step: dict[str, Any]) -> dict[str, Any]:
-    """After the steady window: the load steps to the overload rate for a few seconds; time from
-    the step to the first pause line of the training's log."""
+def breach(training: Training, step: dict[str, Any], calm_from: float) -> dict[str, Any]:
+    """After the steady window, once training runs at full share again (the controller's
+    "training full" line after `calm_from`, or no pause at all) and has stepped twice: the load
+    steps to the overload rate for a few seconds (over saturation the queue, so in-flight and
+    p99, climb within a fraction of a second). From the step: the controller's pause line, and
+    training paused (the end of the step at whose boundary it blocked: the first step ending
+    after the pause line). The goal is one training step + one poll."""
+    from pipelines.config import load_params
+
+    poll_ms = load_params(REPO / "params.yaml").host.poll_ms
+    deadline = time.time() + 60
+    while time.time() < deadline and training.held(calm_from):
+        time.sleep(0.2)
+    resumed_at = time.time()
+    training.wait_steps(len(training.events()) + 2)
+    before = training.rate(resumed_at - 30, time.time())
     served = open_loop(**step)
     t0 = served["started_at"]
-    decided = training.log_lines("pause", after=t0)
-    return {
-        "load": served,
-        "first_pause_line_s": decided[0][0] - t0 if decided else None,
-        "pause_line": decided[0][1] if decided else None,
-        "pause_lines": len(decided),
-    }
+    decided = training.log_lines("training paused", after=t0)
+    result: dict[str, Any] = {"load": served, "pause_line": decided[0][1] if decided else None}
+    if decided:
+        blocked = [e["t"] for e in training.events() if e["t"] >= decided[0][0]]
+        result["decision_s"] = decided[0][0] - t0
+        result["paused_s"] = (blocked[0] if blocked else decided[0][0]) - t0
+    result["step_s"] = before["median_step_s"]
+    result["goal_s"] = (before["median_step_s"] or 0.0) + poll_ms / 1000
+    result["poll_ms"] = poll_ms
+    return result
 
 
 # ---- the whole run ---------------------------------------------------------------------------
 
 
-def shared_overrides(slo_p99_ms: float, url: str) -> dict[str, Any]:
-    """The `host` keys of scenario (d): params.yaml's `host` section in shared mode, pointed at
-    this service, with the SLO given (h14a's HostConfig)."""
-    return {
-        "host.mode": "shared",
-        "host.slo.metrics_url": f"{url}/metrics",
-        "host.slo.p99_ms": slo_p99_ms,
-    }
+def shared_overrides(url: str, slo_ms: float | None) -> dict[str, Any]:
+    """The `host` keys of scenario (d): params.yaml's `host` section as shipped, in shared mode,
+    pointed at this service (and with `slo_ms` as host.slo.p99_ms when given)."""
+    overrides: dict[str, Any] = {"host.mode": "shared", "host.slo.metrics_url": f"{url}/metrics"}
+    if slo_ms:
+        overrides["host.slo.p99_ms"] = slo_ms
+    return overrides
 
 
-def run(
-    work: Path, seconds: float, rate: float | None, rounds: int, overload: float, scenarios: str
-) -> Any:
+def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The model packaged, the training data prepared, the service started and its saturation
+    measured; then the scenarios in rounds. The figures."""
     from serve_load import large_model, model_row
 
     from flows.package import save_bento_model
@@ -325,38 +346,58 @@ def run(
     body = work / "body.json"
     body.write_text(json.dumps({"rows": [model_row(model_dir)]}))
     print(f"model: {note}, BentoML tag {tag}", flush=True)
-    with service(work / "service.log") as (url, _process):
+    with service(work / "service.log") as (url, process):
         sat = saturation(url, body, work)
-        rate = rate or sat["rps"] / 2
-        load = {"url": url, "rate": rate, "seconds": seconds, "body": body}
-        overload_rate = sat["rps"] * overload
-        print(f"saturation {sat['rps']:.0f}/s; load {rate:.0f}/s", flush=True)
-        results: dict[str, list[Any]] = {key: [] for key in scenarios}
-        slo = float(os.environ.get("SHARED_HOST_SLO_MS", "0"))
-        for number in range(rounds):
-            if "a" in scenarios:
-                results["a"].append(open_loop(**load))
-                slo = slo or SLO_OVER_ALONE * results["a"][-1]["p99_ms"]
-            if "b" in scenarios:
-                results["b"].append(training_alone(prepared, work, seconds))
-            if "c" in scenarios:
-                results["c"].append(both(prepared, work, "c", {}, load))
-            if "d" in scenarios:
-                overrides = shared_overrides(slo, url)
-                results["d"].append(both(prepared, work, "d", overrides, load, overload_rate))
-            for key in scenarios:
-                print(f"round {number + 1}: ({key}) {brief(results[key][-1])}", flush=True)
+        load = {"url": url, "rate": args.rate or sat["rps"] / 2, "seconds": args.seconds}
+        load["body"] = body
+        print(f"saturation {sat['rps']:.0f}/s; load {load['rate']:.0f}/s", flush=True)
+        results = rounds(args, prepared, work, load, process.pid, sat["rps"] * args.overload)
+    host = load_params(REPO / "params.yaml").host
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "model": note,
         "cpus": len(CPUS),
         "saturation": sat,
-        "rate": rate,
-        "overload_rate": overload_rate,
-        "slo_p99_ms": slo,
+        "rate": load["rate"],
+        "overload_rate": sat["rps"] * args.overload,
+        "slo_p99_ms": args.slo_ms or host.slo.p99_ms,
+        "pin_service": args.pin_service,
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "results": results,
     }
+
+
+def rounds(
+    args: argparse.Namespace,
+    prepared: Path,
+    work: Path,
+    load: dict[str, Any],
+    service_pid: int,
+    overload_rate: float,
+) -> dict[str, list[Any]]:
+    """Each round: the scenarios asked for, in the order a, b, c, d."""
+    from pipelines.config import load_params
+
+    host = load_params(REPO / "params.yaml").host
+    overrides = shared_overrides(load["url"], args.slo_ms)
+    results: dict[str, list[Any]] = {key: [] for key in args.scenarios}
+    for number in range(args.rounds):
+        if "a" in args.scenarios:
+            results["a"].append(open_loop(**load))
+        if "b" in args.scenarios:
+            results["b"].append(training_alone(prepared, work, args.seconds))
+        if "c" in args.scenarios:
+            results["c"].append(both(prepared, work, "c", {}, load))
+        if "d" in args.scenarios:
+            if args.pin_service:  # as the service's launcher could
+                pin_tree(service_pid, set(host.service.cpus))
+            try:
+                results["d"].append(both(prepared, work, "d", overrides, load, overload_rate))
+            finally:
+                pin_tree(service_pid, set(CPUS))
+        for key in args.scenarios:
+            print(f"round {number + 1}: ({key}) {brief(results[key][-1])}", flush=True)
+    return results
 
 
 def brief(result: dict[str, Any]) -> str:
@@ -372,6 +413,10 @@ def brief(result: dict[str, Any]) -> str:
         f"{load['achieved_rate']:.0f}/s p50 {load['p50_ms']:.2f} ms p99 {load['p99_ms']:.2f} ms "
         f"errors {load['errors']}"
     )
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def median(values: list[float]) -> float:
@@ -418,8 +463,9 @@ def table(figures: dict[str, Any]) -> str:
     for number, d in enumerate(res.get("d", [])):
         breach = d.get("breach") or {}
         lines.append(
-            f"round {number + 1}: step to overload -> first pause line "
-            f"{breach.get('first_pause_line_s')} s ({breach.get('pause_line')})"
+            f"round {number + 1}: overload step -> pause decided {fmt(breach.get('decision_s'))}"
+            f" s, training paused {fmt(breach.get('paused_s'))} s (goal: one step + one poll ="
+            f" {fmt(breach.get('goal_s'))} s); {breach.get('pause_line')}"
         )
     return "\n".join(lines)
 
@@ -436,6 +482,10 @@ def main() -> None:
     parser.add_argument("--overload", type=float, default=1.5, help="x saturation, breach step")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--scenarios", default="abcd", help="which of a, b, c, d to run")
+    parser.add_argument("--slo-ms", type=float, default=None, help="(d): host.slo.p99_ms")
+    parser.add_argument(
+        "--pin-service", action="store_true", help="(d): the service on host.service.cpus only"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = parser.parse_args()
     if args.command == "train-worker":
@@ -447,9 +497,7 @@ def main() -> None:
         os.environ.update(
             {"BENTOML_HOME": str(Path(tmp) / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
         )
-        figures = run(
-            Path(tmp), args.seconds, args.rate, args.rounds, args.overload, args.scenarios
-        )
+        figures = run(Path(tmp), args)
         if args.out:
             args.out.write_text(json.dumps(figures, indent=2))
     print(table(figures))
