@@ -1,10 +1,11 @@
 """DVC's command line for the flow: each call its own `dvc` process; the flow never imports DVC.
 
 A stage is `dvc repro --single-item <stage>` in a session of its own, its output streamed line by
-line to the caller; past its timeout the whole process group (DVC, the stage command and
-anything it started) is killed. Each stage process gets its own environment: nothing set for
-one stage reaches the next. The stage order comes from `dvc dag --dot`, the metrics from
-`dvc metrics show --json`.
+line to the caller; past its timeout the stage command gets SIGTERM (a training stage saves a
+checkpoint at its next optimizer step and exits: pipelines/host.py), and after a grace period the
+whole process group (DVC, the stage command and anything it started) is killed. Each stage
+process gets its own environment: nothing set for one stage reaches the next. The stage order
+comes from `dvc dag --dot`, the metrics from `dvc metrics show --json`.
 
 Cost: a `dvc` process spends ~0.4-0.7 s before it runs the stage (imports, opening the repo);
 `benchmarks/flow_overhead.py` measures what that adds to a run (README, "Benchmarks").
@@ -60,11 +61,13 @@ def run_logged(
     timeout_s: float,
     emit: Callable[[str], object],
     env: Mapping[str, str] | None = None,
+    grace_s: float = 0.0,
 ) -> tuple[int, list[str]]:
     """Run `args` in `root` in a new session, each output line (stdout and stderr) to `emit`.
 
     Returns (exit status, the lines). Raises TimeoutError past `timeout_s` seconds, having
-    killed the process group. Whatever the command left running in its group when it exited
+    stopped the command (`stop_gracefully`: SIGTERM, `grace_s` seconds to exit) and killed the
+    process group. Whatever the command left running in its group when it exited
     is killed too. The command dies with this process: util-linux's `setpriv --pdeathsig`
     (SIGKILL when the flow process is killed; the stage under it dies with it,
     pipelines/lifecycle.py), where there is one."""
@@ -84,10 +87,11 @@ def run_logged(
     try:
         code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        how = stop_gracefully(proc, grace_s)
         _kill_group(proc.pid)
         proc.wait()
         reader.join(timeout=10)
-        raise TimeoutError(f"timed out after {timeout_s:g} s") from None
+        raise TimeoutError(f"timed out after {timeout_s:g} s; {how}") from None
     finally:
         _kill_group(proc.pid)  # the stage's leftovers: their pipe would keep the reader waiting
     reader.join(timeout=10)
@@ -100,6 +104,31 @@ def dies_with_this_process() -> list[str]:
     on Linux with util-linux, nothing elsewhere."""
     setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
     return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
+def stop_gracefully(proc: subprocess.Popen[str], grace_s: float) -> str:
+    """SIGTERM to every process under `proc` except shells (DVC and the shell running the
+    stage command stay, to see it exit: a stage dies with its parent, pipelines/lifecycle.py),
+    then up to `grace_s` seconds for `proc` to end. Returns what happened, for the message."""
+    import psutil
+
+    from pipelines.lifecycle import SHELLS
+
+    if grace_s <= 0:
+        return "its process group was killed"
+    try:
+        below = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        below = []
+    for child in below:
+        with contextlib.suppress(psutil.Error):
+            if child.name() not in SHELLS:
+                child.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        return f"still running {grace_s:g} s after SIGTERM: its process group was killed"
+    return f"stopped by SIGTERM within stop_grace_s {grace_s:g} s (exit {proc.returncode})"
 
 
 def _kill_group(pgid: int) -> None:
@@ -121,13 +150,14 @@ def reproduce(
     timeout_s: float,
     emit: Callable[[str], object],
     env: Mapping[str, str] | None = None,
+    grace_s: float = 0.0,
 ) -> StageOutcome:
     """`dvc repro --single-item [--force] <stage>` in `root`, the stage command getting `env`.
 
-    Raises TimeoutError (see `run_logged`)."""
+    Raises TimeoutError (see `run_logged`: SIGTERM first, the group killed `grace_s` later)."""
     args = [sys.executable, "-m", "dvc", "repro", "--single-item", *(["--force"] * force), stage]
     try:
-        code, lines = run_logged(args, root, timeout_s, emit, env)
+        code, lines = run_logged(args, root, timeout_s, emit, env, grace_s)
     except TimeoutError as exc:
         raise TimeoutError(f"stage {stage!r} {exc}") from None
     if code == 0:

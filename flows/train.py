@@ -68,17 +68,19 @@ def run_stage(
     timeout_s: float,
     force: bool = False,
     env: Mapping[str, str] | None = None,
+    grace_s: float = 0.0,
 ) -> State[Any]:
     """`dvc repro --single-item <stage>` in `root` (a process of its own, `env` set for it
     alone), output in the task log. DVC decides whether the stage runs: Prefect never caches a
-    stage (`NO_CACHE`).
+    stage (`NO_CACHE`). Past `timeout_s` the stage gets SIGTERM and `grace_s` seconds to save a
+    checkpoint and exit, then its process group is killed (a retry resumes from the checkpoint).
     """
     logger = get_run_logger()
     logger.info("$ dvc repro --single-item%s %s", " --force" if force else "", stage)
     try:
-        outcome = reproduce(root, stage, force, timeout_s, logger.info, env)
+        outcome = reproduce(root, stage, force, timeout_s, logger.info, env, grace_s)
     except TimeoutError as exc:
-        raise StageFailed(f"{exc}; its process group was killed") from None
+        raise StageFailed(str(exc)) from None
     try:
         _raise_for(outcome)
     except StageRejected as exc:  # a Failed state, not an exception: no traceback in the log
@@ -207,7 +209,9 @@ def run_stages(
     for stage in stages:
         timeout = cfg.stage_timeout_s.get(stage, max(cfg.stage_timeout_s.values()))
         with gpu_slot(stage, params):
-            state = _stage_task(stage, params)(stage, root, timeout, force, env, return_state=True)
+            state = _stage_task(stage, params)(
+                stage, root, timeout, force, env, cfg.stop_grace_s, return_state=True
+            )
         states[stage] = state.name or state.type.value
         state.result()  # raises the stage's error: later stages never run
     return states

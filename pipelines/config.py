@@ -526,6 +526,9 @@ class OrchestrationConfig(Section):
     )
     retries: int = Field(ge=0, le=10)
     retry_delay_s: float = Field(ge=0, le=3600)
+    # Past its timeout a stage gets SIGTERM (training saves a checkpoint at its next step and
+    # exits), then SIGKILL after this many seconds; 0: SIGKILL at once.
+    stop_grace_s: float = Field(ge=0, le=3600)
     gpu_stages: Annotated[list[str], AfterValidator(_stage_names)]
     # How long a GPU stage waits for a slot of the `gpu` limit before the run fails, seconds.
     gpu_wait_s: float = Field(gt=0, le=7 * 86400)

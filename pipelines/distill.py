@@ -22,13 +22,16 @@ from torch import nn
 from pipelines.artifacts import file_sha256, write_json
 from pipelines.cli import run_cli
 from pipelines.config import DistillConfig, Params, TrainConfig, section_dict
+from pipelines.host import TrainingGate, stopped_cleanly
 from pipelines.models import load_model, save_model
 from pipelines.prepare import read_manifest
 from pipelines.train import (
     Outputs,
     TrainResult,
     epoch_logger,
+    host_gate,
     input_example,
+    log_host,
     track,
     train,
     write_plots,
@@ -59,8 +62,10 @@ def distill(
     prepared_dir: Path,
     checkpoint_dir: Path,
     on_epoch: OnEpoch | None = None,
+    gate: TrainingGate | None = None,
 ) -> TrainResult:
-    """Train the student of `cfg.model` against the teacher in `teacher_path`."""
+    """Train the student of `cfg.model` against the teacher in `teacher_path` (honouring
+    `gate`, pipelines.host, after every optimizer step)."""
     teacher, teacher_meta = load_model(teacher_path)
     teacher.to(resolve_device(train_cfg.device)).requires_grad_(False)
     student_cfg = train_cfg.model_copy(update={"model": cfg.model})
@@ -69,7 +74,7 @@ def distill(
         distillation_loss(teacher, cfg.temperature, cfg.alpha),
         json.dumps(settings, sort_keys=True),
     )
-    result = train(student_cfg, prepared_dir, checkpoint_dir, on_epoch, objective)
+    result = train(student_cfg, prepared_dir, checkpoint_dir, on_epoch, objective, gate)
     result.metadata["distillation"] = {
         **settings,
         "teacher_val_accuracy": teacher_meta["val_accuracy"],
@@ -96,15 +101,21 @@ def _run(params: Params, prepared_dir: Path, teacher: Path, outputs: Outputs) ->
 
     manifest = read_manifest(prepared_dir)
     section = {"distill": section_dict(params.distill), "train": section_dict(params.train)}
-    with stage_run("distill", params, section, Path.cwd(), manifest["content_hash"]) as run:
-        trained = distill(
-            params.train,
-            params.distill,
-            teacher,
-            prepared_dir,
-            outputs.checkpoint_dir,
-            epoch_logger(run),
-        )
+    with (
+        stopped_cleanly(),
+        stage_run("distill", params, section, Path.cwd(), manifest["content_hash"]) as run,
+    ):
+        with host_gate(params) as gate:
+            trained = distill(
+                params.train,
+                params.distill,
+                teacher,
+                prepared_dir,
+                outputs.checkpoint_dir,
+                epoch_logger(run),
+                gate,
+            )
+        log_host(run, gate)
         write_plots(outputs.plots, trained.history)
         write_json(outputs.metrics, trained.metrics)
         save_model(outputs.model, trained)

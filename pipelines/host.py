@@ -48,6 +48,7 @@ log = logging.getLogger("pipelines.host")
 STOP_SIGNALS = (signal.SIGTERM,)  # what `shared_host` turns into a clean stop
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_NAME = "mlops-training"  # training's own cgroup v2, under this process's
+EXIT_STOPPED = 143  # a stage stopped by SIGTERM with its checkpoint saved: 128 + SIGTERM
 
 
 class Mode(enum.IntEnum):
@@ -58,9 +59,11 @@ class Mode(enum.IntEnum):
     FULL = 2
 
 
-class StopRequested(Exception):
+class StopRequested(BaseException):
     """Raised by `TrainingGate.boundary` once a stop was asked (SIGTERM): the loop saves a
-    checkpoint at this step boundary and the stage exits; the next run resumes from it."""
+    checkpoint at this step boundary and the stage exits; the next run resumes from it. A
+    BaseException (like KeyboardInterrupt): handlers of errors (`except Exception`, Optuna's
+    caught trial failures) let it through."""
 
 
 class SourceError(Exception):
@@ -518,3 +521,15 @@ def shared_host(
             stats.paused_seconds,
             stats.throttled_seconds,
         )
+
+
+@contextlib.contextmanager
+def stopped_cleanly() -> Iterator[None]:
+    """A `StopRequested` (SIGTERM honoured at a step boundary, checkpoint saved) becomes exit
+    status EXIT_STOPPED (128 + SIGTERM, as for a process the signal killed), one log line and
+    no traceback."""
+    try:
+        yield
+    except StopRequested as stop:
+        log.warning("host: stopped by %s; the next run resumes from the checkpoint", stop)
+        raise SystemExit(EXIT_STOPPED) from None

@@ -44,6 +44,7 @@ from pipelines.artifacts import atomic_path, write_json
 from pipelines.cli import run_cli
 from pipelines.config import Params, TrainConfig, load_params, section_dict
 from pipelines.errors import DataSourceError, ParamsError, PipelineError
+from pipelines.host import TrainingGate, shared_host, stopped_cleanly
 from pipelines.lifecycle import exclusive
 from pipelines.models import model_args, rebuild, save_model
 from pipelines.prepare import read_manifest
@@ -115,12 +116,34 @@ def effective_params(path: Path, tuned: Path | None) -> tuple[Params, dict[str, 
 
 
 def _run(params: Params, tuned: dict[str, Any], prepared_dir: Path, outputs: Outputs) -> None:
-    """Under torchrun every rank trains; rank 0 alone tracks and writes the outputs."""
+    """Under torchrun every rank trains; rank 0 alone tracks and writes the outputs. A stop
+    asked by SIGTERM (`pipelines.host`) exits EXIT_STOPPED once its checkpoint is saved."""
     with distributed(params.train.device) as place:
         if place.rank == 0:
-            _run_tracked(params, tuned, prepared_dir, outputs)
+            with stopped_cleanly():
+                _run_tracked(params, tuned, prepared_dir, outputs)
         else:
             train(params.train, prepared_dir, outputs.checkpoint_dir)
+
+
+def host_gate(params: Params) -> contextlib.AbstractContextManager[TrainingGate | None]:
+    """The `host` section's gate for this run (`pipelines.host.shared_host`); none under
+    torchrun (ranks pausing apart would stall each other's gradient exchange)."""
+    if world().size > 1:
+        if params.host.mode == "shared":
+            log.warning("host: shared mode is not applied under torchrun (one process per rank)")
+        return contextlib.nullcontext()
+    return shared_host(params.host)
+
+
+def log_host(run: StageRun, gate: TrainingGate | None) -> None:
+    """The gate's figures as MLflow metrics of `run`: host.pauses, host.paused_seconds,
+    host.throttled_seconds, and host.share (0..1) at each change, step = ms since the start."""
+    if gate is None:
+        return
+    run.log_metrics(gate.stats.metrics())
+    for seconds, share in gate.stats.share:
+        run.log_metrics({"host.share": share}, step=round(seconds * 1000))
 
 
 def _run_tracked(
@@ -136,7 +159,11 @@ def _run_tracked(
             {"train.tuned": bool(tuned), "train.world_size": world().size}
             | ({"train.tuned_params": json.dumps(tuned, sort_keys=True)} if tuned else {})
         )
-        trained = train(params.train, prepared_dir, outputs.checkpoint_dir, epoch_logger(run))
+        with host_gate(params) as gate:
+            trained = train(
+                params.train, prepared_dir, outputs.checkpoint_dir, epoch_logger(run), gate=gate
+            )
+        log_host(run, gate)
         trained.metadata["tuned_params"] = tuned
         write_plots(outputs.plots, trained.history)
         write_json(outputs.metrics, trained.metrics)
@@ -162,11 +189,14 @@ def train(
     checkpoint_dir: Path,
     on_epoch: OnEpoch | None = None,
     objective: tuple[LossFn, str] | None = None,
+    gate: TrainingGate | None = None,
 ) -> TrainResult:
     """Train on `prepared_dir`, checkpointing into `checkpoint_dir` after every epoch (resuming
     from there when `cfg.resume` and the fingerprint match). `on_epoch(epoch, row)` is called
     after each epoch, once its checkpoint is written. `objective` = (loss, description) replaces
-    cross-entropy; the description enters the checkpoint fingerprint.
+    cross-entropy; the description enters the checkpoint fingerprint. `gate` (pipelines.host)
+    is honoured after every optimizer step: it may pause the loop, or raise StopRequested, in
+    which case a mid-epoch checkpoint is written first (the next run resumes from that step).
 
     Under torchrun (see `distributed`) every rank calls this: DDP, each rank a slice of every
     batch, and rank 0 alone writes checkpoints.
@@ -175,7 +205,7 @@ def train(
     ("<checkpoint_dir> is in use by PID N") at once when another process trains into it."""
     owner = world().rank == 0
     with exclusive(checkpoint_dir) if owner else contextlib.nullcontext():
-        return _train(cfg, prepared_dir, checkpoint_dir, on_epoch, objective)
+        return _train(cfg, prepared_dir, checkpoint_dir, on_epoch, objective, gate)
 
 
 def _train(
@@ -184,6 +214,7 @@ def _train(
     checkpoint_dir: Path,
     on_epoch: OnEpoch | None,
     objective: tuple[LossFn, str] | None,
+    gate: TrainingGate | None = None,
 ) -> TrainResult:
     manifest = read_manifest(prepared_dir)
     data = load_data(prepared_dir, manifest, cfg.augment)
@@ -204,6 +235,7 @@ def _train(
     loop = make_loop(cfg, args, rank_device(resolve_device(cfg.device)))
     if objective is not None:
         loop.loss = objective[0]
+    loop.gate = gate
     checkpoints, state, resumed_from = shared_start(loop, checkpoint_dir, fp, cfg.resume)
 
     def save() -> None:

@@ -59,6 +59,7 @@ from pipelines.config import (
     validate_params,
 )
 from pipelines.errors import ParamsError, PipelineError, StorageError
+from pipelines.host import TrainingGate, shared_host, stopped_cleanly
 from pipelines.lifecycle import exclusive
 from pipelines.prepare import read_manifest
 
@@ -297,9 +298,14 @@ def untracked(trial: optuna.Trial, values: dict[str, Any]) -> Iterator[OnEpoch]:
 
 
 def objective(
-    params: Params, prepared_dir: Path, tracker: TrialTracker | None = None, worker: int = 0
+    params: Params,
+    prepared_dir: Path,
+    tracker: TrialTracker | None = None,
+    worker: int = 0,
+    gate: TrainingGate | None = None,
 ) -> Callable[[optuna.Trial], float]:
-    """Train one sampled configuration; its value is the best epoch's metric."""
+    """Train one sampled configuration; its value is the best epoch's metric. `gate`
+    (pipelines.host) is honoured after every optimizer step of every trial."""
     from pipelines.train import train
 
     metric = params.tune.metric
@@ -311,7 +317,8 @@ def objective(
         scope = tracker.trial if tracker is not None else untracked
         with scope(trial, values) as log_epoch, tempfile.TemporaryDirectory() as scratch:
             checkpoints = Path(scratch) / "checkpoints"  # its lock file goes with the scratch dir
-            result = train(cfg, prepared_dir, checkpoints, reporter(trial, metric, log_epoch))
+            on_epoch = reporter(trial, metric, log_epoch)
+            result = train(cfg, prepared_dir, checkpoints, on_epoch, gate=gate)
             return float(result.metrics[FINISHED_KEY[metric]])
 
     return run
@@ -332,14 +339,33 @@ def work(
     """One worker: trials against the study, one at a time, until it holds `tune.trials` complete
     or pruned trials, the timeout, or `max_trials` run here. While the trials running on other
     workers would fill the budget it waits (they may fail, or their worker die). Returns the
-    number of trials it ran; raises `PipelineError` after `tune.max_failed_trials` failed ones."""
+    number of trials it ran; raises `PipelineError` after `tune.max_failed_trials` failed ones.
+
+    Its trials honour the `host` section (`shared_host`: in shared mode training's share and
+    the pause when the local service is over its SLO). A stop (SIGTERM) ends the running trial
+    at its next step (`StopRequested`); the study keeps its finished trials, and the next run
+    marks the stopped one failed (its heartbeat stopped) and runs another in its place."""
+    with shared_host(params.host) as gate:
+        return _work_trials(params, prepared_dir, storage, name, worker, tracker, max_trials, gate)
+
+
+def _work_trials(
+    params: Params,
+    prepared_dir: Path,
+    storage: str,
+    name: str,
+    worker: int,
+    tracker: TrialTracker | None,
+    max_trials: int | None,
+    gate: TrainingGate,
+) -> int:
     import optuna
     from optuna.trial import TrialState
 
     cfg = params.tune
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(params, name, make_storage(storage, cfg.heartbeat_s), worker)
-    run_trial = objective(params, prepared_dir, tracker, worker)
+    run_trial = objective(params, prepared_dir, tracker, worker, gate)
     deadline = time.monotonic() + cfg.timeout_s
     ran = failed = 0
     finished: list[optuna.trial.FrozenTrial] = []  # the trial a study.optimize call ran
@@ -515,15 +541,16 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.worker:
-        run_cli(
-            lambda params: _work(
-                params, args.prepared, args.worker_index, args.trials, args.untracked
-            ),
-            args.params,
-        )
-    else:
-        run_cli(lambda params: _run(params, args.prepared, args.out, args.metrics), args.params)
+    with stopped_cleanly():  # SIGTERM in shared_host: the trial stops at its next step
+        if args.worker:
+            run_cli(
+                lambda params: _work(
+                    params, args.prepared, args.worker_index, args.trials, args.untracked
+                ),
+                args.params,
+            )
+        else:
+            run_cli(lambda params: _run(params, args.prepared, args.out, args.metrics), args.params)
 
 
 def check_devices(params: Params) -> None:
