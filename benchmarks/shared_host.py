@@ -292,27 +292,35 @@ def both(
 def breach(training: Training, step: dict[str, Any], calm_from: float) -> dict[str, Any]:
     """After the steady window, once training runs at full share again (the controller's
     "training full" line after `calm_from`, or no pause at all) and has stepped twice: the load
-    steps to the overload rate for a few seconds (over saturation the queue, so in-flight and
-    p99, climb within a fraction of a second). From the step: the controller's pause line, and
-    training paused (the end of the step at whose boundary it blocked: the first step ending
-    after the pause line). The goal is one training step + one poll."""
+    steps to the overload rate for a few seconds (over saturation the queue, so p99, climbs
+    within a fraction of a second). From the step: the controller's first decision that holds
+    training back (paused, or throttled: a /metrics read that times out throttles), the end of
+    the step at whose boundary it took effect (the first step ending after it), and the first
+    pause decision. The goal is one training step + one poll."""
     from pipelines.config import load_params
 
     poll_ms = load_params(REPO / "params.yaml").host.poll_ms
     deadline = time.time() + 60
     while time.time() < deadline and training.held(calm_from):
         time.sleep(0.2)
-    resumed_at = time.time()
+    resumed_at, full = time.time(), not training.held(calm_from)
     training.wait_steps(len(training.events()) + 2)
     before = training.rate(resumed_at - 30, time.time())
     served = open_loop(**step)
     t0 = served["started_at"]
-    decided = training.log_lines("training paused", after=t0)
-    result: dict[str, Any] = {"load": served, "pause_line": decided[0][1] if decided else None}
+    decided = [
+        (when, text)
+        for when, text in training.log_lines("host: training ", after=t0)
+        if "training paused" in text or "training throttled" in text
+    ]
+    result: dict[str, Any] = {"load": served, "decision": decided[0][1] if decided else None}
+    result["full_share_before"] = full
     if decided:
+        # the step at whose boundary the decision took effect: the first one ending after it
         blocked = [e["t"] for e in training.events() if e["t"] >= decided[0][0]]
         result["decision_s"] = decided[0][0] - t0
-        result["paused_s"] = (blocked[0] if blocked else decided[0][0]) - t0
+        result["applied_s"] = (blocked[0] if blocked else decided[0][0]) - t0
+        result["paused_s"] = next((w - t0 for w, x in decided if "training paused" in x), None)
     result["step_s"] = before["median_step_s"]
     result["goal_s"] = (before["median_step_s"] or 0.0) + poll_ms / 1000
     result["poll_ms"] = poll_ms
@@ -463,9 +471,10 @@ def table(figures: dict[str, Any]) -> str:
     for number, d in enumerate(res.get("d", [])):
         breach = d.get("breach") or {}
         lines.append(
-            f"round {number + 1}: overload step -> pause decided {fmt(breach.get('decision_s'))}"
-            f" s, training paused {fmt(breach.get('paused_s'))} s (goal: one step + one poll ="
-            f" {fmt(breach.get('goal_s'))} s); {breach.get('pause_line')}"
+            f"round {number + 1}: overload step -> held back {fmt(breach.get('decision_s'))} s,"
+            f" in effect {fmt(breach.get('applied_s'))} s, first pause"
+            f" {fmt(breach.get('paused_s'))} s (goal: one step + one poll ="
+            f" {fmt(breach.get('goal_s'))} s): {breach.get('decision')}"
         )
     return "\n".join(lines)
 
@@ -487,16 +496,21 @@ def main() -> None:
         "--pin-service", action="store_true", help="(d): the service on host.service.cpus only"
     )
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    parser.add_argument("--keep", type=Path, default=None, help="work in (and keep) this folder")
     args = parser.parse_args()
     if args.command == "train-worker":
         train_worker(args.prepared, args.checkpoints, args.overrides)
         return
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ.update(
-            {"BENTOML_HOME": str(Path(tmp) / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"}
+    with contextlib.ExitStack() as stack:
+        tmp = (
+            args.keep.resolve()
+            if args.keep
+            else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         )
+        tmp.mkdir(parents=True, exist_ok=True)
+        os.environ.update({"BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"})
         figures = run(Path(tmp), args)
         if args.out:
             args.out.write_text(json.dumps(figures, indent=2))

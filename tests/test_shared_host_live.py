@@ -150,3 +150,17 @@ def test_training_pauses_while_the_load_is_high_and_finishes_after(
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert metrics["epochs_run"] == EPOCHS
     assert (tmp_path / "model.pt").is_file()
+    host = host_metrics(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert host["host.pauses"] >= 1
+    assert host["host.paused_seconds"] >= 2  # at least the 3 s the load was held high
+
+
+def host_metrics(tracking_uri: str) -> dict[str, float]:
+    """The host.* metrics of the one train run in the store."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, "tags.`mlops.stage` = 'train'")
+    assert len(runs) == 1, [r.data.tags for r in runs]
+    return {k: v for k, v in runs[0].data.metrics.items() if k.startswith("host.")}
