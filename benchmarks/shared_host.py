@@ -17,9 +17,11 @@ today, `host.mode: dedicated`), (d) both, `host.mode: shared`: params.yaml's `ho
 shipped (--slo-ms replaces host.slo.p99_ms), pointed at this service: training on the cores
 `host.service.cpus` leaves it, at its niceness and threads, with the controller reading the
 service's /metrics. The service itself stays unpinned (reserved cores are cores training never
-gets; --pin-service confines the service to them too). After (d)'s steady window, once training
-runs at full share again, the load steps to --overload x saturation for a few seconds: the time
-from that step to training paused is compared with one training step plus one poll.
+gets; --pin-service confines the service to them too). (e), on request: (d) with
+`host.on_breach: throttle` (fewer threads and a duty cycle instead of a pause). After the steady
+window of (d) and (e), once training runs at full share again, the load steps to --overload x
+saturation for a few seconds: the time from that step to training paused is compared with one
+training step plus one poll.
 
 The load generator runs pinned to the last core in every scenario (with 2 cores it competes with
 training, as a client on another host would not); the scenarios run in rounds (a, b, c, d) so
@@ -194,6 +196,7 @@ class Training:
     """A running train-worker subprocess: its epoch events and its log lines."""
 
     def __init__(self, prepared: Path, work: Path, name: str, overrides: dict[str, Any]) -> None:
+        work.mkdir(parents=True, exist_ok=True)
         self.log = work / f"train-{name}.log"
         checkpoints = work / f"checkpoints-{name}"
         shutil.rmtree(checkpoints, ignore_errors=True)
@@ -393,16 +396,23 @@ def rounds(
         if "a" in args.scenarios:
             results["a"].append(open_loop(**load))
         if "b" in args.scenarios:
-            results["b"].append(training_alone(prepared, work, args.seconds))
+            results["b"].append(training_alone(prepared, work / f"round{number + 1}", args.seconds))
         if "c" in args.scenarios:
-            results["c"].append(both(prepared, work, "c", {}, load))
+            results["c"].append(both(prepared, work / f"round{number + 1}", "c", {}, load))
         if "d" in args.scenarios:
             if args.pin_service:  # as the service's launcher could
                 pin_tree(service_pid, set(host.service.cpus))
             try:
-                results["d"].append(both(prepared, work, "d", overrides, load, overload_rate))
+                results["d"].append(
+                    both(prepared, work / f"round{number + 1}", "d", overrides, load, overload_rate)
+                )
             finally:
                 pin_tree(service_pid, set(CPUS))
+        if "e" in args.scenarios:  # (d) with host.on_breach: throttle instead of pause
+            throttle = overrides | {"host.on_breach": "throttle"}
+            results["e"].append(
+                both(prepared, work / f"round{number + 1}", "e", throttle, load, overload_rate)
+            )
         for key in args.scenarios:
             print(f"round {number + 1}: ({key}) {brief(results[key][-1])}", flush=True)
     return results
@@ -436,8 +446,8 @@ def median(values: list[float]) -> float:
 def table(figures: dict[str, Any]) -> str:
     """The issue's table (medians over the rounds) and the goals."""
     res = figures["results"]
-    loads = {k: [r.get("load", r) for r in res[k]] for k in "acd" if res.get(k)}
-    runs = {k: [r.get("training", r) for r in res[k]] for k in "bcd" if res.get(k)}
+    loads = {k: [r.get("load", r) for r in res[k]] for k in "acde" if res.get(k)}
+    runs = {k: [r.get("training", r) for r in res[k]] for k in "bcde" if res.get(k)}
     p50 = {k: median([x["p50_ms"] for x in v]) for k, v in loads.items()}
     p99 = {k: median([x["p99_ms"] for x in v]) for k, v in loads.items()}
     speed = {k: median([r["samples_per_s"] or 0.0 for r in v]) for k, v in runs.items()}
@@ -455,6 +465,7 @@ def table(figures: dict[str, Any]) -> str:
         "b": "(b) training alone",
         "c": "(c) both, no controls",
         "d": "(d) both, shared mode",
+        "e": "(e) as (d), on_breach: throttle",
     }
     lines = ["| scenario | p50 / p99 latency | training samples/s |", "|---|---|---|"]
     lines += [f"| {names[k]} | {' | '.join(cell(k))} |" for k in names if k in res]
@@ -465,13 +476,26 @@ def table(figures: dict[str, Any]) -> str:
         f"{figures['overload_rate']:.0f}/s; SLO p99 {figures['slo_p99_ms']:.1f} ms; "
         f"{figures['cpus']} CPUs; load average {load['start']} -> {load['end']}",
     ]
-    for key in "cd":
+    for key in "cde":
         if "a" in p99 and key in p99:
-            lines.append(f"p99 ({key}) / (a): {p99[key] / p99['a']:.2f}x")
-    for number, d in enumerate(res.get("d", [])):
+            each = [x["p99_ms"] / y["p99_ms"] for x, y in zip(loads[key], loads["a"], strict=True)]
+            lines.append(
+                f"p99 ({key}) / (a): {p99[key] / p99['a']:.2f}x (round by round: "
+                + ", ".join(f"{r:.2f}" for r in each)
+                + ")"
+            )
+        if "b" in speed and key in speed:
+            pairs = zip(runs[key], runs["b"], strict=True)
+            each = [x["samples_per_s"] / y["samples_per_s"] for x, y in pairs]
+            lines.append(
+                f"training ({key}) / (b) round by round: " + ", ".join(f"{r:.2f}" for r in each)
+            )
+    steps = [(key, n, r) for key in "de" for n, r in enumerate(res.get(key, []))]
+    for key, number, d in steps:
         breach = d.get("breach") or {}
         lines.append(
-            f"round {number + 1}: overload step -> held back {fmt(breach.get('decision_s'))} s,"
+            f"({key}) round {number + 1}: overload step -> held back"
+            f" {fmt(breach.get('decision_s'))} s,"
             f" in effect {fmt(breach.get('applied_s'))} s, first pause"
             f" {fmt(breach.get('paused_s'))} s (goal: one step + one poll ="
             f" {fmt(breach.get('goal_s'))} s): {breach.get('decision')}"
@@ -490,7 +514,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=None, help="requests/s (default: half sat.)")
     parser.add_argument("--overload", type=float, default=1.5, help="x saturation, breach step")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--scenarios", default="abcd", help="which of a, b, c, d to run")
+    parser.add_argument("--scenarios", default="abcd", help="which of a, b, c, d, e to run")
     parser.add_argument("--slo-ms", type=float, default=None, help="(d): host.slo.p99_ms")
     parser.add_argument(
         "--pin-service", action="store_true", help="(d): the service on host.service.cpus only"
