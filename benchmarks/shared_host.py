@@ -239,12 +239,12 @@ class Training:
             "median_step_s": gaps[len(gaps) // 2] if gaps else None,
         }
 
-    def held(self, since: float) -> bool:
+    def held(self) -> bool:
         """Whether the controller's last decision line (any time) is a pause or throttle not
-        yet followed by "training full" after `since`."""
-        modes = ("training paused", "training throttled", "training full")
+        yet followed by "training at full share"."""
+        modes = ("training paused", "training throttled", "training at full share")
         last = [text for _, text in self.log_lines("host: ") if any(m in text for m in modes)]
-        return bool(last) and "training full" not in last[-1]
+        return bool(last) and "training at full share" not in last[-1]
 
     def log_lines(self, contains: str, after: float = 0.0) -> list[tuple[float, str]]:
         """(unix time, text) of the log lines containing `contains`, at or after `after`."""
@@ -286,15 +286,15 @@ def both(
         result = {"load": served, "training": training.rate(served["started_at"], time.time())}
         if overload_rate:
             step = load | {"rate": overload_rate, "seconds": 6.0}
-            result["breach"] = breach(training, step, served["ended_at"])
+            result["breach"] = breach(training, step)
         return result
     finally:
         training.stop()
 
 
-def breach(training: Training, step: dict[str, Any], calm_from: float) -> dict[str, Any]:
+def breach(training: Training, step: dict[str, Any]) -> dict[str, Any]:
     """After the steady window, once training runs at full share again (the controller's
-    "training full" line after `calm_from`, or no pause at all) and has stepped twice: the load
+    "training at full share" line, or no decision at all) and has stepped twice: the load
     steps to the overload rate for a few seconds (over saturation the queue, so p99, climbs
     within a fraction of a second). From the step: the controller's first decision that holds
     training back (paused, or throttled: a /metrics read that times out throttles), the end of
@@ -304,9 +304,9 @@ def breach(training: Training, step: dict[str, Any], calm_from: float) -> dict[s
 
     poll_ms = load_params(REPO / "params.yaml").host.poll_ms
     deadline = time.time() + 60
-    while time.time() < deadline and training.held(calm_from):
+    while time.time() < deadline and training.held():
         time.sleep(0.2)
-    resumed_at, full = time.time(), not training.held(calm_from)
+    resumed_at, full = time.time(), not training.held()
     training.wait_steps(len(training.events()) + 2)
     before = training.rate(resumed_at - 30, time.time())
     served = open_loop(**step)

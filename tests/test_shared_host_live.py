@@ -4,9 +4,10 @@
 service's /metrics pauses training while the load is high; training resumes after the load drops
 and finishes with its outputs.
 
-Not timing-fragile on a loaded box: the load is an overload (requests pile up by the hundred,
-far over `host.slo.max_in_flight`), and every wait is "until a line shows, within a generous
-deadline"; the order of events is what is asserted, not their durations."""
+Not timing-fragile on a loaded box: the load is an overload (requests wait for seconds, far over
+`host.slo.p99_ms`; the service even answers its /metrics too late, which counts as a breach too),
+and every wait is "until a line shows, within a generous deadline"; the order of events is what
+is asserted, not their durations."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.slow
 EPOCHS = 40  # ~0.1-0.5 s each here: the run is still going when the load starts
 OVERLOAD_RATE = 3000  # requests/s: several times what one worker serves on this machine
 PAUSED = "host: training paused"
-RESUMED = "host: training full"
+RESUMED = "host: training at full share"
 
 
 class Lines:
@@ -88,7 +89,7 @@ def shared_params(root: Path, metrics_url: str) -> Path:
 
 
 @pytest.fixture
-def overload(tmp_path: Path) -> Iterator[object]:
+def overload(tmp_path: Path) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
     """A function that starts the open-loop overload against a URL; stopped afterwards."""
     started: list[subprocess.Popen[bytes]] = []
     body = tmp_path / "body.json"
@@ -110,7 +111,7 @@ def overload(tmp_path: Path) -> Iterator[object]:
 
 
 def test_training_pauses_while_the_load_is_high_and_finishes_after(
-    tmp_path: Path, overload: object
+    tmp_path: Path, overload: Callable[[str], subprocess.Popen[bytes]]
 ) -> None:
     _, prepared = tiny_bento_model(tmp_path / "model")
     with live_service(log=tmp_path / "serve.log") as url:
@@ -133,7 +134,7 @@ def test_training_pauses_while_the_load_is_high_and_finishes_after(
             lines.first("epoch 1/", timeout_s=120)  # training runs, the controller watches
             assert not lines.between(PAUSED, 0, time.monotonic()), lines.text()
             load_started = time.monotonic()
-            load = overload(url)  # type: ignore[operator]
+            load = overload(url)
             paused = lines.first(PAUSED, after=load_started, timeout_s=30)
             time.sleep(3)  # the load stays high: training stays paused
             stop_group(load, grace_s=5)
