@@ -127,8 +127,8 @@ def stop_gracefully(proc: subprocess.Popen[str], grace_s: float) -> str:
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        return f"still running {grace_s:g} s after SIGTERM: its process group was killed"
-    return f"stopped by SIGTERM within stop_grace_s {grace_s:g} s (exit {proc.returncode})"
+        return f"its process group was killed {grace_s:g} s after SIGTERM (the stage went on)"
+    return f"its process group was killed after SIGTERM let the stage stop (within {grace_s:g} s)"
 
 
 def _kill_group(pgid: int) -> None:

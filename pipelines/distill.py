@@ -115,7 +115,7 @@ def _run(params: Params, prepared_dir: Path, teacher: Path, outputs: Outputs) ->
                 epoch_logger(run),
                 gate,
             )
-        log_host(run, gate)
+        log_host(run, gate, params)
         write_plots(outputs.plots, trained.history)
         write_json(outputs.metrics, trained.metrics)
         save_model(outputs.model, trained)

@@ -59,6 +59,9 @@ class Mode(enum.IntEnum):
     FULL = 2
 
 
+WORDS = {Mode.PAUSED: "paused", Mode.THROTTLED: "throttled", Mode.FULL: "at full share"}
+
+
 class StopRequested(BaseException):
     """Raised by `TrainingGate.boundary` once a stop was asked (SIGTERM): the loop saves a
     checkpoint at this step boundary and the stage exits; the next run resumes from it. A
@@ -123,12 +126,14 @@ class PrometheusSource:
 @dataclass
 class HostStats:
     """What the gate did: pauses (times training entered a pause), seconds it spent blocked,
-    seconds throttled, and the share over time [(seconds since start, share 0..1)]."""
+    seconds throttled, the share over time [(seconds since start, share 0..1)], and when the
+    loop blocked (the gate's clock, time.monotonic by default: for breach-to-pause delays)."""
 
     pauses: int = 0
     paused_seconds: float = 0.0
     throttled_seconds: float = 0.0
     share: list[tuple[float, float]] = field(default_factory=list)
+    blocked_at: list[float] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         """Summary figures for MLflow: host.pauses, host.paused_seconds, host.throttled_seconds."""
@@ -211,10 +216,13 @@ class TrainingGate:
     def boundary(self) -> None:
         """Called by the loop after every optimizer step: raises StopRequested when a stop was
         asked; blocks while paused (polled every 0.1 s, so a stop still gets through); applies
-        the mode's torch thread count; sleeps for a throttled duty cycle."""
+        the mode's torch thread count; throttled, sleeps so that the time since the previous
+        boundary (the step) is `duty` of the wall time."""
+        worked = self.clock() - self._last_step
         with self._cond:
             if self._mode == Mode.PAUSED and self._stop is None:
                 blocked = self.clock()
+                self.stats.blocked_at.append(blocked)
                 while self._mode == Mode.PAUSED and self._stop is None:
                     self._cond.wait(timeout=0.1)
                 self.stats.paused_seconds += self.clock() - blocked
@@ -222,9 +230,8 @@ class TrainingGate:
         if self._stop is not None:
             raise StopRequested(self._stop)
         self._apply_threads(mode)
-        now = self.clock()
         if mode == Mode.THROTTLED and self.duty < 1.0:
-            time.sleep((now - self._last_step) * (1.0 - self.duty) / self.duty)
+            time.sleep(worked * (1.0 - self.duty) / self.duty)
         self._last_step = self.clock()
 
     def _apply_threads(self, mode: Mode) -> None:
@@ -285,7 +292,10 @@ class Controller:
         self.hold = Mode.FULL  # the SLO's limit
         self.calm_since: float | None = None  # when the figures went below resume_below
         self.source_failed = False
+        self.window = Mode.FULL  # the window's mode at the previous step
         self.reason = "start"
+        # Each change: (the controller's clock, the new mode, its cause), as logged.
+        self.decisions: list[tuple[float, Mode, str]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -306,9 +316,13 @@ class Controller:
         window = self.window_mode()
         mode = min(window, self.hold)
         if mode != self.gate.mode:
-            cause = self.reason if self.hold <= window else "outside host.windows"
-            log.info("host: training %s (%s)", mode.name.lower(), cause)
+            cause = self.reason
+            if window != self.window:  # the window opened or closed
+                cause = "inside host.windows" if window == Mode.FULL else "outside host.windows"
+            log.info("host: training %s (%s)", WORDS[mode], cause)
+            self.decisions.append((self.clock(), mode, cause))
         self.gate.set_mode(mode)
+        self.window = window
         return mode
 
     def _failed(self, error: str) -> None:
@@ -333,7 +347,9 @@ class Controller:
             breach = Mode.PAUSED if self.cfg.on_breach == "pause" else Mode.THROTTLED
             self.hold = min(self.hold, breach)
             self.calm_since = None
-            self.reason = f"{figures} over the SLO (p99 {slo.p99_ms:g} ms, {slo.max_in_flight})"
+            self.reason = (
+                f"{figures} over the SLO (p99 {slo.p99_ms:g} ms, {slo.max_in_flight} in flight)"
+            )
             return
         if self.hold == Mode.FULL:
             return
@@ -373,6 +389,10 @@ class Controller:
             except Exception:  # a controller bug must not kill training: throttle, say so
                 log.exception("host: controller error; training throttled")
                 self.gate.set_mode(min(self.gate.mode, Mode.THROTTLED))
+
+    def alive(self) -> bool:
+        """Whether the polling thread runs."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()
@@ -475,16 +495,18 @@ def _gpu_lines(share: TrainingShare) -> list[str]:
 
 
 @contextlib.contextmanager
-def stop_on_signal(gate: TrainingGate) -> Iterator[None]:
+def stop_on_signal(gate: TrainingGate, also: Callable[[], object] | None = None) -> Iterator[None]:
     """While inside, SIGTERM asks `gate` to stop (a checkpoint at the next step boundary)
-    instead of killing the process. Outside the main thread (no handler can be set) it does
-    nothing."""
+    instead of killing the process, and calls `also` (e.g. passes it on to worker processes).
+    Outside the main thread (no handler can be set) it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: object) -> None:
         gate.request_stop(signal.Signals(signum).name)
+        if also is not None:
+            also()
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:

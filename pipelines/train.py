@@ -136,10 +136,11 @@ def host_gate(params: Params) -> contextlib.AbstractContextManager[TrainingGate 
     return shared_host(params.host)
 
 
-def log_host(run: StageRun, gate: TrainingGate | None) -> None:
-    """The gate's figures as MLflow metrics of `run`: host.pauses, host.paused_seconds,
-    host.throttled_seconds, and host.share (0..1) at each change, step = ms since the start."""
-    if gate is None:
+def log_host(run: StageRun, gate: TrainingGate | None, params: Params) -> None:
+    """In shared mode, the gate's figures as MLflow metrics of `run`: host.pauses,
+    host.paused_seconds, host.throttled_seconds, and host.share (0..1) at each change, step =
+    milliseconds since the start."""
+    if gate is None or params.host.mode != "shared":
         return
     run.log_metrics(gate.stats.metrics())
     for seconds, share in gate.stats.share:
@@ -163,7 +164,7 @@ def _run_tracked(
             trained = train(
                 params.train, prepared_dir, outputs.checkpoint_dir, epoch_logger(run), gate=gate
             )
-        log_host(run, gate)
+        log_host(run, gate, params)
         trained.metadata["tuned_params"] = tuned
         write_plots(outputs.plots, trained.history)
         write_json(outputs.metrics, trained.metrics)

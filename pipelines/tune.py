@@ -59,7 +59,13 @@ from pipelines.config import (
     validate_params,
 )
 from pipelines.errors import ParamsError, PipelineError, StorageError
-from pipelines.host import TrainingGate, shared_host, stopped_cleanly
+from pipelines.host import (
+    StopRequested,
+    TrainingGate,
+    shared_host,
+    stop_on_signal,
+    stopped_cleanly,
+)
 from pipelines.lifecycle import exclusive
 from pipelines.prepare import read_manifest
 
@@ -435,6 +441,13 @@ def spawn_workers(
     ]
 
 
+def terminate(workers: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to each worker still running."""
+    for proc in workers:
+        if proc.poll() is None:
+            proc.terminate()
+
+
 def run_study(
     params: Params, prepared_dir: Path, root: Path, trials_parent: str | None
 ) -> optuna.Study:
@@ -455,12 +468,14 @@ def run_study(
     with tempfile.TemporaryDirectory(prefix="tune-") as scratch:
         params_file = Path(scratch) / "params.yaml"
         workers = spawn_workers(params, prepared_dir, params_file, storage, trials_parent)
+        gate = TrainingGate()  # SIGTERM: passed on; the workers stop at their trials' next step
         try:
-            codes = [proc.wait() for proc in workers]
+            with stop_on_signal(gate, lambda: terminate(workers)):
+                codes = [proc.wait() for proc in workers]
         finally:
-            for proc in workers:  # this process was interrupted: no orphans
-                if proc.poll() is None:
-                    proc.terminate()
+            terminate(workers)  # this process was interrupted: no orphans
+    if gate.stop_reason is not None:
+        raise StopRequested(gate.stop_reason)
     if any(codes):
         raise PipelineError(f"tune: worker exit codes {codes}; see their logs above")
     return study
