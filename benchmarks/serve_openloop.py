@@ -8,8 +8,9 @@ fixed number of requests in flight instead, and `wrk2` is not packaged in Debian
 from the due time, so a stalled server is charged for the requests queued behind the stall (no
 coordinated omission). Keep-alive connections come from a pool; a new one opens when all are
 busy, up to --max-connections. Prints one JSON object: achieved rate, latency percentiles (ms),
-status counts, connection errors, the wall-clock time (Unix s) the fixed-rate run started, connections opened and how late sends were (generator lag,
-to show the generator was not the bottleneck). asyncio Protocols, no HTTP library: about 20 us of
+status counts, connection errors, the wall-clock time (Unix s) the fixed-rate run started,
+connections opened and how late sends were (generator lag, to show the generator was not the
+bottleneck). asyncio Protocols, no HTTP library: about 20 us of
 CPU per request.
 """
 
