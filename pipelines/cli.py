@@ -30,7 +30,8 @@ def run_cli(
     The stage dies with the process that started it (see `die_with_parent`)."""
     die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("great_expectations", "mlflow", "alembic", "urllib3", "matplotlib"):
+    # httpx: one INFO line per request, e.g. per poll of the shared-host controller (host.poll_ms)
+    for noisy in ("great_expectations", "mlflow", "alembic", "urllib3", "matplotlib", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         body(load(Path(params_path)))
