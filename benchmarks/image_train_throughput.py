@@ -16,7 +16,10 @@ flip), batches decoded from the files per batch in `--workers` DataLoader worker
   run's shuffling sampler, every epoch, a checkpoint after each, the best model rebuilt);
 - bare: the same `ImageBatches` in a plain `DataLoader` (a `BatchSampler` over a
   `RandomSampler`, the same workers, persistent, batch-level fetching), AdamW and the cosine
-  schedule, forward, backward, step; the same validation pass. No checkpoints, no checks.
+  schedule, forward, backward, step; the same validation pass. No checkpoints, no checks. Its
+  batch is the stage's: `train.batch_size` capped at train rows // `train.min_batches_per_epoch`
+  (`fitted_to`; 2,000 images = 1,400 train rows: 87, not 128). Before 2026-11-30 the bare loop
+  took 128 while the stage took 87: the figures below for 2,000 images compared unequal work.
 
 samples/s = epochs x train images / wall seconds (after one untimed warm-up of each side; then
 the sides alternate, the order flipping every repeat; medians). The ratio stage / bare is the
@@ -50,11 +53,12 @@ import torch.nn.functional as F  # noqa: N812
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipelines.config import Params, load_params  # noqa: E402
+from pipelines.config import Params  # noqa: E402
 from pipelines.models import model_args, rebuild  # noqa: E402
 from pipelines.prepare import prepare, read_manifest  # noqa: E402
 from pipelines.training import loop as training_loop  # noqa: E402
 from pipelines.training.data import load_data  # noqa: E402
+from tests.helpers.params import image_folder_params  # noqa: E402
 
 GOAL = 0.95
 SOURCE = "data/raw/images"
@@ -93,15 +97,12 @@ def write_folder(root: Path, images: int, size: int, seed: int = 0) -> None:
 
 
 def bench_params(args: argparse.Namespace) -> Params:
-    c, s = args.channels, args.size
-    return load_params(
-        REPO / "params.yaml",
-        overrides={
-            "data.source": SOURCE,
-            "data.image_shape": [s, s],
-            "data.channels": c,
-            "data.features": {"prefix": "px_", "count": c * s * s},
-            "data.value_range": [0.0, 1.0],
+    """The folder's params (tests.helpers.params.image_folder_params) with this run's settings."""
+    return image_folder_params(
+        source=SOURCE,
+        size=args.size,
+        channels=args.channels,
+        **{
             "train.model.arch": args.arch,
             "train.model.width": args.width,
             "train.batch_size": args.batch,
@@ -171,10 +172,12 @@ def bare(params: Params, prepared: Path, root: Path) -> dict[str, float]:
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
     start = time.perf_counter()
-    cfg = params.train
     manifest = read_manifest(prepared)
-    data = load_data(prepared, manifest, cfg.augment, root=root)
+    data = load_data(prepared, manifest, params.train.augment, root=root)
     assert data.train_images is not None
+    # The batch the stage trains with: train.batch_size capped by the split's size (fitted_to),
+    # so both sides take the same optimizer steps.
+    cfg = training_loop.fitted_to(params.train, len(data.y_train))
     torch.manual_seed(cfg.seed)
     model = rebuild(model_args(cfg, manifest))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
