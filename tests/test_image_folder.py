@@ -8,35 +8,26 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from pipelines.config import Params, load_params
+from pipelines.config import load_params
 from pipelines.errors import CheckpointError, ParamsError
 from pipelines.prepare import prepare, read_files, read_manifest, read_split
 from tests.helpers import REPO
 from tests.helpers.images import write_digit_folder
+from tests.helpers.params import image_folder_params
 
 SOURCE = "data/raw/digits"
 
 
-def folder_params(size: int = 16, channels: int = 1, **more: Any) -> Params:
-    """params.yaml for data/raw/digits (a folder of images) at size x size."""
-    overrides = {
-        "data.source": SOURCE,
-        "data.image_shape": [size, size],
-        "data.channels": channels,
-        "data.features": {"prefix": "px_", "count": channels * size * size},
-        "data.value_range": [0.0, 1.0],
-        "validate.min_rows_per_class": 5,
-        **more,
-    }
-    return load_params(REPO / "params.yaml", overrides=overrides)
+# 20 images a class in most tests (validate's default floor is 20 over all splits).
+folder_params = partial(image_folder_params, {"validate.min_rows_per_class": 5}, source=SOURCE)
 
 
 @pytest.fixture(scope="module")

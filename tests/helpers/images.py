@@ -79,32 +79,39 @@ def png(draw_one: bool = True, size: int = 64, background: int = 255) -> bytes:
 
 
 def write_digit_folder(
-    folder: Any, per_class: int = 20, size: int = 32, broken: int = 0, classes: int = 10
+    folder: Any,
+    per_class: int = 20,
+    size: int = 32,
+    broken: int = 0,
+    classes: int = 10,
+    names: list[str] | None = None,
 ) -> list[str]:
     """A folder of images in the ImageFolder layout: scikit-learn's digits drawn at `size` x
-    `size` (dark ink on white, bilinear), `per_class` files per class <folder>/<digit>/, every
-    other one PNG, the rest JPEG (quality 95); then `broken` truncated PNGs in class 0. Returns
-    the broken files' paths relative to `folder`."""
+    `size` (dark ink on white, bilinear), `per_class` files per class <folder>/<name>/ (the
+    digit, or `names[digit]` for the first len(names) digits), every other one PNG, the rest
+    JPEG (quality 95); then `broken` truncated PNGs in the first class. Returns the broken
+    files' paths relative to `folder`."""
     from pathlib import Path
 
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     root = Path(folder)
-    for label in range(classes):
-        (root / str(label)).mkdir(parents=True, exist_ok=True)
+    folders = list(names) if names else [str(label) for label in range(classes)]
+    for label, name in enumerate(folders):
+        (root / name).mkdir(parents=True, exist_ok=True)
         rows = digits.data[digits.target == label][:per_class]
         for i, row in enumerate(rows):
             gray = (255 - row.reshape(8, 8) / 16 * 255).round().astype(np.uint8)
             image = Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR)
             if i % 2:
-                image.save(root / str(label) / f"{i:04d}.jpg", "JPEG", quality=95)
+                image.save(root / name / f"{i:04d}.jpg", "JPEG", quality=95)
             else:
-                image.save(root / str(label) / f"{i:04d}.png", "PNG")
-    names = []
+                image.save(root / name / f"{i:04d}.png", "PNG")
+    broken_files = []
     for i in range(broken):
         whole = encoded(Image.new("L", (size, size), 255), "PNG")
-        name = f"0/broken-{i}.png"
-        (root / name).write_bytes(whole[: len(whole) // 2])
-        names.append(name)
-    return names
+        path = f"{folders[0]}/broken-{i}.png"
+        (root / path).write_bytes(whole[: len(whole) // 2])
+        broken_files.append(path)
+    return broken_files

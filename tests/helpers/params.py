@@ -37,3 +37,29 @@ def write_params_file(params: Params, root: Path) -> Path:
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(section_dict(params), sort_keys=False))
     return path
+
+
+def image_folder_params(
+    *layers: Mapping[str, object],
+    source: str = "data/raw/digits",
+    size: int = 16,
+    channels: int = 1,
+    **overrides: object,
+) -> Params:
+    """params.yaml (not shrunk) for a folder of images at `source` (relative to the project
+    root), decoded to `channels` x `size` x `size` pixels in [0, 1]: the `data` keys a folder
+    needs, then each of `layers` and `overrides` as in `tiny_params` (a later value wins).
+
+    Raises pipelines.errors.ParamsError for an unknown key or an invalid value, as load_params.
+    """
+    merged: dict[str, object] = {
+        "data.source": source,
+        "data.image_shape": [size, size],
+        "data.channels": channels,
+        "data.features": {"prefix": "px_", "count": channels * size * size},
+        "data.value_range": [0.0, 1.0],
+    }
+    for layer in layers:
+        merged.update(layer)
+    merged.update({key.replace("__", "."): value for key, value in overrides.items()})
+    return load_params(REPO / "params.yaml", overrides=merged)

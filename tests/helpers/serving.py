@@ -43,15 +43,16 @@ def live_service(
     args: tuple[str, ...] = (),
     timeout_s: float = 90.0,
     log: Path | None = None,
+    cwd: Path = REPO,
 ) -> Iterator[str]:
-    """`bentoml serve <target>` from the project root on a free loopback port; yields its base
-    URL once /readyz answers 200, and stops the server (and its workers) afterwards."""
+    """`bentoml serve <target>` from `cwd` (the project root) on a free loopback port; yields its
+    base URL once /readyz answers 200, and stops the server (and its workers) afterwards."""
     port = free_port()
     command = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1"]
     sink = log.open("wb") if log else subprocess.DEVNULL
     process = subprocess.Popen(
         [*command, "--port", str(port), *args],
-        cwd=REPO,
+        cwd=cwd,
         env={**os.environ, **(env or {})},
         stdout=sink,
         stderr=subprocess.STDOUT,
