@@ -583,21 +583,11 @@ def test_sigterm_to_the_train_stage_saves_mid_epoch_and_the_rerun_ends_the_same(
 
     from pipelines.config import load_params
     from pipelines.models import load_model
-    from tests.helpers.params import write_params_file
+    from tests.helpers.train_stage import train_stage
 
     epochs = 8
-    shrunk = {"train.epochs": epochs, "train.patience": epochs, "train.device": "cpu"}
-    write_params_file(tiny_params(shrunk, train__model__width=48), tmp_path)  # ~0.3 s an epoch
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "PYTHONPATH": str(REPO),
-    }
-    env.pop("MLOPS_PARENT_RUN_ID", None)
-    command = [sys.executable, "-m", "pipelines.train", "--prepared", str(prepared)]
-    command += ["--model", "models/train/model.pt", "--metrics", "metrics/train.json"]
-    command += ["--plots", "plots/train.csv", "--checkpoint-dir", "checkpoints/train"]
-    checkpoints = tmp_path / "checkpoints" / "train"
+    stage = train_stage(tmp_path, prepared, epochs)
+    command, env, checkpoints = stage.command, stage.env, stage.checkpoints
 
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

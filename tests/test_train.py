@@ -5,11 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,9 +29,9 @@ from pipelines.training.checkpoints import (
     read_checkpoint,
 )
 from pipelines.training.data import split_arrays
-from tests.helpers import REPO
 from tests.helpers.locks import held_elsewhere
 from tests.helpers.params import tiny_params, write_params_file
+from tests.helpers.train_stage import train_stage
 
 # On top of tiny_params(): three epochs, no early stop, in-process loading.
 LOOP = {"train.epochs": 3, "train.patience": 10, "train.num_workers": 0}
@@ -373,18 +371,8 @@ def test_kill_9_mid_run_then_restart_resumes_to_the_same_result(
 ) -> None:
     """A real `python -m pipelines.train` killed with SIGKILL after epoch 2, started again."""
     epochs = 8
-    shrunk = {"train.epochs": epochs, "train.patience": epochs, "train.device": "cpu"}
-    write_params_file(tiny_params(shrunk, train__model__width=48), tmp_path)  # ~0.3 s per epoch
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "PYTHONPATH": str(REPO),
-    }
-    env.pop("MLOPS_PARENT_RUN_ID", None)
-    command = [sys.executable, "-m", "pipelines.train", "--prepared", str(prepared)]
-    command += ["--model", "models/train/model.pt", "--metrics", "metrics/train.json"]
-    command += ["--plots", "plots/train.csv", "--checkpoint-dir", "checkpoints/train"]
-    checkpoints = tmp_path / "checkpoints" / "train"
+    stage = train_stage(tmp_path, prepared, epochs)
+    command, env, checkpoints = stage.command, stage.env, stage.checkpoints
 
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
