@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,3 +98,31 @@ def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLOPS_PARENT_RUN_ID", raising=False)
     return uri
+
+
+@pytest.fixture(scope="session")
+def bento_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """The tiny digits model in the session's BentoML store: (its tag, its prepared data)."""
+    from tests.helpers.serving import tiny_bento_model
+
+    return tiny_bento_model(tmp_path_factory.mktemp("service"))
+
+
+@pytest.fixture(scope="session")
+def service_client(bento_model: tuple[str, Path]) -> Iterator[Any]:
+    """service.py in-process (Starlette's TestClient) serving `bento_model`: ONE app per test
+    process, shared by the modules that need it, because BentoML registers its Prometheus
+    metrics in the process's registry when an app starts, and a second app's registration is a
+    DuplicateTimeseries. service.py reads its model tag when imported, and `package` (a bento
+    build) imports it for its own model: import it afresh, for this model."""
+    import sys
+
+    from starlette.testclient import TestClient
+
+    sys.modules.pop("service", None)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLOPS_MODEL_TAG", bento_model[0])
+        import service
+
+        with TestClient(service.SERVICE.to_asgi(), raise_server_exceptions=False) as test_client:
+            yield test_client

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,6 @@ from starlette.testclient import TestClient
 from pipelines.prediction_log import PredictionLog
 from pipelines.prepare import read_split
 from tests.helpers.images import digit_image, encoded
-from tests.helpers.serving import tiny_bento_model
 
 LOG = {"X-Log-Request": "1"}
 
@@ -111,20 +109,14 @@ def test_a_full_disk_drops_records_and_never_raises(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    return tiny_bento_model(tmp_path_factory.mktemp("logged"))
+def model(bento_model: tuple[str, Path]) -> tuple[str, Path]:
+    return bento_model
 
 
 @pytest.fixture(scope="module")
-def client(model: tuple[str, Path]) -> Iterator[TestClient]:
-    """The service in-process (see tests/test_service.py's fixture of the same name)."""
-    sys.modules.pop("service", None)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLOPS_MODEL_TAG", model[0])
-        import service
-
-        with TestClient(service.SERVICE.to_asgi(), raise_server_exceptions=False) as test_client:
-            yield test_client
+def client(service_client: TestClient) -> TestClient:
+    """The service in-process: the one app of the test process (conftest's service_client)."""
+    return service_client
 
 
 @pytest.fixture

@@ -17,29 +17,20 @@ from starlette.testclient import TestClient
 
 from pipelines.prepare import read_split
 from tests.helpers.images import digit_image, encoded, mode_variants, png
-from tests.helpers.serving import tiny_bento_model
 from tests.helpers.uploads import Listener, upload_cases
 
 FEATURES = 64
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    return tiny_bento_model(tmp_path_factory.mktemp("service"))
+def model(bento_model: tuple[str, Path]) -> tuple[str, Path]:
+    return bento_model
 
 
 @pytest.fixture(scope="module")
-def client(model: tuple[str, Path]) -> Iterator[TestClient]:
-    """One app per module: BentoML registers its Prometheus metrics once per process. service.py
-    reads its model tag when imported, and `package` (a bento build) imports it for its own model:
-    import it afresh, for this module's model."""
-    sys.modules.pop("service", None)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLOPS_MODEL_TAG", model[0])
-        import service
-
-        with TestClient(service.SERVICE.to_asgi(), raise_server_exceptions=False) as test_client:
-            yield test_client
+def client(service_client: TestClient) -> TestClient:
+    """The one in-process app of the test process (conftest's service_client)."""
+    return service_client
 
 
 def rows(prepared: Path, n: int) -> tuple[list[list[float]], np.ndarray]:
