@@ -218,6 +218,7 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> DataConfig:
+        self._check_features()
         self._check_ranges()
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels: the label set has repeated values")
@@ -229,6 +230,26 @@ class DataConfig(Section):
                 count = len(self.feature_columns)
                 raise ValueError(f"image_shape: {size} does not match {count} feature columns")
         return self
+
+    def _check_features(self) -> None:
+        """An explicit feature list: at least one column, each named once, blank names and the
+        label column refused (a label among the features would train on the answer)."""
+        if self.label_column in self.feature_columns:
+            raise ValueError(
+                f"features: {self.label_column!r} is the label column (data.label_column);"
+                " a model cannot take its own answer as a feature"
+            )
+        if isinstance(self.features, FeatureRange):
+            return
+        if not self.features:
+            raise ValueError("features: the list is empty; name the feature columns")
+        blank = [i for i, name in enumerate(self.features) if not name.strip()]
+        if blank:
+            raise ValueError(f"features: entry {blank[0]} is a blank column name")
+        repeated = sorted({name for name in self.features if self.features.count(name) > 1})
+        if repeated:
+            names = ", ".join(repr(name) for name in repeated)
+            raise ValueError(f"features: {names} listed more than once")
 
     def _check_ranges(self) -> None:
         if isinstance(self.value_range, tuple):

@@ -281,6 +281,29 @@ def test_settings_that_cannot_work_together_name_both_keys(
     assert "Traceback" not in message
 
 
+@pytest.mark.parametrize(
+    ("features", "label_column", "shown"),
+    [
+        ([], "label", "features: the list is empty"),
+        (["a", " ", "b"], "label", "features: entry 1 is a blank column name"),
+        (["a", "b", "a", "b"], "label", "features: 'a', 'b' listed more than once"),
+        (["species", "a", "b"], "species", "features: 'species' is the label column"),
+        ({"prefix": "px_", "count": 3}, "px_1", "features: 'px_1' is the label column"),
+    ],
+    ids=["empty", "blank", "repeated", "label-listed", "label-generated"],
+)
+def test_a_feature_list_that_cannot_be_read_is_one_line_naming_the_column(
+    features: Any, label_column: str, shown: str
+) -> None:
+    """Each of these used to reach `prepare` and end in a traceback (or, for the empty list, a
+    half-written data/prepared/): now params.yaml is refused when it loads."""
+    raw = tabular(raw_params())
+    raw["data"].update(features=features, label_column=label_column, value_range="learn")
+    message = rejected(raw)
+    assert shown in message.splitlines()[0], message
+    assert "Traceback" not in message
+
+
 def test_the_readme_own_data_example_is_accepted() -> None:
     """The "Your own data" block, on top of params.yaml: tabular data with flat-row models."""
     text = (REPO / "README.md").read_text().split("### Your own data", 1)[1]
