@@ -305,6 +305,7 @@ def prepare_images(
     sha256), split by content (`assign_splits`). Files that do not decode are listed, in no
     split: `validate` names them."""
     from pipelines.image_folder import assign_splits, pixel_rows, scan
+    from pipelines.preprocessing import IMAGE_MODES
 
     folder = root / data.source
     files = scan(folder, data.labels)
@@ -327,6 +328,14 @@ def prepare_images(
     for path, error in zip(broken["path"][:SAMPLE], broken["error"][:SAMPLE], strict=False):
         log.warning(
             "prepare: %s/%s does not decode (%s); validate will reject it", folder, path, error
+        )
+    odd = files[files["error"].isna() & ~files["mode"].isin(IMAGE_MODES)]
+    for path, mode in zip(odd["path"][:SAMPLE], odd["mode"][:SAMPLE], strict=False):
+        log.warning(
+            "prepare: %s/%s: image mode %s is not supported; validate will reject it",
+            folder,
+            path,
+            mode,
         )
     with atomic_path(out_dir / "files.csv") as tmp:
         files.to_csv(tmp, index=False)

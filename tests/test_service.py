@@ -171,6 +171,36 @@ def test_corrupt_images_get_a_400(client: TestClient, content: bytes, message: s
     assert message in response.text
 
 
+ACCEPTED = "not a readable image: PNG, JPEG, GIF, BMP, TIFF or WEBP expected"
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "garbage"])
+def test_unaccepted_formats_get_a_400_naming_the_accepted_ones(
+    client: TestClient, fmt: str
+) -> None:
+    """The message once said "PNG or JPEG expected" while TIFF, GIF, BMP and WebP were read too
+    (and any other format Pillow knows): the accepted set is explicit and named."""
+    content = b"not an image" if fmt == "garbage" else encoded(SAMPLE.convert("L"), fmt)
+    response = client.post("/predict_image", files={"image": ("x", content, "image/png")})
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": f"image: {ACCEPTED}"}
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "WEBP"])
+def test_every_accepted_format_gets_a_200(client: TestClient, fmt: str) -> None:
+    content = encoded(SAMPLE, fmt)
+    response = client.post("/predict_image", files={"image": ("x", content, "image/png")})
+    assert response.status_code == 200, response.text
+
+
+def test_hsv_is_refused_naming_the_mode() -> None:
+    """HSV has no file format; an image decoded to it is refused like I, F and LAB."""
+    from pipelines.preprocessing import ImageError, luminance
+
+    with pytest.raises(ImageError, match=r"^image mode HSV is not supported"):
+        luminance(Image.new("HSV", (8, 8)))
+
+
 def test_metadata_describes_the_model(client: TestClient, model: tuple[str, Path]) -> None:
     response = client.get("/metadata")
     assert response.status_code == 200
