@@ -366,13 +366,21 @@ def record(suite: str, item: Any) -> dict[str, Any]:
         "unexpected_count": result.get("unexpected_count"),
         "unexpected_percent": result.get("unexpected_percent"),
         "observed_value": result.get("observed_value"),
-        "sample": (result.get("partial_unexpected_list") or [])[:SAMPLE],
+        "sample": distinct(result.get("partial_unexpected_list") or [])[:SAMPLE],
         "unexpected_rows": index if index and isinstance(index[0], dict) else None,
         "reason": meta.get("reason"),
         "limit": meta.get("limit"),
         "depends_on": meta.get("depends_on", []),
         "exception": exception_message(item.exception_info or {}),
     }
+
+
+def distinct(values: list[Any]) -> list[Any]:
+    """`values` without repeats, in first-seen order (by repr: 1 and '1' stay apart)."""
+    seen: dict[str, Any] = {}
+    for value in values:
+        seen.setdefault(repr(value), value)
+    return list(seen.values())
 
 
 def exception_message(info: dict[str, Any]) -> str | None:

@@ -83,8 +83,12 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("string", {"rows": [["1"] * FEATURES]}, "valid number"),
     ("bool", {"rows": [[True] * FEATURES]}, "valid number"),
     ("null", {"rows": [[None] * FEATURES]}, "valid number"),
-    ("out of range", {"rows": [[0.0] * 63 + [17.0]]}, "outside the trained range [0, 16]"),
-    ("negative", {"rows": [[-1.0] + [0.0] * 63]}, "feature 0: -1 is outside"),
+    (
+        "out of range",
+        {"rows": [[0.0] * 63 + [17.0]]},
+        "feature 63 ('px_63'): 17 is outside the trained range [0, 16]",
+    ),
+    ("negative", {"rows": [[-1.0] + [0.0] * 63]}, "feature 0 ('px_0'): -1 is outside"),
     ("empty batch", {"rows": []}, "empty batch"),
     ("over the row limit", {"rows": [[0.0] * FEATURES] * 257}, "over the limit of 256"),
     ("no rows key", {"data": [[0.0] * FEATURES]}, "Field required"),
@@ -463,9 +467,14 @@ def test_rows_are_checked_against_each_features_own_range(client: TestClient) ->
     contract = service.RowContract.from_spec(spec, max_rows=4)
     assert (contract.low, contract.high) == ((-1.0, 100.0), (1.0, 2000.0))
     assert service.check_rows([[0.5, 1500.0]], contract) == [[0.5, 1500.0]]
-    with pytest.raises(ValueError, match=r"row 0, feature 0: 5 is outside .*\[-1, 1\]"):
+    with pytest.raises(ValueError, match=r"row 0, feature 0 \('a'\): 5 is outside .*\[-1, 1\]"):
         service.check_rows([[5.0, 1500.0]], contract)  # inside the envelope, not its own range
-    with pytest.raises(ValueError, match=r"row 1, feature 1: 50 is outside .*\[100, 2000\]"):
+    with pytest.raises(
+        ValueError, match=r"row 1, feature 1 \('b'\): 50 is outside .*\[100, 2000\]"
+    ):
         service.check_rows([[0.0, 150.0], [0.0, 50.0]], contract)
     uniform = service.RowContract.from_spec({**spec, "feature_ranges": None}, max_rows=4)
     assert (uniform.low, uniform.high) == ((-1.0, -1.0), (2000.0, 2000.0))
+    unnamed = service.RowContract.from_spec({**spec, "feature_columns": []}, max_rows=4)
+    with pytest.raises(ValueError, match=r"^row 0, feature 1: 3000 is outside"):
+        service.check_rows([[0.0, 3000.0]], unnamed)  # no names in the metadata: the index

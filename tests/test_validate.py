@@ -278,3 +278,14 @@ def test_nan_from_a_parquet_source_is_a_null(tmp_path: Path) -> None:
     prepare(params.data, params.prepare, tmp_path, tmp_path / "prepared")
     lines = [x.strip() for x in failure(params, tmp_path / "prepared", tmp_path / "docs")]
     assert "expect_column_values_to_not_be_null on 'b': 2 of 40 rows unexpected (null)" in lines
+
+
+def test_unknown_labels_are_quoted_once_each(tmp_path: Path) -> None:
+    """The examples once repeated a value (`e.g. 'two', 'two', ...`): distinct values only."""
+    frame = table().astype({"label": object})
+    for row in (1, 3, 5, 9):
+        frame.loc[row, "label"] = "two"
+    frame.loc[7, "label"] = "three"
+    lines = [x.strip() for x in failure(*prepared(tmp_path, frame), tmp_path / "docs")]
+    in_set = next(x for x in lines if x.startswith("expect_column_values_to_be_in_set on 'label'"))
+    assert "5 of 40 rows unexpected (not in data.labels; e.g. 'two', 'three')" in in_set, in_set
