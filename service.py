@@ -118,19 +118,25 @@ def one_line_client_errors() -> None:
 class RowContract:
     """What a valid row is for one model: its feature count and each feature's legal [low, high]
     (`preprocessing.feature_columns`, and `feature_ranges` or the one `value_range`, of the
-    model's metadata.json: what `validate` checked the training data against), and the request
-    limit `serve.max_rows`."""
+    model's metadata.json: what `validate` checked the training data against), the request
+    limit `serve.max_rows`, and the feature columns' names (empty when the metadata has none)."""
 
     features: int
     low: tuple[float, ...]  # per feature
     high: tuple[float, ...]
     max_rows: int
+    columns: tuple[str, ...] = ()
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any], max_rows: int) -> "RowContract":
         ranges = feature_ranges(spec)
         low, high = (tuple(r[k] for r in ranges) for k in (0, 1))
-        return cls(len(ranges), low, high, max_rows)
+        names = tuple(str(c) for c in spec.get("feature_columns") or ())
+        return cls(len(ranges), low, high, max_rows, names if len(names) == len(ranges) else ())
+
+    def feature(self, j: int) -> str:
+        """`feature j`, with the column's name when the model's metadata has it."""
+        return f"feature {j} ({self.columns[j]!r})" if self.columns else f"feature {j}"
 
 
 def check_rows(rows: list[list[float]], contract: RowContract) -> list[list[float]]:
@@ -150,7 +156,7 @@ def check_rows(rows: list[list[float]], contract: RowContract) -> list[list[floa
     if outside.any():
         i, j = (int(k) for k in np.argwhere(outside)[0])
         raise ValueError(
-            f"row {i}, feature {j}: {x[i, j]:g} is outside the trained range "
+            f"row {i}, {contract.feature(j)}: {x[i, j]:g} is outside the trained range "
             f"[{low[j]:g}, {high[j]:g}] ({int(outside.sum())} such values)"
         )
     return rows

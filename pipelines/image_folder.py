@@ -19,7 +19,13 @@ import numpy as np
 import pandas as pd
 
 from pipelines.errors import DataSourceError
-from pipelines.preprocessing import ImageError, decode_image, open_image
+from pipelines.preprocessing import (
+    IMAGE_MODES,
+    ImageError,
+    decode_image,
+    is_sixteen_bit,
+    open_image,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 FILE_COLUMNS = ("path", "label", "sha256", "width", "height", "mode", "error")
@@ -75,7 +81,9 @@ def inspect(content: bytes) -> dict[str, object]:
     }
     try:
         with open_image(content) as image:
-            found.update(width=image.width, height=image.height, mode=image.mode)
+            # a PNG's `I` (older Pillow) is 16-bit grayscale: recorded as what it is
+            mode = "I;16" if image.mode == "I" and is_sixteen_bit(image) else image.mode
+            found.update(width=image.width, height=image.height, mode=mode)
     except ImageError as exc:
         found["error"] = str(exc)
     return found
@@ -90,14 +98,15 @@ def split_key(sha256: str, seed: int) -> str:
 def assign_splits(
     files: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int
 ) -> pd.Series:
-    """The split ("train", "val", "test"; None for files that do not decode) of each file.
+    """The split ("train", "val", "test"; None for files that do not decode or whose mode is
+    not one of `IMAGE_MODES`: `validate` names them) of each file.
 
     Per class, the distinct contents are ordered by `split_key`; the first round(n *
     test_fraction) go to test, the next round(n * val_fraction) to val, the rest to train (n:
     distinct contents of the class). Identical files share a content, so they land in the same
     split; renaming, adding a file of another class or reordering changes nothing else."""
     result = pd.Series([None] * len(files), index=files.index, dtype=object)
-    good = files[files["error"].isna()]
+    good = files[files["error"].isna() & files["mode"].isin(IMAGE_MODES)]
     for _, group in good.groupby("label", sort=True):
         contents = sorted(set(group["sha256"]), key=lambda sha: split_key(sha, seed))
         n = len(contents)

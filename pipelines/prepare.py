@@ -4,6 +4,8 @@ Checks here are only what splitting needs (a readable table with the label colum
 `validate` stage is the data gate, so odd values pass through to be reported there. A CSV is read
 with only empty cells as nulls: a text such as `n/a`, `NA` or `NaN` in a numeric column stays
 text, so `validate` reports it as non-numeric (the manifest names its source rows), not as null.
+An infinite number (`inf`, `Infinity`, `1e999`, a Parquet float's inf) is the one value rejected
+here, before anything is written: no range holds it, and value_range `learn` would learn from it.
 """
 
 from __future__ import annotations
@@ -123,6 +125,41 @@ def non_numeric_cells(frame: pd.DataFrame, columns: list[str]) -> dict[str, dict
     return found
 
 
+def non_finite_cells(frame: pd.DataFrame, columns: list[str]) -> dict[str, dict[str, Any]]:
+    """Per column that must be numeric: how many cells hold an infinite number (a CSV's `inf`,
+    `-inf`, `Infinity`, `1e999`; a Parquet float's inf), a few distinct examples, and their
+    source rows (1 = the first row after a CSV's header). A NaN is a null, not listed here."""
+    found = {}
+    for column in (c for c in columns if c in frame.columns):
+        values = as_numbers(frame[column])
+        bad = values.map(lambda v: isinstance(v, (int, float)) and bool(np.isinf(v)))
+        if bad.any():
+            cells = values[bad]
+            found[str(column)] = {
+                "count": int(bad.sum()),
+                "examples": list(dict.fromkeys(map(float, cells)))[:SAMPLE],
+                "rows": [int(i) + 1 for i in cells.index[:SAMPLE]],
+            }
+    return found
+
+
+def reject_non_finite(source: str, frame: pd.DataFrame, columns: list[str]) -> None:
+    """Raise DataSourceError naming each column with infinite numbers, their count and source
+    rows: an infinite feature has no place in any range (value_range `learn` would learn
+    [-inf, inf] from it, and training fails on it), so nothing is written."""
+    found = non_finite_cells(frame, columns)
+    if found:
+        parts = []
+        for column, cells in found.items():
+            more = ", ..." if cells["count"] > len(cells["rows"]) else ""
+            parts.append(
+                f"column {column!r} has {cells['count']} infinite value(s) "
+                f"({', '.join(map(str, cells['examples']))}) at source row(s) "
+                f"{', '.join(map(str, cells['rows']))}{more}"
+            )
+        raise DataSourceError(f"{source}: {'; '.join(parts)}; numbers must be finite")
+
+
 def split(frame: pd.DataFrame, label: str, cfg: PrepareConfig) -> dict[str, pd.DataFrame]:
     """Stratified train/val/test split by seed; plain random where stratifying is impossible
     (nulls in the label, a class with too few rows); all rows in train where even that is (a
@@ -159,8 +196,9 @@ def _split(
 
 def learn_ranges(train: pd.DataFrame, columns: list[str]) -> dict[str, list[float]]:
     """data.value_range `learn`: per feature column, [min - m, max + m] over the training split's
-    numbers (text and nulls ignored: `validate` reports them), m = LEARN_MARGIN x the span. A
-    column without a single number gets [0, 0] (validate then fails it, naming the column).
+    finite numbers (text, nulls and infinities ignored: `validate` reports them), m =
+    LEARN_MARGIN x the span: never an infinite bound. A column without a single finite number
+    gets [0, 0] (validate then fails it, naming the column).
     Raises DataSourceError naming the feature columns the data does not have (nothing to learn
     from: `validate` would name them too, but prepare cannot write its manifest without them)."""
     missing = [c for c in columns if c not in train.columns]
@@ -172,7 +210,8 @@ def learn_ranges(train: pd.DataFrame, columns: list[str]) -> dict[str, list[floa
         )
     ranges = {}
     for column in columns:
-        values = pd.to_numeric(train[column], errors="coerce").dropna()
+        values = pd.to_numeric(train[column], errors="coerce")
+        values = values[np.isfinite(values.astype("float64"))]  # never an infinite bound
         if values.empty:
             ranges[column] = [0.0, 0.0]
             continue
@@ -233,6 +272,7 @@ def prepare(data: DataConfig, cfg: PrepareConfig, root: Path, out_dir: Path) -> 
     if is_image_folder(data.source):
         return prepare_images(data, cfg, root, out_dir)
     frame, source_sha = load_source(data, root)
+    reject_non_finite(data.source, frame, numeric_columns(data))
     cells = non_numeric_cells(frame, numeric_columns(data))
     for column in (c for c in numeric_columns(data) if c in frame.columns and c not in cells):
         frame[column] = pd.to_numeric(frame[column])  # numbers stored as text: numbers
@@ -265,6 +305,7 @@ def prepare_images(
     sha256), split by content (`assign_splits`). Files that do not decode are listed, in no
     split: `validate` names them."""
     from pipelines.image_folder import assign_splits, pixel_rows, scan
+    from pipelines.preprocessing import IMAGE_MODES
 
     folder = root / data.source
     files = scan(folder, data.labels)
@@ -287,6 +328,14 @@ def prepare_images(
     for path, error in zip(broken["path"][:SAMPLE], broken["error"][:SAMPLE], strict=False):
         log.warning(
             "prepare: %s/%s does not decode (%s); validate will reject it", folder, path, error
+        )
+    odd = files[files["error"].isna() & ~files["mode"].isin(IMAGE_MODES)]
+    for path, mode in zip(odd["path"][:SAMPLE], odd["mode"][:SAMPLE], strict=False):
+        log.warning(
+            "prepare: %s/%s: image mode %s is not supported; validate will reject it",
+            folder,
+            path,
+            mode,
         )
     with atomic_path(out_dir / "files.csv") as tmp:
         files.to_csv(tmp, index=False)

@@ -161,25 +161,59 @@ def image_to_rows(
 
 SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}  # unsigned 16-bit grayscale (PNG, TIFF)
 WITH_ALPHA = {"RGBA", "RGBa", "LA", "La", "PA"}
+# The Pillow modes an image file may have, for `prepare` (a folder's files: `validate` names the
+# others) and the service (a 400 naming the mode): those whose every value maps to gray / RGB
+# without clipping or guessing. 8-bit modes (1, L, P, RGB, RGBA, LA, PA, RGBX) convert exactly;
+# YCbCr and CMYK by Pillow's fixed per-pixel formulas (8 bits in, 8 bits out: CMYK ink beyond
+# full black is black); 16-bit grayscale is scaled by its full range 0..65535 (`luminance`,
+# `decode_image`), never clipped at 255. Refused: I (32-bit integers) and F (floats) have no
+# fixed range (Pillow clips them to 0..255: an F image of 0.5 reads as black), LAB has no
+# conversion to RGB, HSV none that a file format stores, and premultiplied RGBa / La are
+# lossy.
+IMAGE_MODES = (
+    "1",
+    "L",
+    "P",
+    "RGB",
+    "RGBA",
+    "RGBX",
+    "LA",
+    "PA",
+    "CMYK",
+    "YCbCr",
+    *sorted(SIXTEEN_BIT),
+)
+# The file formats `open_image` reads (what the service accepts; a folder data set takes PNG
+# and JPEG files: `pipelines.image_folder.IMAGE_SUFFIXES`).
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+MODE_HINT = "send 8- or 16-bit grayscale, RGB, RGBA, palette, CMYK or YCbCr"
+
+
+def check_mode(image: Any) -> None:
+    """Raise ImageError naming the image's mode unless it is one of IMAGE_MODES (a PNG's `I`,
+    16-bit grayscale in older Pillow, counts as I;16)."""
+    mode = image.mode
+    if mode not in IMAGE_MODES and not (mode == "I" and image.format == "PNG"):
+        raise ImageError(f"image mode {mode} is not supported: {MODE_HINT}")
+
+
+def is_sixteen_bit(image: Any) -> bool:
+    """16-bit grayscale: the I;16 modes, and a PNG's `I` (older Pillow)."""
+    return bool(image.mode in SIXTEEN_BIT or (image.mode == "I" and image.format == "PNG"))
 
 
 def luminance(image: Any) -> np.ndarray:
     """A Pillow image of any mode -> (H, W) float32 gray levels in [0, 1], 1 = white.
 
     16-bit grayscale is scaled by its full range (0..65535); palettes are expanded; colour
-    (RGB, CMYK, YCbCr, HSV) becomes ITU-R 601 luma; transparent pixels are background: a colour
+    (RGB, CMYK, YCbCr) becomes ITU-R 601 luma; transparent pixels are background: a colour
     key keeps its colour, alpha is composited onto white when the visible ink is dark, onto black
-    when it is light. Modes with no
-    fixed range (I: 32-bit integers, F: floats) or no conversion to RGB (LAB) raise ImageError
-    naming the mode."""
+    when it is light. Modes not in IMAGE_MODES (I: 32-bit integers, F: floats, LAB,
+    HSV, ...) raise ImageError naming the mode."""
+    check_mode(image)
     mode = image.mode
-    if mode in SIXTEEN_BIT or (mode == "I" and image.format == "PNG"):  # PNG's I is 16-bit
+    if is_sixteen_bit(image):
         return np.asarray(image, np.float32) / np.float32(65535)
-    if mode in {"I", "F", "LAB"} or mode.startswith(("I;", "F;")):
-        raise ImageError(
-            f"image mode {mode} is not supported: send 8- or 16-bit grayscale, RGB, RGBA, "
-            "palette, CMYK or YCbCr"
-        )
     # A colour key (GIF, PNG tRNS of one colour) marks the background by its colour: keep it.
     # Alpha (a channel, or PNG's alpha per palette entry) is composited.
     if mode in WITH_ALPHA or isinstance(image.info.get("transparency"), bytes):
@@ -205,14 +239,16 @@ def open_image(data: bytes, max_pixels: int = 4096 * 4096) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         if image.width * image.height > max_pixels:
             raise ImageError(
                 f"image has {image.width * image.height} pixels: over the limit of {max_pixels}"
             )
         image.load()
     except UnidentifiedImageError:
-        raise ImageError("not a readable image: PNG or JPEG expected") from None
+        raise ImageError(
+            f"not a readable image: {', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]} expected"
+        ) from None
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, ImageError):
             raise
@@ -231,7 +267,8 @@ def decode_image(
     value range: the one decoding of `prepare` (the splits' rows), training (with `crop` and
     `flip`: the augmentations) and the service's `/predict_image` (without).
 
-    Channels 1: `luminance` (any mode, 1 = white; no inversion); channels 3: RGB (alpha dropped).
+    Channels 1: `luminance` (1 = white; no inversion); channels 3: RGB (alpha dropped; 16-bit
+    gray at its full range). Modes outside IMAGE_MODES raise ImageError naming the mode.
     Each channel in [0, 1] is resized to (H, W) with Pillow's bilinear filter (antialiased when
     shrinking), from `crop` = (left, upper, right, lower) in source pixels when given (the whole
     image otherwise), mirrored left-right when `flip`, then mapped 0..1 -> [low, high].
@@ -243,7 +280,10 @@ def decode_image(
     with open_image(data, max_pixels) as image:
         if channels == 1:
             planes = [luminance(image)]
+        elif is_sixteen_bit(image):  # gray at its own depth, not clipped at 255 by convert
+            planes = [np.asarray(image, np.float32) / np.float32(65535)] * 3
         else:
+            check_mode(image)
             rgb = np.asarray(image.convert("RGB"), np.float32) / np.float32(255)
             planes = [rgb[:, :, c] for c in range(3)]
     resized = []

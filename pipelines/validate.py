@@ -31,6 +31,7 @@ from pipelines.cli import run_cli
 from pipelines.config import DataConfig, Params, ValidateConfig, is_image_folder, section_dict
 from pipelines.errors import DataSourceError, DataValidationError
 from pipelines.prepare import SPLITS, as_numbers, numeric_columns, read_files, read_manifest
+from pipelines.preprocessing import IMAGE_MODES as PIXEL_MODES
 from pipelines.tracking import RUN_FILE
 
 HASH_COLUMN = "_row_hash"
@@ -204,8 +205,8 @@ def leakage_expectation(data: DataConfig, train_hashes: list[str]) -> Any:
     )
 
 
-# Pillow modes `decode_image` reads with a defined range (see preprocessing.luminance).
-IMAGE_MODES = ["1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "I;16", "I;16B", "I"]
+# Pillow modes `decode_image` reads faithfully: the service's set too (preprocessing.IMAGE_MODES).
+IMAGE_MODES = list(PIXEL_MODES)
 MAX_IMAGE_PIXELS = 4096 * 4096  # open_image's limit: larger files do not decode
 
 
@@ -365,13 +366,21 @@ def record(suite: str, item: Any) -> dict[str, Any]:
         "unexpected_count": result.get("unexpected_count"),
         "unexpected_percent": result.get("unexpected_percent"),
         "observed_value": result.get("observed_value"),
-        "sample": (result.get("partial_unexpected_list") or [])[:SAMPLE],
+        "sample": distinct(result.get("partial_unexpected_list") or [])[:SAMPLE],
         "unexpected_rows": index if index and isinstance(index[0], dict) else None,
         "reason": meta.get("reason"),
         "limit": meta.get("limit"),
         "depends_on": meta.get("depends_on", []),
         "exception": exception_message(item.exception_info or {}),
     }
+
+
+def distinct(values: list[Any]) -> list[Any]:
+    """`values` without repeats, in first-seen order (by repr: 1 and '1' stay apart)."""
+    seen: dict[str, Any] = {}
+    for value in values:
+        seen.setdefault(repr(value), value)
+    return list(seen.values())
 
 
 def exception_message(info: dict[str, Any]) -> str | None:

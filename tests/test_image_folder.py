@@ -318,3 +318,75 @@ def test_the_service_predicts_an_image_file_as_its_prepared_row(tmp_path: Path) 
                 assert rows.status_code == 200, rows.text
                 assert image.json()[0]["probabilities"] == rows.json()[0]["probabilities"]
     sys.modules.pop("service", None)
+
+
+def _tiff(image: object) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "TIFF")  # type: ignore[attr-defined]
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mode", ["F", "I", "LAB", "HSV"])
+def test_folder_decoding_refuses_modes_it_cannot_map(channels: int, mode: str) -> None:
+    """An F image full of 0.5 once decoded (channels 3) to the same pixels as a black one:
+    Pillow clips F and I to 0..255. prepare's decoding, which the service's /predict_image of an
+    image-folder model shares, refuses them naming the mode."""
+    from PIL import Image
+
+    from pipelines.preprocessing import ImageError, decode_image, image_to_rows, make_spec
+
+    columns = [f"px_{i}" for i in range(channels * 4 * 4)]
+    spec = make_spec(columns, [(0, 1)] * len(columns), [4, 4], channels=channels, image_folder=True)
+    images = {
+        "F": Image.fromarray(np.full((8, 8), 0.5, np.float32)),
+        "I": Image.fromarray(np.full((8, 8), 70000, np.int32)),
+        "LAB": Image.new("LAB", (8, 8), (50, 0, 0)),
+    }
+    if mode == "HSV":  # no file format stores HSV: decoding gets it through a patched open
+        image = Image.new("HSV", (8, 8), (0, 0, 128))
+        data = _tiff(Image.new("L", (8, 8)))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("pipelines.preprocessing.open_image", lambda *_, **__: image)
+            with pytest.raises(ImageError, match=r"^image mode HSV is not supported: send "):
+                decode_image(data, spec)
+        return
+    data = _tiff(images[mode])
+    for decode in (decode_image, image_to_rows):
+        with pytest.raises(ImageError, match=f"^image mode {mode} is not supported: send "):
+            decode(data, spec)
+
+
+def test_sixteen_bit_gray_keeps_its_range_in_color_folders() -> None:
+    from PIL import Image
+
+    from pipelines.preprocessing import decode_image, make_spec
+
+    columns = [f"px_{i}" for i in range(3 * 4 * 4)]
+    spec = make_spec(columns, [(0, 1)] * len(columns), [4, 4], channels=3, image_folder=True)
+    wide = Image.fromarray(np.full((8, 8), 32768, np.uint16))  # I;16: mid gray, not white
+    np.testing.assert_allclose(decode_image(_tiff(wide), spec), 32768 / 65535, atol=1e-5)
+
+
+def test_files_in_unsupported_modes_are_in_no_split_and_named_by_validate(tmp_path: Path) -> None:
+    """A .png that holds a float TIFF: prepare does not decode it into a split (it would clip),
+    validate names the file and its mode."""
+    from PIL import Image
+
+    from pipelines.validate import failure_message, run_gate
+
+    write_digit_folder(tmp_path / SOURCE, per_class=20, size=32)
+    odd = tmp_path / SOURCE / "3" / "float.png"
+    odd.write_bytes(_tiff(Image.fromarray(np.full((32, 32), 0.5, np.float32))))
+    params = folder_params()
+    out = tmp_path / "prepared"
+    prepare(params.data, params.prepare, tmp_path, out)
+    files = read_files(out).set_index("path")
+    assert files.loc["3/float.png", "mode"] == "F"
+    assert pd.isna(files.loc["3/float.png", "split"])
+    summary = run_gate(params.data, params.validate_, out, tmp_path / "docs")
+    message = failure_message(summary)
+    assert f"{SOURCE}/3/float.png: image mode F is not supported" in message, message
+    assert len(summary["failures"]) == 1, message

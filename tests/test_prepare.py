@@ -179,3 +179,114 @@ def test_the_digits_spec_keeps_its_pixel_scaling(tmp_path: Path) -> None:
         None,
         [0.0, 16.0],
     )
+
+
+INFINITE_CELLS = ["inf", "-inf", "Infinity", "1e999", "-Infinity"]
+
+
+@pytest.mark.parametrize("learn", [False, True], ids=["fixed range", "learn"])
+def test_infinite_csv_cells_are_rejected_by_prepare_naming_column_and_rows(
+    tmp_path: Path, learn: bool
+) -> None:
+    """An `inf` cell once passed prepare and validate (learn: the range became [-inf, inf]) and
+    training failed blaming the learning rate."""
+    source = tmp_path / "data" / "mine.csv"
+    source.parent.mkdir()
+    frame = user_table().astype({"b": object, "c": object})
+    for i, cell in enumerate(INFINITE_CELLS):
+        frame.loc[10 * i + 3, "b"] = cell
+    frame.loc[7, "c"] = "n/a"  # text in the same table: still validate's to report
+    frame.loc[8, "c"] = "1e999"
+    frame.to_csv(source, index=False)
+    params = table_params("data/mine.csv")
+    if learn:
+        params = load_params(
+            REPO / "params.yaml",
+            overrides={"data.source": "data/mine.csv", **TABLE, "data.value_range": "learn"},
+        )
+    with pytest.raises(DataSourceError) as caught:
+        prepare(params.data, params.prepare, tmp_path, tmp_path / "out")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "column 'b' has 5 infinite value(s) (inf, -inf) at source row(s) 4, 14, 24, 34, 44" in (
+        message
+    )
+    assert "column 'c' has 1 infinite value(s) (inf) at source row(s) 9" in message
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_infinite_parquet_floats_are_rejected_and_nan_is_a_null(tmp_path: Path) -> None:
+    source = tmp_path / "data" / "mine.parquet"
+    source.parent.mkdir()
+    frame = user_table()
+    frame.loc[[5, 6, 7, 8, 9, 10], "a"] = np.inf
+    frame.loc[11, "a"] = -np.inf
+    frame.to_parquet(source)
+    params = table_params("data/mine.parquet")
+    with pytest.raises(
+        DataSourceError,
+        match=r"column 'a' has 7 infinite value\(s\) \(inf, -inf\) "
+        r"at source row\(s\) 6, 7, 8, 9, 10, \.\.\.; numbers must be finite",
+    ):
+        prepare(params.data, params.prepare, tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    frame.loc[[5, 6, 7, 8, 9, 10, 11], "a"] = np.nan  # NaN: a null, which validate reports
+    frame.to_parquet(source)
+    manifest = prepare(params.data, params.prepare, tmp_path, tmp_path / "out")
+    assert manifest["non_numeric"] == {}
+
+
+def test_learned_ranges_are_finite() -> None:
+    from pipelines.prepare import learn_ranges
+
+    train = pd.DataFrame({"a": [1.0, 2.0, np.inf, -np.inf, np.nan], "b": [np.inf] * 5})
+    assert learn_ranges(train, ["a", "b"]) == {"a": [-1.0, 4.0], "b": [0.0, 0.0]}
+
+
+def test_prepare_cli_exits_2_with_one_line_on_an_infinite_cell(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "data").mkdir()
+    frame = user_table().astype({"a": object})
+    frame.loc[0, "a"] = "Infinity"
+    frame.to_csv(tmp_path / "data" / "mine.csv", index=False)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"].update(
+        source="data/mine.csv",
+        features=["a", "b", "c"],
+        labels=["cat", "dog"],
+        value_range=[0, 10],
+        image_shape=None,
+    )
+    raw["train"]["model"]["arch"] = raw["distill"]["model"]["arch"] = "mlp"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.prepare",
+            "--params",
+            "params.yaml",
+            "--out",
+            "out",
+            "--metrics",
+            "m.json",
+        ],
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **__import__("os").environ,
+            "PYTHONPATH": str(REPO),
+            "MLFLOW_TRACKING_URI": (f"sqlite:///{tmp_path / 'mlflow.db'}"),
+        },
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert "column 'a' has 1 infinite value(s) (inf) at source row(s) 1" in done.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()

@@ -83,8 +83,12 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("string", {"rows": [["1"] * FEATURES]}, "valid number"),
     ("bool", {"rows": [[True] * FEATURES]}, "valid number"),
     ("null", {"rows": [[None] * FEATURES]}, "valid number"),
-    ("out of range", {"rows": [[0.0] * 63 + [17.0]]}, "outside the trained range [0, 16]"),
-    ("negative", {"rows": [[-1.0] + [0.0] * 63]}, "feature 0: -1 is outside"),
+    (
+        "out of range",
+        {"rows": [[0.0] * 63 + [17.0]]},
+        "feature 63 ('px_63'): 17 is outside the trained range [0, 16]",
+    ),
+    ("negative", {"rows": [[-1.0] + [0.0] * 63]}, "feature 0 ('px_0'): -1 is outside"),
     ("empty batch", {"rows": []}, "empty batch"),
     ("over the row limit", {"rows": [[0.0] * FEATURES] * 257}, "over the limit of 256"),
     ("no rows key", {"data": [[0.0] * FEATURES]}, "Field required"),
@@ -169,6 +173,36 @@ def test_corrupt_images_get_a_400(client: TestClient, content: bytes, message: s
     response = client.post("/predict_image", files={"image": ("x.png", content, "image/png")})
     assert response.status_code == 400, response.text
     assert message in response.text
+
+
+ACCEPTED = "not a readable image: PNG, JPEG, GIF, BMP, TIFF or WEBP expected"
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "garbage"])
+def test_unaccepted_formats_get_a_400_naming_the_accepted_ones(
+    client: TestClient, fmt: str
+) -> None:
+    """The message once said "PNG or JPEG expected" while TIFF, GIF, BMP and WebP were read too
+    (and any other format Pillow knows): the accepted set is explicit and named."""
+    content = b"not an image" if fmt == "garbage" else encoded(SAMPLE.convert("L"), fmt)
+    response = client.post("/predict_image", files={"image": ("x", content, "image/png")})
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": f"image: {ACCEPTED}"}
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "WEBP"])
+def test_every_accepted_format_gets_a_200(client: TestClient, fmt: str) -> None:
+    content = encoded(SAMPLE, fmt)
+    response = client.post("/predict_image", files={"image": ("x", content, "image/png")})
+    assert response.status_code == 200, response.text
+
+
+def test_hsv_is_refused_naming_the_mode() -> None:
+    """HSV has no file format; an image decoded to it is refused like I, F and LAB."""
+    from pipelines.preprocessing import ImageError, luminance
+
+    with pytest.raises(ImageError, match=r"^image mode HSV is not supported"):
+        luminance(Image.new("HSV", (8, 8)))
 
 
 def test_metadata_describes_the_model(client: TestClient, model: tuple[str, Path]) -> None:
@@ -433,9 +467,14 @@ def test_rows_are_checked_against_each_features_own_range(client: TestClient) ->
     contract = service.RowContract.from_spec(spec, max_rows=4)
     assert (contract.low, contract.high) == ((-1.0, 100.0), (1.0, 2000.0))
     assert service.check_rows([[0.5, 1500.0]], contract) == [[0.5, 1500.0]]
-    with pytest.raises(ValueError, match=r"row 0, feature 0: 5 is outside .*\[-1, 1\]"):
+    with pytest.raises(ValueError, match=r"row 0, feature 0 \('a'\): 5 is outside .*\[-1, 1\]"):
         service.check_rows([[5.0, 1500.0]], contract)  # inside the envelope, not its own range
-    with pytest.raises(ValueError, match=r"row 1, feature 1: 50 is outside .*\[100, 2000\]"):
+    with pytest.raises(
+        ValueError, match=r"row 1, feature 1 \('b'\): 50 is outside .*\[100, 2000\]"
+    ):
         service.check_rows([[0.0, 150.0], [0.0, 50.0]], contract)
     uniform = service.RowContract.from_spec({**spec, "feature_ranges": None}, max_rows=4)
     assert (uniform.low, uniform.high) == ((-1.0, -1.0), (2000.0, 2000.0))
+    unnamed = service.RowContract.from_spec({**spec, "feature_columns": []}, max_rows=4)
+    with pytest.raises(ValueError, match=r"^row 0, feature 1: 3000 is outside"):
+        service.check_rows([[0.0, 3000.0]], unnamed)  # no names in the metadata: the index

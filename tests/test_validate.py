@@ -246,3 +246,46 @@ def test_learned_and_per_feature_ranges_are_the_contract(tmp_path: Path) -> None
     low, high = result["learned_ranges"]["unit"]
     assert "on 'unit': 1 of" in str(info.value)
     assert f"outside [{low}, {high}]" in str(info.value)
+
+
+def test_infinite_prepared_values_fail_the_learned_range(tmp_path: Path) -> None:
+    """Prepared splits holding inf (written before prepare rejected it): the learned ranges are
+    finite, so the gate names the column instead of passing [-inf, inf]."""
+    from pipelines.prepare import learn_ranges
+
+    params = tabular_params(**{"data.value_range": "learn"})
+    (tmp_path / "data").mkdir()
+    table().to_csv(tmp_path / "data" / "raw.csv", index=False)
+    prepared_dir = tmp_path / "prepared"
+    prepare(params.data, params.prepare, tmp_path, prepared_dir)
+    train = pd.read_parquet(prepared_dir / "train.parquet")
+    train.loc[0, "a"] = np.inf
+    train.to_parquet(prepared_dir / "train.parquet", index=False)
+    assert all(np.isfinite(learn_ranges(train, ["a", "b"])["a"]))
+    result = read_json(prepared_dir / "manifest.json")
+    result["learned_ranges"] = learn_ranges(train, ["a", "b"])
+    write_json(prepared_dir / "manifest.json", result)
+    lines = failure(params, prepared_dir, tmp_path / "docs")
+    assert any("expect_column_values_to_be_between on 'a': 1 of 40 rows" in x for x in lines)
+
+
+def test_nan_from_a_parquet_source_is_a_null(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    frame = table()
+    frame.loc[[3, 4], "b"] = np.nan
+    frame.to_parquet(tmp_path / "data" / "raw.parquet")
+    params = tabular_params(**{"data.source": "data/raw.parquet"})
+    prepare(params.data, params.prepare, tmp_path, tmp_path / "prepared")
+    lines = [x.strip() for x in failure(params, tmp_path / "prepared", tmp_path / "docs")]
+    assert "expect_column_values_to_not_be_null on 'b': 2 of 40 rows unexpected (null)" in lines
+
+
+def test_unknown_labels_are_quoted_once_each(tmp_path: Path) -> None:
+    """The examples once repeated a value (`e.g. 'two', 'two', ...`): distinct values only."""
+    frame = table().astype({"label": object})
+    for row in (1, 3, 5, 9):
+        frame.loc[row, "label"] = "two"
+    frame.loc[7, "label"] = "three"
+    lines = [x.strip() for x in failure(*prepared(tmp_path, frame), tmp_path / "docs")]
+    in_set = next(x for x in lines if x.startswith("expect_column_values_to_be_in_set on 'label'"))
+    assert "5 of 40 rows unexpected (not in data.labels; e.g. 'two', 'three')" in in_set, in_set
