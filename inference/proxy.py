@@ -106,6 +106,8 @@ http {{
             proxy_set_header Host $host;
             proxy_set_header X-Request-ID $rid;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            # The service echoes the id it was sent ($rid): nginx's own header is the one answer.
+            proxy_hide_header X-Request-ID;
             add_header X-Request-ID $rid always;
             proxy_read_timeout 120s;
             proxy_intercept_errors off;  # the versions' own 5xx bodies pass through
