@@ -190,15 +190,8 @@ def test_drift_starts_train_on_demand_with_the_reason(
             return list(client.read_flow_runs(deployment_filter=wanted))
 
     append_lines(log / "predictions-w0.jsonl", log_lines(data, served(data, 11, 500)))
-    calm = run_cli(
-        "flows.monitor",
-        prefect_api,
-        tmp_path / "w",
-        "--log-dir",
-        str(log),
-        "--reference",
-        str(reference),
-    )
+    monitor_args = ["--log-dir", str(log), "--reference", str(reference)]
+    calm = run_cli("flows.monitor", prefect_api, tmp_path / "w", *monitor_args)
     assert calm.returncode == 0 and "no alarm" in calm.stdout, calm.stderr[-3000:]
     time.sleep(5)  # the automation would act within a second or two
     assert train_runs() == []
@@ -207,15 +200,7 @@ def test_drift_starts_train_on_demand_with_the_reason(
 
     rows = shifted(served(data, 12, 500), SHIFTED, 1.0)
     append_lines(log / "predictions-w0.jsonl", log_lines(data, rows, start=10_000))
-    alarm = run_cli(
-        "flows.monitor",
-        prefect_api,
-        tmp_path / "w",
-        "--log-dir",
-        str(log),
-        "--reference",
-        str(reference),
-    )
+    alarm = run_cli("flows.monitor", prefect_api, tmp_path / "w", *monitor_args)
     assert alarm.returncode == 0 and "ALARM" in alarm.stdout, alarm.stderr[-3000:]
     deadline = time.monotonic() + 90
     while not (runs := train_runs()) and time.monotonic() < deadline:
@@ -224,15 +209,7 @@ def test_drift_starts_train_on_demand_with_the_reason(
     reason = runs[0].parameters["reason"]
     result = json.loads((log / "monitor" / "result.json").read_text())
     assert reason.startswith("drift: ") and result["drifted_features"][0] in reason
-    again = run_cli(
-        "flows.monitor",
-        prefect_api,
-        tmp_path / "w",
-        "--log-dir",
-        str(log),
-        "--reference",
-        str(reference),
-    )
+    again = run_cli("flows.monitor", prefect_api, tmp_path / "w", *monitor_args)
     assert (
         "ALARM" in again.stdout
         and "not emitted: train/on-demand run" in again.stdout + again.stderr
