@@ -30,8 +30,8 @@ run: setup
 	$(BIN)/python -m flows.train
 
 test: setup lint
-	$(BIN)/python -m pytest -m "not slow"
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m "not slow" --durations=15
+	$(BIN)/python -m pytest -m slow --durations=40
 
 test-fast: setup
 	$(BIN)/python -m pytest
