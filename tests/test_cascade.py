@@ -28,7 +28,9 @@ TEACHER_OK = np.array([1, 1, 1, 1, 1, 1, 1, 0], bool)
 
 def test_no_drop_allowed_keeps_the_student_above_its_first_mistake() -> None:
     # t=0.95: rows 0-1 to the student, all correct: 7/8 = the teacher's 7/8.
-    assert choose_threshold(CONF, STUDENT_OK, TEACHER_OK, 0.0) == Threshold(0.95, 0.25, 7 / 8, 7 / 8)
+    assert choose_threshold(CONF, STUDENT_OK, TEACHER_OK, 0.0) == Threshold(
+        0.95, 0.25, 7 / 8, 7 / 8
+    )
 
 
 def test_a_drop_of_one_row_admits_down_to_the_next_mistake() -> None:
