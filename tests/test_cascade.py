@@ -68,7 +68,8 @@ class Recorder:
     """A fake engine: fixed logits per row (by the row's first value), and the calls it got."""
 
     def __init__(self, logits: dict[float, list[float]]) -> None:
-        self.logits, self.calls = logits, []
+        self.logits = logits
+        self.calls: list[list[float]] = []
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         self.calls.append(x[:, 0].tolist())
@@ -90,7 +91,7 @@ def test_route_sends_a_batchs_unsure_rows_to_the_teacher_in_one_call() -> None:
 
 def test_route_skips_the_teacher_when_the_student_is_sure_of_every_row() -> None:
     student, teacher = Recorder({0.0: SURE, 1.0: SURE}), Recorder({})
-    out, sure = route(np.array([[0.0], [1.0]], np.float32), student, teacher, 0.9)
+    _, sure = route(np.array([[0.0], [1.0]], np.float32), student, teacher, 0.9)
     assert sure.all() and teacher.calls == []
 
 
@@ -114,8 +115,8 @@ def test_cascade_files_are_checked_against_their_hashes(tmp_path: Path) -> None:
     write_json(tmp_path / CASCADE, spec)
     assert read_cascade(tmp_path) == spec and spec["threshold"] == 0.8
     (tmp_path / STUDENT).write_bytes(b"other")
-    with pytest.raises(CascadeError, match="student graph student.onnx does not match"):
+    with pytest.raises(CascadeError, match=r"student graph student\.onnx does not match"):
         read_cascade(tmp_path)
     (tmp_path / STUDENT).unlink()
-    with pytest.raises(CascadeError, match="student graph student.onnx is missing"):
+    with pytest.raises(CascadeError, match=r"student graph student\.onnx is missing"):
         read_cascade(tmp_path)
