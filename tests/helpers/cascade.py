@@ -21,7 +21,7 @@ from tests.helpers.params import tiny_params
 def cascade_folder(root: Path, golden: bool = False) -> tuple[Path, Path]:
     """(folder, prepared dir): `root`/cascade holding model.onnx (a teacher trained 8 epochs),
     STUDENT (the same network trained 1 epoch), metadata.json, CASCADE whose threshold is the
-    median student confidence on the test split (so each model answers about half of it) and,
+    student's median confidence on the test split (each model answers about half of it) and,
     with `golden`, a golden set (50 rows, by the teacher alone: enough for packaging)."""
     params = tiny_params(**{"train.epochs": 8, "train.patience": 8})
     prepared, teacher = trained_model(root / "teacher", params)
@@ -35,7 +35,9 @@ def cascade_folder(root: Path, golden: bool = False) -> tuple[Path, Path]:
     spec = read_metadata(folder / "model.onnx")
     (folder / "metadata.json").write_text(json.dumps(spec))
     x, _ = split_inputs(prepared, "test", spec["preprocessing"])
-    threshold = float(np.median(confidence(logits(session(folder / STUDENT), x))))
+    ranked = np.sort(confidence(logits(session(folder / STUDENT), x)))
+    middle = len(ranked) // 2  # halfway between two rows: no row sits on the threshold
+    threshold = float((ranked[middle - 1] + ranked[middle]) / 2)
     figures = Threshold(threshold, 0.5, 0.0, 0.0)  # the validation figures are not used here
     write_json(folder / CASCADE, describe(folder / "model.onnx", folder / STUDENT, figures))
     if golden:
