@@ -340,3 +340,45 @@ def test_a_cascade_no_threshold_admits_is_listed_as_dropped(
     assert refused is not None and not refused.servable and refused.extra["dropped"]
     assert "no threshold lets the student answer any row" in refused.extra["reason"]
     assert cascade_candidate(families[:1], measured, prepared, cfg) is None  # no student
+
+
+def test_a_cascade_winner_ships_both_graphs_and_its_golden_set_is_the_cascades(
+    two_families: tuple[Path, list[Family], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the cascade wins (forced here: which candidate is fastest is the host's business),
+    select writes the teacher graph, the student graph and cascade.json, and the golden set and
+    reference profile hold the cascade's predictions."""
+    import pipelines.select as select_module
+    from pipelines.cascade import read_cascade, route
+    from pipelines.reference import REFERENCE, load_reference
+
+    prepared, families, cfg = two_families
+    cfg = cfg.model_copy(update={"max_accuracy_drop": 0.05})
+
+    def cascade_wins(candidates: list[Candidate], _: SelectConfig) -> tuple[Candidate, str]:
+        return next(c for c in candidates if c.engine == "cascade"), "forced"
+
+    monkeypatch.setattr(select_module, "choose", cascade_wins)
+    summary = select(families, None, prepared, tmp_path, cfg, golden_rows=GOLDEN_ROWS, seed=7)
+    winner = summary["winner"]
+    spec = read_cascade(tmp_path)
+    assert winner["engine"] == "cascade" and spec is not None
+    assert spec["threshold"] == winner["extra"]["threshold"]
+    assert spec["validation"]["accuracy"] >= spec["validation"]["teacher_accuracy"] - 0.05
+    golden = read_json(tmp_path / GOLDEN)
+    assert golden["engine"] == "cascade" and golden["precision"] == winner["precision"]
+    spec_in = read_metadata(families[0].onnx)["preprocessing"]
+    teacher, student = session(tmp_path / "model.onnx"), session(tmp_path / "student.onnx")
+
+    def cascade_of(rows: np.ndarray) -> np.ndarray:
+        x = to_model_input(rows.astype(np.float32), spec_in)
+        out, _ = route(x, lambda r: logits(student, r), lambda r: logits(teacher, r), threshold)
+        return out.argmax(axis=1)
+
+    threshold = spec["threshold"]
+    assert golden["predictions"] == cascade_of(np.asarray(golden["rows"])).tolist()
+    ref = load_reference(tmp_path / REFERENCE)
+    predicted = cascade_of(read_split(prepared, "test")[spec_in["feature_columns"]].to_numpy())
+    labels = read_json(prepared / "manifest.json")["labels"]
+    expected = {str(label): float(np.mean(predicted == i)) for i, label in enumerate(labels)}
+    assert ref.predicted_label_distribution == pytest.approx(expected, abs=1e-6)
