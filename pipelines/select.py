@@ -317,23 +317,22 @@ def cascade_candidate(
     if read_metadata(Path(student.path))["preprocessing"] != spec:
         return _refused(found, "the student's preprocessing differs from the teacher's")
     x, y = split_inputs(prepared_dir, "val", spec, Path(teacher.path))
-    student_out = logits(session(Path(student.path), cfg.threads), x) if len(x) else x
-    teacher_out = logits(session(Path(teacher.path), cfg.threads), x) if len(x) else x
-    chosen = (
-        cascade.choose_threshold(
-            cascade.confidence(student_out),
-            student_out.argmax(axis=1) == y,
-            teacher_out.argmax(axis=1) == y,
-            cfg.max_accuracy_drop,
-        )
-        if len(x)
-        else None
+    if not len(x):
+        return _refused(found, "cascade: the validation split is empty (no rows to choose on)")
+    student_out = logits(session(Path(student.path), cfg.threads), x)
+    teacher_out = logits(session(Path(teacher.path), cfg.threads), x)
+    chosen = cascade.choose_threshold(
+        cascade.confidence(student_out),
+        student_out.argmax(axis=1) == y,
+        teacher_out.argmax(axis=1) == y,
+        cfg.max_accuracy_drop,
     )
     if chosen is None:
-        why = "the validation split is empty" if not len(x) else "no threshold lets the student"
-        if len(x):
-            why += f" answer any row within max_accuracy_drop {cfg.max_accuracy_drop:g}"
-        return _refused(found, f"cascade: {why} (validation split)")
+        return _refused(
+            found,
+            "cascade: no threshold lets the student answer any row within max_accuracy_drop "
+            f"{cfg.max_accuracy_drop:g} of the teacher (validation split)",
+        )
     found.extra.update(threshold=chosen.threshold, validation=asdict(chosen))
     return found
 
