@@ -19,6 +19,7 @@ MLOPS_SERVE_OVERRIDES (a JSON object of `serve` keys) overrides settings for one
 """
 
 import csv
+import functools
 import gc
 import hmac
 import io
@@ -56,6 +57,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pipelines import runtime
+from pipelines.cascade import STUDENT, Cascade, read_cascade
 from pipelines.config import Environment, ServeConfig, environment, load_params
 from pipelines.prediction_log import PredictionLog
 from pipelines.preprocessing import ImageError, feature_ranges, image_to_rows, to_model_input
@@ -232,6 +234,51 @@ def pick_engine(model_dir: Path, serve: ServeConfig) -> Any:
     return tensorrt_engine.predictor(plan)
 
 
+def load_engines(
+    model_dir: Path, serve: ServeConfig
+) -> tuple[Any, list[Any], dict[str, Any] | None]:
+    """(the engine `infer` calls, the engines to warm up, the cascade's description or None).
+
+    A model folder with a cascade.json (pipelines/cascade.py: `select` picked the cascade) runs
+    the cascade: the student graph on ONNX Runtime (as `select` measured it), the teacher
+    (model.onnx) on `pick_engine`'s engine; each answered row counts in the Prometheus counter
+    `mlops_cascade_rows_total{model="student"|"teacher"}`. Otherwise `pick_engine`'s engine, as
+    before. Raises pipelines.cascade.CascadeError when the cascade's files do not match."""
+    teacher = pick_engine(model_dir, serve)
+    spec = read_cascade(model_dir)
+    if spec is None:
+        return teacher, [teacher], None
+    student = OnnxEngine(model_dir / STUDENT, serve.threads)
+    counter = cascade_counter()
+    student_rows, teacher_rows = counter.labels(model="student"), counter.labels(model="teacher")
+
+    def count(by_student: int, by_teacher: int) -> None:
+        if by_student:
+            student_rows.inc(by_student)
+        if by_teacher:
+            teacher_rows.inc(by_teacher)
+
+    described = {
+        "threshold": spec["threshold"],
+        "student": {"engine": student.name, "candidate": spec.get("student_candidate")},
+        "teacher": {"engine": teacher.name},
+        "metric": "mlops_cascade_rows_total",
+    }
+    return Cascade(student, teacher, float(spec["threshold"]), count), [student, teacher], described
+
+
+@functools.cache
+def cascade_counter() -> Any:
+    """The rows each model of a cascade answered (one counter per process: prometheus_client
+    refuses a second with the same name). Made when a cascade is served, after BentoML has set
+    up its multiprocess metrics directory, as BentoML's docs ask."""
+    from prometheus_client import Counter
+
+    return Counter(
+        "mlops_cascade_rows", "Rows answered by each model of the cascade", labelnames=["model"]
+    )
+
+
 @bentoml.service(
     name=PARAMS.register_.model_name,
     workers=SERVE.workers,
@@ -267,7 +314,7 @@ class Classifier:
         self.spec = self.metadata["preprocessing"]
         self.labels: list[Any] = list(self.metadata["labels"])
         self.contract = RowContract.from_spec(self.spec, self.serve.max_rows)
-        self.engine = pick_engine(model_dir, self.serve)
+        self.engine, self.engines, self.cascade = load_engines(model_dir, self.serve)
         self.log_columns = profile_columns(self.spec)  # the log's `features` keys
         self.known_labels = {(type(label), label) for label in self.labels}
         self.prediction_log = open_prediction_log(self.serve)
@@ -291,7 +338,8 @@ class Classifier:
         start = time.perf_counter()
         row = np.asarray([self.contract.low], np.float32)
         for size in warm_up_sizes(LARGEST_CALL):
-            self.engine(to_model_input(np.repeat(row, size, axis=0), self.spec))
+            for engine in self.engines:  # a cascade's both models, whatever the rows' route
+                engine(to_model_input(np.repeat(row, size, axis=0), self.spec))
         log.info("warm-up: %.0f ms", (time.perf_counter() - start) * 1000)
 
     def infer(self, rows: np.ndarray) -> list[dict[str, Any]]:
@@ -383,8 +431,9 @@ class Classifier:
         return (type(value), value) in self.known_labels
 
     def describe(self) -> dict[str, Any]:
-        """GET /metadata's body: the served model (`model_version` is its registry version)."""
-        return {
+        """GET /metadata's body: the served model (`model_version` is its registry version;
+        `cascade`, only when a cascade is served: its threshold and both models' engines)."""
+        described = {
             "model_tag": self.tag,
             "model_version": self.version,
             "engine": self.engine.name,
@@ -404,6 +453,9 @@ class Classifier:
                 "max_latency_ms": self.serve.max_latency_ms,
             },
         }
+        if self.cascade is not None:
+            described["cascade"] = self.cascade
+        return described
 
 
 def open_prediction_log(serve: ServeConfig) -> PredictionLog:

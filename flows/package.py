@@ -15,7 +15,8 @@ Run by the `train` flow after `register`, or by hand: `python -m flows.package`.
 The BentoML model holds the champion's model.onnx, metadata.json, golden.json (the golden set
 `select` measured: the inference host's checks read it from the model's directory) and, when the
 version has one, the reference profile `reference/` (pipelines/reference.py: the `monitor` flow's
-baseline). The inference
+baseline), and for a cascade (pipelines/cascade.py) the student graph and cascade.json. The
+inference
 host runs `bentoml import <archive>` and `bentoml serve <bento tag>`: it never unpickles anything
 from the training host.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts import file_sha256, read_json
+from pipelines.cascade import CASCADE, STUDENT
 from pipelines.config import Environment, Params
 from pipelines.errors import PipelineError
 from pipelines.tracking import client_for
@@ -95,10 +97,11 @@ def bento_model(client: Any, version: Any, name: str) -> str:
 def save_bento_model(
     name: str, model_dir: Path, registry_version: str, source: dict[str, str] | None = None
 ) -> str:
-    """A BentoML model `name` from `model_dir` (model.onnx + metadata.json, and golden.json and
-    reference/ when there), unless the newest model of that name already holds the same graph,
-    the same golden set and the same reference profile (metadata `onnx_sha256`, `golden_sha256`,
-    `reference_sha256`: "" without one); returns its tag."""
+    """A BentoML model `name` from `model_dir` (model.onnx + metadata.json, and golden.json,
+    reference/ and a cascade's student.onnx + cascade.json when there), unless the newest model
+    of that name already holds the same graph, golden set, reference profile and cascade
+    (metadata `onnx_sha256`, `golden_sha256`, `reference_sha256`, `cascade_sha256`: "" without
+    one); returns its tag. Raises PackageError when cascade.json's student graph is missing."""
     import bentoml
 
     onnx_path, metadata_path = model_dir / "model.onnx", model_dir / "metadata.json"
@@ -110,12 +113,17 @@ def save_bento_model(
     golden_digest = file_sha256(golden) if golden.is_file() else ""
     reference = model_dir / REFERENCE
     reference_digest = folder_sha256(reference) if reference.is_dir() else ""
+    cascade = model_dir / CASCADE
+    cascade_digest = file_sha256(cascade) if cascade.is_file() else ""
+    if cascade_digest and not (model_dir / STUDENT).is_file():
+        raise PackageError(f"version {registry_version}: model/{CASCADE} without model/{STUDENT}")
     newest = _newest(name)
     if (
         newest is not None
         and newest.info.metadata.get("onnx_sha256") == digest
         and newest.info.metadata.get("golden_sha256", "") == golden_digest
         and newest.info.metadata.get("reference_sha256", "") == reference_digest
+        and newest.info.metadata.get("cascade_sha256", "") == cascade_digest
     ):
         return str(newest.tag)
     precision = str(read_json(metadata_path).get("precision", "unknown"))
@@ -124,6 +132,7 @@ def save_bento_model(
         "onnx_sha256": digest,
         "golden_sha256": golden_digest,
         "reference_sha256": reference_digest,
+        "cascade_sha256": cascade_digest,
         "precision": precision,
         **(source or {}),
     }
@@ -135,6 +144,9 @@ def save_bento_model(
             shutil.copy(golden, Path(model.path) / GOLDEN)
         if reference_digest:
             shutil.copytree(reference, Path(model.path) / REFERENCE)
+        if cascade_digest:
+            shutil.copy(model_dir / STUDENT, Path(model.path) / STUDENT)
+            shutil.copy(cascade, Path(model.path) / CASCADE)
     return str(model.tag)
 
 

@@ -7,7 +7,8 @@ split (both evaluated now, with the same code: `pipelines/champion.py`), within
 decision is kept as tags on the versions (promotion history). This module holds the registry
 calls only.
 
-Idempotent: each version records its ONNX graph's SHA-256 (tag `onnx_sha256`). A graph that is
+Idempotent: each version records its ONNX graph's SHA-256 (tag `onnx_sha256`) and, for a cascade
+(pipelines/cascade.py), its cascade.json's (tag `cascade_sha256`). A graph (cascade) that is
 already a version is not registered again: when that version is the champion, nothing changes
 (and the flow packages nothing); otherwise the gate is applied to that version again.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.artifacts import file_sha256, read_json
+from pipelines.cascade import CASCADE, STUDENT
 from pipelines.champion import CHALLENGER, CHAMPION, accuracy_on, judge
 from pipelines.config import Params
 from pipelines.reference import REFERENCE
@@ -29,6 +31,7 @@ from pipelines.select import CANDIDATES, GOLDEN, MODEL, WINNER
 from pipelines.tracking import client_for, run_tags
 
 ONNX_HASH_TAG = "onnx_sha256"  # on each version: the SHA-256 of its model.onnx
+CASCADE_HASH_TAG = "cascade_sha256"  # ... of its cascade.json, on cascade versions only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +55,17 @@ def current_champion(client: Any, name: str) -> Any | None:
 
 
 def champion_graph(client: Any, version: Any, folder: str) -> Path:
-    """The registered ONNX graph of model version `version`, downloaded into `folder`."""
+    """The registered ONNX graph of model version `version`, downloaded into `folder` (with its
+    cascade files beside it when the version is a cascade)."""
+    if CASCADE_HASH_TAG in (version.tags or {}):
+        return Path(client.download_artifacts(version.run_id, "model", folder)) / MODEL
     return Path(client.download_artifacts(version.run_id, "model/model.onnx", folder))
 
 
 def log_candidate(client: Any, params: Params, root: Path, parent: str, select_dir: Path) -> str:
     """A nested `register` run holding what serving needs (artifact `model/`: model.onnx,
-    metadata.json and, when `select` wrote them, golden.json and the reference profile
-    `reference/`); returns its run id."""
+    metadata.json and, when `select` wrote them, golden.json, the reference profile `reference/`
+    and a cascade's student graph and cascade.json); returns its run id."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     _, experiment = client_for(params.tracking, root)
@@ -71,6 +77,9 @@ def log_candidate(client: Any, params: Params, root: Path, parent: str, select_d
         client.log_artifact(run_id, str(select_dir / GOLDEN), "model")
     if (select_dir / REFERENCE).is_dir():  # the monitor flow's baseline; `package` packs it
         client.log_artifacts(run_id, str(select_dir / REFERENCE), f"model/{REFERENCE}")
+    if (select_dir / CASCADE).is_file():  # the cascade's second graph; `package` packs both
+        client.log_artifact(run_id, str(select_dir / STUDENT), "model")
+        client.log_artifact(run_id, str(select_dir / CASCADE), "model")
     client.log_artifact(run_id, str(select_dir / CANDIDATES))
     client.log_artifact(run_id, str(select_dir / WINNER))
     return run_id
@@ -90,7 +99,8 @@ def register(
     except MlflowException:
         client.create_registered_model(name)
     digest = file_sha256(select_dir / MODEL)
-    existing = registered_version(client, name, digest)
+    cascade = file_sha256(select_dir / CASCADE) if (select_dir / CASCADE).is_file() else None
+    existing = registered_version(client, name, digest, cascade)
     if existing is not None:
         return regate(client, name, existing, select_dir, prepared_dir, params)
     winner = read_json(select_dir / WINNER)["winner"]
@@ -104,6 +114,7 @@ def register(
             "engine": winner["engine"],
             "precision": winner["precision"],
             ONNX_HASH_TAG: digest,
+            **({CASCADE_HASH_TAG: cascade} if cascade else {}),
         },
     )
     decision = decide(client, name, str(version.version), select_dir, prepared_dir, params)
@@ -113,9 +124,18 @@ def register(
     return decision
 
 
-def registered_version(client: Any, name: str, digest: str) -> Any | None:
-    """The newest version of `name` whose ONNX graph has SHA-256 `digest`, or None."""
-    found = client.search_model_versions(f"name = '{name}' and tags.{ONNX_HASH_TAG} = '{digest}'")
+def registered_version(
+    client: Any, name: str, digest: str, cascade: str | None = None
+) -> Any | None:
+    """The newest version of `name` whose ONNX graph has SHA-256 `digest` and whose cascade.json
+    has SHA-256 `cascade` (None: a version that is no cascade), or None."""
+    found = [
+        v
+        for v in client.search_model_versions(
+            f"name = '{name}' and tags.{ONNX_HASH_TAG} = '{digest}'"
+        )
+        if (v.tags or {}).get(CASCADE_HASH_TAG) == cascade
+    ]
     return max(found, key=lambda v: int(v.version)) if found else None
 
 

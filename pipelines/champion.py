@@ -29,10 +29,22 @@ class Verdict:
 
 def accuracy_on(onnx_path: Path, prepared_dir: Path) -> float:
     """Accuracy (0..1) of an ONNX model made by `export` on the test split of `prepared_dir`,
-    preprocessed as the model's embedded metadata says. Raises KeyError for a graph without
-    that metadata."""
+    preprocessed as the model's embedded metadata says. A teacher graph with a cascade beside it
+    (pipelines/cascade.py: `select`'s output, a registered `model/` folder) is scored as the
+    cascade. Raises KeyError for a graph without that metadata, CascadeError for a cascade whose
+    files do not match."""
+    from pipelines import cascade
+
     x, y = split_inputs(prepared_dir, "test", read_metadata(onnx_path)["preprocessing"])
-    return float((logits(session(onnx_path), x).argmax(axis=1) == y).mean())
+    spec = cascade.read_cascade(onnx_path.parent)
+    if spec is None or spec["teacher"]["file"] != onnx_path.name:
+        return float((logits(session(onnx_path), x).argmax(axis=1) == y).mean())
+    student = session(onnx_path.parent / spec["student"]["file"])
+    teacher = session(onnx_path)
+    predict = cascade.Cascade(
+        lambda rows: logits(student, rows), lambda rows: logits(teacher, rows), spec["threshold"]
+    )
+    return float((predict(x).argmax(axis=1) == y).mean())
 
 
 def gate(new: float, champion: float | None, tolerance: float, floor: float) -> tuple[bool, str]:

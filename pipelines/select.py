@@ -7,6 +7,14 @@ The policy (params `select`): among servable candidates within `max_accuracy_dro
 reference, the highest throughput (or the lowest p99). PyTorch eager is measured as the baseline
 but is not servable: the serving image carries no torch. A variant that `quantize` or `convert`
 dropped at its parity gate is listed in the table with the reason, and never wins.
+
+The cascade (pipelines/cascade.py) is a candidate too, when a `student` family is given: the
+student's best servable ONNX Runtime variant (by the policy) answers the rows it is sure of, the
+teacher's FP32 graph the rest. Its threshold is chosen on the VALIDATION split (the lowest that
+keeps the cascade within `max_accuracy_drop` of the teacher there); it is then measured on the test
+split like the others (its student share in `extra`). When no threshold qualifies it is listed as
+dropped, with the reason. When it wins, the output folder holds the teacher graph as model.onnx,
+the student graph and cascade.json (threshold, both graphs' SHA-256).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines import cascade
 from pipelines.artifacts import atomic_path, file_sha256, read_json, write_json
 from pipelines.cli import run_cli
 from pipelines.config import Params, SelectConfig, section_dict
@@ -273,7 +282,97 @@ def tournament(
     pairs = [pair for fam in families for pair in family_candidates(fam, cfg)]
     pairs += tensorrt_candidates(convert_dir)
     measured = [score(c, predict, x, y, reference, cfg) for c, predict in pairs]
+    found = cascade_candidate(families, measured, prepared_dir, cfg)
+    if found is not None and found.extra.get("dropped"):
+        measured.append(found)
+    elif found is not None:
+        measured.append(score_cascade(found, x, y, reference, cfg))
     return measured + dropped_candidates(families, convert_dir)
+
+
+# --- the cascade --------------------------------------------------------------------------------
+
+
+def cascade_candidate(
+    families: Sequence[Family], measured: Sequence[Candidate], prepared_dir: Path, cfg: SelectConfig
+) -> Candidate | None:
+    """The cascade of the student's best servable ONNX Runtime variant (by `cfg.policy`, among
+    `measured`) and the teacher's FP32 graph, its threshold chosen on the validation split
+    (`cascade.choose_threshold`, `cfg.max_accuracy_drop`): not yet measured on the test split. A
+    dropped candidate (extra `reason`) when no threshold qualifies or the validation split is
+    empty; None without a `teacher` and a `student` family."""
+    names = {fam.name for fam in families}
+    teacher = next((c for c in measured if c.name == "teacher/onnxruntime-fp32"), None)
+    students = [
+        c for c in measured if c.family == "student" and c.servable and c.engine == "onnxruntime"
+    ]
+    if not {"teacher", "student"} <= names or teacher is None or not students:
+        return None
+    student = sorted(students, key=_score(cfg.policy))[0]
+    name = f"cascade/{student.name.split('/', maxsplit=1)[1]}+teacher-fp32"
+    precision = f"{student.precision}+{teacher.precision}"
+    extra = {"student": student.path, "student_candidate": student.name, "teacher": teacher.path}
+    found = Candidate(name, "cascade", "cascade", precision, True, teacher.path, extra=extra)
+    spec = read_metadata(Path(teacher.path))["preprocessing"]
+    if read_metadata(Path(student.path))["preprocessing"] != spec:
+        return _refused(found, "the student's preprocessing differs from the teacher's")
+    x, y = split_inputs(prepared_dir, "val", spec, Path(teacher.path))
+    if not len(x):
+        return _refused(found, "cascade: the validation split is empty (no rows to choose on)")
+    student_out = logits(session(Path(student.path), cfg.threads), x)
+    teacher_out = logits(session(Path(teacher.path), cfg.threads), x)
+    chosen = cascade.choose_threshold(
+        cascade.confidence(student_out),
+        student_out.argmax(axis=1) == y,
+        teacher_out.argmax(axis=1) == y,
+        cfg.max_accuracy_drop,
+    )
+    if chosen is None:
+        return _refused(
+            found,
+            "cascade: no threshold lets the student answer any row within max_accuracy_drop "
+            f"{cfg.max_accuracy_drop:g} of the teacher (validation split)",
+        )
+    found.extra.update(threshold=chosen.threshold, validation=asdict(chosen))
+    return found
+
+
+def _refused(candidate: Candidate, reason: str) -> Candidate:
+    candidate.servable = False
+    candidate.extra.update(dropped=True, reason=reason)
+    return candidate
+
+
+def cascade_predictor(candidate: Candidate, threads: int) -> cascade.Cascade:
+    """The cascade candidate's engine (ONNX Runtime for both graphs, `threads` threads each)."""
+    return cascade.Cascade(
+        onnx_predictor(Path(candidate.extra["student"]), threads),
+        onnx_predictor(Path(candidate.extra["teacher"]), threads),
+        float(candidate.extra["threshold"]),
+    )
+
+
+def score_cascade(
+    candidate: Candidate, x: np.ndarray, y: np.ndarray, reference: np.ndarray, cfg: SelectConfig
+) -> Candidate:
+    """`score` for the cascade, plus extra `student_share` (the test rows the student answered)
+    and its size: both graphs. Timings are batched: a batch's unsure rows go to the teacher in
+    one call."""
+    predict = cascade_predictor(candidate, cfg.threads)
+    answered = [0, 0]
+
+    def count(student: int, teacher: int) -> None:
+        answered[0] += student
+        answered[1] += teacher
+
+    predict.on_route = count
+    for i in range(0, len(x), 256):  # the same calls as `score`'s accuracy pass
+        predict(x[i : i + 256])
+    predict.on_route = None
+    score(candidate, predict, x, y, reference, cfg)
+    candidate.extra["student_share"] = answered[0] / max(sum(answered), 1)
+    candidate.size_bytes += Path(candidate.extra["student"]).stat().st_size
+    return candidate
 
 
 def markdown(candidates: Sequence[Candidate], winner: Candidate, explanation: str) -> str:
@@ -288,12 +387,17 @@ def markdown(candidates: Sequence[Candidate], winner: Candidate, explanation: st
 
 def _table_row(c: Candidate, winner: Candidate) -> str:
     if c.extra.get("dropped"):
-        return (
+        return (  # the reason says why (a parity gate, or a cascade no threshold admits)
             f"| {c.name} (dropped) | {c.engine} | {c.precision} | {c.accuracy:.4f} "
             f"| - | - | - | - | - | {c.agreement:.4f} | dropped: {c.extra['reason']} |"
         )
     mark = " **(winner)**" if c is winner else ("" if c.servable else " (baseline)")
     note = "" if c.servable else "not servable: the serving image has no torch"
+    if c.engine == "cascade":
+        note = (
+            f"threshold {c.extra['threshold']:.4g}, student answers "
+            f"{c.extra['student_share']:.1%} (test)"
+        )
     return (
         f"| {c.name}{mark} | {c.engine} | {c.precision} | {c.accuracy:.4f} | {c.macro_f1:.4f} "
         f"| {c.p50_ms:.3f} | {c.p99_ms:.3f} | {c.throughput:,.0f} | {c.size_bytes / 1024:.1f} "
@@ -368,11 +472,43 @@ def golden_set(
 
 def winner_predictor(winner: Candidate, cfg: SelectConfig) -> Predict:
     """The winner's own engine on this host (the one the tournament measured it with)."""
+    if winner.engine == "cascade":
+        return cascade_predictor(winner, cfg.threads)
     if winner.engine == "tensorrt":
         from pipelines import tensorrt_engine
 
         return tensorrt_engine.predictor(Path(winner.path))
     return onnx_predictor(Path(winner.path), cfg.threads)
+
+
+def write_served(winner: Candidate, out_dir: Path) -> None:
+    """What serving needs into `out_dir`: the winner's ONNX graph as MODEL; for a cascade, that is
+    the teacher graph, plus cascade.STUDENT and cascade.CASCADE (threshold, both SHA-256). A
+    single-model winner leaves no cascade files behind (from an earlier run)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / MODEL) as tmp:
+        shutil.copyfile(Path(winner.extra.get("onnx", winner.path)), tmp)
+    if winner.engine != "cascade":
+        for stale in (cascade.CASCADE, cascade.STUDENT):
+            (out_dir / stale).unlink(missing_ok=True)
+        return
+    with atomic_path(out_dir / cascade.STUDENT) as tmp:
+        shutil.copyfile(winner.extra["student"], tmp)
+    threshold = cascade.Threshold(threshold=winner.extra["threshold"], **_validation(winner))
+    spec = cascade.describe(
+        out_dir / MODEL,
+        out_dir / cascade.STUDENT,
+        threshold,
+        student_candidate=winner.extra["student_candidate"],
+        test_student_share=winner.extra["student_share"],
+    )
+    write_json(out_dir / cascade.CASCADE, spec)
+
+
+def _validation(winner: Candidate) -> dict[str, float]:
+    figures = dict(winner.extra["validation"])
+    figures.pop("threshold", None)
+    return figures
 
 
 def select(
@@ -395,9 +531,7 @@ def select(
     candidates = tournament(families, convert_dir, prepared_dir, cfg)
     winner, explanation = choose(candidates, cfg)
     log.info("select: %s", explanation)
-    onnx_path = Path(winner.extra.get("onnx", winner.path))
-    with atomic_path(out_dir / MODEL) as tmp:
-        shutil.copyfile(onnx_path, tmp)
+    write_served(winner, out_dir)
     predict = winner_predictor(winner, cfg)
     model = out_dir / MODEL
     golden = golden_set(
@@ -461,6 +595,9 @@ def _run(params: Params, args: argparse.Namespace) -> None:
         )
         winner = summary["winner"]
         metrics = {k: winner[k] for k in ("accuracy", "macro_f1", "p50_ms", "p99_ms", "throughput")}
+        if winner["engine"] == "cascade":
+            metrics["student_share"] = winner["extra"]["student_share"]
+            metrics["cascade_threshold"] = winner["extra"]["threshold"]
         dropped = summary["dropped"]
         write_json(
             args.metrics,

@@ -177,3 +177,55 @@ def test_the_golden_set_goes_with_the_model_and_package_requires_it(
 def _dirs(tmp_path: Path) -> None:
     for sub in ("a", "b", "c"):
         (tmp_path / sub).mkdir()
+
+
+def test_a_cascade_is_registered_with_both_graphs_gated_as_a_cascade_and_packed(
+    tmp_path: Path, registry: MlflowClient
+) -> None:
+    """The cascade's student graph and cascade.json go into the version's `model/` artifact
+    (tag cascade_sha256); the gate scores the cascade, not the teacher alone; the same teacher
+    graph alone is another version; the same cascade again registers nothing; the BentoML model
+    `package` makes holds both graphs."""
+    import bentoml
+
+    from flows.package import save_bento_model
+    from flows.register import CASCADE_HASH_TAG
+    from pipelines.cascade import CASCADE, STUDENT, Cascade
+    from pipelines.quantize import split_inputs
+    from pipelines.runtime import logits, read_metadata, session
+    from tests.helpers.cascade import cascade_folder
+
+    params = tiny_params(**{"evaluate.min_accuracy": 0.3, "register.tolerance": 1.0})
+    folder, prepared = cascade_folder(tmp_path / "c", golden=True)
+    parent = start_parent_run(params, tmp_path)
+    name = params.register_.model_name
+    alone = register(
+        params, tmp_path, parent, select_dir(tmp_path / "a", folder / "model.onnx"), prepared
+    )
+
+    out = select_dir(tmp_path / "b", folder / "model.onnx")
+    for extra in (STUDENT, CASCADE, "golden.json"):
+        shutil.copy(folder / extra, out / extra)
+    cascade = register(params, tmp_path, parent, out, prepared)
+    assert cascade.version != alone.version and cascade.champion_version == alone.version
+    teacher, student = session(folder / "model.onnx"), session(folder / STUDENT)
+    threshold = json.loads((folder / CASCADE).read_text())["threshold"]
+    x, y = split_inputs(prepared, "test", read_metadata(folder / "model.onnx")["preprocessing"])
+    routed = Cascade(lambda r: logits(student, r), lambda r: logits(teacher, r), threshold)(x)
+    assert cascade.accuracy == float((routed.argmax(axis=1) == y).mean())
+    assert cascade.champion_accuracy == alone.accuracy
+    tags = registry.get_model_version(name, cascade.version).tags
+    assert tags[CASCADE_HASH_TAG] == file_sha256(folder / CASCADE)
+    assert tags[ONNX_HASH_TAG] == file_sha256(folder / "model.onnx")
+    run_id = registry.get_model_version(name, cascade.version).run_id
+    listed = {f.path for f in registry.list_artifacts(run_id, "model")}
+    assert {f"model/{STUDENT}", f"model/{CASCADE}", "model/model.onnx"} <= listed
+
+    again = register(params, tmp_path, parent, out, prepared)
+    assert again.version == cascade.version
+    assert len(registry.search_model_versions(f"name = '{name}'")) == 2
+
+    local = Path(registry.download_artifacts(run_id, "model", str(tmp_path / "dl")))
+    stored = bentoml.models.get(save_bento_model(name, local, cascade.version))
+    assert (Path(stored.path) / STUDENT).read_bytes() == (folder / STUDENT).read_bytes()
+    assert stored.info.metadata["cascade_sha256"] == file_sha256(folder / CASCADE)

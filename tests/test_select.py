@@ -11,7 +11,7 @@ from pipelines.errors import SelectionError
 from pipelines.export import export
 from pipelines.prepare import read_split
 from pipelines.preprocessing import to_model_input
-from pipelines.quantize import quantize
+from pipelines.quantize import quantize, split_inputs
 from pipelines.runtime import logits, read_metadata, session, softmax
 from pipelines.select import (
     GOLDEN,
@@ -237,3 +237,148 @@ def test_dropped_variants_are_listed_with_the_reason_and_never_win(tmp_path: Pat
     assert rows["| teacher/onnxruntime-int8_qdq (dropped)"].endswith(f"| dropped: {why} |")
     assert "0.9900" in rows["| teacher/onnxruntime-int8_qdq (dropped)"]  # quantize's figures
     assert rows["| teacher/tensorrt-int8 (dropped)"].endswith("| dropped: no int8_qdq.onnx |")
+
+
+# --- the cascade ----------------------------------------------------------------------------------
+
+
+def cascade_cand(accuracy: float, throughput: float, p99: float) -> Candidate:
+    c = Candidate(
+        "cascade/onnxruntime-int8_cpu+teacher-fp32", "cascade", "cascade", "int8+fp32", True, "/x"
+    )
+    c.accuracy, c.throughput, c.p99_ms = accuracy, throughput, p99
+    c.extra.update(threshold=0.9, student_share=0.8)
+    return c
+
+
+def test_the_cascade_wins_like_any_candidate_when_fast_and_accurate_enough() -> None:
+    table = [*TABLE, cascade_cand(0.978, 70_000, 0.07)]
+    winner, why = choose(table, policy(max_accuracy_drop=0.005))
+    assert winner.engine == "cascade" and "runner-up student/onnxruntime-int8_cpu" in why
+    assert "threshold 0.9, student answers 80.0% (test)" in markdown(table, winner, why)
+
+
+def test_the_cascade_is_refused_below_the_floor_or_when_slower() -> None:
+    too_wrong = [*TABLE, cascade_cand(0.970, 1e6, 0.01)]
+    assert choose(too_wrong, policy(max_accuracy_drop=0.005))[0].name == TABLE[-1].name
+    slower = [*TABLE, cascade_cand(0.979, 50_000, 0.09)]
+    assert choose(slower, policy(max_accuracy_drop=0.005))[0].name == TABLE[-1].name
+
+
+@pytest.fixture(scope="module")
+def two_families(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Family], Any]:
+    """(prepared dir, [teacher, student] families, the select config): a tiny teacher, its
+    distilled student, both exported; the student also quantized."""
+    from pipelines.distill import distill
+    from pipelines.models import save_model
+
+    tmp_path = tmp_path_factory.mktemp("cascade")
+    params = tiny_params()
+    prepared, teacher = trained_model(tmp_path, params)
+    student = tmp_path / "student.pt"
+    save_model(student, distill(params.train, params.distill, teacher, prepared, tmp_path / "c"))
+    families = []
+    for name, model in (("teacher", teacher), ("student", student)):
+        export(params.export, model, prepared, tmp_path / f"{name}.onnx")
+        families.append(Family(name, model, tmp_path / f"{name}.onnx", tmp_path / f"v-{name}"))
+    lenient = params.quantize.model_copy(update={"parity_min_agreement": 0.05})  # tiny model
+    quantize(lenient, tmp_path / "student.onnx", prepared, tmp_path / "v-student")
+    cfg = params.select.model_copy(update={"latency_iters": 20, "throughput_iters": 5})
+    return prepared, families, cfg
+
+
+def test_the_cascade_is_measured_with_a_validation_threshold_and_its_files_check(
+    two_families: tuple[Path, list[Family], Any], tmp_path: Path
+) -> None:
+    from pipelines.cascade import CASCADE, STUDENT, read_cascade
+    from pipelines.select import cascade_predictor, tournament, write_served
+
+    prepared, families, cfg = two_families
+    # any threshold qualifies, so the lowest wins; the student's fastest variant is its best
+    cfg = cfg.model_copy(update={"max_accuracy_drop": 1.0, "policy": "throughput"})
+    measured = tournament(families, None, prepared, cfg)
+    found = [c for c in measured if c.engine == "cascade"]
+    assert len(found) == 1 and found[0].servable
+    cas = found[0]
+    students = [c for c in measured if c.family == "student" and c.engine == "onnxruntime"]
+    assert cas.extra["student_candidate"] == max(students, key=lambda c: c.throughput).name
+    assert cas.extra["validation"]["student_share"] == 1.0  # a drop of 1 admits every row
+    assert cas.extra["student_share"] == 1.0 and cas.throughput > 0 and cas.p99_ms > 0
+    student = next(c for c in students if c.name == cas.extra["student_candidate"])
+    assert cas.accuracy == student.accuracy  # every test row answered by the student
+    assert cas.size_bytes == student.size_bytes + Path(cas.extra["teacher"]).stat().st_size
+
+    write_served(cas, tmp_path)
+    spec = read_cascade(tmp_path)
+    assert spec is not None and spec["threshold"] == cas.extra["threshold"]
+    assert (tmp_path / "model.onnx").read_bytes() == families[0].onnx.read_bytes()
+    assert (tmp_path / STUDENT).read_bytes() == Path(cas.extra["student"]).read_bytes()
+    x, _ = split_inputs(prepared, "test", read_metadata(families[0].onnx)["preprocessing"])
+    x = x[:5]
+    np.testing.assert_array_equal(
+        cascade_predictor(cas, 1)(x), logits(session(cas.extra["student"]), x)
+    )
+
+    single = next(c for c in measured if c.name == "teacher/onnxruntime-fp32")
+    write_served(single, tmp_path)  # a single-model winner leaves no cascade files behind
+    assert read_cascade(tmp_path) is None and not (tmp_path / STUDENT).exists()
+    assert not (tmp_path / CASCADE).exists()
+
+
+def test_a_cascade_no_threshold_admits_is_listed_as_dropped(
+    two_families: tuple[Path, list[Family], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines import cascade
+    from pipelines.select import cascade_candidate, family_candidates
+
+    prepared, families, cfg = two_families
+    measured = [c for fam in families for c, _ in family_candidates(fam, cfg)]
+    for c in measured:
+        c.throughput = 1.0
+    monkeypatch.setattr(cascade, "choose_threshold", lambda *args: None)
+    refused = cascade_candidate(families, measured, prepared, cfg)
+    assert refused is not None and not refused.servable and refused.extra["dropped"]
+    assert "no threshold lets the student answer any row" in refused.extra["reason"]
+    assert cascade_candidate(families[:1], measured, prepared, cfg) is None  # no student
+
+
+def test_a_cascade_winner_ships_both_graphs_and_its_golden_set_is_the_cascades(
+    two_families: tuple[Path, list[Family], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the cascade wins (forced here: which candidate is fastest is the host's business),
+    select writes the teacher graph, the student graph and cascade.json, and the golden set and
+    reference profile hold the cascade's predictions."""
+    import pipelines.select as select_module
+    from pipelines.cascade import read_cascade, route
+    from pipelines.reference import REFERENCE, load_reference
+
+    prepared, families, cfg = two_families
+    cfg = cfg.model_copy(update={"max_accuracy_drop": 0.05})
+
+    def cascade_wins(candidates: list[Candidate], _: SelectConfig) -> tuple[Candidate, str]:
+        return next(c for c in candidates if c.engine == "cascade"), "forced"
+
+    monkeypatch.setattr(select_module, "choose", cascade_wins)
+    summary = select(families, None, prepared, tmp_path, cfg, golden_rows=GOLDEN_ROWS, seed=7)
+    winner = summary["winner"]
+    spec = read_cascade(tmp_path)
+    assert winner["engine"] == "cascade" and spec is not None
+    assert spec["threshold"] == winner["extra"]["threshold"]
+    assert spec["validation"]["accuracy"] >= spec["validation"]["teacher_accuracy"] - 0.05
+    golden = read_json(tmp_path / GOLDEN)
+    assert golden["engine"] == "cascade" and golden["precision"] == winner["precision"]
+    spec_in = read_metadata(families[0].onnx)["preprocessing"]
+    teacher, student = session(tmp_path / "model.onnx"), session(tmp_path / "student.onnx")
+
+    def cascade_of(rows: np.ndarray) -> np.ndarray:
+        x = to_model_input(rows.astype(np.float32), spec_in)
+        out, _ = route(x, lambda r: logits(student, r), lambda r: logits(teacher, r), threshold)
+        return out.argmax(axis=1)
+
+    threshold = spec["threshold"]
+    assert golden["predictions"] == cascade_of(np.asarray(golden["rows"])).tolist()
+    ref = load_reference(tmp_path / REFERENCE)
+    predicted = cascade_of(read_split(prepared, "test")[spec_in["feature_columns"]].to_numpy())
+    labels = read_json(prepared / "manifest.json")["labels"]
+    expected = {str(label): float(np.mean(predicted == i)) for i, label in enumerate(labels)}
+    assert ref.predicted_label_distribution == pytest.approx(expected, abs=1e-6)

@@ -1,0 +1,143 @@
+"""The cascade: the student answers the rows it is sure of, the teacher the rest.
+
+A row's student confidence is its top softmax probability. With threshold `t`, the rows whose
+confidence is >= `t` take the student's answer; the others go to the teacher, all of a batch's
+unsure rows in ONE teacher call. `select` picks `t` on the validation split (`choose_threshold`)
+and writes the cascade's files beside the teacher graph (model.onnx): the student graph
+(STUDENT) and CASCADE, a small JSON file with the threshold and both files' SHA-256. `register`
+logs them with the model, `package` packs them, `service.py` runs `Cascade`. numpy only: the
+serving image imports this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.artifacts import file_sha256, read_json
+from pipelines.errors import PipelineError
+
+CASCADE = "cascade.json"  # beside model.onnx (the teacher graph): threshold and both graphs' hashes
+STUDENT = "student.onnx"  # ... the student graph
+Engine = Callable[[np.ndarray], np.ndarray]  # model input (n, ...) -> logits (n, classes)
+OnRoute = Callable[[int, int], None]  # (rows the student answered, rows the teacher answered)
+
+
+def confidence(logits: np.ndarray) -> np.ndarray:
+    """Top softmax probability of each row of `logits` (n, classes): shape (n,), in (0, 1]."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return np.asarray(1.0 / exp.sum(axis=1))  # the top class's exp(0) / sum
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A threshold and what it gives on the split it was chosen on (fractions in [0, 1])."""
+
+    threshold: float
+    student_share: float
+    accuracy: float
+    teacher_accuracy: float
+
+
+def choose_threshold(
+    student_confidence: np.ndarray,
+    student_correct: np.ndarray,
+    teacher_correct: np.ndarray,
+    max_accuracy_drop: float,
+) -> Threshold | None:
+    """The threshold that lets the student answer the most rows while the cascade's accuracy
+    stays >= teacher accuracy - `max_accuracy_drop` (all on the same rows, e.g. the validation
+    split); None when no threshold lets the student answer any row (or there are no rows).
+
+    Inputs, shape (n,): each row's student confidence (`confidence`), and whether the student /
+    the teacher classifies it correctly. Only the rows' own confidences are candidate thresholds
+    (the student answers exactly the rows at or above one); accuracy is not monotone in the
+    threshold, so every candidate is checked and the lowest admissible one wins."""
+    n = len(student_confidence)
+    if n == 0:
+        return None
+    order = np.argsort(-student_confidence, kind="stable")
+    conf = student_confidence[order]
+    gain = student_correct[order].astype(np.int64) - teacher_correct[order].astype(np.int64)
+    teacher_right = int(teacher_correct.sum())
+    correct = teacher_right + np.cumsum(gain)  # cascade's correct rows when the first k+1 go
+    last_of_value = np.r_[conf[1:] != conf[:-1], True]  # a threshold takes all rows of its value
+    floor = teacher_right / n - max_accuracy_drop
+    ok = last_of_value & (correct / n >= floor - 1e-12)
+    if not ok.any():
+        return None
+    k = int(np.flatnonzero(ok)[-1])
+    return Threshold(float(conf[k]), (k + 1) / n, float(correct[k] / n), teacher_right / n)
+
+
+def route(
+    x: np.ndarray, student: Engine, teacher: Engine, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The cascade's logits for `x` (n, ...) and which rows the student answered (bool, (n,)):
+    the student runs on every row, the teacher once on the unsure rows (not at all when none)."""
+    out = np.array(student(x), dtype=np.float32)
+    sure = confidence(out) >= threshold
+    if not sure.all():
+        out[~sure] = teacher(x[~sure])
+    return out, sure
+
+
+class Cascade:
+    """An engine (model input -> logits) running `route`; `on_route` (if given) hears, per call,
+    how many rows each model answered (the service's Prometheus counter, select's share)."""
+
+    name = "cascade"
+
+    def __init__(
+        self, student: Engine, teacher: Engine, threshold: float, on_route: OnRoute | None = None
+    ) -> None:
+        self.student, self.teacher, self.threshold = student, teacher, threshold
+        self.on_route = on_route
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        out, sure = route(x, self.student, self.teacher, self.threshold)
+        if self.on_route is not None:
+            answered = int(sure.sum())
+            self.on_route(answered, len(sure) - answered)
+        return out
+
+
+def describe(teacher: Path, student: Path, threshold: Threshold, **extra: Any) -> dict[str, Any]:
+    """CASCADE's content: the threshold, both graphs' file names and SHA-256, the validation
+    figures behind the threshold, and `extra` (e.g. which variants they are)."""
+    return {
+        "threshold": threshold.threshold,
+        "teacher": {"file": teacher.name, "sha256": file_sha256(teacher)},
+        "student": {"file": student.name, "sha256": file_sha256(student)},
+        "validation": {
+            "student_share": threshold.student_share,
+            "accuracy": threshold.accuracy,
+            "teacher_accuracy": threshold.teacher_accuracy,
+        },
+        **extra,
+    }
+
+
+class CascadeError(PipelineError):
+    """A model folder's cascade files are missing or do not match CASCADE's hashes."""
+
+
+def read_cascade(folder: Path) -> dict[str, Any] | None:
+    """CASCADE in `folder`, its graphs checked against their SHA-256; None when there is none
+    (a single-model folder). Raises CascadeError naming the file that is missing or differs."""
+    path = folder / CASCADE
+    if not path.is_file():
+        return None
+    spec = read_json(path)
+    for role in ("teacher", "student"):
+        graph = folder / spec[role]["file"]
+        if not graph.is_file():
+            raise CascadeError(f"{path}: the {role} graph {graph.name} is missing")
+        if file_sha256(graph) != spec[role]["sha256"]:
+            raise CascadeError(f"{path}: the {role} graph {graph.name} does not match its sha256")
+    return spec

@@ -1,0 +1,122 @@
+"""The cascade's pure logic: threshold choice, batched routing, its files' check."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.artifacts import write_json
+from pipelines.cascade import (
+    CASCADE,
+    STUDENT,
+    Cascade,
+    CascadeError,
+    Threshold,
+    choose_threshold,
+    confidence,
+    describe,
+    read_cascade,
+    route,
+)
+
+# 8 validation rows, most confident first. The teacher is right on all but row 7; the student
+# is wrong on rows 2 and 6.
+CONF = np.array([0.99, 0.95, 0.90, 0.90, 0.80, 0.70, 0.60, 0.50])
+STUDENT_OK = np.array([1, 1, 0, 1, 1, 1, 0, 1], bool)
+TEACHER_OK = np.array([1, 1, 1, 1, 1, 1, 1, 0], bool)
+
+
+def test_no_drop_allowed_keeps_the_student_above_its_first_mistake() -> None:
+    # t=0.95: rows 0-1 to the student, all correct: 7/8 = the teacher's 7/8.
+    assert choose_threshold(CONF, STUDENT_OK, TEACHER_OK, 0.0) == Threshold(
+        0.95, 0.25, 7 / 8, 7 / 8
+    )
+
+
+def test_a_drop_of_one_row_admits_down_to_the_next_mistake() -> None:
+    # A teacher right on every row: t=0.70 sends rows 0-5 to the student, one mistake (row 2):
+    # 7/8 >= 8/8 - 0.125; t=0.60 adds the student's second mistake (6/8).
+    chosen = choose_threshold(CONF, STUDENT_OK, np.ones(8, bool), 0.125)
+    assert chosen == Threshold(0.70, 0.75, 7 / 8, 1.0)
+
+
+def test_accuracy_is_not_monotone_so_every_threshold_is_checked() -> None:
+    # t=0.60 gives 5/8 (< 7/8 - 0.125), but t=0.50 (every row) 6/8 again: the student is right
+    # on row 7, where the teacher is wrong. The lowest threshold qualifies.
+    chosen = choose_threshold(CONF, STUDENT_OK, TEACHER_OK, 0.125)
+    assert chosen == Threshold(0.50, 1.0, 6 / 8, 7 / 8)
+
+
+def test_tied_confidences_go_together() -> None:
+    # 0.90 is rows 2 and 3: no threshold takes row 3 without row 2 (the mistake).
+    chosen = choose_threshold(CONF[:4], STUDENT_OK[:4], TEACHER_OK[:4], 0.0)
+    assert chosen == Threshold(0.95, 0.5, 1.0, 1.0)
+
+
+def test_no_threshold_when_the_most_confident_row_is_a_mistake() -> None:
+    student_ok = np.array([0, 1, 1], bool)
+    assert choose_threshold(np.array([0.9, 0.8, 0.7]), student_ok, np.ones(3, bool), 0.0) is None
+    assert choose_threshold(np.array([]), np.array([], bool), np.array([], bool), 0.5) is None
+
+
+def test_confidence_is_the_top_softmax_probability() -> None:
+    z = np.array([[0.0, 0.0], [np.log(3.0), 0.0], [1000.0, 0.0]], np.float32)
+    np.testing.assert_allclose(confidence(z), [0.5, 0.75, 1.0], rtol=1e-6)
+
+
+class Recorder:
+    """A fake engine: fixed logits per row (by the row's first value), and the calls it got."""
+
+    def __init__(self, logits: dict[float, list[float]]) -> None:
+        self.logits = logits
+        self.calls: list[list[float]] = []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.calls.append(x[:, 0].tolist())
+        return np.array([self.logits[float(v)] for v in x[:, 0]], np.float32)
+
+
+SURE, UNSURE = [5.0, 0.0], [0.1, 0.0]  # confidences 0.993 and 0.525
+
+
+def test_route_sends_a_batchs_unsure_rows_to_the_teacher_in_one_call() -> None:
+    student = Recorder({0.0: SURE, 1.0: UNSURE, 2.0: SURE, 3.0: UNSURE})
+    teacher = Recorder({1.0: [0.0, 9.0], 3.0: [0.0, 7.0]})
+    x = np.arange(4, dtype=np.float32).reshape(4, 1)
+    out, sure = route(x, student, teacher, 0.9)
+    assert sure.tolist() == [True, False, True, False]
+    assert student.calls == [[0.0, 1.0, 2.0, 3.0]] and teacher.calls == [[1.0, 3.0]]
+    np.testing.assert_array_equal(out, [SURE, [0.0, 9.0], SURE, [0.0, 7.0]])
+
+
+def test_route_skips_the_teacher_when_the_student_is_sure_of_every_row() -> None:
+    student, teacher = Recorder({0.0: SURE, 1.0: SURE}), Recorder({})
+    _, sure = route(np.array([[0.0], [1.0]], np.float32), student, teacher, 0.9)
+    assert sure.all() and teacher.calls == []
+
+
+def test_cascade_engine_reports_who_answered() -> None:
+    heard: list[tuple[int, int]] = []
+    engine = Cascade(
+        Recorder({0.0: SURE, 1.0: UNSURE}),
+        Recorder({1.0: [0.0, 1.0]}),
+        0.9,
+        lambda s, t: heard.append((s, t)),
+    )
+    assert engine(np.array([[0.0], [1.0], [1.0]], np.float32)).argmax(axis=1).tolist() == [0, 1, 1]
+    assert heard == [(1, 2)] and engine.name == "cascade"
+
+
+def test_cascade_files_are_checked_against_their_hashes(tmp_path: Path) -> None:
+    assert read_cascade(tmp_path) is None  # a single-model folder
+    (tmp_path / "model.onnx").write_bytes(b"teacher")
+    (tmp_path / STUDENT).write_bytes(b"student")
+    spec = describe(tmp_path / "model.onnx", tmp_path / STUDENT, Threshold(0.8, 0.5, 0.9, 0.91))
+    write_json(tmp_path / CASCADE, spec)
+    assert read_cascade(tmp_path) == spec and spec["threshold"] == 0.8
+    (tmp_path / STUDENT).write_bytes(b"other")
+    with pytest.raises(CascadeError, match=r"student graph student\.onnx does not match"):
+        read_cascade(tmp_path)
+    (tmp_path / STUDENT).unlink()
+    with pytest.raises(CascadeError, match=r"student graph student\.onnx is missing"):
+        read_cascade(tmp_path)
