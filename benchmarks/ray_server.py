@@ -4,7 +4,8 @@
         [--max-batch-size 64] [--batch-wait-ms 5] [--stats-file F]
 
 One replica with Ray Serve's own batching (`@serve.batch(max_batch_size, batch_wait_timeout_s)`),
-behind Ray Serve's HTTP proxy on P; a local Ray instance with one CPU and no dashboard. GET
+behind Ray Serve's HTTP proxy on P; a local Ray instance with one CPU and no dashboard, access
+logs off (as BentoML's). GET
 /readyz answers 200 once the replica is up. Runs until SIGTERM. Needs the `bench` extra.
 """
 
@@ -34,7 +35,9 @@ def main() -> None:
     parser.add_argument("--stats-file", type=Path, default=None)
     args = parser.parse_args()
 
-    @serve.deployment(max_ongoing_requests=max(256, args.max_batch_size))
+    quiet = {"enable_access_log": False, "log_level": "WARNING"}  # as BentoML's access log off
+
+    @serve.deployment(max_ongoing_requests=max(256, args.max_batch_size), logging_config=quiet)
     class Classifier:
         def __init__(self) -> None:
             self.model = PeerModel(args.model_dir, args.threads, args.stats_file)
@@ -55,7 +58,7 @@ def main() -> None:
             return JSONResponse(await self.predict(x))
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=quiet)
     serve.run(Classifier.bind(), route_prefix="/", blocking=False)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

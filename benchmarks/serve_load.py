@@ -471,9 +471,11 @@ def commands_for(
     threads: int,
     wait_ms: float,
     peer_python: str,
+    batched_latency_ms: float | None = None,
 ) -> dict[str, tuple[list[str], dict[str, str], Path]]:
-    """The server commands by name (`flipped`: the service with batching the other way round),
-    leaving out peers `peer_python` cannot import (with a line saying so)."""
+    """The server commands by name (`flipped`: the service with batching the other way round;
+    `batched_latency_ms`: the batched variant's `max_latency_ms`, else params.yaml's), leaving
+    out peers `peer_python` cannot import (with a line saying so)."""
     from pipelines.config import load_params
 
     serve = load_params(REPO / "params.yaml").serve
@@ -484,8 +486,10 @@ def commands_for(
             commands[name] = (bento, {}, REPO)
         elif name in ("flipped", "service_batched", "service_unbatched"):
             batched = serve.max_batch_size == 1 if name == "flipped" else name == "service_batched"
-            size = BATCHED_MAX if batched else 1
-            overrides = {"MLOPS_SERVE_OVERRIDES": json.dumps({"max_batch_size": size})}
+            flip: dict[str, Any] = {"max_batch_size": BATCHED_MAX if batched else 1}
+            if batched and batched_latency_ms is not None:
+                flip["max_latency_ms"] = batched_latency_ms
+            overrides = {"MLOPS_SERVE_OVERRIDES": json.dumps(flip)}
             commands["service_batched" if batched else "service_unbatched"] = (
                 bento,
                 overrides,
@@ -541,6 +545,7 @@ def run(
     levels: tuple[int, ...] = CONNECTIONS,
     servers: tuple[str, ...] = SERVERS,
     peer_python: str = sys.executable,
+    batched_latency_ms: float | None = None,
 ) -> dict[str, Any]:
     from flows.package import save_bento_model
     from pipelines.config import load_params
@@ -558,7 +563,9 @@ def run(
     ceiling = engine_ceiling(model_dir, serve.threads, row)
     wait_ms = batch_wait_ms(ceiling[1])
     print(f"engine alone, rows/s by batch: {ceiling}; peers wait up to {wait_ms:.2f} ms")
-    commands = commands_for(servers, model_dir, work, serve.threads, wait_ms, peer_python)
+    commands = commands_for(
+        servers, model_dir, work, serve.threads, wait_ms, peer_python, batched_latency_ms
+    )
     with contextlib.ExitStack() as stack:
         if compare_ref is not None:
             old = stack.enter_context(checkout(compare_ref, work))
@@ -578,6 +585,7 @@ def run(
         "model": model_note,
         "serve_settings": serve.model_dump(mode="json"),
         "peer_batching": {"max_batch_size": BATCHED_MAX, "wait_ms": wait_ms},
+        "batched_max_latency_ms": batched_latency_ms,
         "pinning": {"servers": SERVER_CPUS, "load_generators": CLIENT_CPUS},
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "summary": summary,
@@ -608,6 +616,12 @@ def main() -> None:
     parser.add_argument(
         "--peer-python", default=sys.executable, help="the Python with the bench extra"
     )
+    parser.add_argument(
+        "--batched-max-latency-ms",
+        type=float,
+        default=None,
+        help="max_latency_ms of the service's batched variant (default: params.yaml's)",
+    )
     args = parser.parse_args()
     levels = tuple(int(c) for c in args.connections.split(","))
     servers = tuple(name.strip() for name in args.servers.split(",") if name.strip())
@@ -627,6 +641,7 @@ def main() -> None:
             levels,
             servers,
             args.peer_python,
+            args.batched_max_latency_ms,
         )
     report(results["summary"])
     print(f"server logs: {results['server_logs']}")
