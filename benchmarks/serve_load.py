@@ -391,6 +391,7 @@ def summarize(
         "saturation_connections": {name: p["connections"] for name, p in best.items()},
         "batch_at_saturation": batch,
         "engine_rows_per_s": {str(k): v for k, v in ceiling.items()},
+        "engine_best_batch": max(ceiling, key=lambda k: ceiling[k]),
         "served_over_ceiling": {n: sat[n] / ceiling_at(batch[n], ceiling) for n in curves},
         "served_over_batch1": {name: sat[name] / ceiling[min(ceiling)] for name in curves},
         "p50_ms": {label: {n: p["p50_ms"] for n, p in pts.items()} for label, pts in rates.items()},
@@ -438,7 +439,7 @@ def report(summary: dict[str, Any]) -> None:
     print("(open loop at 25/50/80% of each server's own saturation: p50/p99 ms; batch: rows per")
     print(" model call at saturation; /ceil: saturation / engine alone at that batch size)")
     engine = ", ".join(f"b{k} {v:,.0f}" for k, v in summary["engine_rows_per_s"].items())
-    print(f"engine alone, rows/s: {engine}")
+    print(f"engine alone, rows/s: {engine} (best at batch {summary['engine_best_batch']})")
     print(f"503s in the wrk sweep (any load): {summary['s503_in_sweep']}")
     if summary["best_service"]:
         print(f"best BentoML variant: {summary['best_service']}; its ratios to the others:")

@@ -96,6 +96,7 @@ def test_summary_compares_the_best_bentoml_variant_with_every_other_server() -> 
     assert summary["served_over_ceiling"] == pytest.approx(
         {"service": 3.5, "service_batched": 2.0, "ray": 150 / 180}
     )
+    assert summary["engine_best_batch"] == 64
     assert summary["best_service"] == "service_batched"
     assert summary["service_over_others"] == {"ray": {"saturation": 4.0, "p99_at_50pct": 0.25}}
     assert summary["batching_gain"] == pytest.approx(600 / 350)
