@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipelines import drift
+from pipelines import drift, prediction_log
 from pipelines.config import MonitorConfig, load_params
 from pipelines.reference import Reference, load_reference
 from tests.helpers import REPO
@@ -261,13 +261,19 @@ def serve_logged(url: str, rows: np.ndarray, logs: Path) -> None:
     log holds them (it is written off the request path)."""
     import httpx
 
-    before = len(drift.read_lines(logs, drift.PREDICTIONS_GLOB)) if logs.is_dir() else 0
+    before = (
+        len(prediction_log.read_lines(logs, prediction_log.PREDICTIONS_GLOB))
+        if logs.is_dir()
+        else 0
+    )
     for i in range(0, len(rows), 10):
         body = {"rows": rows[i : i + 10].tolist()}
         answer = httpx.post(f"{url}/predict", json=body, headers={"X-Log-Request": "1"})
         assert answer.status_code == 200, answer.text
     deadline = time.monotonic() + 60
-    while len(drift.read_lines(logs, drift.PREDICTIONS_GLOB)) < before + len(rows):
+    while len(prediction_log.read_lines(logs, prediction_log.PREDICTIONS_GLOB)) < before + len(
+        rows
+    ):
         assert time.monotonic() < deadline, "the served rows never all reached the log"
         time.sleep(0.2)
 
