@@ -127,7 +127,9 @@ class Writer(logging.handlers.RotatingFileHandler):
     traceback per record."""
 
     def __init__(self, path: Path, max_bytes: int, max_files: int, dropped: Dropped) -> None:
-        super().__init__(path, maxBytes=max_bytes, backupCount=max_files, delay=True)
+        super().__init__(
+            path, maxBytes=max_bytes, backupCount=max_files, encoding="utf-8", delay=True
+        )
         self.setFormatter(JsonLine())
         self.dropped = dropped
 
@@ -261,7 +263,7 @@ def read_lines(directory: Path, pattern: str) -> list[dict[str, Any]]:
     files = sorted(directory.rglob(pattern), key=lambda p: (p.stat().st_mtime, -_rotation(p)))
     records = []
     for path in files:
-        for line in path.read_text(errors="replace").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except ValueError:

@@ -107,6 +107,15 @@ def test_a_request_is_one_line_spliced_from_its_bodies_as_sent(tmp_path: Path) -
         log.served("c", "7", response)
 
 
+def test_a_body_in_utf_8_is_kept_whatever_the_locale(tmp_path: Path) -> None:
+    """BentoML's own dispatch sends UTF-8 (not ASCII escapes): a label like "café" survives."""
+    log = PredictionLog(tmp_path, 1.0, 1 << 20, 2)
+    answer = [{"label": "café", "probabilities": [0.9, 0.1], "model_version": "7"}]
+    log.served("u", "7", json.dumps(answer, ensure_ascii=False).encode(), features=[{"m": 1.0}])
+    [row] = written(log, tmp_path, ["m"])
+    assert row["prediction"] == "café" and log.dropped.count == 0
+
+
 def test_a_log_of_another_model_is_named_not_misread(tmp_path: Path) -> None:
     from pipelines.prediction_log import LogError
 
