@@ -316,6 +316,7 @@ class Classifier:
         self.contract = RowContract.from_spec(self.spec, self.serve.max_rows)
         self.engine, self.engines, self.cascade = load_engines(model_dir, self.serve)
         self.log_columns = profile_columns(self.spec)  # the log's `features` keys
+        self.image_model = is_image_model(self.spec)
         self.known_labels = {(type(label), label) for label in self.labels}
         self.prediction_log = open_prediction_log(self.serve)
         self.warm_up()
@@ -402,27 +403,28 @@ class Classifier:
         """One served row as the log's `features`: {column: value}, or for a model trained on
         image files the 4 image statistics (pipelines.reference.image_statistics) of the
         decoded row with the source image's (width, height) `size`."""
-        if is_image_model(self.spec):
+        if self.image_model:
             return image_statistics(row, self.spec["value_range"], *size)
         return dict(zip(self.log_columns, map(float, row), strict=True))
 
     def log_sample(self, request_id: str, path: str, sample: "Sample") -> None:
-        """Queue a sampled, answered (200) request for the prediction log: its rows (from the
-        request body, or the features predict_image kept) and the answers of the response body.
-        Never raises: a body it cannot read is one log line."""
+        """Queue a sampled, answered (200) request for the prediction log: the request and
+        response bodies as they were sent, nothing parsed here (the writer thread splices them
+        into one line, pipelines/prediction_log.py). A model trained on image files logs the 4
+        image statistics of each row instead (predict_image keeps them; for /predict they are
+        computed from the body here). Never raises: a body it cannot read is one log line."""
         try:
-            answers = sample.answers or json.loads(b"".join(sample.response))
+            response = b"".join(sample.response)
+            if path == "/predict" and not self.image_model:
+                self.prediction_log.served(
+                    request_id, self.version, response, request=b"".join(sample.request)
+                )
+                return
             if path == "/predict":
-                rows = sample.rows
-                if rows is None:  # BentoML's dispatch answered (batching on): parse the body
-                    rows = np.asarray(json.loads(b"".join(sample.request))["rows"], np.float64)
+                rows = np.asarray(json.loads(b"".join(sample.request))["rows"], np.float64)
                 size = tuple(reversed(self.spec.get("image_shape") or (0, 0)))
                 sample.features = [self.row_features(row, size) for row in rows]
-            labels = [a["label"] for a in answers]
-            confidences = [max(a["probabilities"]) for a in answers]
-            self.prediction_log.predictions(
-                request_id, sample.features, labels, confidences, self.version
-            )
+            self.prediction_log.served(request_id, self.version, response, features=sample.features)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("prediction log: request %s not logged (%r)", request_id, exc)
 
@@ -618,18 +620,16 @@ SERVICE.mount_asgi_app(
 
 
 class Sample:
-    """What RequestLog keeps of a request it logs: the bodies, the status, and what the endpoint
-    already has parsed (predict_image: the features; DirectPredict: the rows and answers)."""
+    """What RequestLog keeps of a request it logs: the bodies, the status, and the features
+    predict_image has derived from its image."""
 
-    __slots__ = ("answers", "features", "request", "response", "rows", "status")
+    __slots__ = ("features", "request", "response", "status")
 
     def __init__(self) -> None:
         self.request: list[bytes] = []
         self.response: list[bytes] = []
         self.status = 0
         self.features: list[dict[str, float]] = []
-        self.rows: np.ndarray | None = None  # DirectPredict's parsed rows and answers
-        self.answers: list[dict[str, Any]] | None = None
 
 
 SAMPLE: ContextVar[Sample | None] = ContextVar("mlops_sample", default=None)
@@ -821,9 +821,6 @@ class DirectPredict:
             error = {"error": "An unexpected error has occurred, please check the server log."}
             await send_json(send, 500, error, self.server)
             return
-        sample = SAMPLE.get()
-        if sample is not None:  # RequestLog logs this request: no need to parse the bodies again
-            sample.rows, sample.answers = np.asarray(rows, np.float64), predictions
         await send_json(send, 200, predictions, self.server)
 
 

@@ -3,6 +3,7 @@ at params.yaml's default (0.1) beside the same service with logging off (0), sid
 
     python benchmarks/serve_logging.py [--seconds 5] [--rounds 3] [--model large] [--out F]
     python benchmarks/serve_logging.py --in-process [--rounds 5]
+    python benchmarks/serve_logging.py --record [--rounds 3]
 
 Both servers run at once on the same model (the tiny digits CNN, where a model call is ~10 us and
 the log's share is largest; `--model large`: benchmarks/model_speed.py's CNN, ~1.6 ms a call),
@@ -11,12 +12,24 @@ loop: `wrk` at 1, 8 and 32 connections, the two servers alternating, `--rounds` 
 the machine's load falls on both); saturation = the best rate of each. Open loop
 (benchmarks/serve_openloop.py): both at half the logging-off saturation, alternating, for p50 and
 p99 at equal rate. Reports the ratios logging ÷ off for throughput, and off ÷ logging for p99
-(both >= 0.95 is the issue's goal), the load average, and what the log wrote (lines, bytes).
+(both >= 0.95 is the issue's goal), the load average, and what the log wrote (lines: one per
+logged request; bytes).
 
 `--in-process`: the CPU time per one-row /predict of the service in this process (BentoML's ASGI
 app under Starlette's test client, the writer thread included) with log_fraction 0, 0.1 and 1,
 interleaved `--rounds` times, 2,000 requests each: less sensitive to a busy machine than
 throughput, it shows what logging a request costs.
+
+`--record`: the log's own path alone, CPU microseconds per logged one-row request (the request
+thread's `PredictionLog.served` plus the writer thread's line and write), for a digits-wide (64
+features) and a CNN-wide (3,072) body: what a sampled request adds, whatever the server.
+
+Where the cost was (issue 16's profile): the logging-off server runs the same per-request work
+(request id, RequestLog, the sampling draw), so the ratio measures only the sampled requests.
+The old record parsed both bodies in the request path and wrote one JSON object per row with
+every feature by name: ~250 us per logged digits request, ~6,200 us at 3,072 features (as much as
+serving one, or more), and a writer thread holding the GIL for milliseconds (the p99). The record
+now splices the two bodies as they were sent into one line per request, in the writer thread.
 """
 
 from __future__ import annotations
@@ -170,6 +183,35 @@ def in_process(work: Path, rounds: int, requests: int = 2000) -> dict[str, Any]:
     }
 
 
+def record_cost(work: Path, rounds: int, requests: int = 2000) -> dict[str, Any]:
+    """CPU microseconds per logged one-row request through PredictionLog alone (process time:
+    the request thread and the writer thread), best of `rounds`, by feature count."""
+    import numpy as np
+
+    from pipelines.prediction_log import PredictionLog
+
+    answer = [{"label": 3, "probabilities": [0.1] * 10, "model_version": "1"}]
+    response = json.dumps(answer).encode()
+    figures: dict[str, Any] = {}
+    for width in (64, 3072):
+        row = np.random.default_rng(0).random(width).round(4).tolist()
+        request = json.dumps({"rows": [row]}).encode()
+        runs = []
+        for round_ in range(rounds):
+            log = PredictionLog(work / f"record-{width}-{round_}", 1.0, 1 << 30, 2)
+            start = time.process_time()
+            for i in range(requests):
+                log.served(f"r{i}", "1", response, request=request)
+            log.close()  # the writer thread has written every line
+            runs.append((time.process_time() - start) / requests * 1e6)
+        figures[f"{width} features"] = {
+            "us": runs,
+            "best_us": min(runs),
+            "line_bytes": len(request),
+        }
+    return {**figures, "load_average": os.getloadavg()}
+
+
 def report(results: dict[str, Any]) -> None:
     sat, p50, p99 = results["saturation_rps"], results["p50_ms"], results["p99_ms"]
     fraction = results["log_fraction"]["logging"]
@@ -196,7 +238,15 @@ def main() -> None:
     parser.add_argument("--model", choices=("digits", "large"), default="digits")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     parser.add_argument("--in-process", action="store_true", help="CPU per request, in-process")
+    parser.add_argument("--record", action="store_true", help="CPU per logged request, log only")
     args = parser.parse_args()
+    if args.record:
+        with tempfile.TemporaryDirectory() as tmp:
+            figures = record_cost(Path(tmp), args.rounds)
+        print(json.dumps(figures, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(figures, indent=2))
+        return
     if args.in_process:
         with tempfile.TemporaryDirectory() as tmp:
             os.environ.update({"BENTOML_HOME": str(Path(tmp) / "bentoml"), "DO_NOT_TRACK": "true"})

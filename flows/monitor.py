@@ -6,7 +6,8 @@ reference profile (pipelines/drift.py does the statistics, with NannyML). Each r
   it in the MLflow UI), and a Markdown summary artifact;
 - Prometheus gauges (`mlops_monitor_*`) in `<log dir>/monitor/monitor.prom` (node_exporter's
   textfile collector format), pushed to a Pushgateway when MLOPS_PUSHGATEWAY_URL is set;
-- an MLflow run `monitor` (metrics per feature and overall, the report, result.json);
+- an MLflow run `monitor` in the experiment `<tracking.experiment>-monitor` (metrics per feature
+  and overall, the report, result.json);
 - on an alarm (drift share over `monitor.drift_threshold`, or production accuracy under
   `monitor.min_accuracy`), the Prefect event `mlops.monitor.drift` with the reason: the
   automation `retrain-on-drift` (flows/deployments.py) starts `train/on-demand` with it; not
@@ -192,12 +193,13 @@ def mlflow_metrics(result: Any) -> dict[str, float]:
 
 
 def log_to_mlflow(params: Params, result: Any, out: Path) -> str:
-    """An MLflow run `monitor` in the project's experiment: metrics, the report, result.json."""
+    """An MLflow run `monitor` in the monitor's experiment (`<tracking.experiment>-monitor`,
+    pipelines.tracking.monitor_experiment_name): metrics, the report, result.json."""
     from mlflow.entities import Metric
 
-    from pipelines.tracking import client_for
+    from pipelines.tracking import monitor_client
 
-    client, experiment = client_for(params.tracking, PROJECT_ROOT)
+    client, experiment = monitor_client(params.tracking, PROJECT_ROOT)
     tags = {"mlops.kind": "monitor", "model_version": str(result.model_version or "")}
     run = client.create_run(experiment, run_name="monitor", tags=tags)
     run_id = str(run.info.run_id)
@@ -221,8 +223,8 @@ def mlflow_run_or_warning(params: Params, result: Any, out: Path, logger: Any) -
     except (MlflowException, RequestException, OSError) as exc:
         logger.warning(
             "MLflow run not written (%s): the report stays at %s. Behind MLflow's basic auth"
-            " the inference host's account needs EDIT on the experiment (README: Drift and"
-            " retraining)",
+            " the inference host's account needs EDIT on the monitor's experiment, granted by"
+            " ops/mlflow_users.py (README: Drift and retraining)",
             str(exc).splitlines()[0][:300],
             out / REPORT,
         )

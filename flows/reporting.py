@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Params, RunOverrides, environment
-from pipelines.tracking import UI_MODEL_TRAINING_QUERY, client_for, flatten, recorded_run
+from pipelines.tracking import UI_MODEL_TRAINING_QUERY, flatten, recorded_run, tracking_uri
 
 DOCS_ARTIFACT = "data_docs/index.html"  # where the validate stage logs its Data Docs
 NO_DATA_DOCS = "No `validate` stage in dvc.yaml: no Data Docs"
@@ -16,8 +16,13 @@ NO_DATA_DOCS = "No `validate` stage in dvc.yaml: no Data Docs"
 
 def mlflow_run_url(params: Params, root: Path, run_id: str, artifact: str | None = None) -> str:
     """The run's page in the MLflow UI (`tracking.ui_url`, or the server itself) in its model
-    training view; with `artifact`, that file opened in the run's Artifacts tab."""
-    _, experiment = client_for(params.tracking, root)
+    training view; with `artifact`, that file opened in the run's Artifacts tab. The run's own
+    experiment (the training experiment, or the monitor's): a read of the run."""
+    from mlflow import MlflowClient
+
+    experiment = (
+        MlflowClient(tracking_uri(params.tracking, root)).get_run(run_id).info.experiment_id
+    )
     tracking = environment().tracking_uri or ""
     base = tracking if tracking.startswith("http") else params.tracking.ui_url
     page = f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"

@@ -33,19 +33,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.config import MonitorConfig
-from pipelines.errors import PipelineError
+from pipelines.prediction_log import (  # the log's one reader
+    FEEDBACK_GLOB,
+    LogError,
+    read_lines,
+    read_predictions,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from pipelines.reference import Reference
 
-PREDICTIONS_GLOB, FEEDBACK_GLOB = "predictions*.jsonl*", "feedback*.jsonl*"
 METHOD = "kolmogorov_smirnov"
-
-
-class LogError(PipelineError):
-    """The prediction log cannot be used (missing directory, no feature columns it needs)."""
 
 
 @dataclass(frozen=True)
@@ -102,32 +102,6 @@ def _no_nan(value: Any) -> Any:
     return value
 
 
-def read_lines(directory: Path, pattern: str) -> list[dict[str, Any]]:
-    """Every JSON object in the files matching `pattern` (rotated ones too) in `directory` and
-    its subfolders (an inference host logs each replica of a version in a folder of its own),
-    oldest file first. A line that is not a JSON object (a write cut by a full disk) is
-    skipped. Raises LogError when `directory` does not exist."""
-    if not directory.is_dir():
-        raise LogError(f"{directory}: no such directory (the service's prediction log)")
-    files = sorted(directory.rglob(pattern), key=lambda p: (p.stat().st_mtime, -_rotation(p)))
-    records = []
-    for path in files:
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
-
-
-def _rotation(path: Path) -> int:
-    """`x.jsonl.3` -> 3 (older), `x.jsonl` -> 0."""
-    suffix = path.name.rpartition(".")[2]
-    return int(suffix) if suffix.isdigit() else 0
-
-
 def read_window(
     directory: Path, features: list[str], rows: int, model_version: str | None = None
 ) -> pd.DataFrame:
@@ -136,7 +110,7 @@ def read_window(
     LogError naming the features the log lacks."""
     import pandas as pd
 
-    records = read_lines(directory, PREDICTIONS_GLOB)
+    records = read_predictions(directory, features)
     if model_version is not None:
         records = [r for r in records if str(r.get("model_version")) == model_version]
     records.sort(key=lambda r: str(r.get("timestamp", "")))

@@ -93,6 +93,33 @@ def experiment_id(client: MlflowClient, cfg: TrackingConfig, root: Path, uri: st
     return str(found.experiment_id)
 
 
+MONITOR_SUFFIX = "-monitor"
+
+
+def monitor_experiment_name(experiment: str) -> str:
+    """The experiment of the `monitor` flow's runs: `<tracking.experiment>-monitor`. Its own, so
+    the inference host's MLflow account needs EDIT on it only, never on the training runs
+    (ops/mlflow_users.py grants it)."""
+    return f"{experiment}{MONITOR_SUFFIX}"
+
+
+def monitor_client(cfg: TrackingConfig, root: Path) -> tuple[MlflowClient, str]:
+    """A client bound to the configured store, and the id of the monitor's experiment
+    (monitor_experiment_name), created on first use where the account may (a local store, the
+    admin); behind MLflow's basic auth the admin makes it with the grant. Raises MlflowException
+    when the server refuses."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(cfg, root)
+    client = MlflowClient(tracking_uri=uri)
+    name = monitor_experiment_name(cfg.experiment)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return client, str(found.experiment_id)
+    location = (root / cfg.artifacts).resolve().as_uri() if is_local_store(uri) else None
+    return client, str(client.create_experiment(name, location))
+
+
 def client_for(cfg: TrackingConfig, root: Path) -> tuple[MlflowClient, str]:
     """A client bound to the configured store, and the experiment id."""
     from mlflow import MlflowClient

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipelines import drift
+from pipelines import drift, prediction_log
 from pipelines.config import MonitorConfig, load_params
 from pipelines.reference import Reference, load_reference
 from tests.helpers import REPO
@@ -256,18 +256,21 @@ def test_a_missing_log_is_one_line_and_exit_2(
     )
 
 
-def serve_logged(url: str, rows: np.ndarray, logs: Path) -> None:
+def serve_logged(url: str, rows: np.ndarray, logs: Path, columns: list[str]) -> None:
     """POST `rows` to /predict, 10 a request, each logged (X-Log-Request); returns once the
-    log holds them (it is written off the request path)."""
+    log holds them (it is written off the request path), read back as the monitor reads it."""
     import httpx
 
-    before = len(drift.read_lines(logs, drift.PREDICTIONS_GLOB)) if logs.is_dir() else 0
+    def logged() -> int:
+        return len(prediction_log.read_predictions(logs, columns)) if logs.is_dir() else 0
+
+    before = logged()
     for i in range(0, len(rows), 10):
         body = {"rows": rows[i : i + 10].tolist()}
         answer = httpx.post(f"{url}/predict", json=body, headers={"X-Log-Request": "1"})
         assert answer.status_code == 200, answer.text
     deadline = time.monotonic() + 60
-    while len(drift.read_lines(logs, drift.PREDICTIONS_GLOB)) < before + len(rows):
+    while logged() < before + len(rows):
         assert time.monotonic() < deadline, "the served rows never all reached the log"
         time.sleep(0.2)
 
@@ -321,10 +324,12 @@ def test_served_load_then_shifted_load_on_a_real_service(prefect_api: str, tmp_p
     args = ("--log-dir", str(logs), "--reference", str(profile))
     with live_service(env=env, log=tmp_path / "serve.log") as url:
         for _ in range(2):  # two windows of unshifted traffic
-            serve_logged(url, test[rng.integers(0, len(test), 500)], logs)
+            serve_logged(url, test[rng.integers(0, len(test), 500)], logs, columns)
             calm = run_cli("flows.monitor", prefect_api, tmp_path / "w", *args)
             assert calm.returncode == 0 and "no alarm" in calm.stdout, calm.stderr[-3000:]
-        serve_logged(url, shifted(test[rng.integers(0, len(test), 500)], SHIFTED, 1.0), logs)
+        serve_logged(
+            url, shifted(test[rng.integers(0, len(test), 500)], SHIFTED, 1.0), logs, columns
+        )
     alarm = run_cli("flows.monitor", prefect_api, tmp_path / "w", *args)
     assert alarm.returncode == 0 and "ALARM" in alarm.stdout, alarm.stderr[-3000:]
     named = json.loads((logs / "monitor" / "result.json").read_text())["drifted_features"]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from starlette.testclient import TestClient
 
-from pipelines.prediction_log import PredictionLog
+from pipelines.prediction_log import PredictionLog, read_lines, read_predictions
 from pipelines.prepare import read_split
 from tests.helpers.images import digit_image, encoded
 
@@ -24,15 +24,23 @@ LOG = {"X-Log-Request": "1"}
 
 
 def lines(folder: Path, kind: str = "predictions") -> list[dict[str, Any]]:
-    """Every JSON line of `kind`'s files in `folder`, oldest file first."""
-    files = sorted(folder.glob(f"{kind}*.jsonl*"), key=lambda p: -int(p.suffix[1:] or 0)
-                   if p.suffix[1:].isdigit() else 0)  # fmt: skip
-    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    """Every JSON line of `kind`'s files in `folder`, oldest file first, as written."""
+    return read_lines(folder, f"{kind}*.jsonl*")
 
 
-def written(log: PredictionLog, folder: Path, kind: str = "predictions") -> list[dict[str, Any]]:
+def written(log: PredictionLog, folder: Path, columns: list[str]) -> list[dict[str, Any]]:
+    """The prediction log's rows, read back as the monitor reads them (one record per row)."""
     log.close()  # writes out the queue
-    return lines(folder, kind)
+    return read_predictions(folder, columns)
+
+
+def bodies(rows: list[list[float]], labels: list[int], top: list[float]) -> tuple[bytes, bytes]:
+    """A /predict request body and its response body (two classes), as the service sends."""
+    answers = [
+        {"label": k, "probabilities": [p, 1 - p], "model_version": "7"}
+        for k, p in zip(labels, top, strict=True)
+    ]
+    return json.dumps({"rows": rows}).encode(), json.dumps(answers).encode()
 
 
 # --- the writer ---------------------------------------------------------------------------------
@@ -53,10 +61,12 @@ def test_sampling_follows_the_fraction(tmp_path: Path) -> None:
 
 def test_the_log_never_grows_past_its_cap(tmp_path: Path) -> None:
     log = PredictionLog(tmp_path, 1.0, 4096, 2)
-    features = {f"x{i}": float(i) for i in range(8)}
+    columns = [f"x{i}" for i in range(8)]
+    row = [float(i) for i in range(8)]
+    request, response = bodies([row, row], [1, 0], [0.9, 0.4])
     for i in range(500):
-        log.predictions(f"r{i}", [features, features], [1, 2], [0.9, 0.6], "7")
-    kept = written(log, tmp_path)
+        log.served(f"r{i}", "7", response, request=request)
+    kept = written(log, tmp_path, columns)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["predictions-w1.jsonl", "predictions-w1.jsonl.1", "predictions-w1.jsonl.2"]
     assert all(p.stat().st_size <= 4096 for p in tmp_path.iterdir())
@@ -65,18 +75,62 @@ def test_the_log_never_grows_past_its_cap(tmp_path: Path) -> None:
         "row": 1,
         "timestamp": kept[-1]["timestamp"],
         "model_version": "7",
-        "features": features,
-        "prediction": 2,
+        "features": dict(zip(columns, row, strict=True)),
+        "prediction": 0,
         "confidence": 0.6,
     }
     assert kept[-1]["timestamp"].endswith("+00:00")
     ids = [int(line["request_id"][1:]) for line in kept]
     assert ids == sorted(ids) and len(kept) < 1000  # the newest rows, oldest rotated away
+    assert len(lines(tmp_path)) * 2 == len(kept)  # one line per request, one record per row
+
+
+def test_a_request_is_one_line_spliced_from_its_bodies_as_sent(tmp_path: Path) -> None:
+    """The bodies go into the line unparsed; a pretty-printed body (line breaks as JSON
+    whitespace) still makes one line; features given instead of a body are kept per row."""
+    log = PredictionLog(tmp_path, 1.0, 1 << 20, 2)
+    request = b'{\n  "rows": [[1.5, 2],\r\n [3, 4]]\n}'
+    response = bodies([[0, 0], [0, 0]], [1, 0], [0.8, 0.3])[1]
+    log.served("a", "7", response, request=request)
+    log.served("b", "7", response, features=[{"m": 0.5}, {"m": 0.25}])
+    kept = written(log, tmp_path, ["p", "q"])
+    assert len((tmp_path / "predictions-w1.jsonl").read_text().splitlines()) == 2
+    assert [(r["request_id"], r["row"], r["features"], r["prediction"]) for r in kept] == [
+        ("a", 0, {"p": 1.5, "q": 2}, 1),
+        ("a", 1, {"p": 3, "q": 4}, 0),
+        ("b", 0, {"m": 0.5}, 1),
+        ("b", 1, {"m": 0.25}, 0),
+    ]
+    assert [r["confidence"] for r in kept] == [0.8, 0.7, 0.8, 0.7]
+    assert lines(tmp_path)[0]["response"] == json.loads(response)
+    with pytest.raises(ValueError, match="one of the two"):
+        log.served("c", "7", response)
+
+
+def test_a_body_in_utf_8_is_kept_whatever_the_locale(tmp_path: Path) -> None:
+    """BentoML's own dispatch sends UTF-8 (not ASCII escapes): a label like "café" survives."""
+    log = PredictionLog(tmp_path, 1.0, 1 << 20, 2)
+    answer = [{"label": "café", "probabilities": [0.9, 0.1], "model_version": "7"}]
+    log.served("u", "7", json.dumps(answer, ensure_ascii=False).encode(), features=[{"m": 1.0}])
+    [row] = written(log, tmp_path, ["m"])
+    assert row["prediction"] == "café" and log.dropped.count == 0
+
+
+def test_a_log_of_another_model_is_named_not_misread(tmp_path: Path) -> None:
+    from pipelines.prediction_log import LogError
+
+    log = PredictionLog(tmp_path, 1.0, 1 << 20, 2)
+    request, response = bodies([[1.0, 2.0, 3.0]], [1], [0.9])
+    log.served("wide", "7", response, request=request)
+    log.close()
+    with pytest.raises(LogError, match=r"request wide: a logged row of 3 values.*2 columns"):
+        read_predictions(tmp_path, ["p", "q"])
 
 
 def test_a_full_disk_drops_records_and_never_raises(tmp_path: Path) -> None:
     log = PredictionLog(tmp_path, 1.0, 1 << 20, 2)
-    log.predictions("first", [{"a": 1.0}], [1], [0.9], "1")
+    request, response = bodies([[1.0]], [1], [0.9])
+    log.served("first", "1", response, request=request)
     log.close()
 
     class Full:
@@ -98,7 +152,7 @@ def test_a_full_disk_drops_records_and_never_raises(tmp_path: Path) -> None:
     writer = log.writers["predictions"]
     writer.stream = Full()  # type: ignore[assignment]
     for i in range(50):
-        log.predictions(f"r{i}", [{"a": 1.0}], [1], [0.9], "1")
+        log.served(f"r{i}", "1", response, request=request)
     log.listener.stop()
     log.started = False
     assert log.dropped.count == 50
@@ -147,7 +201,7 @@ def test_every_response_carries_a_request_id(client: TestClient, model: tuple[st
     assert refused.status_code == 400 and "x-request-id" in refused.headers
 
 
-def test_a_logged_request_is_one_line_per_row_with_what_was_served(
+def test_a_logged_request_reads_back_as_one_record_per_row_with_what_was_served(
     client: TestClient, model: tuple[str, Path], log_dir: Path
 ) -> None:
     import service
@@ -156,9 +210,10 @@ def test_a_logged_request_is_one_line_per_row_with_what_was_served(
     answer = client.post("/predict", json={"rows": rows}, headers={"X-Request-ID": "q1"})
     client.post("/predict", json={"rows": []})  # refused: never logged
     served = answer.json()
-    kept = written(service.running_service().prediction_log, log_dir)
-    assert [(line["request_id"], line["row"]) for line in kept] == [("q1", 0), ("q1", 1), ("q1", 2)]
     columns = service.running_service().log_columns
+    kept = written(service.running_service().prediction_log, log_dir, columns)
+    assert [(line["request_id"], line["row"]) for line in kept] == [("q1", 0), ("q1", 1), ("q1", 2)]
+    assert len(lines(log_dir)) == 1  # one line per request
     for line, row, prediction in zip(kept, rows, served, strict=True):
         assert line["features"] == dict(zip(columns, row, strict=True))
         assert line["prediction"] == prediction["label"]
@@ -174,7 +229,7 @@ def test_an_image_request_logs_the_row_the_model_saw(client: TestClient, log_dir
     answer = client.post("/predict_image", files={"image": ("d.png", image, "image/png")})
     assert answer.status_code == 200, answer.text
     running = service.running_service()
-    [line] = written(running.prediction_log, log_dir)
+    [line] = written(running.prediction_log, log_dir, running.log_columns)
     row = image_to_rows(image, running.spec)[0]
     assert line["request_id"] == answer.headers["x-request-id"]
     assert list(line["features"].values()) == pytest.approx(row.tolist())
@@ -226,10 +281,11 @@ def test_feedback_joins_the_log_and_wrong_labels_lower_accuracy_as_expected(
         body = {"request_id": answer.headers["x-request-id"], "labels": truth}
         response = client.post("/feedback", json=body)
         assert response.status_code == 200 and response.json()["rows"] == 5
-    log = service.running_service().prediction_log
-    predictions, feedback = written(log, log_dir), lines(log_dir, "feedback")
-    served = {(p["request_id"], p["row"]): p["prediction"] for p in predictions}
-    joined = [served[(f["request_id"], f["row"])] == f["label"] for f in feedback]
+    running = service.running_service()
+    predictions = written(running.prediction_log, log_dir, running.log_columns)
+    feedback = lines(log_dir, "feedback")
+    by_row = {(p["request_id"], p["row"]): p["prediction"] for p in predictions}
+    joined = [by_row[(f["request_id"], f["row"])] == f["label"] for f in feedback]
     assert len(joined) == 100 and correct[:30] == [0] * 30
     assert np.mean(joined) == pytest.approx(np.mean(correct))
     assert np.mean(joined) <= 0.7  # 30 of 100 rows are labelled wrong
@@ -366,7 +422,8 @@ def test_a_bad_file_fails_the_job_with_a_reason(server: str, model: tuple[str, P
 def test_a_served_request_is_logged_by_the_real_server(
     server: str, model: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    rows = read_split(model[1], "test").drop(columns=["label"]).to_numpy()[:2].tolist()
+    features = read_split(model[1], "test").drop(columns=["label"])
+    rows = features.to_numpy()[:2].tolist()
     answer = httpx.post(f"{server}/predict", json={"rows": rows}, headers=LOG, timeout=30)
     request_id = answer.headers["x-request-id"]
     folder = next(tmp_path_factory.getbasetemp().glob("live*/logs"))
@@ -374,7 +431,8 @@ def test_a_served_request_is_logged_by_the_real_server(
     while not [x for x in lines(folder) if x["request_id"] == request_id]:
         assert time.monotonic() < deadline, "the request never reached the log"
         time.sleep(0.2)
-    kept = [x for x in lines(folder) if x["request_id"] == request_id]
+    columns = [str(c) for c in features.columns]
+    kept = [x for x in read_predictions(folder, columns) if x["request_id"] == request_id]
     assert [x["prediction"] for x in kept] == [p["label"] for p in answer.json()]
     assert {p.name for p in folder.iterdir()} >= {"predictions-w1.jsonl"}
 
