@@ -733,6 +733,9 @@ class HostConfig(Section):
     poll_ms: int = Field(ge=10, le=3_600_000)
     resume_below: float = Field(gt=0, lt=1)
     resume_after_s: float = Field(ge=0, le=86_400)
+    # After a pause: straight back to full share (full), or first at the throttled share for
+    # another resume_after_s below resume_below (throttle: a step up, each resume costs less).
+    resume_via: Literal["full", "throttle"] = "full"
     windows: list[Window]  # off-peak hours (HH:MM-HH:MM, may wrap midnight); [] = always
     timezone: str = Field(min_length=1)
     outside_window: Literal["wait", "throttle"]

@@ -276,8 +276,10 @@ class Controller:
     `step(reading | error, now)` is one decision (pure but for the gate and the log; tests call
     it directly with a scripted source): the stricter of the window's mode and the SLO's hold.
     Over the SLO the hold becomes `on_breach` at once; it is released only after both figures
-    stayed below `resume_below` x the SLO for `resume_after_s`. A read that fails holds at
-    throttled (at least) and logs one error line until a read succeeds."""
+    stayed below `resume_below` x the SLO for `resume_after_s` (`resume_via: throttle`: a pause
+    is released to the throttled share first, and to full share after another such period). A
+    read that fails holds at throttled (at least) and logs one error line until a read
+    succeeds."""
 
     def __init__(
         self,
@@ -363,7 +365,11 @@ class Controller:
         now = self.clock()
         self.calm_since = now if self.calm_since is None else self.calm_since
         if now - self.calm_since >= self.cfg.resume_after_s:
-            self.hold, self.calm_since = Mode.FULL, None
+            # resume_via throttle: a pause steps up through the throttled share, whose own calm
+            # period starts now
+            step_up = self.hold == Mode.PAUSED and self.cfg.resume_via == "throttle"
+            self.hold = Mode.THROTTLED if step_up else Mode.FULL
+            self.calm_since = now if step_up else None
             self.reason = f"{figures} below {factor:g} x the SLO for {self.cfg.resume_after_s:g} s"
 
     def poll_once(self) -> Mode:

@@ -152,6 +152,28 @@ def test_it_resumes_only_after_resume_after_s_below_resume_below() -> None:
     assert c.gate.stats.pauses == 1
 
 
+def test_resume_via_throttle_steps_up_through_the_throttled_share() -> None:
+    clock = Clock()
+    c = controller(host(resume_via="throttle"), clock)
+    assert c.step(ok(SLO_MS * 2)) == Mode.PAUSED
+    calm = ok(SLO_MS * 0.6)
+    assert c.step(calm) == Mode.PAUSED  # calm from t = 0
+    clock.t += 5
+    assert c.step(calm) == Mode.THROTTLED  # 5 s calm: a step up, not full share
+    clock.t += 4.9
+    assert c.step(calm) == Mode.THROTTLED  # its own calm period started at the step up
+    clock.t += 0.1
+    assert c.step(calm) == Mode.FULL
+    assert c.step(ok(SLO_MS * 2)) == Mode.PAUSED  # a breach while stepping up: paused again
+    assert c.gate.stats.pauses == 2
+    assert [mode for _, mode, _ in c.decisions] == [
+        Mode.PAUSED,
+        Mode.THROTTLED,
+        Mode.FULL,
+        Mode.PAUSED,
+    ]
+
+
 def test_one_lukewarm_reading_restarts_the_calm_period() -> None:
     clock = Clock()
     c = controller(host(), clock)
