@@ -715,8 +715,11 @@ class Slo(Section):
     """The local service's objective, read from its Prometheus /metrics every host.poll_ms."""
 
     metrics_url: str = Field(pattern=r"^https?://")
-    p99_ms: float = Field(gt=0, le=600_000)  # p99 latency over the last poll window
+    p99_ms: float = Field(gt=0, le=600_000)  # p99 latency over the last window_s
     max_in_flight: int = Field(ge=1, le=MAX_COUNT)  # bentoml_service_request_in_progress
+    # The p99 is over the requests of the last window_s (read every poll; 0: since the previous
+    # poll). A window holding a few hundred requests makes it a p99, not the slowest one.
+    window_s: float = Field(default=0.0, ge=0, le=3600)
 
 
 class HostConfig(Section):

@@ -494,6 +494,28 @@ def test_the_prometheus_source_reads_p99_over_the_window_and_in_flight(
         source.read()
 
 
+def test_the_prometheus_source_reads_p99_over_window_s(
+    metrics_server: tuple[str, dict[str, float], http.server.HTTPServer],
+) -> None:
+    """window_s 2, reads every 0.5 s: each p99 covers the requests since the latest read at
+    least 2 s old, so one slow poll among calm ones is 100 slow requests in 400, then none."""
+    url, figures, _ = metrics_server
+    clock = Clock()
+    source = PrometheusSource(url, timeout_s=5, window_s=2.0, clock=clock)
+    figures.update(busy=0, fast=1000, total=1000)
+    assert math.isnan(source.read().p99_ms)
+    p99 = []
+    for poll in range(1, 9):  # poll 3: 100 slow requests; every other poll 100 fast ones
+        clock.t += 0.5
+        slow = poll == 3
+        figures["total"] += 100
+        figures["fast"] += 0 if slow else 100
+        p99.append(source.read().p99_ms)
+    assert all(value <= 10 for value in p99[:2])  # before the slow poll
+    assert all(value > 10 for value in p99[2:6])  # the slow poll inside the last 2 s
+    assert all(value <= 10 for value in p99[6:])  # 2 s later it has left the window
+
+
 # --- quotas and settings ----------------------------------------------------------------------
 
 
