@@ -84,7 +84,8 @@ API_KEY_ENV = Environment.name("api_key")
 # is within ~7% of the true one), then BentoML's own long-call bounds. 76 bounds, set through
 # BentoML's documented `metrics.duration.buckets`; shared-host controllers (pipelines/host.py) and
 # rollout checks (inference/metrics.py) read them.
-LATENCY_BUCKETS_S = [float(f"{0.0005 * 1.15**i:.4g}") for i in range(72)] + [15.0, 30.0, 60.0, 120.0]
+LATENCY_BUCKETS_S = [float(f"{0.0005 * 1.15**i:.4g}") for i in range(72)]
+LATENCY_BUCKETS_S += [15.0, 30.0, 60.0, 120.0]
 BATCH = "/score_file"  # the batch-scoring task and its /submit, /status, /get, ... routes
 PROTECTED = ("/predict", "/predict_image", "/metadata", "/feedback")  # and everything under BATCH
 log = logging.getLogger("mlops.service")

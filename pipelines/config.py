@@ -693,7 +693,7 @@ class TrainingShare(Section):
     its cgroup v2 weights (where writable) and on CUDA its GPU memory fraction."""
 
     cpus: list[Core] | None  # affinity; None: every core not in host.service.cpus
-    threads: int = Field(ge=1, le=MAX_PROCESSES)  # torch threads at full share
+    threads: int | None = Field(ge=1, le=MAX_PROCESSES)  # torch threads at full; None: one a core
     throttled_threads: int = Field(ge=1, le=MAX_PROCESSES)  # torch threads when throttled
     # Throttled: the share of wall time training steps (sleeps after a step for the rest).
     throttled_duty: float = Field(gt=0, le=1)
@@ -754,7 +754,8 @@ class HostConfig(Section):
         if shared:
             cores = ", ".join(map(str, sorted(shared)))
             raise ValueError(f"training.cpus: cores {cores} are reserved for the service")
-        if self.training.throttled_threads > self.training.threads:
+        threads = self.training.threads
+        if threads is not None and self.training.throttled_threads > threads:
             raise ValueError("training.throttled_threads: more than training.threads")
         return self
 

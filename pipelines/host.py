@@ -557,7 +557,9 @@ def shared_host(
     share = cfg.training
     if quota:
         apply_quota(cfg)
-    gate = TrainingGate((share.threads, share.throttled_threads), share.throttled_duty)
+    threads = share.threads or len(training_cpus(share, cfg.service))  # null: one per core
+    throttled = min(share.throttled_threads, threads)
+    gate = TrainingGate((threads, throttled), share.throttled_duty)
     timeout_s = min(2.0, max(0.1, cfg.poll_ms / 1000.0))
     source = source or PrometheusSource(cfg.slo.metrics_url, timeout_s, cfg.slo.window_s)
     controller = Controller(cfg, gate, source)

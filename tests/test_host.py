@@ -519,6 +519,16 @@ def test_the_prometheus_source_reads_p99_over_window_s(
 # --- quotas and settings ----------------------------------------------------------------------
 
 
+def test_threads_null_gives_training_one_torch_thread_per_core_it_may_use() -> None:
+    available = sorted(os.sched_getaffinity(0))
+    service = available[:1] if len(available) > 1 else []
+    cfg = host(training__threads=None, training__throttled_threads=1, service__cpus=service)
+    with shared_host(cfg, Script([ok()]), quota=False) as gate:
+        assert gate.threads == (len(available) - len(service), 1)
+    with shared_host(host(training__threads=3, service__cpus=service), Script([ok()]), False) as g:
+        assert g.threads is not None and g.threads[0] == 3  # a number is taken as it is
+
+
 def test_training_cores_leave_the_service_its_own() -> None:
     available = sorted(os.sched_getaffinity(0))
     share = host().training
@@ -570,7 +580,6 @@ def test_apply_quota_puts_the_training_process_on_its_share(tmp_path: Path) -> N
         ("host.windows", ["22:00-22:00"], "is not a window"),
         ("host.timezone", "Mars/Olympus", "unknown time zone"),
         ("host.training.cpus", [0], "cores 0 are reserved for the service"),
-        ("host.training.throttled_threads", 4, "more than training.threads"),
         ("host.slo.metrics_url", "127.0.0.1:3000/metrics", "should match pattern"),
         ("host.mode", "both", "dedicated"),
     ],
@@ -579,6 +588,11 @@ def test_bad_host_settings_are_refused_naming_the_key(key: str, value: Any, mess
     with pytest.raises(ParamsError, match=message) as caught:
         tiny_params({key: value})
     assert "host" in str(caught.value)
+
+
+def test_more_throttled_threads_than_threads_is_refused_naming_the_key() -> None:
+    with pytest.raises(ParamsError, match=r"host: training\.throttled_threads: more than"):
+        tiny_params({"host.training.threads": 2, "host.training.throttled_threads": 4})
 
 
 # --- the flow's stage timeout: SIGTERM, then kill ---------------------------------------------
