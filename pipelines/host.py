@@ -442,6 +442,15 @@ def training_cpus(share: TrainingShare, service: ServiceReserve) -> list[int]:
     return cpus
 
 
+def default_threads(cpus: list[int]) -> int:
+    """Torch threads at full share when `host.training.threads` is null: one per core training
+    may use, but no more than this process already has (tune's workers split the host's threads
+    between them before their trials start)."""
+    import torch
+
+    return max(1, min(len(cpus), torch.get_num_threads()))
+
+
 def apply_quota(cfg: HostConfig) -> list[str]:
     """Put this process (training) on its share: affinity, nice, ionice, a cgroup v2 of its own
     where writable, the CUDA memory fraction; warn when less memory is free than the service's
@@ -557,7 +566,7 @@ def shared_host(
     share = cfg.training
     if quota:
         apply_quota(cfg)
-    threads = share.threads or len(training_cpus(share, cfg.service))  # null: one per core
+    threads = share.threads or default_threads(training_cpus(share, cfg.service))
     throttled = min(share.throttled_threads, threads)
     gate = TrainingGate((threads, throttled), share.throttled_duty)
     timeout_s = min(2.0, max(0.1, cfg.poll_ms / 1000.0))

@@ -524,7 +524,15 @@ def test_threads_null_gives_training_one_torch_thread_per_core_it_may_use() -> N
     service = available[:1] if len(available) > 1 else []
     cfg = host(training__threads=None, training__throttled_threads=1, service__cpus=service)
     with shared_host(cfg, Script([ok()]), quota=False) as gate:
-        assert gate.threads == (len(available) - len(service), 1)
+        cores = len(available) - len(service)
+        assert gate.threads == (min(cores, torch.get_num_threads()), 1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a tune worker's --threads: not raised to the core count
+    try:
+        with shared_host(cfg, Script([ok()]), quota=False) as gate:
+            assert gate.threads == (1, 1)
+    finally:
+        torch.set_num_threads(before)
     with shared_host(host(training__threads=3, service__cpus=service), Script([ok()]), False) as g:
         assert g.threads is not None and g.threads[0] == 3  # a number is taken as it is
 
