@@ -286,6 +286,9 @@ def both(
         training.wait_steps(WARM_STEPS)
         served = open_loop(**load)
         result = {"load": served, "training": training.rate(served["started_at"], time.time())}
+        # the controller's decisions inside the steady window (how often the SLO held it back)
+        window = training.log_lines("host: training ", after=served["started_at"])
+        result["decisions"] = [text for when, text in window if when <= served["ended_at"]]
         if overload_rate:
             step = load | {"rate": overload_rate, "seconds": 6.0}
             result["breach"] = breach(training, step)
@@ -440,6 +443,9 @@ def brief(result: dict[str, Any]) -> str:
         text = f"training {speed or 0:.0f} samples/s"
         if "load" not in result:
             return text
+        if result.get("decisions"):
+            paused = sum("training paused" in line for line in result["decisions"])
+            text += f" ({len(result['decisions'])} decisions, {paused} pauses in the window)"
         return f"{text}; {brief(result['load'])}"
     load = result
     return (
