@@ -14,20 +14,22 @@ Side by side in one run, on this machine:
 
 Scenarios: (a) service alone, (b) training alone, (c) both, no controls (training as it runs
 today, `host.mode: dedicated`), (d) both, `host.mode: shared`: params.yaml's `host` section as
-shipped (--slo-ms replaces host.slo.p99_ms), pointed at this service: training on the cores
+shipped, pointed at this service, with the SLO the goal implies: host.slo.p99_ms = --slo-factor
+(1.2) x the p99 of round 1's (a) (--slo-ms gives one instead). Training runs on the cores
 `host.service.cpus` leaves it, at its niceness and threads, with the controller reading the
-service's /metrics. The service itself stays unpinned (reserved cores are cores training never
-gets; --pin-service confines the service to them too). (e), on request: (d) with
-`host.on_breach: throttle` (fewer threads and a duty cycle instead of a pause). After the steady
-window of (d) and (e), once training runs at full share again, the load steps to --overload x
-saturation for a few seconds: the time from that step to training paused is compared with one
-training step plus one poll.
+service's /metrics; the service is confined to `host.service.cpus` (as its launcher would pin
+it: `taskset -c 0 bentoml serve ...`; --no-pin-service leaves it on every core). On request:
+(e) (d) with `host.on_breach: throttle` (fewer threads and a duty cycle instead of a pause);
+(f) (d) with `host.resume_via: throttle` (after a pause, the throttled share first). After the
+steady window of (d), (e) and (f), once training runs at full share again, the load steps to
+--overload x saturation for a few seconds: the time from that step to training paused is
+compared with one training step plus one poll.
 
-The load generator runs pinned to the last core in every scenario (with 2 cores it competes with
-training, as a client on another host would not); the scenarios run in rounds (a, b, c, d) so
-slow drifts of the machine's load hit all of them; the load average is reported. Goals (issue
-14): p99 in (d) <= 1.25x (a) (stretch 1.1x), training in (d) >= 50% of (b), breach to pause
-<= one step + one poll.
+The load generator runs pinned to the last core in every scenario, never on the service's
+(with 2 cores it competes with training, as a client on another host would not); the scenarios
+run in rounds (a, b, c, d, ...) so slow drifts of the machine's load hit all of them; the load
+average is reported. Goals (issue 14): p99 in (d) <= 1.25x (a) (stretch 1.1x), training in (d)
+>= 50% of (b), breach to pause <= one step + one poll.
 """
 
 from __future__ import annotations
@@ -284,6 +286,9 @@ def both(
         training.wait_steps(WARM_STEPS)
         served = open_loop(**load)
         result = {"load": served, "training": training.rate(served["started_at"], time.time())}
+        # the controller's decisions inside the steady window (how often the SLO held it back)
+        window = training.log_lines("host: training ", after=served["started_at"])
+        result["decisions"] = [text for when, text in window if when <= served["ended_at"]]
         if overload_rate:
             step = load | {"rate": overload_rate, "seconds": 6.0}
             result["breach"] = breach(training, step)
@@ -372,6 +377,7 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "rate": load["rate"],
         "overload_rate": sat["rps"] * args.overload,
         "slo_p99_ms": args.slo_ms or host.slo.p99_ms,
+        "slo_factor": None if args.slo_ms_given else args.slo_factor,
         "pin_service": args.pin_service,
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "results": results,
@@ -390,8 +396,12 @@ def rounds(
     from pipelines.config import load_params
 
     host = load_params(REPO / "params.yaml").host
-    overrides = shared_overrides(load["url"], args.slo_ms)
     results: dict[str, list[Any]] = {key: [] for key in args.scenarios}
+    variants = {
+        "d": {},
+        "e": {"host.on_breach": "throttle"},
+        "f": {"host.resume_via": "throttle"},
+    }
     for number in range(args.rounds):
         if "a" in args.scenarios:
             results["a"].append(open_loop(**load))
@@ -399,20 +409,28 @@ def rounds(
             results["b"].append(training_alone(prepared, work / f"round{number + 1}", args.seconds))
         if "c" in args.scenarios:
             results["c"].append(both(prepared, work / f"round{number + 1}", "c", {}, load))
-        if "d" in args.scenarios:
+        if args.slo_ms is None:  # the SLO the goal implies: --slo-factor x the service alone
+            alone = results["a"][0]["p99_ms"] if results.get("a") else host.slo.p99_ms
+            args.slo_ms = round(args.slo_factor * alone, 2)
+        overrides = shared_overrides(load["url"], args.slo_ms)
+        for key, extra in variants.items():
+            if key not in args.scenarios:
+                continue
             if args.pin_service:  # as the service's launcher could
                 pin_tree(service_pid, set(host.service.cpus))
             try:
-                results["d"].append(
-                    both(prepared, work / f"round{number + 1}", "d", overrides, load, overload_rate)
+                results[key].append(
+                    both(
+                        prepared,
+                        work / f"round{number + 1}",
+                        key,
+                        overrides | extra,
+                        load,
+                        overload_rate,
+                    )
                 )
             finally:
                 pin_tree(service_pid, set(CPUS))
-        if "e" in args.scenarios:  # (d) with host.on_breach: throttle instead of pause
-            throttle = overrides | {"host.on_breach": "throttle"}
-            results["e"].append(
-                both(prepared, work / f"round{number + 1}", "e", throttle, load, overload_rate)
-            )
         for key in args.scenarios:
             print(f"round {number + 1}: ({key}) {brief(results[key][-1])}", flush=True)
     return results
@@ -425,6 +443,9 @@ def brief(result: dict[str, Any]) -> str:
         text = f"training {speed or 0:.0f} samples/s"
         if "load" not in result:
             return text
+        if result.get("decisions"):
+            paused = sum("training paused" in line for line in result["decisions"])
+            text += f" ({len(result['decisions'])} decisions, {paused} pauses in the window)"
         return f"{text}; {brief(result['load'])}"
     load = result
     return (
@@ -446,8 +467,8 @@ def median(values: list[float]) -> float:
 def table(figures: dict[str, Any]) -> str:
     """The issue's table (medians over the rounds) and the goals."""
     res = figures["results"]
-    loads = {k: [r.get("load", r) for r in res[k]] for k in "acde" if res.get(k)}
-    runs = {k: [r.get("training", r) for r in res[k]] for k in "bcde" if res.get(k)}
+    loads = {k: [r.get("load", r) for r in res[k]] for k in "acdef" if res.get(k)}
+    runs = {k: [r.get("training", r) for r in res[k]] for k in "bcdef" if res.get(k)}
     p50 = {k: median([x["p50_ms"] for x in v]) for k, v in loads.items()}
     p99 = {k: median([x["p99_ms"] for x in v]) for k, v in loads.items()}
     speed = {k: median([r["samples_per_s"] or 0.0 for r in v]) for k, v in runs.items()}
@@ -466,6 +487,7 @@ def table(figures: dict[str, Any]) -> str:
         "c": "(c) both, no controls",
         "d": "(d) both, shared mode",
         "e": "(e) as (d), on_breach: throttle",
+        "f": "(f) as (d), resume_via: throttle",
     }
     lines = ["| scenario | p50 / p99 latency | training samples/s |", "|---|---|---|"]
     lines += [f"| {names[k]} | {' | '.join(cell(k))} |" for k in names if k in res]
@@ -473,10 +495,12 @@ def table(figures: dict[str, Any]) -> str:
     lines += [
         "",
         f"request rate {figures['rate']:.0f}/s (saturation {sat:.0f}/s); overload step "
-        f"{figures['overload_rate']:.0f}/s; SLO p99 {figures['slo_p99_ms']:.1f} ms; "
+        f"{figures['overload_rate']:.0f}/s; SLO p99 {figures['slo_p99_ms']:.1f} ms"
+        + (f" ({figures['slo_factor']:g} x (a))" if figures.get("slo_factor") else "")
+        + f"; service pinned: {figures['pin_service']}; "
         f"{figures['cpus']} CPUs; load average {load['start']} -> {load['end']}",
     ]
-    for key in "cde":
+    for key in "cdef":
         if "a" in p99 and key in p99:
             each = [x["p99_ms"] / y["p99_ms"] for x, y in zip(loads[key], loads["a"], strict=True)]
             lines.append(
@@ -490,7 +514,7 @@ def table(figures: dict[str, Any]) -> str:
             lines.append(
                 f"training ({key}) / (b) round by round: " + ", ".join(f"{r:.2f}" for r in each)
             )
-    steps = [(key, n, r) for key in "de" for n, r in enumerate(res.get(key, []))]
+    steps = [(key, n, r) for key in "def" for n, r in enumerate(res.get(key, []))]
     for key, number, d in steps:
         breach = d.get("breach") or {}
         lines.append(
@@ -514,14 +538,23 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=None, help="requests/s (default: half sat.)")
     parser.add_argument("--overload", type=float, default=1.5, help="x saturation, breach step")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--scenarios", default="abcd", help="which of a, b, c, d, e to run")
-    parser.add_argument("--slo-ms", type=float, default=None, help="(d): host.slo.p99_ms")
+    parser.add_argument("--scenarios", default="abcd", help="which of a, b, c, d, e, f to run")
     parser.add_argument(
-        "--pin-service", action="store_true", help="(d): the service on host.service.cpus only"
+        "--slo-ms", type=float, default=None, help="(d): host.slo.p99_ms (default: see below)"
+    )
+    parser.add_argument(
+        "--slo-factor", type=float, default=1.2, help="no --slo-ms: this x round 1's (a) p99"
+    )
+    parser.add_argument(
+        "--no-pin-service",
+        dest="pin_service",
+        action="store_false",
+        help="(d): leave the service on every core (default: on host.service.cpus only)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     parser.add_argument("--keep", type=Path, default=None, help="work in (and keep) this folder")
     args = parser.parse_args()
+    args.slo_ms_given = args.slo_ms is not None
     if args.command == "train-worker":
         train_worker(args.prepared, args.checkpoints, args.overrides)
         return

@@ -693,7 +693,7 @@ class TrainingShare(Section):
     its cgroup v2 weights (where writable) and on CUDA its GPU memory fraction."""
 
     cpus: list[Core] | None  # affinity; None: every core not in host.service.cpus
-    threads: int = Field(ge=1, le=MAX_PROCESSES)  # torch threads at full share
+    threads: int | None = Field(ge=1, le=MAX_PROCESSES)  # torch threads at full; None: one a core
     throttled_threads: int = Field(ge=1, le=MAX_PROCESSES)  # torch threads when throttled
     # Throttled: the share of wall time training steps (sleeps after a step for the rest).
     throttled_duty: float = Field(gt=0, le=1)
@@ -715,8 +715,11 @@ class Slo(Section):
     """The local service's objective, read from its Prometheus /metrics every host.poll_ms."""
 
     metrics_url: str = Field(pattern=r"^https?://")
-    p99_ms: float = Field(gt=0, le=600_000)  # p99 latency over the last poll window
+    p99_ms: float = Field(gt=0, le=600_000)  # p99 latency over the last window_s
     max_in_flight: int = Field(ge=1, le=MAX_COUNT)  # bentoml_service_request_in_progress
+    # The p99 is over the requests of the last window_s (read every poll; 0: since the previous
+    # poll). A window holding a few hundred requests makes it a p99, not the slowest one.
+    window_s: float = Field(default=0.0, ge=0, le=3600)
 
 
 class HostConfig(Section):
@@ -733,6 +736,9 @@ class HostConfig(Section):
     poll_ms: int = Field(ge=10, le=3_600_000)
     resume_below: float = Field(gt=0, lt=1)
     resume_after_s: float = Field(ge=0, le=86_400)
+    # After a pause: straight back to full share (full), or first at the throttled share for
+    # another resume_after_s below resume_below (throttle: a step up, each resume costs less).
+    resume_via: Literal["full", "throttle"] = "full"
     windows: list[Window]  # off-peak hours (HH:MM-HH:MM, may wrap midnight); [] = always
     timezone: str = Field(min_length=1)
     outside_window: Literal["wait", "throttle"]
@@ -748,7 +754,8 @@ class HostConfig(Section):
         if shared:
             cores = ", ".join(map(str, sorted(shared)))
             raise ValueError(f"training.cpus: cores {cores} are reserved for the service")
-        if self.training.throttled_threads > self.training.threads:
+        threads = self.training.threads
+        if threads is not None and self.training.throttled_threads > threads:
             raise ValueError("training.throttled_threads: more than training.threads")
         return self
 

@@ -27,6 +27,7 @@ No Prefect here: the pause is a plain mechanism the loop honours.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import logging
@@ -90,16 +91,23 @@ class MetricsSource(Protocol):
 
 class PrometheusSource:
     """The local service's `/metrics` (BentoML 1.4): p99 of
-    `bentoml_service_request_duration_seconds` over the window since the previous read (delta
-    of the cumulative histograms; the first read only sets the baseline: NaN) and
-    `bentoml_service_request_in_progress`, of the prediction endpoints, parsed with
+    `bentoml_service_request_duration_seconds` over the last `window_s` (the delta of the
+    cumulative histograms between this read and the latest earlier read at least `window_s`
+    old, or the oldest kept; 0: the previous read; the first read only sets the baseline: NaN)
+    and `bentoml_service_request_in_progress`, of the prediction endpoints, parsed with
     prometheus_client's parser (`inference.metrics`). A read that times out is a reading of
     p99 = the timeout (a lower bound) and in-flight unknown (NaN); a refused or broken one
     raises SourceError."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
-        self.url, self.timeout_s = url, timeout_s
-        self._previous: Any = None
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float,
+        window_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url, self.timeout_s, self.window_s, self.clock = url, timeout_s, window_s, clock
+        self._history: collections.deque[tuple[float, Any]] = collections.deque()
 
     def read(self) -> Reading:
         import httpx
@@ -118,7 +126,13 @@ class PrometheusSource:
             return Reading(self.timeout_s * 1000.0, math.nan)
         except (httpx.HTTPError, ValueError) as exc:
             raise SourceError(f"{self.url}: {exc or type(exc).__name__}") from None
-        before, self._previous = self._previous, scrape
+        now = self.clock()
+        history = self._history
+        history.append((now, scrape))
+        # history[0]: the latest earlier read at least window_s old (or the oldest one kept)
+        while len(history) > 2 and now - history[1][0] >= self.window_s:
+            history.popleft()
+        before = history[0][1] if len(history) > 1 else None
         p99_s = math.nan if before is None else metrics.window(before, scrape).p99_s
         return Reading(p99_s * 1000.0, scrape.in_progress)
 
@@ -276,8 +290,10 @@ class Controller:
     `step(reading | error, now)` is one decision (pure but for the gate and the log; tests call
     it directly with a scripted source): the stricter of the window's mode and the SLO's hold.
     Over the SLO the hold becomes `on_breach` at once; it is released only after both figures
-    stayed below `resume_below` x the SLO for `resume_after_s`. A read that fails holds at
-    throttled (at least) and logs one error line until a read succeeds."""
+    stayed below `resume_below` x the SLO for `resume_after_s` (`resume_via: throttle`: a pause
+    is released to the throttled share first, and to full share after another such period). A
+    read that fails holds at throttled (at least) and logs one error line until a read
+    succeeds."""
 
     def __init__(
         self,
@@ -363,7 +379,11 @@ class Controller:
         now = self.clock()
         self.calm_since = now if self.calm_since is None else self.calm_since
         if now - self.calm_since >= self.cfg.resume_after_s:
-            self.hold, self.calm_since = Mode.FULL, None
+            # resume_via throttle: a pause steps up through the throttled share, whose own calm
+            # period starts now
+            step_up = self.hold == Mode.PAUSED and self.cfg.resume_via == "throttle"
+            self.hold = Mode.THROTTLED if step_up else Mode.FULL
+            self.calm_since = now if step_up else None
             self.reason = f"{figures} below {factor:g} x the SLO for {self.cfg.resume_after_s:g} s"
 
     def poll_once(self) -> Mode:
@@ -420,6 +440,15 @@ def training_cpus(share: TrainingShare, service: ServiceReserve) -> list[int]:
             f"({', '.join(map(str, available))}); leave training at least one"
         )
     return cpus
+
+
+def default_threads(cpus: list[int]) -> int:
+    """Torch threads at full share when `host.training.threads` is null: one per core training
+    may use, but no more than this process already has (tune's workers split the host's threads
+    between them before their trials start)."""
+    import torch
+
+    return max(1, min(len(cpus), torch.get_num_threads()))
 
 
 def apply_quota(cfg: HostConfig) -> list[str]:
@@ -537,9 +566,12 @@ def shared_host(
     share = cfg.training
     if quota:
         apply_quota(cfg)
-    gate = TrainingGate((share.threads, share.throttled_threads), share.throttled_duty)
+    threads = share.threads or default_threads(training_cpus(share, cfg.service))
+    throttled = min(share.throttled_threads, threads)
+    gate = TrainingGate((threads, throttled), share.throttled_duty)
     timeout_s = min(2.0, max(0.1, cfg.poll_ms / 1000.0))
-    controller = Controller(cfg, gate, source or PrometheusSource(cfg.slo.metrics_url, timeout_s))
+    source = source or PrometheusSource(cfg.slo.metrics_url, timeout_s, cfg.slo.window_s)
+    controller = Controller(cfg, gate, source)
     controller.start()
     try:
         with stop_on_signal(gate):
