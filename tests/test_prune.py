@@ -109,6 +109,13 @@ def test_a_bad_ratio_is_one_line_naming_the_key(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
+def test_no_ratios_writes_an_empty_family_list(tmp_path: Path) -> None:
+    """`prune.ratios: []` turns pruning off: select then reads no extra family."""
+    params = tiny_params({"prune.ratios": []})
+    assert prune_module.prune(params, tmp_path / "unused.pt", tmp_path, tmp_path / "out") == {}
+    assert read_families(tmp_path / "out" / FAMILIES) == []
+
+
 RATIOS = [0.3, 0.5]
 
 
