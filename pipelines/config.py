@@ -487,6 +487,29 @@ class DistillConfig(Section):
     alpha: float = Field(ge=0, le=1)
 
 
+class PruneConfig(Section):
+    """Structured (channel) pruning of the teacher (pipelines/prune.py): one family per ratio."""
+
+    ratios: list[Annotated[float, Field(gt=0, lt=1)]]  # share of each layer's channels removed
+    epochs: Epochs  # fine-tuning epochs after pruning
+    lr: LearningRate  # fine-tuning learning rate
+    importance: Literal["l1", "l2", "bn_scale", "lamp"]  # which channels go (lowest first)
+
+    @field_validator("ratios")
+    @classmethod
+    def _distinct_names(cls, value: list[float]) -> list[float]:
+        names = [prune_family(r) for r in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"two ratios make the same family {twice[0]} (percent, rounded)")
+        return value
+
+
+def prune_family(ratio: float) -> str:
+    """The candidate family of a pruning ratio: `pruned30` for 0.3 (percent, rounded)."""
+    return f"pruned{round(ratio * 100):02d}"
+
+
 class ConvertConfig(Section):
     precisions: list[Literal["fp16", "int8"]]
     max_batch: int = Field(gt=0, le=MAX_BATCH)
@@ -526,7 +549,7 @@ class TrackingConfig(Section):
 # dvc.yaml's stage names (tests/test_cli.py checks they match): what orchestration can refer to.
 STAGES = (
     "prepare", "validate", "tune", "train", "evaluate", "distill", "export", "quantize",
-    "convert", "select",
+    "convert", "select", "prune",
 )  # fmt: skip
 
 
@@ -802,6 +825,7 @@ class Params(Section):
     deploy: DeployConfig
     monitor: MonitorConfig
     host: HostConfig
+    prune: PruneConfig
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

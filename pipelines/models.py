@@ -229,15 +229,68 @@ def model_args(
 
 def rebuild(args: dict[str, Any]) -> nn.Module:
     """A fresh (untrained) model from the construction args of `model_args`: with a `scaler`,
-    a `pipelines.scaling.Scaled` (the scaling's buffers, then the network)."""
+    a `pipelines.scaling.Scaled` (the scaling's buffers, then the network); with `shapes` (a
+    channel-pruned model's, `pipelines.prune`), its layers resized to them (`resize`)."""
     kwargs = dict(args["kwargs"])
     kwargs["input_shape"] = tuple(kwargs["input_shape"])
     net = build_model(args["arch"], **kwargs)
-    if not args.get("scaler"):
-        return net
-    from pipelines.scaling import Scaled, Scaler
+    if args.get("scaler"):
+        from pipelines.scaling import Scaled, Scaler
 
-    return Scaled(Scaler(args["scaler"]["shift"], args["scaler"]["scale"]), net)
+        net = Scaled(Scaler(args["scaler"]["shift"], args["scaler"]["scale"]), net)
+    if args.get("shapes"):
+        resize(net, args["shapes"])
+    return net
+
+
+def resize(model: nn.Module, shapes: dict[str, list[int]]) -> None:
+    """Give `model`'s layers the tensor shapes in `shapes` ({state dict key: shape}, e.g. a
+    channel-pruned network's, `pipelines.prune`), in place: the changed tensors are new and
+    uninitialized (load a state dict next), and each changed layer's size attributes follow
+    them. Raises ValueError naming a key the model does not have, or whose layer cannot change
+    shape (Conv, BatchNorm and Linear layers can)."""
+    import torch
+    from torch import nn
+
+    unknown = sorted(set(shapes) - set(model.state_dict()))
+    if unknown:
+        raise ValueError(f"the model has no tensor {unknown[0]!r} to resize")
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        changed = [(k, v) for k, v in own if list(v.shape) != shapes.get(prefix + k, list(v.shape))]
+        if not changed:
+            continue
+        resizable = isinstance(module, resizable_types())
+        if not resizable:
+            kind = type(module).__name__
+            raise ValueError(f"{prefix}{changed[0][0]}: a {kind} layer cannot be resized")
+        for key, value in changed:
+            fresh = torch.empty(shapes[prefix + key], dtype=value.dtype)
+            setattr(module, key, nn.Parameter(fresh) if isinstance(value, nn.Parameter) else fresh)
+        fit_sizes(module)
+
+
+def resizable_types() -> tuple[type, ...]:
+    """The layer types `resize` knows the size attributes of."""
+    from torch import nn
+
+    convolutions = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return (*convolutions, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Linear)
+
+
+def fit_sizes(module: nn.Module) -> None:
+    """A resized layer's size attributes, read back from its tensors."""
+    from torch import nn
+
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = (int(n) for n in module.weight.shape)
+    elif isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        module.out_channels = int(module.weight.shape[0])
+        module.in_channels = int(module.weight.shape[1]) * module.groups
+    elif isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
+        stats = module.running_mean if module.running_mean is not None else module.weight
+        module.num_features = int(stats.shape[0])
 
 
 def save_model(path: Path, trained: TrainedModel) -> None:

@@ -563,6 +563,9 @@ def main(argv: list[str] | None = None) -> None:
         required=True,
         metavar=("NAME", "MODEL", "ONNX", "VARIANTS_DIR"),
     )
+    parser.add_argument(
+        "--families", type=Path, default=None, help="more families: a prune stage's families.json"
+    )
     parser.add_argument("--convert", type=Path, default=None, help="convert stage's output folder")
     parser.add_argument("--prepared", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
@@ -574,7 +577,12 @@ def main(argv: list[str] | None = None) -> None:
 def _run(params: Params, args: argparse.Namespace) -> None:
     from pipelines.tracking import stage_run
 
-    families = [Family(n, Path(m), Path(o), Path(v)) for n, m, o, v in args.family]
+    listed = list(args.family)
+    if args.families is not None:
+        from pipelines.prune import read_families
+
+        listed += read_families(args.families)
+    families = [Family(n, Path(m), Path(o), Path(v)) for n, m, o, v in listed]
     data_hash = read_json(args.prepared / "manifest.json")["content_hash"]
     section = {
         "select": section_dict(params.select),

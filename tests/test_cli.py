@@ -30,6 +30,7 @@ BAD = {
     "quantize": ("quantize.calibration_method", "bogus"),
     "convert": ("convert.opt_batch", 0),
     "select": ("select.policy", "fastest"),
+    "prune": ("prune.epochs", 0),
 }
 
 
