@@ -17,8 +17,11 @@ today, `host.mode: dedicated`), (d) both, `host.mode: shared`: params.yaml's `ho
 shipped, pointed at this service, with the SLO the goal implies: host.slo.p99_ms = --slo-factor
 (1.2) x the p99 of round 1's (a) (--slo-ms gives one instead). Training runs on the cores
 `host.service.cpus` leaves it, at its niceness and threads, with the controller reading the
-service's /metrics; the service is confined to `host.service.cpus` (as its launcher would pin
-it: `taskset -c 0 bentoml serve ...`; --no-pin-service leaves it on every core). On request:
+service's /metrics. The service is confined to `host.service.cpus` in EVERY scenario and while
+its saturation is measured (a shared host deploys it so: `taskset -c 0 bentoml serve ...`), so
+"half the service's saturation" is half of what it serves on the cores it keeps, and (a) is the
+same service at the same rate with nothing else running; --no-pin-service leaves it on every
+core (then it saturates both cores, and half of that leaves training almost nothing). On request:
 (e) (d) with `host.on_breach: throttle` (fewer threads and a duty cycle instead of a pause);
 (f) (d) with `host.resume_via: throttle` (after a pause, the throttled share first). After the
 steady window of (d), (e) and (f), once training runs at full share again, the load steps to
@@ -363,11 +366,13 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     body.write_text(json.dumps({"rows": [model_row(model_dir)]}))
     print(f"model: {note}, BentoML tag {tag}", flush=True)
     with service(work / "service.log") as (url, process):
+        if args.pin_service:  # as the service's launcher on a shared host would
+            pin_tree(process.pid, set(load_params(REPO / "params.yaml").host.service.cpus))
         sat = saturation(url, body, work)
         load = {"url": url, "rate": args.rate or sat["rps"] / 2, "seconds": args.seconds}
         load["body"] = body
         print(f"saturation {sat['rps']:.0f}/s; load {load['rate']:.0f}/s", flush=True)
-        results = rounds(args, prepared, work, load, process.pid, sat["rps"] * args.overload)
+        results = rounds(args, prepared, work, load, sat["rps"] * args.overload)
     host = load_params(REPO / "params.yaml").host
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -389,7 +394,6 @@ def rounds(
     prepared: Path,
     work: Path,
     load: dict[str, Any],
-    service_pid: int,
     overload_rate: float,
 ) -> dict[str, list[Any]]:
     """Each round: the scenarios asked for, in the order a, b, c, d."""
@@ -416,21 +420,16 @@ def rounds(
         for key, extra in variants.items():
             if key not in args.scenarios:
                 continue
-            if args.pin_service:  # as the service's launcher could
-                pin_tree(service_pid, set(host.service.cpus))
-            try:
-                results[key].append(
-                    both(
-                        prepared,
-                        work / f"round{number + 1}",
-                        key,
-                        overrides | extra,
-                        load,
-                        overload_rate,
-                    )
+            results[key].append(
+                both(
+                    prepared,
+                    work / f"round{number + 1}",
+                    key,
+                    overrides | extra,
+                    load,
+                    overload_rate,
                 )
-            finally:
-                pin_tree(service_pid, set(CPUS))
+            )
         for key in args.scenarios:
             print(f"round {number + 1}: ({key}) {brief(results[key][-1])}", flush=True)
     return results
@@ -549,7 +548,7 @@ def main() -> None:
         "--no-pin-service",
         dest="pin_service",
         action="store_false",
-        help="(d): leave the service on every core (default: on host.service.cpus only)",
+        help="leave the service on every core (default: on host.service.cpus only, throughout)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     parser.add_argument("--keep", type=Path, default=None, help="work in (and keep) this folder")
