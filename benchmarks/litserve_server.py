@@ -10,14 +10,13 @@ process (`workers_per_device=1` on the CPU), one API server process, uvicorn's a
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 import litserve as ls
 import numpy as np
 from fastapi import HTTPException
-from peer_model import PeerModel
+from peer_model import PeerModel, server_arguments
 
 
 class Api(ls.LitAPI):  # type: ignore[misc]
@@ -52,14 +51,7 @@ class Api(ls.LitAPI):  # type: ignore[misc]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--batch-timeout-ms", type=float, default=5.0)
-    parser.add_argument("--stats-file", type=Path, default=None)
-    args = parser.parse_args()
+    args = server_arguments(__doc__, "--batch-timeout-ms")
     api = Api(
         args.model_dir,
         args.threads,

@@ -12,6 +12,7 @@ file about twice a second, so the benchmark reads the batch size batching actual
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -26,6 +27,20 @@ from pipelines.preprocessing import to_model_input
 from pipelines.runtime import session, softmax
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def server_arguments(description: str | None, batch_wait_flag: str) -> argparse.Namespace:
+    """A peer server's command line: the model, its port, ONNX Runtime threads, its batching
+    (`--max-batch-size` and `batch_wait_flag`, in ms, the peer's own name for the wait) and the
+    batch-size stats file serve_load reads."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument(batch_wait_flag, type=float, default=5.0)
+    parser.add_argument("--stats-file", type=Path, default=None)
+    return parser.parse_args()
 
 
 class BatchStats:

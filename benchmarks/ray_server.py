@@ -11,30 +11,21 @@ logs off (as BentoML's). GET
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
 
 def main() -> None:
     import numpy as np
     import ray
-    from peer_model import PeerModel
+    from peer_model import PeerModel, server_arguments
     from ray import serve
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model-dir", type=Path, required=True)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--max-batch-size", type=int, default=64)
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
-    parser.add_argument("--stats-file", type=Path, default=None)
-    args = parser.parse_args()
+    args = server_arguments(__doc__, "--batch-wait-ms")
 
     quiet = {"enable_access_log": False, "log_level": "WARNING"}  # as BentoML's access log off
 

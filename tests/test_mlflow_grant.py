@@ -9,16 +9,14 @@ import json
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from pipelines.config import load_params
 from tests.helpers import REPO
-from tests.helpers.processes import free_port, stop_group
+from tests.helpers.processes import free_port, stop_group, wait_healthy
 from tests.test_flow_e2e import base_env
 
 pytestmark = pytest.mark.slow
@@ -51,14 +49,7 @@ def auth_server(base: Path, admin: str) -> Iterator[str]:
         )
     url = f"http://{address}"
     try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {log.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
+        wait_healthy(url, server, STARTUP_S, log)
         yield url
     finally:
         stop_group(server, grace_s=15)

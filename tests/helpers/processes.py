@@ -23,18 +23,33 @@ def free_port() -> int:
 
 
 def wait_ready(
-    url: str, process: subprocess.Popen[bytes], timeout_s: float, name: str = "bentoml serve"
+    url: str,
+    process: subprocess.Popen[bytes],
+    timeout_s: float,
+    name: str = "bentoml serve",
+    path: str = "/readyz",
 ) -> None:
-    """Until `url`/readyz answers 200; an error if `process` exits first or time runs out."""
+    """Until `url``path` answers 200; an error if `process` exits first or time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with {process.returncode} before it was ready")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         time.sleep(0.25)
     raise TimeoutError(f"{name} at {url} not ready after {timeout_s} s")
+
+
+def wait_healthy(
+    url: str, server: subprocess.Popen[bytes], timeout_s: float, log_path: Path
+) -> None:
+    """An MLflow server at `url` answers /health within `timeout_s`; else an error with the tail
+    of its log (`log_path`)."""
+    try:
+        wait_ready(url, server, timeout_s, name="mlflow server", path="/health")
+    except (RuntimeError, TimeoutError) as exc:
+        raise RuntimeError(f"{exc}: {log_path.read_text()[-3000:]}") from exc
 
 
 def stop_group(process: subprocess.Popen[bytes], grace_s: float = 20) -> None:
@@ -67,14 +82,7 @@ def mlflow_server(root: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {log_path.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
+        wait_healthy(url, server, 120, log_path)
         yield url
     finally:
         stop_group(server, grace_s=15)
