@@ -23,6 +23,7 @@ from pipelines.errors import PipelineError
 
 CASCADE = "cascade.json"  # beside model.onnx (the teacher graph): threshold and both graphs' hashes
 STUDENT = "student.onnx"  # ... the student graph
+TEACHER = "model.onnx"  # ... the teacher graph (select's MODEL: what a single-model folder holds)
 Engine = Callable[[np.ndarray], np.ndarray]  # model input (n, ...) -> logits (n, classes)
 OnRoute = Callable[[int, int], None]  # (rows the student answered, rows the teacher answered)
 
@@ -128,16 +129,35 @@ class CascadeError(PipelineError):
 
 
 def read_cascade(folder: Path) -> dict[str, Any] | None:
-    """CASCADE in `folder`, its graphs checked against their SHA-256; None when there is none
-    (a single-model folder). Raises CascadeError naming the file that is missing or differs."""
+    """CASCADE in `folder`, checked: a JSON object whose `threshold` is a number in [0, 1] and
+    whose `teacher` / `student` entries name TEACHER / STUDENT in `folder` (the files the service
+    and the champion gate load: no other name, no path) with their SHA-256. None when there is
+    no CASCADE (a single-model folder). Raises CascadeError, one line naming the file and what is
+    wrong (not JSON, a field missing or of the wrong type, a threshold out of range, a graph
+    missing or differing from its hash)."""
     path = folder / CASCADE
     if not path.is_file():
         return None
-    spec = read_json(path)
-    for role in ("teacher", "student"):
-        graph = folder / spec[role]["file"]
+    try:
+        spec = read_json(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CascadeError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(spec, dict):
+        raise CascadeError(f"{path}: a JSON object expected, got {type(spec).__name__}")
+    threshold = spec.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise CascadeError(f"{path}: threshold: a number in [0, 1] expected, got {threshold!r}")
+    if not 0.0 <= threshold <= 1.0:  # NaN fails this too
+        raise CascadeError(f"{path}: threshold: a number in [0, 1] expected, got {threshold!r}")
+    for role, name in (("teacher", TEACHER), ("student", STUDENT)):
+        entry = spec.get(role)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise CascadeError(f"{path}: {role}: {{'file': {name!r}, 'sha256': ...}} expected")
+        if entry.get("file") != name:
+            raise CascadeError(f"{path}: {role}.file: {name!r} expected, got {entry.get('file')!r}")
+        graph = folder / name
         if not graph.is_file():
-            raise CascadeError(f"{path}: the {role} graph {graph.name} is missing")
-        if file_sha256(graph) != spec[role]["sha256"]:
-            raise CascadeError(f"{path}: the {role} graph {graph.name} does not match its sha256")
+            raise CascadeError(f"{path}: the {role} graph {name} is missing")
+        if file_sha256(graph) != entry["sha256"]:
+            raise CascadeError(f"{path}: the {role} graph {name} does not match its sha256")
     return spec

@@ -1,6 +1,9 @@
 """The cascade's pure logic: threshold choice, batched routing, its files' check."""
 
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -120,3 +123,52 @@ def test_cascade_files_are_checked_against_their_hashes(tmp_path: Path) -> None:
     (tmp_path / STUDENT).unlink()
     with pytest.raises(CascadeError, match=r"student graph student\.onnx is missing"):
         read_cascade(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda path, spec: path.write_text("{not json"), r"cascade\.json: not JSON"),
+        (lambda path, spec: write_json(path, [spec]), r"cascade\.json: a JSON object expected"),
+        (lambda path, spec: write_json(path, spec | {"threshold": "high"}), r"threshold: a number"),
+        (lambda path, spec: write_json(path, spec | {"threshold": 2.0}), r"threshold: .* got 2\.0"),
+        (lambda path, spec: write_json(path, spec | {"threshold": -0.5}), r"threshold: .*-0\.5"),
+        (lambda path, spec: write_json(path, spec | {"threshold": True}), r"threshold: .*True"),
+        (
+            lambda path, spec: path.write_text(json.dumps(spec | {"threshold": float("nan")})),
+            r"threshold: .*nan",
+        ),
+        (
+            lambda path, spec: write_json(path, {k: v for k, v in spec.items() if k != "student"}),
+            r"student: \{'file': 'student\.onnx'",
+        ),
+        (
+            lambda path, spec: write_json(path, spec | {"student": {"file": 5, "sha256": "x"}}),
+            r"student\.file: 'student\.onnx' expected, got 5",
+        ),
+        # a hash that matches another file must not let the service load an unchecked one
+        (
+            lambda path, spec: write_json(path, spec | {"student": spec["teacher"]}),
+            r"student\.file: 'student\.onnx' expected, got 'model\.onnx'",
+        ),
+        (
+            lambda path, spec: write_json(
+                path, spec | {"student": spec["student"] | {"file": "../x/student.onnx"}}
+            ),
+            r"student\.file: 'student\.onnx' expected, got '\.\./x/student\.onnx'",
+        ),
+    ],
+)
+def test_a_malformed_cascade_file_is_one_error_naming_it(
+    tmp_path: Path, edit: Callable[[Path, dict[str, Any]], None], message: str
+) -> None:
+    """Every way cascade.json can be wrong is a CascadeError naming the file: never a
+    KeyError/TypeError, never a threshold out of [0, 1], never a graph the hash did not check."""
+    (tmp_path / "model.onnx").write_bytes(b"teacher")
+    (tmp_path / STUDENT).write_bytes(b"student")
+    spec = describe(tmp_path / "model.onnx", tmp_path / STUDENT, Threshold(0.8, 0.5, 0.9, 0.91))
+    edit(tmp_path / CASCADE, spec)
+    with pytest.raises(CascadeError, match=message) as caught:
+        read_cascade(tmp_path)
+    assert str(caught.value).startswith(f"{tmp_path / CASCADE}: ")
+    assert "\n" not in str(caught.value)
