@@ -35,7 +35,7 @@ from torch import nn
 from pipelines.artifacts import file_sha256, read_json, write_json
 from pipelines.cli import run_cli
 from pipelines.config import Params, PruneConfig, TrainConfig, prune_family, section_dict
-from pipelines.errors import DataSourceError
+from pipelines.errors import DataSourceError, ParamsError
 from pipelines.host import TrainingGate, stopped_cleanly
 from pipelines.models import read_torch, rebuild, save_model
 from pipelines.prepare import read_manifest
@@ -85,7 +85,8 @@ def prune_model(
 ) -> dict[str, int]:
     """Remove `ratio` of the channels of every prunable layer group of `model` but the classifier
     head, in place (eval mode, CPU). `example`: a model-input batch (N, *input_shape) float32 to
-    trace the dependency graph with. Returns params/macs before and after (`size`)."""
+    trace the dependency graph with. Returns params/macs before and after (`size`). Raises
+    ParamsError naming prune.ratios when the ratio removed nothing (a no-op "pruned" family)."""
     import torch_pruning as tp
 
     model.eval()
@@ -99,6 +100,11 @@ def prune_model(
     )
     pruner.step()
     after = size(model, example)
+    if after["params"] >= before["params"]:  # e.g. 0.99 of a narrow layer: torch-pruning skips it
+        raise ParamsError(
+            f"prune.ratios: {ratio:g} removed no channel of the teacher (torch-pruning leaves a "
+            "layer whole rather than empty it): use a smaller ratio"
+        )
     return {
         "params_before": before["params"],
         "params_after": after["params"],

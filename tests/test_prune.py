@@ -15,6 +15,7 @@ from pipelines import prune as prune_module
 from pipelines import select as select_module
 from pipelines.artifacts import read_json
 from pipelines.cli import EXIT_REJECTED
+from pipelines.errors import ParamsError
 from pipelines.export import export
 from pipelines.models import load_model, rebuild, resize
 from pipelines.prune import FAMILIES, prune_model, read_families, shapes
@@ -218,3 +219,14 @@ def test_select_lists_the_pruned_families(
             assert f"{family}/onnxruntime-{variant}" in names  # measured, or listed as dropped
             assert kept[variant]["status"] in ("kept", "dropped")
     assert "pruned30/onnxruntime-fp32" in (root / "select" / "candidates.md").read_text()
+
+
+@pytest.mark.parametrize(("arch", "ratio"), [("mlp", 0.9), ("cnn", 0.99), ("resnet18", 0.99)])
+def test_a_ratio_that_removes_nothing_is_refused_naming_the_key(arch: str, ratio: float) -> None:
+    """torch-pruning leaves a layer whole rather than empty it, so a high ratio on narrow layers
+    removes nothing: refused, naming prune.ratios, instead of a "pruned" copy of the teacher."""
+    torch.manual_seed(0)
+    _, model = model_of(arch)
+    x = torch.randn(2, *ARCHS[arch])
+    with pytest.raises(ParamsError, match=rf"prune\.ratios: {ratio:g} removed no channel"):
+        prune_model(model, x, ratio, "l2", 10)
