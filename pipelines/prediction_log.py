@@ -285,13 +285,15 @@ def read_predictions(directory: Path, columns: Sequence[str]) -> list[dict[str, 
     "features" ({column: value}; a /predict body's row i is zip(columns, row)), "prediction"
     (the label served), "confidence" (its probability)}. `columns`: the model's feature columns
     (pipelines.reference.profile_columns). Lines in this per-row form (written by an older
-    service) pass as they are; a request line whose bodies are malformed (rows and answers of
-    different lengths, no rows) is skipped. Raises LogError (see read_lines), and naming the
+    service, with a "features" object) pass as they are; any other line without a response, and
+    a request line whose bodies are malformed (rows and answers of different lengths, no rows,
+    a null request), is skipped. Raises LogError (see read_lines), and naming the
     request for a row of another width than `columns` (a log of another model)."""
     out: list[dict[str, Any]] = []
     for record in read_lines(directory, PREDICTIONS_GLOB):
-        if "response" not in record:
-            out.append(record)
+        if "response" not in record:  # the older per-row form, when it is one
+            if isinstance(record.get("features"), dict):
+                out.append(record)
             continue
         try:
             out.extend(expand(record, columns))

@@ -454,3 +454,27 @@ def test_the_openapi_document_describes_feedback_and_batch_scoring(
     for path in ("/feedback", "/score_file/submit", "/score_file/get"):
         for operation in keyed["paths"][path].values():
             assert operation["security"] == [{"bearer": []}, {"apiKey": []}], path
+
+
+def test_lines_of_neither_form_are_skipped_and_the_rest_read(tmp_path: Path) -> None:
+    """A request line, an older per-row line, and lines of neither form (no response and no
+    features; a null request; rows and answers of different lengths): the first two read back,
+    the others are skipped, whatever the monitor is then given."""
+    from pipelines.prediction_log import read_predictions
+
+    answer = {"label": 1, "probabilities": [0.2, 0.8]}
+    good = {"request_id": "a", "timestamp": "t", "model_version": "1"}
+    lines = [
+        good | {"request": {"rows": [[1.0, 2.0]]}, "response": [answer]},
+        {"request_id": "b", "row": 0, "features": {"x": 3.0, "y": 4.0}, "prediction": 0},
+        {"request_id": "c", "timestamp": "t"},
+        good | {"request_id": "d", "request": None, "response": []},
+        good | {"request_id": "e", "request": {"rows": [[1.0, 2.0]]}, "response": []},
+        good | {"request_id": "f", "features": "not an object"},
+    ]
+    (tmp_path / "predictions-w1.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    records = read_predictions(tmp_path, ["x", "y"])
+    assert [(r["request_id"], r["features"]) for r in records] == [
+        ("a", {"x": 1.0, "y": 2.0}),
+        ("b", {"x": 3.0, "y": 4.0}),
+    ]
