@@ -60,15 +60,22 @@ def synthetic_images(path: Path, rows: int = 4000, seed: int = 0) -> None:
     frame.to_csv(path, index=False, float_format="%.4f")
 
 
-def build(params: Params, root: Path) -> dict[str, Any]:
-    """The pipeline's stages on `params`; returns the select summary and the file paths."""
+def teacher(params: Params, root: Path) -> tuple[Path, Family]:
+    """prepare, train, export and quantize on `params` under `root`: (the prepared folder, the
+    teacher's family of files for select)."""
     prepared = root / "prepared"
     prepare(params.data, params.prepare, root, prepared)
     model = root / "model.pt"
     save_model(model, train(params.train, prepared, root / "checkpoints"))
     export(params.export, model, prepared, root / "model.onnx")
     quantize(params.quantize, root / "model.onnx", prepared, root / "variants")
-    family = Family("teacher", model, root / "model.onnx", root / "variants")
+    return prepared, Family("teacher", model, root / "model.onnx", root / "variants")
+
+
+def build(params: Params, root: Path) -> dict[str, Any]:
+    """The pipeline's stages on `params`; returns the select summary and the file paths."""
+    prepared, family = teacher(params, root)
+    model = family.model
     summary = select([family], None, prepared, root / "select", params.select)
     return {"summary": summary, "prepared": prepared, "model": model, "family": family}
 

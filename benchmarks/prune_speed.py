@@ -25,15 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.model_speed import LARGE, synthetic_images
+from benchmarks.model_speed import LARGE, synthetic_images, teacher
 from pipelines.config import Params, load_params
-from pipelines.export import export
-from pipelines.models import save_model
-from pipelines.prepare import prepare
 from pipelines.prune import FAMILIES, prune, read_families
-from pipelines.quantize import quantize
 from pipelines.select import Family, select
-from pipelines.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = LARGE | {  # model_speed's 32x32 data, with the ResNet-18 the own-data recipe uses
@@ -53,14 +48,9 @@ ENGINES = ("onnxruntime-fp32", "onnxruntime-int8_cpu")
 
 def build(params: Params, root: Path) -> dict[str, Any]:
     """Teacher, pruned families and the tournament on `params`; select's summary."""
-    prepared = root / "prepared"
-    prepare(params.data, params.prepare, root, prepared)
-    model = root / "model.pt"
-    save_model(model, train(params.train, prepared, root / "checkpoints"))
-    export(params.export, model, prepared, root / "model.onnx")
-    quantize(params.quantize, root / "model.onnx", prepared, root / "variants")
-    families = [Family("teacher", model, root / "model.onnx", root / "variants")]
-    pruning = prune(params, model, prepared, root / "prune")
+    prepared, family = teacher(params, root)
+    families = [family]
+    pruning = prune(params, family.model, prepared, root / "prune")
     families += [Family(*entry) for entry in read_families(root / "prune" / FAMILIES)]
     summary = select(families, None, prepared, root / "select", params.select)
     return {"summary": summary, "pruning": pruning}
