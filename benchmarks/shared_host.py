@@ -28,7 +28,8 @@ core (then it saturates both cores, and half of that leaves training almost noth
 takes the cycles the service and the load generator leave; one torch thread a core);
 (h) (g) with two torch threads a core (torch splits an op evenly between its threads, so one
 thread preempted by the service stalls the op; smaller shares let the other core pick up the
-waiting threads). After the steady window of (d) to (h), once training runs at full share
+waiting threads); (i) (g) with one torch thread (no op to stall: it runs on whichever core is
+idle). After the steady window of (d) to (i), once training runs at full share
 again, the load steps to --overload x saturation for a few seconds: the time from that step to
 training paused is compared with one training step plus one poll.
 
@@ -419,6 +420,7 @@ def rounds(
         "f": {"host.resume_via": "throttle"},
         "g": {"host.training.borrow_idle": True},
         "h": {"host.training.borrow_idle": True, "host.training.threads": 2 * len(CPUS)},
+        "i": {"host.training.borrow_idle": True, "host.training.threads": 1},
     }
     for number in range(args.rounds):
         if "a" in args.scenarios:
@@ -480,8 +482,8 @@ def median(values: list[float]) -> float:
 def table(figures: dict[str, Any]) -> str:
     """The issue's table (medians over the rounds) and the goals."""
     res = figures["results"]
-    loads = {k: [r.get("load", r) for r in res[k]] for k in "acdefgh" if res.get(k)}
-    runs = {k: [r.get("training", r) for r in res[k]] for k in "bcdefgh" if res.get(k)}
+    loads = {k: [r.get("load", r) for r in res[k]] for k in "acdefghi" if res.get(k)}
+    runs = {k: [r.get("training", r) for r in res[k]] for k in "bcdefghi" if res.get(k)}
     p50 = {k: median([x["p50_ms"] for x in v]) for k, v in loads.items()}
     p99 = {k: median([x["p99_ms"] for x in v]) for k, v in loads.items()}
     speed = {k: median([r["samples_per_s"] or 0.0 for r in v]) for k, v in runs.items()}
@@ -503,6 +505,7 @@ def table(figures: dict[str, Any]) -> str:
         "f": "(f) as (d), resume_via: throttle",
         "g": "(g) as (d), training.borrow_idle",
         "h": "(h) as (g), 2 torch threads a core",
+        "i": "(i) as (g), 1 torch thread",
     }
     lines = ["| scenario | p50 / p99 latency | training samples/s |", "|---|---|---|"]
     lines += [f"| {names[k]} | {' | '.join(cell(k))} |" for k in names if k in res]
@@ -520,7 +523,7 @@ def table(figures: dict[str, Any]) -> str:
         lines.append(
             f"load generator CPU: {min(client):.1%}-{max(client):.1%} of a core (start-up included)"
         )
-    for key in "cdefgh":
+    for key in "cdefghi":
         if "a" in p99 and key in p99:
             each = [x["p99_ms"] / y["p99_ms"] for x, y in zip(loads[key], loads["a"], strict=True)]
             lines.append(
@@ -534,7 +537,7 @@ def table(figures: dict[str, Any]) -> str:
             lines.append(
                 f"training ({key}) / (b) round by round: " + ", ".join(f"{r:.2f}" for r in each)
             )
-    steps = [(key, n, r) for key in "defgh" for n, r in enumerate(res.get(key, []))]
+    steps = [(key, n, r) for key in "defghi" for n, r in enumerate(res.get(key, []))]
     for key, number, d in steps:
         breach = d.get("breach") or {}
         lines.append(
@@ -558,7 +561,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=None, help="requests/s (default: half sat.)")
     parser.add_argument("--overload", type=float, default=1.5, help="x saturation, breach step")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--scenarios", default="abcd", help="which of a to h to run")
+    parser.add_argument("--scenarios", default="abcd", help="which of a to i to run")
     parser.add_argument(
         "--slo-ms", type=float, default=None, help="(d): host.slo.p99_ms (default: see below)"
     )
