@@ -502,7 +502,8 @@ def _threads() -> list[int]:
 def _sched_idle(service_cpus: list[int]) -> str:
     """Every thread of this process at SCHED_IDLE (threads started later inherit it): it runs
     only on a core nothing else wants and any normal task preempts it (sched(7), Linux; no
-    privilege needed to lower one's own policy)."""
+    privilege needed to lower one's own policy). The controller's thread, started later, too:
+    when the host is too busy to run it, it is too busy to run training."""
     for thread in _threads():
         with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
             os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
