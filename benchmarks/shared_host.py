@@ -23,16 +23,22 @@ its saturation is measured (a shared host deploys it so: `taskset -c 0 bentoml s
 same service at the same rate with nothing else running; --no-pin-service leaves it on every
 core (then it saturates both cores, and half of that leaves training almost nothing). On request:
 (e) (d) with `host.on_breach: throttle` (fewer threads and a duty cycle instead of a pause);
-(f) (d) with `host.resume_via: throttle` (after a pause, the throttled share first). After the
-steady window of (d), (e) and (f), once training runs at full share again, the load steps to
---overload x saturation for a few seconds: the time from that step to training paused is
-compared with one training step plus one poll.
+(f) (d) with `host.resume_via: throttle` (after a pause, the throttled share first);
+(g) (d) with `host.training.borrow_idle` (training on every core, all of it at SCHED_IDLE: it
+takes the cycles the service and the load generator leave; one torch thread a core);
+(h) (g) with two torch threads a core (torch splits an op evenly between its threads, so one
+thread preempted by the service stalls the op; smaller shares let the other core pick up the
+waiting threads); (i) (g) with one torch thread (no op to stall: it runs on whichever core is
+idle). After the steady window of (d) to (i), once training runs at full share
+again, the load steps to --overload x saturation for a few seconds: the time from that step to
+training paused is compared with one training step plus one poll.
 
 The load generator runs pinned to the last core in every scenario, never on the service's
 (with 2 cores it competes with training, as a client on another host would not); the scenarios
 run in rounds (a, b, c, d, ...) so slow drifts of the machine's load hit all of them; the load
-average is reported. Goals (issue 14): p99 in (d) <= 1.25x (a) (stretch 1.1x), training in (d)
->= 50% of (b), breach to pause <= one step + one poll.
+average is reported, and the generator's own CPU use (`client_cpu_share`). Goals (issue 14):
+p99 in (d) <= 1.25x (a) (stretch 1.1x), training in (d) >= 50% of (b), breach to pause <= one
+step + one poll.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import itertools
 import json
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -172,11 +179,17 @@ def open_loop(url: str, rate: float, seconds: float, body: Path) -> dict[str, An
     """benchmarks/serve_openloop.py at a fixed `rate`, pinned to CLIENT_CPUS."""
     command = [sys.executable, str(BENCH / "serve_openloop.py"), "--url", f"{url}/predict"]
     command += ["--body-file", str(body), "--rate", f"{rate:.1f}", "--duration", str(seconds)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         ["taskset", "-c", CLIENT_CPUS, *command], capture_output=True, text=True, check=True
     )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
     result["ended_at"] = time.time()
+    # the generator's own CPU (user + system, its start-up and imports included) per second of
+    # the window: what it took from the core it shares with training
+    used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    result["client_cpu_share"] = used / seconds
     return result
 
 
@@ -401,10 +414,13 @@ def rounds(
 
     host = load_params(REPO / "params.yaml").host
     results: dict[str, list[Any]] = {key: [] for key in args.scenarios}
-    variants = {
+    variants: dict[str, dict[str, Any]] = {
         "d": {},
         "e": {"host.on_breach": "throttle"},
         "f": {"host.resume_via": "throttle"},
+        "g": {"host.training.borrow_idle": True},
+        "h": {"host.training.borrow_idle": True, "host.training.threads": 2 * len(CPUS)},
+        "i": {"host.training.borrow_idle": True, "host.training.threads": 1},
     }
     for number in range(args.rounds):
         if "a" in args.scenarios:
@@ -466,8 +482,8 @@ def median(values: list[float]) -> float:
 def table(figures: dict[str, Any]) -> str:
     """The issue's table (medians over the rounds) and the goals."""
     res = figures["results"]
-    loads = {k: [r.get("load", r) for r in res[k]] for k in "acdef" if res.get(k)}
-    runs = {k: [r.get("training", r) for r in res[k]] for k in "bcdef" if res.get(k)}
+    loads = {k: [r.get("load", r) for r in res[k]] for k in "acdefghi" if res.get(k)}
+    runs = {k: [r.get("training", r) for r in res[k]] for k in "bcdefghi" if res.get(k)}
     p50 = {k: median([x["p50_ms"] for x in v]) for k, v in loads.items()}
     p99 = {k: median([x["p99_ms"] for x in v]) for k, v in loads.items()}
     speed = {k: median([r["samples_per_s"] or 0.0 for r in v]) for k, v in runs.items()}
@@ -487,6 +503,9 @@ def table(figures: dict[str, Any]) -> str:
         "d": "(d) both, shared mode",
         "e": "(e) as (d), on_breach: throttle",
         "f": "(f) as (d), resume_via: throttle",
+        "g": "(g) as (d), training.borrow_idle",
+        "h": "(h) as (g), 2 torch threads a core",
+        "i": "(i) as (g), 1 torch thread",
     }
     lines = ["| scenario | p50 / p99 latency | training samples/s |", "|---|---|---|"]
     lines += [f"| {names[k]} | {' | '.join(cell(k))} |" for k in names if k in res]
@@ -499,7 +518,12 @@ def table(figures: dict[str, Any]) -> str:
         + f"; service pinned: {figures['pin_service']}; "
         f"{figures['cpus']} CPUs; load average {load['start']} -> {load['end']}",
     ]
-    for key in "cdef":
+    client = [x.get("client_cpu_share") for v in loads.values() for x in v]
+    if client and None not in client:
+        lines.append(
+            f"load generator CPU: {min(client):.1%}-{max(client):.1%} of a core (start-up included)"
+        )
+    for key in "cdefghi":
         if "a" in p99 and key in p99:
             each = [x["p99_ms"] / y["p99_ms"] for x, y in zip(loads[key], loads["a"], strict=True)]
             lines.append(
@@ -513,7 +537,7 @@ def table(figures: dict[str, Any]) -> str:
             lines.append(
                 f"training ({key}) / (b) round by round: " + ", ".join(f"{r:.2f}" for r in each)
             )
-    steps = [(key, n, r) for key in "def" for n, r in enumerate(res.get(key, []))]
+    steps = [(key, n, r) for key in "defghi" for n, r in enumerate(res.get(key, []))]
     for key, number, d in steps:
         breach = d.get("breach") or {}
         lines.append(
@@ -537,7 +561,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=None, help="requests/s (default: half sat.)")
     parser.add_argument("--overload", type=float, default=1.5, help="x saturation, breach step")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--scenarios", default="abcd", help="which of a, b, c, d, e, f to run")
+    parser.add_argument("--scenarios", default="abcd", help="which of a to i to run")
     parser.add_argument(
         "--slo-ms", type=float, default=None, help="(d): host.slo.p99_ms (default: see below)"
     )

@@ -725,6 +725,10 @@ class TrainingShare(Section):
     cpu_weight: int = Field(ge=1, le=10_000)  # cgroup v2 cpu.weight (the service's: 100)
     io_weight: int = Field(ge=1, le=10_000)  # cgroup v2 io.weight
     gpu_memory_fraction: float = Field(gt=0, le=1)  # torch.cuda.set_per_process_memory_fraction
+    # Linux: training also runs on host.service.cpus, the whole training process at SCHED_IDLE
+    # (it gets a core only when nothing else wants it, and any normal task preempts it at once),
+    # so it borrows the cycles the service leaves idle (niceness means nothing at SCHED_IDLE).
+    borrow_idle: bool = False
 
 
 class ServiceReserve(Section):

@@ -5,8 +5,9 @@
 In `shared` mode it also
 
 - applies training's share to this process (`apply_quota`: CPU affinity, nice, ionice via
-  psutil; a cgroup v2 of its own with `cpu.weight` / `io.weight` where writable, else says so
-  once; on CUDA the GPU memory fraction), and torch's thread count through the gate;
+  psutil, or with `borrow_idle` the service's cores too at Linux SCHED_IDLE; a cgroup v2 of
+  its own with `cpu.weight` / `io.weight` where writable, else says so once; on CUDA the GPU
+  memory fraction), and torch's thread count through the gate;
 - starts a `Controller` thread that reads the local service's figures (`PrometheusSource`:
   p99 latency over the last poll and requests in flight, from BentoML's `/metrics`) every
   `host.poll_ms` and drives the `TrainingGate` with hysteresis: over the SLO training pauses (or
@@ -442,6 +443,15 @@ def training_cpus(share: TrainingShare, service: ServiceReserve) -> list[int]:
     return cpus
 
 
+def quota_cpus(share: TrainingShare, service: ServiceReserve) -> list[int]:
+    """The cores training's affinity holds: `training_cpus`, plus `service.cpus` (those this
+    process may use) when `share.borrow_idle` (training then runs at SCHED_IDLE)."""
+    cpus = set(training_cpus(share, service))
+    if share.borrow_idle:
+        cpus |= set(service.cpus) & os.sched_getaffinity(0)
+    return sorted(cpus)
+
+
 def default_threads(cpus: list[int]) -> int:
     """Torch threads at full share when `host.training.threads` is null: one per core training
     may use, but no more than this process already has (tune's workers split the host's threads
@@ -452,7 +462,8 @@ def default_threads(cpus: list[int]) -> int:
 
 
 def apply_quota(cfg: HostConfig) -> list[str]:
-    """Put this process (training) on its share: affinity, nice, ionice, a cgroup v2 of its own
+    """Put this process (training) on its share: affinity (of every thread), nice (or, with
+    `borrow_idle`, SCHED_IDLE on its cores and the service's), ionice, a cgroup v2 of its own
     where writable, the CUDA memory fraction; warn when less memory is free than the service's
     reserve. Returns the lines it logged (one per control). Call it once, in the training
     process, before the data loader starts its workers (they inherit it)."""
@@ -460,10 +471,14 @@ def apply_quota(cfg: HostConfig) -> list[str]:
 
     process = psutil.Process()
     share = cfg.training
-    cpus = training_cpus(share, cfg.service)
-    process.cpu_affinity(cpus)
+    cpus = quota_cpus(share, cfg.service)
+    for thread in _threads():  # threads started later (torch's pool, loaders) inherit
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(thread, cpus)
     lines = [f"host: training on cores {', '.join(map(str, cpus))}"]
-    if share.nice:
+    if share.borrow_idle:
+        lines.append(_sched_idle(cfg.service.cpus))
+    elif share.nice:
         process.nice(min(19, process.nice() + share.nice))
         lines.append(f"host: training niceness {process.nice()}")
     if share.ionice != "none":
@@ -474,6 +489,26 @@ def apply_quota(cfg: HostConfig) -> list[str]:
     for line in lines:
         log.info("%s", line)
     return lines
+
+
+def _threads() -> list[int]:
+    """The ids of this process's threads (Linux: /proc/self/task; elsewhere this one)."""
+    try:
+        return [int(task.name) for task in Path("/proc/self/task").iterdir()]
+    except OSError:
+        return [0]
+
+
+def _sched_idle(service_cpus: list[int]) -> str:
+    """Every thread of this process at SCHED_IDLE (threads started later inherit it): it runs
+    only on a core nothing else wants and any normal task preempts it (sched(7), Linux; no
+    privilege needed to lower one's own policy). The controller's thread, started later, too:
+    when the host is too busy to run it, it is too busy to run training."""
+    for thread in _threads():
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+    cores = ", ".join(map(str, service_cpus))
+    return f"host: training at SCHED_IDLE (borrows the service's cores {cores} when idle)"
 
 
 def _ionice(process: Any, kind: str) -> str:
@@ -566,7 +601,7 @@ def shared_host(
     share = cfg.training
     if quota:
         apply_quota(cfg)
-    threads = share.threads or default_threads(training_cpus(share, cfg.service))
+    threads = share.threads or default_threads(quota_cpus(share, cfg.service))
     throttled = min(share.throttled_threads, threads)
     gate = TrainingGate((threads, throttled), share.throttled_duty)
     timeout_s = min(2.0, max(0.1, cfg.poll_ms / 1000.0))

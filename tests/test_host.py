@@ -34,6 +34,7 @@ from pipelines.host import (
     StopRequested,
     TrainingGate,
     in_window,
+    quota_cpus,
     shared_host,
     training_cpus,
 )
@@ -579,6 +580,59 @@ def test_apply_quota_puts_the_training_process_on_its_share(tmp_path: Path) -> N
     assert "nice 10" in lines and "ionice True" in lines
     assert any(line.startswith("host: training on cores") for line in lines)
     assert any("cgroup" in line for line in lines)  # in a cgroup, or why not: said once
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_borrow_idle_runs_training_on_every_core_at_sched_idle(tmp_path: Path) -> None:
+    """In a process of its own (a policy and affinity this test process must not keep): every
+    thread, those running before and one started after, on all cores at SCHED_IDLE; no nice."""
+    first = sorted(os.sched_getaffinity(0))[0]
+    script = (
+        "import os, threading, time; from tests.helpers.params import tiny_params\n"
+        "from pipelines.host import apply_quota\n"
+        f"cfg = tiny_params({{'host.mode': 'shared', 'host.service.cpus': [{first}],\n"
+        "                    'host.training.borrow_idle': True}).host\n"
+        "stop = threading.Event()\n"
+        "before = threading.Thread(target=stop.wait); before.start()\n"
+        "nice = os.nice(0)\n"
+        "for line in apply_quota(cfg): print(line)\n"
+        "after = threading.Thread(target=stop.wait); after.start(); time.sleep(0.1)\n"
+        "for tid in sorted(int(t) for t in os.listdir('/proc/self/task')):\n"
+        "    idle = os.sched_getscheduler(tid) == os.SCHED_IDLE\n"
+        "    print('thread', idle, sorted(os.sched_getaffinity(tid)))\n"
+        "print('nice', os.nice(0) - nice)\n"
+        "stop.set()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    every = sorted(os.sched_getaffinity(0))
+    threads = [line for line in lines if line.startswith("thread ")]
+    assert len(threads) >= 3  # main, one started before, one after
+    assert set(threads) == {f"thread True {every}"}
+    assert f"host: training on cores {', '.join(map(str, every))}" in lines
+    assert f"host: training at SCHED_IDLE (borrows the service's cores {first} when idle)" in lines
+    assert "nice 0" in lines  # niceness means nothing at SCHED_IDLE: left alone
+
+
+def test_borrow_idle_counts_the_service_cores_for_torch_threads() -> None:
+    available = sorted(os.sched_getaffinity(0))
+    service = available[:1] if len(available) > 1 else []
+    cfg = host(training__borrow_idle=True, training__threads=None, service__cpus=service)
+    assert quota_cpus(cfg.training, cfg.service) == available
+    assert quota_cpus(host(service__cpus=service).training, cfg.service) == [
+        c for c in available if c not in service
+    ]
+    with shared_host(cfg, Script([ok()]), quota=False) as gate:
+        assert gate.threads == (min(len(available), torch.get_num_threads()), 1)
 
 
 @pytest.mark.parametrize(
