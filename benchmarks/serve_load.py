@@ -1,13 +1,15 @@
 """`bentoml serve` (service.py) side by side with the servers a user would pick instead, under load.
 
-    python benchmarks/serve_load.py [--model digits|resnet|large] [--seconds 5] [--out r.json]
+    python benchmarks/serve_load.py [--model digits|resnet|resnet64|large] [--seconds 5] [--out f]
     python benchmarks/serve_load.py --model resnet --servers service,service_unbatched,ray,litserve
     python benchmarks/serve_load.py --model large --compare-ref main --connections 1,4,16,64
 
 Models: `digits` (models/select/model.onnx when the pipeline has made it, else a tiny CNN trained
 here; a call costs ~13 us), `resnet` (the realistic one: pipelines/models.py's ResNet-18 at width
-16 on 32x32 gray images, ~5 ms a batch-1 call on one core) and `large` (benchmarks/model_speed.py's
-wider CNN, ~1.6 ms); both image models are trained one short epoch on synthetic images with the
+16 on 32x32 gray images, ~1-5 ms a batch-1 call on one core), `resnet64` (the same at width 64, the
+standard CIFAR ResNet-18's width: a second realistic size, ~10x the call, so the table shows how
+served / engine depends on the model's cost) and `large` (benchmarks/model_speed.py's wider CNN,
+~1.6 ms); the image models are trained one short epoch on synthetic images with the
 pipeline's own stages and exported to ONNX (the weights do not matter here, the cost of a call
 does). Every server serves that same ONNX file through ONNX Runtime (serve.threads threads), with
 the same JSON request ({"rows": [[...]]}, one row per request here) and response:
@@ -30,7 +32,9 @@ saturation for p50/p99 and errors (503s: load shed). Every server runs one load 
 next level, so slow drifts in machine load are fair to all. The batch size batching actually
 formed comes from the servers (BentoML's `adaptive_batch_size` histogram on /metrics; the peers'
 call counts); served / ceiling compares saturation with the ONNX Runtime engine alone, measured
-in this process at batch 1, 2, 4 ... 64 and interpolated at that batch size.
+in this process at batch 1, 2, 4 ... 64 before and after the servers run (the better of the two
+at each batch size, so a drift in machine load cannot flatter the ratio) and interpolated at
+that batch size.
 
 With 2 cores, client and server share the machine: the servers (and all their processes: Ray's
 too) are pinned to core 0 and the load generators to core 1 (`taskset`), the same for every
@@ -90,6 +94,8 @@ end
 
 
 RESNET_MODEL = {"arch": "resnet18", "width": 16, "depth": 1, "dropout": 0.0}
+# --model name -> the ResNet-18 `train.model` section it serves
+RESNETS = {"resnet": RESNET_MODEL, "resnet64": {**RESNET_MODEL, "width": 64}}
 
 
 def large_model(work: Path, model: dict[str, Any] | None = None) -> tuple[Path, str]:
@@ -267,6 +273,11 @@ def ceiling_at(batch: float, table: dict[int, float]) -> float:
     clamped = min(max(batch, sizes[0]), sizes[-1])
     rates = [table[k] for k in sizes]
     return float(np.interp(np.log2(clamped), np.log2(sizes), rates))
+
+
+def best_of(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
+    """The engine's rows/s at each batch size: the better of two engine_ceiling runs."""
+    return {batch: max(before[batch], after[batch]) for batch in before}
 
 
 def batch_wait_ms(batch1_rows_per_s: float) -> float:
@@ -532,8 +543,8 @@ def counter_for(name: str, url: str, work: Path) -> Counter:
 
 def build_model(work: Path, model: str) -> tuple[Path, str]:
     """The model folder (model.onnx + metadata.json) and a line describing it."""
-    if model == "resnet":
-        return large_model(work, RESNET_MODEL)
+    if model in RESNETS:
+        return large_model(work, RESNETS[model])
     return large_model(work) if model == "large" else model_source(work)
 
 
@@ -580,11 +591,14 @@ def run(
         curves = sweep(urls, seconds, script, levels, counters)
         saturation = {name: max(p["rps"] for p in curve) for name, curve in curves.items()}
         rates = fixed_rate(urls, saturation, rate_seconds, body)
-    summary = summarize(curves, rates, ceiling)
+    after = engine_ceiling(model_dir, serve.threads, row)
+    print(f"engine alone after the servers, rows/s by batch: {after}")
+    summary = summarize(curves, rates, best_of(ceiling, after))
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "model": model_note,
         "serve_settings": serve.model_dump(mode="json"),
+        "engine_rows_per_s": {"before": ceiling, "after": after},
         "peer_batching": {"max_batch_size": BATCHED_MAX, "wait_ms": wait_ms},
         "batched_max_latency_ms": batched_latency_ms,
         "pinning": {"servers": SERVER_CPUS, "load_generators": CLIENT_CPUS},
@@ -601,7 +615,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per wrk run")
     parser.add_argument("--rate-seconds", type=float, default=10.0, help="per open-loop run")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
-    parser.add_argument("--model", choices=("digits", "resnet", "large"), default="digits")
+    parser.add_argument("--model", choices=("digits", *RESNETS, "large"), default="digits")
     parser.add_argument("--compare-ref", default=None, help="also serve service.py as of REF")
     parser.add_argument(
         "--connections",

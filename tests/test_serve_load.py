@@ -10,7 +10,10 @@ import pytest
 
 from benchmarks.peer_model import BatchStats
 from benchmarks.serve_load import (
+    RESNET_MODEL,
+    RESNETS,
     batch_wait_ms,
+    best_of,
     ceiling_at,
     file_batches,
     mean_batch,
@@ -28,6 +31,17 @@ def test_ceiling_is_interpolated_in_log2_of_the_batch_and_clamped() -> None:
     assert ceiling_at(16, CEILING) == pytest.approx(600.0)  # halfway from 4 to 64 in log2
     assert ceiling_at(0.5, CEILING) == 100.0
     assert ceiling_at(500, CEILING) == 900.0
+
+
+def test_the_ceiling_is_the_better_of_the_engine_runs_before_and_after_the_servers() -> None:
+    before = {1: 100.0, 2: 150.0, 64: 900.0}
+    after = {1: 120.0, 2: 140.0, 64: 800.0}
+    assert best_of(before, after) == {1: 120.0, 2: 150.0, 64: 900.0}
+
+
+def test_the_second_realistic_size_is_the_same_resnet_at_the_standard_width() -> None:
+    assert RESNETS["resnet"] == RESNET_MODEL
+    assert RESNETS["resnet64"] == {**RESNET_MODEL, "width": 64}
 
 
 def test_the_peers_wait_one_batch1_call_within_half_to_ten_ms() -> None:
