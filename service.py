@@ -183,6 +183,15 @@ FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Rows = Annotated[list[list[FiniteNumber]], AfterValidator(served_rows)]
 
 
+class PredictInput(BaseModel):
+    """POST /predict's body: {"rows": [[...], ...]} and nothing else. A key other than `rows` is
+    refused (400, its name in the error's `loc`), so a misspelt optional key is not ignored."""
+
+    model_config = ConfigDict(extra="forbid", title="Input")
+
+    rows: Rows
+
+
 class Prediction(BaseModel):
     label: int | str
     probabilities: list[float]
@@ -365,6 +374,7 @@ class Classifier:
         ]
 
     @bentoml.api(
+        input_spec=PredictInput,
         batchable=BATCHING,
         max_batch_size=max(SERVE.max_batch_size, 2),  # BentoML insists on > 1 even unbatched
         max_latency_ms=SERVE.max_latency_ms,
@@ -1162,6 +1172,7 @@ def rows_schema() -> dict[str, Any]:
                 "maxItems": SERVE.max_rows,
             }
         },
+        "additionalProperties": False,
     }
 
 
