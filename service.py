@@ -190,6 +190,15 @@ FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Rows = Annotated[list[list[FiniteNumber]], AfterValidator(served_rows)]
 
 
+class PredictInput(BaseModel):
+    """POST /predict's body: {"rows": [[...], ...]} and nothing else. A key other than `rows` is
+    refused (400, its name in the error's `loc`), so a misspelt optional key is not ignored."""
+
+    model_config = ConfigDict(extra="forbid", title="Input")
+
+    rows: Rows
+
+
 class Prediction(BaseModel):
     label: int | str
     probabilities: list[float]
@@ -318,7 +327,24 @@ class Classifier:
     model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
+        """Load the model and warm it up. Any load error (no such model, a missing or corrupt
+        model.onnx, metadata.json or cascade.json, a graph that fails its first call) is kept
+        in `load_error`, logged as one line naming the model folder and what is wrong, and the
+        worker keeps running: /readyz answers 503 (`__is_ready__`), GET /metadata 503 with the
+        reason, the prediction endpoints 503. Raising here instead would make BentoML restart
+        the worker every few seconds, with a traceback each time, while /readyz hangs."""
         one_line_client_errors()
+        self.serve = SERVE
+        self.load_error: str | None = None
+        try:
+            self.load()
+        except Exception as exc:  # every load error: kept, logged, served as 503
+            self.load_error = load_problem(exc, getattr(self, "model_dir", None))
+            log.error("model failed to load: %s", self.load_error)
+
+    def load(self) -> None:
+        """What __init__ does when it succeeds: the model's metadata, contract and engines, the
+        prediction log, the warm-up."""
         try:
             stored = bentoml.models.get(MODEL_TAG)
         except NotFound:
@@ -326,8 +352,7 @@ class Classifier:
                 f"no BentoML model {MODEL_TAG}: run `python -m flows.package` first "
                 "(it packages the MLflow champion), or `bentoml import` a bento archive"
             ) from None
-        model_dir = Path(stored.path)
-        self.serve = SERVE
+        model_dir = self.model_dir = Path(stored.path)
         self.metadata = json.loads((model_dir / "metadata.json").read_text())
         self.version = str(stored.info.metadata.get("registry_version", stored.tag.version))
         self.tag = str(stored.tag)
@@ -338,14 +363,19 @@ class Classifier:
         self.log_columns = profile_columns(self.spec)  # the log's `features` keys
         self.image_model = is_image_model(self.spec)
         self.known_labels = {(type(label), label) for label in self.labels}
-        self.prediction_log = open_prediction_log(self.serve)
         self.warm_up()
+        self.prediction_log = open_prediction_log(self.serve)
         tune_gc()
+
+    def __is_ready__(self) -> bool:
+        """BentoML's readiness hook (/readyz): 503 when the model failed to load."""
+        return self.load_error is None
 
     @bentoml.on_shutdown
     def close_prediction_log(self) -> None:
-        """Write out what the prediction log still has queued."""
-        self.prediction_log.close()
+        """Write out what the prediction log still has queued (none: the model never loaded)."""
+        if self.load_error is None:
+            self.prediction_log.close()
 
     def warm_up(self) -> None:
         """Run the batch sizes requests most often have once before the first request, so they
@@ -372,6 +402,7 @@ class Classifier:
         ]
 
     @bentoml.api(
+        input_spec=PredictInput,
         batchable=BATCHING,
         max_batch_size=max(SERVE.max_batch_size, 2),  # BentoML insists on > 1 even unbatched
         max_latency_ms=SERVE.max_latency_ms,
@@ -573,18 +604,37 @@ def as_json(content: list[dict[str, Any]] | dict[str, Any], status: int = 200) -
 
 def running_service() -> Any:
     """The Classifier instance BentoML made in this worker (`bentoml.get_current_service()`);
-    None before start-up has made it."""
+    None before start-up has made it, or when its model failed to load (`load_failure`)."""
     try:
-        return bentoml.get_current_service()
+        service = bentoml.get_current_service()
     except BentoMLException:
         return None
+    return None if getattr(service, "load_error", None) else service
+
+
+def load_failure() -> str | None:
+    """Why this worker's model failed to load (Classifier.load_error), or None."""
+    try:
+        return getattr(bentoml.get_current_service(), "load_error", None)
+    except BentoMLException:
+        return None
+
+
+def load_problem(exc: BaseException, model_dir: Path | None) -> str:
+    """One line: the model folder (when known), what went wrong, the exception's type. The
+    folder's files name themselves in most messages (ONNX Runtime's, cascade.json's)."""
+    text = " ".join(str(exc).split()) or "no message"
+    where = f"{model_dir}: " if model_dir is not None and str(model_dir) not in text else ""
+    return f"{where}{text} ({type(exc).__name__})"
 
 
 async def metadata(request: Request) -> JSONResponse:
     """GET /metadata: the running instance's `describe()`; 503 before the model is loaded."""
     service = running_service()
     if service is None:
-        return JSONResponse({"error": "model not loaded yet"}, status_code=503)
+        failure = load_failure()
+        error = "model not loaded yet" if failure is None else f"model failed to load: {failure}"
+        return JSONResponse({"error": error}, status_code=503)
     return JSONResponse(service.describe())
 
 
@@ -899,6 +949,10 @@ class HttpContract:
             await send_json(send, 200, openapi_document())
             return
         path = scope["path"]
+        if (path in PROTECTED or path.startswith(BATCH)) and path != "/metadata" and load_failure():
+            error = "the model failed to load; GET /metadata or the server log says why"
+            await send_json(send, 503, {"error": error})
+            return
         expected = FORM_TYPE if path in UPLOADS else BODY_TYPES.get(path)
         if expected is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
@@ -1169,6 +1223,7 @@ def rows_schema() -> dict[str, Any]:
                 "maxItems": SERVE.max_rows,
             }
         },
+        "additionalProperties": False,
     }
 
 

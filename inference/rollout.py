@@ -160,22 +160,40 @@ def fetch(host: Host, version: str | None, bento: str | None) -> store.Bento:
 
 
 def wait_ready(host: Host, ports: list[int]) -> None:
-    """Each replica's /readyz answers 200 within deploy.ready_timeout_s; CheckError otherwise."""
+    """Each replica's /readyz answers 200 within deploy.ready_timeout_s; CheckError otherwise,
+    at once when a replica reports that its model failed to load (/readyz 503 and GET /metadata
+    503 "model failed to load: <file>: <what>", service.py): no wait for the timeout."""
     limit = host.policy.ready_timeout_s
     deadline = time.monotonic() + limit
     for port in ports:
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                    break
+                status = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code
             except httpx.HTTPError:
-                pass
+                status = None
+            if status == 200:
+                break
+            failure = load_failure(host, port) if status == 503 else None
+            if failure is not None:
+                raise CheckError(f"readyz: replica on port {port}: {failure}")
             if time.monotonic() > deadline:
                 raise CheckError(
                     f"readyz: replica on port {port} not ready after {limit:g} s "
                     f"(deploy.ready_timeout_s); see {host.home / 'logs'}"
                 )
             time.sleep(0.5)
+
+
+def load_failure(host: Host, port: int) -> str | None:
+    """The replica's "model failed to load: ..." (GET /metadata's 503 error), or None."""
+    try:
+        response = httpx.get(
+            f"http://127.0.0.1:{port}/metadata", headers=host.headers(), timeout=HTTP_TIMEOUT_S
+        )
+        error = response.json().get("error") if response.status_code == 503 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return error if isinstance(error, str) and error.startswith("model failed to load") else None
 
 
 def predict(host: Host, port: int, rows: list[list[float]]) -> list[dict[str, Any]]:

@@ -7,7 +7,9 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,14 +22,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
     succeeds.
 
     The temp path has `path`'s own file name, in a private folder beside `path` (same file system,
-    so the final rename is atomic). The body creates the file, so it gets the mode a plain `open()`
-    gives (the umask applies), and tools that report the file name report the output's. An error
-    raised by the body that names the temp path names `path` instead. Raises FileNotFoundError
-    (naming `path`) if the body wrote nothing.
+    so the final rename is atomic) named after this process (`temp_prefix`); the folders a killed
+    writer (kill -9) left for `path` are removed first (`remove_stale_temps`). The body creates
+    the file, so it gets the mode a plain `open()` gives (the umask applies), and tools that
+    report the file name report the output's. An error raised by the body that names the temp
+    path names `path` instead. Raises FileNotFoundError (naming `path`) if the body wrote
+    nothing.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_stale_temps(path)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{temp_prefix(path)}.", suffix=".tmp"))
     tmp = path.parent / staging.name / path.name
     try:
         yield tmp
@@ -39,6 +44,58 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def temp_prefix(path: Path) -> str:
+    """The name that temp files and folders made for the output `path` begin with, beside it:
+    `.<name>.<host>-<pid>` (this host's name, letters, digits and '-' only; this process's id),
+    so that `remove_stale_temps` can tell a dead writer's leftovers from a live one's."""
+    return f".{Path(path).name}.{_host()}-{os.getpid()}"
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temp files and folders beside the output `path` whose writer is dead: named
+    `temp_prefix(path)` + anything ending in `.tmp` or `.tmp.old`, of this host and a process id
+    no longer running (a run killed by SIGKILL or a power cut never cleans up; the next run for
+    the same output does). Also the older `.<name>.<pid>.tmp` of `prune` (no host: this one's).
+    Leftovers of other hosts (a shared folder) and of live processes are kept. Returns those
+    removed."""
+    path = Path(path)
+    name = re.escape(path.name)
+    ours = re.compile(rf"\.{name}\.{re.escape(_host())}-(\d+)\..*tmp(\.old)?")
+    legacy = re.compile(rf"\.{name}\.(\d+)\.tmp(\.old)?")
+    removed = []
+    for leftover in path.parent.glob(f".{glob_escape(path.name)}.*tmp*"):
+        match = ours.fullmatch(leftover.name) or legacy.fullmatch(leftover.name)
+        if match and not _running(int(match.group(1))):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """`name` with glob's special characters ([, ], *, ?) matched literally."""
+    return re.sub(r"([\[\]*?])", r"[\1]", name)
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` exists on this host (signal 0 checks without sending one)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
 
 
 def _name_output(exc: BaseException, tmp: Path, path: Path) -> None:

@@ -12,7 +12,8 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from types import NoneType, UnionType
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -155,18 +156,58 @@ DataSource = Annotated[
 ]
 
 
+def _not_a_number(annotation: Any, value: Any) -> tuple[Any] | None:
+    """(the item of `value` that is no number where `annotation`, a field's type, wants one,)
+    or None when there is none.
+
+    Pydantic's lax mode converts YAML's true/false and text ('0.3', quoted) into numbers; here
+    they are refused, in lists, tuples and dict values of numbers too. A YAML int for a float
+    field is a number and passes. Unions that also take text (a Literal, a str) are not judged."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, UnionType):
+        branches = [a for a in args if _same_shape(a, value)]
+        return _not_a_number(branches[0], value) if len(branches) == 1 else None
+    if origin in (list, tuple) and isinstance(value, list | tuple):
+        items = args[:1] * len(value) if origin is list or args[-1:] == (...,) else args
+        pairs = zip(items, value, strict=False)  # a tuple of the wrong length: pydantic's
+        return next((w for a, v in pairs if (w := _not_a_number(a, v))), None)
+    if origin is dict and isinstance(value, Mapping) and len(args) == 2:
+        return next((w for v in value.values() if (w := _not_a_number(args[1], v))), None)
+    if annotation not in (int, float):
+        return None
+    return (value,) if isinstance(value, bool | str) else None
+
+
+def _same_shape(annotation: Any, value: Any) -> bool:
+    """A union branch that `value` could be: a list/tuple type for a list, a dict type for a
+    mapping, a number type for a scalar (no other scalar type: then text may be meant)."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    origin = get_origin(annotation)
+    if isinstance(value, list | tuple):
+        return origin in (list, tuple)
+    if isinstance(value, Mapping):
+        return origin is dict
+    return annotation is not NoneType
+
+
 class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        """YAML's true/false is no number: pydantic alone would read `epochs: true` as 1."""
-        if isinstance(value, bool) and info.field_name in cls.model_fields:
-            annotation = cls.model_fields[info.field_name].annotation
-            kinds = set(get_args(annotation)) or {annotation}
-            if bool not in kinds and kinds & {int, float}:
-                raise ValueError("a number is required, not true/false")
+    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's true/false and quoted text are no numbers: pydantic alone would read
+        `epochs: true` as 1 and `ratios: ['0.3']` as [0.3]."""
+        if info.field_name in cls.model_fields:
+            wrong = _not_a_number(cls.model_fields[info.field_name].annotation, value)
+            if wrong is not None:
+                (item,) = wrong
+                what = "true/false" if isinstance(item, bool) else "text (quoted in YAML?)"
+                shown = "" if item is value else f": {item!r}"  # a scalar's is shown as 'got'
+                raise ValueError(f"a number is required, not {what}{shown}")
         return value
 
 
@@ -939,13 +980,26 @@ def batch_problems(params: Params) -> list[str]:
     return problems
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (YAML 1.1) that also reads YAML 1.2's floats without a dot (`1e-3`)
+    as numbers: 1.1 reads them as text, which the params models refuse (`_not_a_number`), while
+    YAML 1.2 tools (and users) mean a number. Quoted scalars stay text."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_params(
     path: Path | str = DEFAULT_PARAMS, overrides: Mapping[str, Any] | None = None
 ) -> Params:
     """Read `path`, apply `overrides` (nested or dotted keys), validate everything once."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=ParamsLoader)  # a SafeLoader
     except FileNotFoundError as exc:
         raise ParamsError(f"{path}: no such params file") from exc
     except yaml.YAMLError as exc:

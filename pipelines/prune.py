@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines.artifacts import file_sha256, read_json, write_json
+from pipelines.artifacts import (
+    file_sha256,
+    read_json,
+    remove_stale_temps,
+    temp_prefix,
+    write_json,
+)
 from pipelines.cli import run_cli
 from pipelines.config import Params, PruneConfig, TrainConfig, prune_family, section_dict
 from pipelines.errors import DataSourceError, ParamsError
@@ -260,7 +265,8 @@ def staged_dir(out_dir: Path) -> Iterator[Path]:
     `out_dir` (two renames on one file system), else it is removed and `out_dir` is untouched."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = out_dir.parent / f".{out_dir.name}.{os.getpid()}.tmp"  # a plain mkdir: umask modes
+    remove_stale_temps(out_dir)  # a killed run's (kill -9) work and old folders
+    work = out_dir.parent / f"{temp_prefix(out_dir)}.tmp"  # a plain mkdir: umask modes
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:

@@ -1,11 +1,14 @@
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pipelines.artifacts import atomic_path, write_json
+from pipelines.artifacts import atomic_path, remove_stale_temps, temp_prefix, write_json
+from pipelines.prune import staged_dir
 
 
 @pytest.fixture(params=[0o022, 0o027, 0o002])
@@ -54,3 +57,55 @@ def test_errors_name_the_output_not_the_temp_file(tmp_path: Path) -> None:
         pass
     assert empty.value.filename == str(out)
     assert list(out.parent.iterdir()) == []
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def leftovers(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.name.startswith(".")}
+
+
+def test_a_killed_writers_temps_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    """kill -9 leaves atomic_path's private folder: the next write of that output removes it
+    (folder or file, of this host and a dead process), and keeps a live process's, another
+    host's and another output's."""
+    output = tmp_path / "model.pt"
+    host_pid = temp_prefix(output).removeprefix(".model.pt.").rsplit("-", 1)[0]
+    dead, live = dead_pid(), os.getppid()
+    (tmp_path / f".model.pt.{host_pid}-{dead}.k2j3h4.tmp").mkdir()
+    (tmp_path / f".model.pt.{host_pid}-{dead}.k2j3h4.tmp" / "model.pt").write_text("half")
+    (tmp_path / f".model.pt.{host_pid}-{dead}.x.tmp").write_text("half")
+    kept = {
+        f".model.pt.{host_pid}-{live}.abc.tmp",
+        f".model.pt.elsewhere-{dead}.abc.tmp",
+        f".other.pt.{host_pid}-{dead}.abc.tmp",
+    }
+    for name in kept:
+        (tmp_path / name).mkdir()
+    with atomic_path(output) as tmp:
+        assert tmp.parent.name.startswith(f".model.pt.{host_pid}-{os.getpid()}.")
+        tmp.write_text("new")
+    assert output.read_text() == "new"
+    assert leftovers(tmp_path) == kept
+
+
+def test_a_killed_prune_runs_work_and_old_folders_are_removed(tmp_path: Path) -> None:
+    """`models/.prune.<pid>.tmp` (the name before this fix) and the current name, with the
+    `.old` folder of a run killed between its two renames: the next staged_dir removes them."""
+    out = tmp_path / "prune"
+    dead = dead_pid()
+    current = f"{temp_prefix(out).rsplit('-', 1)[0]}-{dead}.tmp"
+    names = [f".prune.{dead}.tmp", f".prune.{dead}.tmp.old", current, f"{current}.old"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "families.json").write_text("{}")
+    with staged_dir(out) as work:
+        (work / "families.json").write_text("new")
+    assert (out / "families.json").read_text() == "new"
+    assert leftovers(tmp_path) == set()
+    assert remove_stale_temps(out) == []

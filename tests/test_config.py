@@ -190,6 +190,60 @@ def test_no_numeric_setting_takes_true_or_false(path: tuple[str, ...]) -> None:
     assert f"{'.'.join(path)}: a number is required, not true/false" in rejected(raw)
 
 
+def as_text(value: Any) -> Any:
+    """`value` with every number written as YAML text ('0.3'), in lists and dict values too."""
+    if isinstance(value, list):
+        return [as_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: as_text(v) for k, v in value.items()}
+    return str(value)
+
+
+@pytest.mark.parametrize(("path", "value"), NUMERIC, ids=[".".join(path) for path, _ in NUMERIC])
+def test_no_numeric_setting_takes_text(path: tuple[str, ...], value: Any) -> None:
+    """`ratios: ['0.3']` (quoted) is text: pydantic's lax mode alone would read it as 0.3."""
+    raw = raw_params()
+    node = raw
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = as_text(node.get(path[-1], value))
+    named = ".".join(path[:3] if path[:2] == ("tune", "space") else path)
+    problem = rejected(raw)
+    assert f": invalid parameters: {named}" in problem
+    assert "a number is required, not text (quoted in YAML?)" in problem
+
+
+def test_a_quoted_ratio_is_refused_naming_the_key_and_the_item() -> None:
+    raw = raw_params()
+    raw["prune"]["ratios"] = [0.3, "0.5"]
+    first = rejected(raw).splitlines()[0]
+    assert first == (
+        "params.yaml: invalid parameters: prune.ratios: "
+        "a number is required, not text (quoted in YAML?): '0.5'"
+    )
+
+
+def test_yaml_ints_and_exponents_are_numbers(tmp_path: Path) -> None:
+    """A YAML int for a float field is a number; so is YAML 1.2's `1e-3` (YAML 1.1, PyYAML's,
+    reads it as text); a quoted '1e-3' stays text and is refused."""
+    text = (REPO / "params.yaml").read_text()
+    lr = re.search(r"^  lr: .*$", text, re.MULTILINE)
+    assert lr is not None
+    path = tmp_path / "params.yaml"
+    path.write_text(
+        text.replace(lr.group(0), "  lr: 1e-3", 1).replace(
+            "  ratios: [0.3, 0.5]", "  ratios: [1e-1, 0.5]"
+        )
+    )
+    params = load_params(path)
+    assert params.train.lr == 0.001 and params.prune.ratios == [0.1, 0.5]
+    path.write_text(text.replace(lr.group(0), "  lr: 1", 1))
+    assert load_params(path).train.lr == 1.0
+    path.write_text(text.replace(lr.group(0), "  lr: '1e-3'", 1))
+    with pytest.raises(ParamsError, match=r"train\.lr: a number is required, not text"):
+        load_params(path)
+
+
 @pytest.mark.parametrize("field", ["epochs", "lr", "batch_size"])
 def test_ui_parameters_share_the_bounds(field: str) -> None:
     with pytest.raises(ValidationError, match=field):

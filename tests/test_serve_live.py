@@ -249,6 +249,7 @@ def test_predict_answers_alike_with_batching_off_and_on(
         (json.dumps({"rows": []}).encode(), json_type),
         (json.dumps({"rows": [["1"] * 64]}).encode(), json_type),
         (json.dumps({"data": good}).encode(), json_type),
+        (json.dumps({"rows": good[:1], "threshhold": 0.5}).encode(), json_type),  # unknown key
         (b'{"rows": [[NaN]]}', json_type),
         (b"\xff\xfe garbage", json_type),
         (b"", json_type),
@@ -286,6 +287,7 @@ def test_bad_requests_over_http_get_4xx_with_a_message(server: str) -> None:
         ("/predict", {"json": {"rows": [[1.0, 2.0]]}}, 400, "the model takes 64"),
         ("/predict", {"content": b'{"rows": [[NaN]]}'}, 400, "finite number"),
         ("/predict", {"json": {"rows": []}}, 400, "empty batch"),
+        ("/predict", {"json": {"rows": [[0.0] * 64], "threshhold": 1}}, 400, "threshhold"),
         ("/predict", {"content": b" " * 2_000_000}, 413, "request body over"),
         ("/predict", {"content": b"\xff\xfe garbage"}, 400, "Invalid JSON"),
         ("/predict_image", {"files": {"image": ("x.png", b"GIF89a nope")}}, 400, "not a readable"),

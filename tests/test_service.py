@@ -304,6 +304,23 @@ def test_predict_answers_with_bentoml_s_bodies_and_headers(
     assert client.get("/predict").status_code == 405  # BentoML's router
 
 
+def test_predict_refuses_keys_other_than_rows_naming_them(
+    client: TestClient, model: tuple[str, Path]
+) -> None:
+    """A misspelt or unknown key beside `rows` is a 400 naming it, not silently ignored; the
+    documented schema says so (additionalProperties false)."""
+    body, _ = rows(model[1], 1)
+    for extra in ({"threshhold": 0.5}, {"rows_": body}, {"request_id": "a"}):
+        refused = client.post("/predict", json={"rows": body, **extra})
+        assert refused.status_code == 400, refused.text
+        (key,) = extra
+        assert [e["loc"] for e in refused.json()["detail"]] == [[key]]
+        assert refused.json()["detail"][0]["type"] == "extra_forbidden"
+    assert client.post("/predict", json={"rows": body}).status_code == 200
+    schema = client.get("/docs.json").json()["components"]["schemas"]["predict__Input"]
+    assert schema["additionalProperties"] is False
+
+
 SPEC = {"image_shape": [8, 8], "input_shape": [1, 8, 8], "value_range": [0, 16]}
 
 

@@ -28,14 +28,16 @@ def wait_ready(
     timeout_s: float,
     name: str = "bentoml serve",
     path: str = "/readyz",
+    status: int = 200,
 ) -> None:
-    """Until `url``path` answers 200; an error if `process` exits first or time runs out."""
+    """Until `url``path` answers `status` (200: ready); an error if `process` exits first or
+    time runs out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with {process.returncode} before it was ready")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == status:
                 return
         time.sleep(0.25)
     raise TimeoutError(f"{name} at {url} not ready after {timeout_s} s")

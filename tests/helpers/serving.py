@@ -44,9 +44,11 @@ def live_service(
     timeout_s: float = 90.0,
     log: Path | None = None,
     cwd: Path = REPO,
+    ready_status: int = 200,
 ) -> Iterator[str]:
     """`bentoml serve <target>` from `cwd` (the project root) on a free loopback port; yields its
-    base URL once /readyz answers 200, and stops the server (and its workers) afterwards."""
+    base URL once /readyz answers `ready_status` (200: ready; 503: started, model not loaded),
+    and stops the server (and its workers) afterwards."""
     port = free_port()
     command = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1"]
     sink = log.open("wb") if log else subprocess.DEVNULL
@@ -60,7 +62,7 @@ def live_service(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, process, timeout_s)
+        wait_ready(url, process, timeout_s, status=ready_status)
         yield url
     finally:
         stop_group(process)
