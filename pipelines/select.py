@@ -307,8 +307,9 @@ def cascade_candidate(
     validation figures at that threshold, `disagreement` the bound's evidence. Training rows are
     in-sample for both models, so they may agree there more than on new data: the validation
     check stays. Where no validation row lies between the bound's threshold and the validation
-    check's, the bound's (lower) one is kept: it answers the same validation rows. A dropped candidate (extra `reason`) when either admits no threshold or the
-    validation split is empty; None without a `teacher` and a `student` family."""
+    check's, the bound's (lower) one is kept: it answers the same validation rows. A dropped
+    candidate (extra `reason`) when either admits no threshold or the validation split is empty;
+    None without a `teacher` and a `student` family."""
     names = {fam.name for fam in families}
     teacher = next((c for c in measured if c.name == "teacher/onnxruntime-fp32"), None)
     students = [
