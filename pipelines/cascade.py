@@ -2,11 +2,15 @@
 
 A row's student confidence is its top softmax probability. With threshold `t`, the rows whose
 confidence is >= `t` take the student's answer; the others go to the teacher, all of a batch's
-unsure rows in ONE teacher call. `select` picks `t` on the validation split (`choose_threshold`)
-and writes the cascade's files beside the teacher graph (model.onnx): the student graph
+unsure rows in ONE teacher call. `select` picks the lowest `t` that passes two checks: the
+cascade stays within `max_accuracy_drop` of the teacher on the labelled validation split
+(`choose_threshold`), and an upper confidence bound on the student's disagreement with the
+teacher, counted on the training and validation rows, stays within it too (`bounded_threshold`;
+one validation row is ~0.4% on digits, too coarse alone to hold on test). It writes the
+cascade's files beside the teacher graph (model.onnx): the student graph
 (STUDENT) and CASCADE, a small JSON file with the threshold and both files' SHA-256. `register`
 logs them with the model, `package` packs them, `service.py` runs `Cascade`. numpy only: the
-serving image imports this module.
+serving image imports this module (scipy only inside the functions select calls).
 """
 
 from __future__ import annotations
@@ -50,10 +54,12 @@ def choose_threshold(
     student_correct: np.ndarray,
     teacher_correct: np.ndarray,
     max_accuracy_drop: float,
+    at_least: float = 0.0,
 ) -> Threshold | None:
-    """The threshold that lets the student answer the most rows while the cascade's accuracy
-    stays >= teacher accuracy - `max_accuracy_drop` (all on the same rows, e.g. the validation
-    split); None when no threshold lets the student answer any row (or there are no rows).
+    """The threshold (>= `at_least`, e.g. `bounded_threshold`'s) that lets the student answer the
+    most rows while the cascade's accuracy stays >= teacher accuracy - `max_accuracy_drop` (all on
+    the same rows, e.g. the validation split); None when no such threshold lets the student
+    answer any row (or there are no rows).
 
     Inputs, shape (n,): each row's student confidence (`confidence`), and whether the student /
     the teacher classifies it correctly. Only the rows' own confidences are candidate thresholds
@@ -69,11 +75,93 @@ def choose_threshold(
     correct = teacher_right + np.cumsum(gain)  # cascade's correct rows when the first k+1 go
     last_of_value = np.r_[conf[1:] != conf[:-1], True]  # a threshold takes all rows of its value
     floor = teacher_right / n - max_accuracy_drop
-    ok = last_of_value & (correct / n >= floor - 1e-12)
+    ok = last_of_value & (correct / n >= floor - 1e-12) & (conf >= at_least)
     if not ok.any():
         return None
     k = int(np.flatnonzero(ok)[-1])
     return Threshold(float(conf[k]), (k + 1) / n, float(correct[k] / n), teacher_right / n)
+
+
+def disagreement_upper_bound(disagreements: int, rows: int, confidence_level: float) -> float:
+    """One-sided Clopper-Pearson upper confidence bound on a rate seen as `disagreements` of
+    `rows` (rows > 0): the rate p with P(Binomial(rows, p) <= disagreements) = 1 -
+    `confidence_level`, i.e. the `confidence_level` quantile of Beta(k + 1, n - k); 1.0 when every
+    row disagrees, 0.0 at confidence 0 (no bound). It equals the upper end of
+    `scipy.stats.binomtest(k, n).proportion_ci(2 * confidence_level - 1, method="exact")`
+    (Clopper & Pearson 1934, Biometrika 26(4), 404-413)."""
+    from scipy.stats import beta
+
+    if disagreements >= rows:
+        return 1.0
+    return float(beta.ppf(confidence_level, disagreements + 1, rows - disagreements))
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A threshold from `bounded_threshold` and its evidence: of `rows` unlabelled rows, the
+    student answers `student_share` and disagrees with the teacher on `disagreements` of them;
+    `upper_bound` (<= max_accuracy_drop) bounds the true disagreement rate at `confidence_level`."""
+
+    threshold: float
+    rows: int
+    disagreements: int
+    student_share: float
+    upper_bound: float
+    confidence_level: float
+
+
+def bounded_threshold(
+    student_confidence: np.ndarray,
+    disagree: np.ndarray,
+    max_accuracy_drop: float,
+    confidence_level: float,
+) -> Bound | None:
+    """The lowest threshold (a row's own confidence) at which an upper confidence bound on the
+    rate of rows the student answers AND answers differently from the teacher is <=
+    `max_accuracy_drop`; None when none is (or there are no rows).
+
+    Why it is safe: the cascade differs from the teacher only on such rows, so its accuracy drop
+    against the teacher is at most that rate, on any data drawn like these rows. Agreement needs
+    no labels, so `student_confidence` and `disagree` (shape (n,): the student's top probability,
+    and whether the two models' classes differ) may come from every unlabelled row at hand. The
+    count of such rows only grows as the threshold falls, so the bound is monotone in the
+    threshold and the lowest admissible threshold is the one of the largest count whose
+    Clopper-Pearson bound (`disagreement_upper_bound`) is <= `max_accuracy_drop`; scanning
+    thresholds from the top and stopping at the first failure controls the risk at
+    `confidence_level` without a multiple-testing correction (the "upper confidence bound"
+    calibration of Bates, Angelopoulos, Lei, Malik & Jordan, "Distribution-free, risk-controlling
+    prediction sets", J. ACM 68(6), 2021). `confidence_level` 0 turns the bound off (any
+    threshold is admitted: the lowest confidence)."""
+    n = len(student_confidence)
+    if n == 0:
+        return None
+    from scipy.stats import beta
+
+    counts = np.arange(n + 1)
+    bounds = np.where(
+        counts >= n, 1.0, beta.ppf(confidence_level, counts + 1, np.maximum(n - counts, 1))
+    )
+    admissible = np.flatnonzero(bounds <= max_accuracy_drop)
+    if not len(admissible):
+        return None
+    most = int(admissible[-1])  # the bound grows with the count: every count up to `most` passes
+    order = np.argsort(-student_confidence, kind="stable")
+    conf = student_confidence[order]
+    seen = np.cumsum(disagree[order].astype(np.int64))
+    last_of_value = np.r_[conf[1:] != conf[:-1], True]  # a threshold takes all rows of its value
+    ok = last_of_value & (seen <= most)  # a prefix: the count only grows down the order
+    if not ok.any():
+        return None
+    k = int(np.flatnonzero(ok)[-1])
+    found = int(seen[k])
+    return Bound(
+        float(conf[k]),
+        n,
+        found,
+        (k + 1) / n,
+        disagreement_upper_bound(found, n, confidence_level),
+        confidence_level,
+    )
 
 
 def route(

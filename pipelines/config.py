@@ -573,6 +573,8 @@ class SelectConfig(Section):
     latency_iters: int = Field(gt=0, le=MAX_COUNT)
     throughput_iters: int = Field(gt=0, le=MAX_COUNT)
     threads: int = Field(ge=0, le=MAX_PROCESSES)
+    # the cascade's disagreement bound (pipelines/cascade.py: bounded_threshold); 0 turns it off
+    cascade_confidence: float = Field(default=0.95, ge=0, lt=1)
 
 
 class RegisterConfig(Section):

@@ -11,7 +11,10 @@ dropped at its parity gate is listed in the table with the reason, and never win
 The cascade (pipelines/cascade.py) is a candidate too, when a `student` family is given: the
 student's best servable ONNX Runtime variant (by the policy) answers the rows it is sure of, the
 teacher's FP32 graph the rest. Its threshold is chosen on the VALIDATION split (the lowest that
-keeps the cascade within `max_accuracy_drop` of the teacher there); it is then measured on the test
+keeps the cascade within `max_accuracy_drop` of the teacher there), raised where needed until an
+upper confidence bound on the student's disagreement with the teacher on the training and
+validation rows (`select.cascade_confidence`; the cascade can lose accuracy only where the two
+disagree) is within `max_accuracy_drop` too; it is then measured on the test
 split like the others (its student share in `extra`). When no threshold qualifies it is listed as
 dropped, with the reason. When it wins, the output folder holds the teacher graph as model.onnx,
 the student graph and cascade.json (threshold, both graphs' SHA-256).
@@ -24,7 +27,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -297,10 +300,16 @@ def cascade_candidate(
     families: Sequence[Family], measured: Sequence[Candidate], prepared_dir: Path, cfg: SelectConfig
 ) -> Candidate | None:
     """The cascade of the student's best servable ONNX Runtime variant (by `cfg.policy`, among
-    `measured`) and the teacher's FP32 graph, its threshold chosen on the validation split
-    (`cascade.choose_threshold`, `cfg.max_accuracy_drop`): not yet measured on the test split. A
-    dropped candidate (extra `reason`) when no threshold qualifies or the validation split is
-    empty; None without a `teacher` and a `student` family."""
+    `measured`) and the teacher's FP32 graph: not yet measured on the test split. Its threshold
+    is the lowest that passes both `cascade.bounded_threshold` (`cfg.cascade_confidence`) on the
+    disagreements of the training and validation rows and `cascade.choose_threshold` on the
+    labelled validation split, both against `cfg.max_accuracy_drop`; extra `validation` holds the
+    validation figures at that threshold, `disagreement` the bound's evidence. Training rows are
+    in-sample for both models, so they may agree there more than on new data: the validation
+    check stays. Where no validation row lies between the bound's threshold and the validation
+    check's, the bound's (lower) one is kept: it answers the same validation rows. A dropped
+    candidate (extra `reason`) when either admits no threshold or the validation split is empty;
+    None without a `teacher` and a `student` family."""
     names = {fam.name for fam in families}
     teacher = next((c for c in measured if c.name == "teacher/onnxruntime-fp32"), None)
     students = [
@@ -319,21 +328,48 @@ def cascade_candidate(
     x, y = split_inputs(prepared_dir, "val", spec, Path(teacher.path))
     if not len(x):
         return _refused(found, "cascade: the validation split is empty (no rows to choose on)")
-    student_out = logits(session(Path(student.path), cfg.threads), x)
-    teacher_out = logits(session(Path(teacher.path), cfg.threads), x)
+    student_engine = session(Path(student.path), cfg.threads)
+    teacher_engine = session(Path(teacher.path), cfg.threads)
+    student_out, teacher_out = logits(student_engine, x), logits(teacher_engine, x)
+    train_x = split_inputs(prepared_dir, "train", spec, Path(teacher.path))[0]
+    train_student = logits(student_engine, train_x)
+    disagree = np.concatenate(
+        [
+            train_student.argmax(axis=1) != logits(teacher_engine, train_x).argmax(axis=1),
+            student_out.argmax(axis=1) != teacher_out.argmax(axis=1),
+        ]
+    )
+    conf = np.concatenate([cascade.confidence(train_student), cascade.confidence(student_out)])
+    level, drop = cfg.cascade_confidence, cfg.max_accuracy_drop
+    bound = cascade.bounded_threshold(conf, disagree, drop, level)
+    if bound is None:
+        return _refused(
+            found,
+            f"cascade: no threshold keeps the {level:g} upper confidence bound on the student's "
+            f"disagreement with the teacher (train + validation rows) within max_accuracy_drop "
+            f"{drop:g}",
+        )
     chosen = cascade.choose_threshold(
-        cascade.confidence(student_out),
+        conf[len(train_x) :],
         student_out.argmax(axis=1) == y,
         teacher_out.argmax(axis=1) == y,
-        cfg.max_accuracy_drop,
+        drop,
+        at_least=bound.threshold,
     )
     if chosen is None:
         return _refused(
             found,
             "cascade: no threshold lets the student answer any row within max_accuracy_drop "
-            f"{cfg.max_accuracy_drop:g} of the teacher (validation split)",
+            f"{drop:g} of the teacher (validation split; at least {bound.threshold:.4g}, the "
+            "disagreement bound's)",
         )
-    found.extra.update(threshold=chosen.threshold, validation=asdict(chosen))
+    val_conf = conf[len(train_x) :]
+    if not ((val_conf >= bound.threshold) & (val_conf < chosen.threshold)).any():
+        # the bound's threshold answers the same validation rows, and more of the rest
+        chosen = replace(chosen, threshold=bound.threshold)
+    found.extra.update(
+        threshold=chosen.threshold, validation=asdict(chosen), disagreement=asdict(bound)
+    )
     return found
 
 

@@ -12,12 +12,15 @@ from pipelines.artifacts import write_json
 from pipelines.cascade import (
     CASCADE,
     STUDENT,
+    Bound,
     Cascade,
     CascadeError,
     Threshold,
+    bounded_threshold,
     choose_threshold,
     confidence,
     describe,
+    disagreement_upper_bound,
     read_cascade,
     route,
 )
@@ -60,6 +63,94 @@ def test_no_threshold_when_the_most_confident_row_is_a_mistake() -> None:
     student_ok = np.array([0, 1, 1], bool)
     assert choose_threshold(np.array([0.9, 0.8, 0.7]), student_ok, np.ones(3, bool), 0.0) is None
     assert choose_threshold(np.array([]), np.array([], bool), np.array([], bool), 0.5) is None
+
+
+def test_a_floor_from_the_bound_is_respected() -> None:
+    # Without a floor t=0.50 wins (above); at_least=0.55 leaves 0.70 the lowest admissible
+    # (0.60 gives 5/8 < 6/8).
+    chosen = choose_threshold(CONF, STUDENT_OK, TEACHER_OK, 0.125, at_least=0.55)
+    assert chosen == Threshold(0.70, 0.75, 6 / 8, 7 / 8)
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 10), (0, 1527), (3, 1000), (17, 250), (99, 100)])
+@pytest.mark.parametrize("level", [0.9, 0.95, 0.99])
+def test_the_bound_is_the_clopper_pearson_one_sided_upper_limit(
+    k: int, n: int, level: float
+) -> None:
+    from scipy.stats import binomtest
+
+    two_sided = binomtest(k, n).proportion_ci(2 * level - 1, method="exact").high
+    assert disagreement_upper_bound(k, n, level) == pytest.approx(two_sided, rel=1e-9)
+    if k == 0:  # closed form: (1 - p)^n = 1 - level
+        assert disagreement_upper_bound(0, n, level) == pytest.approx(1 - (1 - level) ** (1 / n))
+
+
+def test_the_bound_at_its_edges() -> None:
+    assert disagreement_upper_bound(5, 5, 0.95) == 1.0
+    assert disagreement_upper_bound(3, 100, 0.0) == 0.0  # confidence 0: no bound
+
+
+# 1000 unlabelled rows, confidences distinct and falling; the student disagrees with the teacher
+# on rows 100, 300 and 600. At 0.95 and n=1000 the bound is 0.0030 for 0 disagreements, 0.0047
+# for 1, 0.0063 for 2: a drop of 0.005 admits one disagreement.
+ROWS = np.linspace(1.0, 0.1, 1000)
+DISAGREE = np.isin(np.arange(1000), [100, 300, 600])
+
+
+def test_the_bound_admits_down_to_the_last_row_before_one_disagreement_too_many() -> None:
+    assert [round(disagreement_upper_bound(k, 1000, 0.95), 4) for k in range(3)] == [
+        0.003,
+        0.0047,
+        0.0063,
+    ]
+    found = bounded_threshold(ROWS, DISAGREE, 0.005, 0.95)
+    assert found == Bound(
+        float(ROWS[299]), 1000, 1, 0.3, disagreement_upper_bound(1, 1000, 0.95), 0.95
+    )
+    # order does not matter: the same rows shuffled give the same threshold
+    order = np.random.default_rng(0).permutation(1000)
+    assert bounded_threshold(ROWS[order], DISAGREE[order], 0.005, 0.95) == found
+
+
+def test_the_bound_stops_before_a_tie_group_holding_one_disagreement_too_many() -> None:
+    conf = ROWS.copy()
+    conf[295:305] = conf[295]  # rows 295-304 tie, the group holds the 2nd disagreement (300)
+    found = bounded_threshold(conf, DISAGREE, 0.005, 0.95)
+    assert (
+        found is not None and found.threshold == float(conf[294]) and found.student_share == 0.295
+    )
+
+
+def test_no_bounded_threshold_when_even_no_disagreement_is_too_uncertain() -> None:
+    # 0.0030 > 0.001: 1000 rows cannot show a rate below 0.001 at 0.95
+    assert bounded_threshold(ROWS, np.zeros(1000, bool), 0.001, 0.95) is None
+    # the most confident row disagrees and a drop of 0.004 admits none (0.0047 > 0.004)
+    assert bounded_threshold(ROWS, np.arange(1000) == 0, 0.004, 0.95) is None
+    assert bounded_threshold(np.array([]), np.array([], bool), 0.5, 0.95) is None
+
+
+def test_confidence_zero_turns_the_bound_off() -> None:
+    found = bounded_threshold(ROWS, DISAGREE, 0.0, 0.0)
+    assert found is not None and found.threshold == 0.1 and found.student_share == 1.0
+
+
+def test_the_bound_holds_at_its_confidence_on_data_of_a_known_rate() -> None:
+    """Coverage on synthetic draws: confidence ~ U(0, 1), disagreement with probability
+    0.02 * (1 - c), so the true rate at threshold t is 0.01 * (1 - t)^2, <= 0.004 exactly when
+    t >= 1 - sqrt(0.4). The chosen threshold falls below that in at most ~5% of 400 seeded draws
+    (plus 3 standard errors)."""
+    rng = np.random.default_rng(7)
+    safe = 1 - np.sqrt(0.4)
+    misses, shares = 0, []
+    trials = 400
+    for _ in range(trials):
+        conf = rng.uniform(0, 1, 2000)
+        disagree = rng.uniform(0, 1, 2000) < 0.02 * (1 - conf)
+        found = bounded_threshold(conf, disagree, 0.004, 0.95)
+        misses += found is not None and found.threshold < safe
+        shares.append(0.0 if found is None else found.student_share)
+    assert misses / trials <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / trials)
+    assert np.mean(shares) > 0.2  # and it is not vacuous: the student answers rows
 
 
 def test_confidence_is_the_top_softmax_probability() -> None:

@@ -303,6 +303,12 @@ def test_the_cascade_is_measured_with_a_validation_threshold_and_its_files_check
     students = [c for c in measured if c.family == "student" and c.engine == "onnxruntime"]
     assert cas.extra["student_candidate"] == max(students, key=lambda c: c.throughput).name
     assert cas.extra["validation"]["student_share"] == 1.0  # a drop of 1 admits every row
+    spec = read_metadata(families[0].onnx)["preprocessing"]
+    unlabelled = sum(len(split_inputs(prepared, s, spec)[0]) for s in ("train", "val"))
+    bound = cas.extra["disagreement"]  # the bound's evidence: counted on train + validation rows
+    assert bound["rows"] == unlabelled and bound["student_share"] == 1.0
+    assert bound["upper_bound"] <= 1.0 and bound["confidence_level"] == cfg.cascade_confidence
+    assert cas.extra["threshold"] == bound["threshold"]  # lower than any validation row's: kept
     assert cas.extra["student_share"] == 1.0 and cas.throughput > 0 and cas.p99_ms > 0
     student = next(c for c in students if c.name == cas.extra["student_candidate"])
     assert cas.accuracy == student.accuracy  # every test row answered by the student
@@ -335,10 +341,16 @@ def test_a_cascade_no_threshold_admits_is_listed_as_dropped(
     measured = [c for fam in families for c, _ in family_candidates(fam, cfg)]
     for c in measured:
         c.throughput = 1.0
-    monkeypatch.setattr(cascade, "choose_threshold", lambda *args: None)
+    monkeypatch.setattr(cascade, "choose_threshold", lambda *args, **kwargs: None)
     refused = cascade_candidate(families, measured, prepared, cfg)
     assert refused is not None and not refused.servable and refused.extra["dropped"]
     assert "no threshold lets the student answer any row" in refused.extra["reason"]
+    # a drop of 0 with the bound on: even no disagreement bounds the rate above 0
+    strict = cfg.model_copy(update={"max_accuracy_drop": 0.0, "cascade_confidence": 0.95})
+    monkeypatch.undo()
+    refused = cascade_candidate(families, measured, prepared, strict)
+    assert refused is not None and refused.extra["dropped"]
+    assert "0.95 upper confidence bound on the student's disagreement" in refused.extra["reason"]
     assert cascade_candidate(families[:1], measured, prepared, cfg) is None  # no student
 
 
