@@ -24,6 +24,9 @@ FAST = {  # a quick, barely trained model: its logits are close, so quantization
     "parity_min_agreement: 0.97": "parity_min_agreement: 0.8",
     "latency_iters: 300": "latency_iters: 50",
     "throughput_iters: 60": "throughput_iters: 10",
+    # pruning: one ratio, one fine-tuning epoch (the stage still runs, exports and quantizes it)
+    "ratios: [0.3, 0.5]": "ratios: [0.3]",
+    "  epochs: 3 ": "  epochs: 1 ",  # prune.epochs (train's is 30: no match)
 }
 
 

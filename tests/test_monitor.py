@@ -165,16 +165,26 @@ def run_cli(module: str, api: str, home: Path, *args: str) -> subprocess.Complet
     )
 
 
+@pytest.fixture(scope="module")
+def deployed(
+    prefect_api: str, tmp_path_factory: pytest.TempPathFactory
+) -> subprocess.CompletedProcess[str]:
+    """`python -m flows.deployments` run once against the module's server (it is idempotent:
+    the tests that need the deployments and the automation share one run); its result."""
+    done = run_cli("flows.deployments", prefect_api, tmp_path_factory.mktemp("deployer"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.slow
 def test_drift_starts_train_on_demand_with_the_reason(
-    prefect_api: str, data: Digits, tmp_path: Path
+    prefect_api: str, deployed: subprocess.CompletedProcess[str], data: Digits, tmp_path: Path
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    deployed = run_cli("flows.deployments", prefect_api, tmp_path / "deployer")
-    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    delete_train_runs(prefect_api)  # none made by another test of the module counts
     assert "monitor/scheduled" in deployed.stdout
     ids = dict(line.split(": ", 1) for line in deployed.stdout.splitlines() if ": " in line)
     train_id = ids["train/on-demand"].split()[0]
@@ -299,7 +309,9 @@ def delete_train_runs(api: str) -> None:
 
 
 @pytest.mark.slow
-def test_served_load_then_shifted_load_on_a_real_service(prefect_api: str, tmp_path: Path) -> None:
+def test_served_load_then_shifted_load_on_a_real_service(
+    prefect_api: str, deployed: subprocess.CompletedProcess[str], tmp_path: Path
+) -> None:
     """A real `bentoml serve` (service.py) logs what it serves; the reference profile is the
     one `select` builds (pipelines.reference.build_reference). Traffic drawn from the test
     split: no alarm over two windows; the same traffic with a quarter of the features shifted:
@@ -310,8 +322,6 @@ def test_served_load_then_shifted_load_on_a_real_service(prefect_api: str, tmp_p
     from pipelines.select import onnx_predictor
     from tests.helpers.serving import live_service, tiny_bento_model
 
-    deployed = run_cli("flows.deployments", prefect_api, tmp_path / "deployer")
-    assert deployed.returncode == 0, deployed.stderr[-3000:]
     delete_train_runs(prefect_api)
     tag, prepared = tiny_bento_model(tmp_path)
     onnx = tmp_path / "model" / "model.onnx"

@@ -215,6 +215,7 @@ SHRUNK = {  # the checkouts' params.yaml: a pipeline run of a minute or two, sho
     "train": {"epochs": 3, "patience": 3},
     "quantize": {"calibration_samples": 128},
     "select": {"latency_iters": 20, "throughput_iters": 5},
+    "prune": {"ratios": [0.3], "epochs": 1},  # one pruned family, still exported and packaged
     "register": {"tolerance": 1.0},  # every run's model becomes champion: each one is deployed
     "deploy": {
         "golden_rows": 50,
