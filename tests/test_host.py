@@ -564,6 +564,16 @@ def test_apply_quota_puts_the_training_process_on_its_share(tmp_path: Path) -> N
         "print('nice', os.nice(0) - before)\n"
         "print('ionice', psutil.Process().ionice().ioclass == psutil.IOPRIO_CLASS_IDLE)\n"
     )
+    lines = _run_in_own_process(script)
+    rest = [c for c in sorted(os.sched_getaffinity(0)) if c != first]
+    assert f"affinity {rest}" in lines
+    assert "nice 10" in lines and "ionice True" in lines
+    assert any(line.startswith("host: training on cores") for line in lines)
+    assert any("cgroup" in line for line in lines)  # in a cgroup, or why not: said once
+
+
+def _run_in_own_process(script: str) -> list[str]:
+    """Run `script` in a fresh Python (a quota cannot be undone in this one); its stdout lines."""
     done = subprocess.run(
         [sys.executable, "-c", script],
         cwd=REPO,
@@ -574,12 +584,7 @@ def test_apply_quota_puts_the_training_process_on_its_share(tmp_path: Path) -> N
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.splitlines()
-    rest = [c for c in sorted(os.sched_getaffinity(0)) if c != first]
-    assert f"affinity {rest}" in lines
-    assert "nice 10" in lines and "ionice True" in lines
-    assert any(line.startswith("host: training on cores") for line in lines)
-    assert any("cgroup" in line for line in lines)  # in a cgroup, or why not: said once
+    return done.stdout.splitlines()
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
@@ -603,17 +608,7 @@ def test_borrow_idle_runs_training_on_every_core_at_sched_idle(tmp_path: Path) -
         "print('nice', os.nice(0) - nice)\n"
         "stop.set()\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.splitlines()
+    lines = _run_in_own_process(script)
     every = sorted(os.sched_getaffinity(0))
     threads = [line for line in lines if line.startswith("thread ")]
     assert len(threads) >= 3  # main, one started before, one after
