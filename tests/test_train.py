@@ -191,6 +191,27 @@ def test_checkpoint_every_epoch_holds_the_whole_state(prepared: Path, tmp_path: 
     assert result.metrics["resumed_from_epoch"] == 2
 
 
+def test_a_save_killed_mid_write_leaves_nothing_that_stops_the_resume(
+    prepared: Path, tmp_path: Path
+) -> None:
+    """A kill -9 during a checkpoint save leaves `atomic_path`'s temp folder (with the half-written
+    file in it), or an older version's temp file: the next run removes both and resumes (a
+    breaker's finding: the folder made every later run fail with IsADirectoryError)."""
+    cfg = tiny_params(LOOP, train__epochs=3).train
+    whole = train(cfg, prepared, tmp_path / "whole")
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Crash):
+        train(cfg, prepared, ckpt, on_epoch=crash_after(2))
+    folder = ckpt / ".epoch-00003.ckpt.somehost-4194301.x1y2.tmp"
+    folder.mkdir()
+    (folder / "epoch-00003.ckpt").write_bytes(b"half a checkpoint")
+    (ckpt / ".epoch-00003.ckpt.tmp").write_bytes(b"half a checkpoint")
+    resumed = train(cfg, prepared, ckpt)
+    assert resumed.metrics["resumed_from_epoch"] == 2
+    assert numbers(resumed) == numbers(whole)
+    assert not list(ckpt.glob(".*"))  # no temp file or folder left
+
+
 def test_a_truncated_newest_checkpoint_is_skipped_and_the_older_one_resumed(
     prepared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,13 @@ class CheckpointDir:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob(".epoch-*.tmp"):  # a killed run's half-written file
-            stale.unlink()
+        # A killed run's half-written checkpoint: a temp folder of `atomic_path` (or the file an
+        # older version wrote). The directory is its owner's alone, so every one is stale.
+        for stale in self.directory.glob(".epoch-*.tmp*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
     def newest_readable(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that reads back, and its content. Unreadable newer ones (a
