@@ -37,7 +37,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -78,10 +78,12 @@ class SourceError(Exception):
 @dataclass(frozen=True)
 class Reading:
     """The service's figures over the last poll: p99 latency (ms; NaN when no request ended in
-    the window) and requests in flight (BentoML's gauge, summed over endpoints)."""
+    the window) and requests in flight (BentoML's gauge, summed over endpoints). `timed_out`:
+    the read itself took longer than its timeout (p99_ms is then that timeout, a lower bound)."""
 
     p99_ms: float
     in_flight: float
+    timed_out: bool = False
 
 
 class MetricsSource(Protocol):
@@ -124,7 +126,7 @@ class PrometheusSource:
             # loop serves both, so its requests wait at least as long. A breach (p99 >= the
             # timeout), not a lost source: measured under overload (benchmarks/shared_host.py),
             # reads timed out for 15 s on end while requests waited ~1 s.
-            return Reading(self.timeout_s * 1000.0, math.nan)
+            return Reading(self.timeout_s * 1000.0, math.nan, timed_out=True)
         except (httpx.HTTPError, ValueError) as exc:
             raise SourceError(f"{self.url}: {exc or type(exc).__name__}") from None
         now = self.clock()
@@ -359,6 +361,8 @@ class Controller:
             self.source_failed = False
         slo = self.cfg.slo
         figures = f"p99 {reading.p99_ms:.1f} ms, in flight {reading.in_flight:g}"
+        if reading.timed_out:
+            figures = f"/metrics did not answer within {reading.p99_ms:.0f} ms"
         over = reading.p99_ms > slo.p99_ms or reading.in_flight > slo.max_in_flight
         if over:
             breach = Mode.PAUSED if self.cfg.on_breach == "pause" else Mode.THROTTLED
@@ -415,6 +419,12 @@ class Controller:
         """Whether the polling thread runs."""
         return self._thread is not None and self._thread.is_alive()
 
+    def thread_ids(self) -> list[int]:
+        """The Linux thread id of the polling thread while it runs (for `apply_quota`'s
+        `spare`); empty before `start`."""
+        thread = self._thread
+        return [thread.native_id] if thread is not None and thread.native_id is not None else []
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -461,7 +471,7 @@ def default_threads(cpus: list[int]) -> int:
     return max(1, min(len(cpus), torch.get_num_threads()))
 
 
-def apply_quota(cfg: HostConfig) -> list[str]:
+def apply_quota(cfg: HostConfig, spare: Collection[int] = ()) -> list[str]:
     """Put this process (training) on its share: affinity (of every thread), nice (or, with
     `borrow_idle`, SCHED_IDLE on its cores and the service's), ionice, a cgroup v2 of its own
     where writable, the CUDA memory fraction; warn when less memory is free than the service's
@@ -477,7 +487,7 @@ def apply_quota(cfg: HostConfig) -> list[str]:
             os.sched_setaffinity(thread, cpus)
     lines = [f"host: training on cores {', '.join(map(str, cpus))}"]
     if share.borrow_idle:
-        lines.append(_sched_idle(cfg.service.cpus))
+        lines.append(_sched_idle(cfg.service.cpus, spare))
     elif share.nice:
         process.nice(min(19, process.nice() + share.nice))
         lines.append(f"host: training niceness {process.nice()}")
@@ -499,12 +509,17 @@ def _threads() -> list[int]:
         return [0]
 
 
-def _sched_idle(service_cpus: list[int]) -> str:
-    """Every thread of this process at SCHED_IDLE (threads started later inherit it): it runs
-    only on a core nothing else wants and any normal task preempts it (sched(7), Linux; no
-    privilege needed to lower one's own policy). The controller's thread, started later, too:
-    when the host is too busy to run it, it is too busy to run training."""
+def _sched_idle(service_cpus: list[int], spare: Collection[int] = ()) -> str:
+    """Every thread of this process but those in `spare` (Linux thread ids) at SCHED_IDLE
+    (threads started later inherit it): it runs only on a core nothing else wants and any
+    normal task preempts it (sched(7), Linux; no privilege needed to lower one's own policy).
+    The controller's thread is spared: at SCHED_IDLE an overload that keeps every core busy
+    starved it, so it never read the breach and never paused training (a new user's finding in
+    `benchmarks/shared_host.py` scenario (g)); it sleeps between polls, so it costs the service
+    nothing."""
     for thread in _threads():
+        if thread in spare:
+            continue
         with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
             os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
     cores = ", ".join(map(str, service_cpus))
@@ -599,15 +614,15 @@ def shared_host(
             yield gate
         return
     share = cfg.training
-    if quota:
-        apply_quota(cfg)
     threads = share.threads or default_threads(quota_cpus(share, cfg.service))
     throttled = min(share.throttled_threads, threads)
     gate = TrainingGate((threads, throttled), share.throttled_duty)
     timeout_s = min(2.0, max(0.1, cfg.poll_ms / 1000.0))
     source = source or PrometheusSource(cfg.slo.metrics_url, timeout_s, cfg.slo.window_s)
     controller = Controller(cfg, gate, source)
-    controller.start()
+    controller.start()  # before the quota: with borrow_idle it keeps the normal policy
+    if quota:
+        apply_quota(cfg, spare=controller.thread_ids())
     try:
         with stop_on_signal(gate):
             yield gate

@@ -121,6 +121,15 @@ def test_the_first_reading_over_the_slo_pauses(over: Reading) -> None:
     assert mode == Mode.PAUSED and "over the SLO" in cause
 
 
+def test_a_timed_out_read_pauses_and_says_it_timed_out() -> None:
+    """A /metrics read past its timeout is a breach; the decision's cause says the read timed
+    out rather than quoting the timeout as a measured p99 (a new user's finding)."""
+    c = controller(host(), Clock())
+    assert c.step(Reading(500.0, math.nan, timed_out=True)) == Mode.PAUSED
+    ((_, _, cause),) = c.decisions
+    assert "/metrics did not answer within 500 ms" in cause and "over the SLO" in cause
+
+
 def test_the_controller_thread_pauses_at_the_poll_after_the_breach() -> None:
     """Read k over the SLO: at read k + 1 the gate is already paused (one poll)."""
     cfg = host(poll_ms=10)
@@ -599,12 +608,14 @@ def test_borrow_idle_runs_training_on_every_core_at_sched_idle(tmp_path: Path) -
         "                    'host.training.borrow_idle': True}).host\n"
         "stop = threading.Event()\n"
         "before = threading.Thread(target=stop.wait); before.start()\n"
+        "spared = threading.Thread(target=stop.wait); spared.start()\n"
         "nice = os.nice(0)\n"
-        "for line in apply_quota(cfg): print(line)\n"
+        "for line in apply_quota(cfg, spare=[spared.native_id]): print(line)\n"
         "after = threading.Thread(target=stop.wait); after.start(); time.sleep(0.1)\n"
         "for tid in sorted(int(t) for t in os.listdir('/proc/self/task')):\n"
         "    idle = os.sched_getscheduler(tid) == os.SCHED_IDLE\n"
-        "    print('thread', idle, sorted(os.sched_getaffinity(tid)))\n"
+        "    kind = 'spared' if tid == spared.native_id else 'thread'\n"
+        "    print(kind, idle, sorted(os.sched_getaffinity(tid)))\n"
         "print('nice', os.nice(0) - nice)\n"
         "stop.set()\n"
     )
@@ -613,6 +624,7 @@ def test_borrow_idle_runs_training_on_every_core_at_sched_idle(tmp_path: Path) -
     threads = [line for line in lines if line.startswith("thread ")]
     assert len(threads) >= 3  # main, one started before, one after
     assert set(threads) == {f"thread True {every}"}
+    assert f"spared False {every}" in lines  # the controller's thread keeps the normal policy
     assert f"host: training on cores {', '.join(map(str, every))}" in lines
     assert f"host: training at SCHED_IDLE (borrows the service's cores {first} when idle)" in lines
     assert "nice 0" in lines  # niceness means nothing at SCHED_IDLE: left alone
@@ -870,3 +882,29 @@ def test_the_services_latency_histogram_resolves_a_tight_slo() -> None:
     assert bounds[0] == pytest.approx(0.0005) and bounds[-1] >= 10.0
     assert all(b / a <= 1.151 for a, b in itertools.pairwise(bounds))
     assert len(duration["buckets"]) < 100  # BentoML's MAX_BUCKET_COUNT
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_with_borrow_idle_the_controller_keeps_the_normal_policy_and_pauses() -> None:
+    """At SCHED_IDLE the controller starved under an overload and never paused training (a new
+    user's finding): in `shared_host` it is spared, so it reads the breach and pauses."""
+    first = sorted(os.sched_getaffinity(0))[0]
+    script = (
+        "import os, threading, time; from tests.helpers.params import tiny_params\n"
+        "from pipelines.host import Mode, Reading, shared_host\n"
+        f"cfg = tiny_params({{'host.mode': 'shared', 'host.service.cpus': [{first}],\n"
+        "                    'host.training.borrow_idle': True, 'host.poll_ms': 50}).host\n"
+        "class Over:\n"
+        "    def read(self): return Reading(p99_ms=10 * cfg.slo.p99_ms, in_flight=0)\n"
+        "with shared_host(cfg, Over()) as gate:\n"
+        "    deadline = time.monotonic() + 30\n"
+        "    while gate.mode != Mode.PAUSED and time.monotonic() < deadline: time.sleep(0.05)\n"
+        "    print('mode', gate.mode.name)\n"
+        "    for t in threading.enumerate():\n"
+        "        idle = os.sched_getscheduler(t.native_id) == os.SCHED_IDLE\n"
+        "        print('thread', t.name, idle)\n"
+    )
+    lines = _run_in_own_process(script)
+    assert "mode PAUSED" in lines
+    assert "thread host-controller False" in lines
+    assert "thread MainThread True" in lines

@@ -25,6 +25,7 @@ def test_a_read_that_times_out_is_a_reading_over_any_smaller_slo(silent_server: 
     reading = PrometheusSource(silent_server, timeout_s=0.2).read()
     assert reading.p99_ms == pytest.approx(200.0)
     assert math.isnan(reading.in_flight)
+    assert reading.timed_out  # the decision's line says so, not "p99 200.0 ms"
 
 
 def test_a_refused_connection_is_a_lost_source() -> None:
