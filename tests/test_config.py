@@ -538,7 +538,9 @@ def test_every_bool_setting_is_found() -> None:
      (0.0, "a number")],
 )  # fmt: skip
 @pytest.mark.parametrize("path", BOOLS, ids=[".".join(p) for p in BOOLS])
-def test_no_bool_setting_takes_a_number_or_text(path: tuple[str, ...], value: Any, what: str) -> None:
+def test_no_bool_setting_takes_a_number_or_text(
+    path: tuple[str, ...], value: Any, what: str
+) -> None:
     """Pydantic's lax mode alone reads 'yes', 'on', 1 and 0.0 as true/false."""
     raw = raw_params()
     node = raw
