@@ -764,6 +764,18 @@ class MonitorConfig(Section):
 
 
 Core = Annotated[int, Field(ge=0, le=4095)]  # a CPU number, as os.sched_setaffinity takes it
+
+
+def _some_cores(cores: list[int]) -> list[int]:
+    """A core list with at least one core: os.sched_setaffinity refuses an empty set (OSError at
+    train start). Cores this host lacks are checked where the host is known, at train start
+    (pipelines/host.py: training_cpus)."""
+    if not cores:
+        raise ValueError("an empty list: give at least one core number (e.g. [0])")
+    return cores
+
+
+Cores = Annotated[list[Core], AfterValidator(_some_cores)]
 WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 
 
@@ -782,7 +794,7 @@ class TrainingShare(Section):
     its cgroup v2 weights (where writable) and on CUDA its GPU memory fraction."""
 
     # affinity (at least one core); None: every core not in host.service.cpus
-    cpus: Annotated[list[Core], Field(min_length=1)] | None
+    cpus: Cores | None
     threads: int | None = Field(ge=1, le=MAX_PROCESSES)  # torch threads at full; None: one a core
     throttled_threads: int = Field(ge=1, le=MAX_PROCESSES)  # torch threads when throttled
     # Throttled: the share of wall time training steps (sleeps after a step for the rest).
@@ -801,7 +813,7 @@ class TrainingShare(Section):
 class ServiceReserve(Section):
     """What is kept for the service: training never gets these cores."""
 
-    cpus: list[Core] = Field(min_length=1)  # at least one: the service runs on them
+    cpus: Cores  # at least one: the service runs on them
     memory_mib: int = Field(ge=0, le=16_777_216)  # checked against free memory at start (warns)
 
 

@@ -556,8 +556,8 @@ def test_no_bool_setting_takes_a_number_or_text(
 @pytest.mark.parametrize(
     ("key", "value", "shown"),
     [
-        ("host.training.cpus", [], "host.training.cpus: List should have at least 1 item"),
-        ("host.service.cpus", [], "host.service.cpus: List should have at least 1 item"),
+        ("host.training.cpus", [], "host.training.cpus: an empty list: give at least one core"),
+        ("host.service.cpus", [], "host.service.cpus: an empty list: give at least one core"),
         ("host.training.cpus", [2, -1], "host.training.cpus.1: Input should be greater than or"),
         ("host.service.cpus", [-3], "host.service.cpus.0: Input should be greater than or equal"),
     ],
