@@ -233,7 +233,9 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--models", type=Path, default=REPO / "models")
     parser.add_argument("--prepared", type=Path, default=REPO / "data" / "prepared")
-    parser.add_argument("--cases", nargs="+", default=["digits", "image"])
+    parser.add_argument(
+        "--cases", nargs="+", choices=["digits", "image"], default=["digits", "image"]
+    )
     parser.add_argument("--image-width", type=int, default=16, help="ResNet-18 stem channels")
     parser.add_argument("--iters", type=float, default=1.0, help="x select's timing iterations")
     parser.add_argument("--epochs", type=int, default=8, help="image case: train.epochs")

@@ -236,14 +236,30 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def model_rates(text: str) -> dict[str, float]:
+    """`--rates`: one positive open-loop rate (requests/s) per model of MODELS, comma-separated
+    ("100,40"); argparse.ArgumentTypeError (usage, one error line, exit 2) otherwise."""
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError:
+        rates = []
+    if len(rates) != len(MODELS) or not all(0 < r < float("inf") for r in rates):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give {len(MODELS)} positive req/s, for {','.join(MODELS)} (e.g. 100,40)"
+        )
+    return dict(zip(MODELS, rates, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--rates", default="100,40", help="open-loop req/s: digits,large")
+    parser.add_argument(
+        "--rates", type=model_rates, default="100,40", help="open-loop req/s: digits,large"
+    )
     parser.add_argument("--block-s", type=float, default=4.0, help="proxy-overhead block")
     parser.add_argument("--blocks", type=int, default=3, help="blocks per side")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    rates = dict(zip(MODELS, map(float, args.rates.split(",")), strict=True))
+    rates = args.rates
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="deploy-rollout-") as tmp:
         root = Path(tmp)

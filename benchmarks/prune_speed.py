@@ -125,7 +125,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ratios", type=float, nargs="+", default=None, help="prune.ratios")
     parser.add_argument("--image-width", type=int, default=16, help="ResNet-18 stem channels")
-    parser.add_argument("--cases", nargs="+", default=["digits", "image"])
+    parser.add_argument(
+        "--cases", nargs="+", choices=["digits", "image"], default=["digits", "image"]
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny loops")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     args = parser.parse_args()

@@ -73,6 +73,7 @@ GOALS = {"served_over_ceiling": 0.7}  # and: the service ahead of every peer; no
 PEERS = {"ray": ("ray_server.py", "ray.serve"), "litserve": ("litserve_server.py", "litserve")}
 BENTO = [sys.executable, "-m", "bentoml", "serve", "service:Classifier", "--host", "127.0.0.1"]
 SERVERS = ("service", "flipped", "reference", "ray", "litserve")
+KNOWN_SERVERS = ("service", "flipped", "service_batched", "service_unbatched", "reference", *PEERS)
 WRK_LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -610,6 +611,31 @@ def run(
     }
 
 
+def connection_counts(text: str) -> tuple[int, ...]:
+    """`--connections`: comma-separated positive counts ("1,8,64"); argparse.ArgumentTypeError
+    (usage, one error line, exit 2) otherwise."""
+    try:
+        levels = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: not comma-separated counts (e.g. 1,8,64)"
+        ) from None
+    if min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every count must be at least 1")
+    return levels
+
+
+def server_names(text: str) -> tuple[str, ...]:
+    """`--servers`: comma-separated names of KNOWN_SERVERS, checked before any setup;
+    argparse.ArgumentTypeError (usage, one error line, exit 2) otherwise."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in KNOWN_SERVERS]
+    if unknown or not names:
+        shown = f"unknown {', '.join(map(repr, unknown))}" if unknown else "none given"
+        raise argparse.ArgumentTypeError(f"{shown}; known: {', '.join(KNOWN_SERVERS)}")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0, help="per wrk run")
@@ -619,12 +645,14 @@ def main() -> None:
     parser.add_argument("--compare-ref", default=None, help="also serve service.py as of REF")
     parser.add_argument(
         "--connections",
-        default=",".join(map(str, CONNECTIONS)),
+        type=connection_counts,
+        default=CONNECTIONS,
         help="comma-separated wrk connection counts",
     )
     parser.add_argument(
         "--servers",
-        default=",".join(SERVERS),
+        type=server_names,
+        default=SERVERS,
         help="comma-separated: service, flipped (batching the other way), service_batched, "
         "service_unbatched, reference, ray, litserve",
     )
@@ -638,8 +666,7 @@ def main() -> None:
         help="max_latency_ms of the service's batched variant (default: params.yaml's)",
     )
     args = parser.parse_args()
-    levels = tuple(int(c) for c in args.connections.split(","))
-    servers = tuple(name.strip() for name in args.servers.split(",") if name.strip())
+    levels, servers = args.connections, args.servers
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
     with tempfile.TemporaryDirectory() as tmp:

@@ -550,6 +550,19 @@ def table(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SCENARIOS = "abcdefghi"
+
+
+def scenario_letters(text: str) -> str:
+    """`--scenarios`: letters of SCENARIOS (e.g. "abd"), checked before the long setup starts;
+    argparse.ArgumentTypeError (usage, one error line, exit 2) otherwise."""
+    unknown = sorted(set(text) - set(SCENARIOS))
+    if not text or unknown:
+        shown = f"unknown {', '.join(map(repr, unknown))}" if unknown else "none given"
+        raise argparse.ArgumentTypeError(f"{shown}; give letters of {SCENARIOS} (e.g. abcd)")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest="command")
@@ -561,7 +574,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=None, help="requests/s (default: half sat.)")
     parser.add_argument("--overload", type=float, default=1.5, help="x saturation, breach step")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--scenarios", default="abcd", help="which of a to i to run")
+    parser.add_argument(
+        "--scenarios", type=scenario_letters, default="abcd", help="which of a to i to run"
+    )
     parser.add_argument(
         "--slo-ms", type=float, default=None, help="(d): host.slo.p99_ms (default: see below)"
     )

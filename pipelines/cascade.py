@@ -100,13 +100,14 @@ def disagreement_upper_bound(disagreements: int, rows: int, confidence_level: fl
 class Bound:
     """A threshold from `bounded_threshold` and its evidence: of `rows` unlabelled rows, the
     student answers `student_share` and disagrees with the teacher on `disagreements` of them;
-    `upper_bound` (<= max_accuracy_drop) bounds the true disagreement rate at `confidence_level`."""
+    `upper_bound` (<= max_accuracy_drop) bounds the true disagreement rate at `confidence_level`;
+    None at `confidence_level` 0 (the bound off: no bound)."""
 
     threshold: float
     rows: int
     disagreements: int
     student_share: float
-    upper_bound: float
+    upper_bound: float | None
     confidence_level: float
 
 
@@ -131,7 +132,7 @@ def bounded_threshold(
     `confidence_level` without a multiple-testing correction (the "upper confidence bound"
     calibration of Bates, Angelopoulos, Lei, Malik & Jordan, "Distribution-free, risk-controlling
     prediction sets", J. ACM 68(6), 2021). `confidence_level` 0 turns the bound off (any
-    threshold is admitted: the lowest confidence)."""
+    threshold is admitted: the lowest confidence; `upper_bound` None)."""
     n = len(student_confidence)
     if n == 0:
         return None
@@ -154,14 +155,8 @@ def bounded_threshold(
         return None
     k = int(np.flatnonzero(ok)[-1])
     found = int(seen[k])
-    return Bound(
-        float(conf[k]),
-        n,
-        found,
-        (k + 1) / n,
-        disagreement_upper_bound(found, n, confidence_level),
-        confidence_level,
-    )
+    upper = disagreement_upper_bound(found, n, confidence_level) if confidence_level else None
+    return Bound(float(conf[k]), n, found, (k + 1) / n, upper, confidence_level)
 
 
 def route(

@@ -156,28 +156,32 @@ DataSource = Annotated[
 ]
 
 
-def _not_a_number(annotation: Any, value: Any) -> tuple[Any] | None:
-    """(the item of `value` that is no number where `annotation`, a field's type, wants one,)
-    or None when there is none.
+def _wrong_scalar(annotation: Any, value: Any) -> tuple[Any, str] | None:
+    """(the item of `value` that is not what `annotation`, a field's type, wants, and what it
+    wants: "a number" or "true or false") or None when there is none.
 
-    Pydantic's lax mode converts YAML's true/false and text ('0.3', quoted) into numbers; here
-    they are refused, in lists, tuples and dict values of numbers too. A YAML int for a float
-    field is a number and passes. Unions that also take text (a Literal, a str) are not judged."""
+    Pydantic's lax mode converts YAML's true/false and text ('0.3', quoted) into numbers, and
+    'yes', 'on', 1 or 0.0 into bools; here they are refused, in lists, tuples and dict values
+    too. A YAML int for a float field is a number and passes. Unions that also take text (a
+    Literal, a str) are not judged."""
     if get_origin(annotation) is Annotated:
         annotation = get_args(annotation)[0]
     origin, args = get_origin(annotation), get_args(annotation)
     if origin in (Union, UnionType):
         branches = [a for a in args if _same_shape(a, value)]
-        return _not_a_number(branches[0], value) if len(branches) == 1 else None
+        return _wrong_scalar(branches[0], value) if len(branches) == 1 else None
     if origin in (list, tuple) and isinstance(value, list | tuple):
         items = args[:1] * len(value) if origin is list or args[-1:] == (...,) else args
         pairs = zip(items, value, strict=False)  # a tuple of the wrong length: pydantic's
-        return next((w for a, v in pairs if (w := _not_a_number(a, v))), None)
+        return next((w for a, v in pairs if (w := _wrong_scalar(a, v))), None)
     if origin is dict and isinstance(value, Mapping) and len(args) == 2:
-        return next((w for v in value.values() if (w := _not_a_number(args[1], v))), None)
+        return next((w for v in value.values() if (w := _wrong_scalar(args[1], v))), None)
+    if annotation is bool:
+        lax = isinstance(value, int | float | str) and not isinstance(value, bool)
+        return (value, "true or false") if lax else None  # null, lists: pydantic's message
     if annotation not in (int, float):
         return None
-    return (value,) if isinstance(value, bool | str) else None
+    return (value, "a number") if isinstance(value, bool | str) else None
 
 
 def _same_shape(annotation: Any, value: Any) -> bool:
@@ -198,17 +202,25 @@ class Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _numbers_are_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        """YAML's true/false and quoted text are no numbers: pydantic alone would read
-        `epochs: true` as 1 and `ratios: ['0.3']` as [0.3]."""
+    def _scalars_are_what_they_say(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML's true/false and quoted text are no numbers, and numbers and text are no
+        true/false: pydantic alone would read `epochs: true` as 1, `ratios: ['0.3']` as [0.3]
+        and `bf16: yes` (quoted), `resume: 1` or `hflip: 0.0` as bools."""
         if info.field_name in cls.model_fields:
-            wrong = _not_a_number(cls.model_fields[info.field_name].annotation, value)
+            wrong = _wrong_scalar(cls.model_fields[info.field_name].annotation, value)
             if wrong is not None:
-                (item,) = wrong
-                what = "true/false" if isinstance(item, bool) else "text (quoted in YAML?)"
+                item, wanted = wrong
+                what = _kind(item)
                 shown = "" if item is value else f": {item!r}"  # a scalar's is shown as 'got'
-                raise ValueError(f"a number is required, not {what}{shown}")
+                raise ValueError(f"{wanted} is required, not {what}{shown}")
         return value
+
+
+def _kind(item: Any) -> str:
+    """How `_wrong_scalar`'s item reads to a user: true/false, text or a number."""
+    if isinstance(item, bool):
+        return "true/false"
+    return "text (quoted in YAML?)" if isinstance(item, str) else "a number"
 
 
 class FeatureRange(Section):
@@ -246,7 +258,7 @@ class DataConfig(Section):
     # none for images (their pixels are mapped from value_range to [0, 1] before the model).
     scaling: Literal["auto", "standard", "minmax", "none"]
     # Colour channels of the model input: 1 (gray) or 3 (RGB, a folder of images only).
-    channels: Literal[1, 3] = 1
+    channels: Literal[1, 3]
 
     @model_validator(mode="after")
     def _image_folder(self) -> DataConfig:
@@ -364,7 +376,7 @@ class ModelConfig(Section):
     dropout: float = Field(ge=0.0, lt=1.0)
     # A local weights file to start from (a state dict, or a model file of an earlier run),
     # relative to the project root; read with torch.load(weights_only=True). None: from scratch.
-    weights: str | None = None
+    weights: str | None
 
 
 Fraction = Annotated[float, Field(gt=0, le=1)]
@@ -390,8 +402,8 @@ class RandomResizedCrop(Section):
 class AugmentConfig(Section):
     """Augmentations of the training images (a folder of images only; none at evaluation)."""
 
-    random_resized_crop: RandomResizedCrop | None = None
-    hflip: bool = False  # mirror left-right with probability 0.5
+    random_resized_crop: RandomResizedCrop | None
+    hflip: bool  # mirror left-right with probability 0.5
 
     @property
     def active(self) -> bool:
@@ -415,7 +427,7 @@ class TrainConfig(Section):
     bf16: bool
     num_workers: int = Field(ge=0, le=MAX_PROCESSES)
     resume: bool
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentConfig
 
 
 class SpaceParam(Section):
@@ -573,8 +585,19 @@ class SelectConfig(Section):
     latency_iters: int = Field(gt=0, le=MAX_COUNT)
     throughput_iters: int = Field(gt=0, le=MAX_COUNT)
     threads: int = Field(ge=0, le=MAX_PROCESSES)
-    # the cascade's disagreement bound (pipelines/cascade.py: bounded_threshold); 0 turns it off
-    cascade_confidence: float = Field(default=0.95, ge=0, lt=1)
+    # the cascade's disagreement bound (pipelines/cascade.py: bounded_threshold): 0 turns it off,
+    # else in [0.5, 1) (below 0.5 the "upper" bound would lie below the observed rate)
+    cascade_confidence: float = Field(ge=0, lt=1)
+
+    @field_validator("cascade_confidence")
+    @classmethod
+    def _a_confidence_level(cls, value: float) -> float:
+        if 0 < value < 0.5:
+            raise ValueError(
+                "must be 0 (no bound) or in [0.5, 1): below 0.5 the upper bound lies below "
+                "the observed disagreement rate"
+            )
+        return value
 
 
 class RegisterConfig(Section):
@@ -741,6 +764,18 @@ class MonitorConfig(Section):
 
 
 Core = Annotated[int, Field(ge=0, le=4095)]  # a CPU number, as os.sched_setaffinity takes it
+
+
+def _some_cores(cores: list[int]) -> list[int]:
+    """A core list with at least one core: os.sched_setaffinity refuses an empty set (OSError at
+    train start). Cores this host lacks are checked where the host is known, at train start
+    (pipelines/host.py: training_cpus)."""
+    if not cores:
+        raise ValueError("an empty list: give at least one core number (e.g. [0])")
+    return cores
+
+
+Cores = Annotated[list[Core], AfterValidator(_some_cores)]
 WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 
 
@@ -758,7 +793,8 @@ class TrainingShare(Section):
     process): its cores, torch threads at full and at throttled share, CPU and I/O priority,
     its cgroup v2 weights (where writable) and on CUDA its GPU memory fraction."""
 
-    cpus: list[Core] | None  # affinity; None: every core not in host.service.cpus
+    # affinity (at least one core); None: every core not in host.service.cpus
+    cpus: Cores | None
     threads: int | None = Field(ge=1, le=MAX_PROCESSES)  # torch threads at full; None: one a core
     throttled_threads: int = Field(ge=1, le=MAX_PROCESSES)  # torch threads when throttled
     # Throttled: the share of wall time training steps (sleeps after a step for the rest).
@@ -771,13 +807,13 @@ class TrainingShare(Section):
     # Linux: training also runs on host.service.cpus, the whole training process at SCHED_IDLE
     # (it gets a core only when nothing else wants it, and any normal task preempts it at once),
     # so it borrows the cycles the service leaves idle (niceness means nothing at SCHED_IDLE).
-    borrow_idle: bool = False
+    borrow_idle: bool
 
 
 class ServiceReserve(Section):
     """What is kept for the service: training never gets these cores."""
 
-    cpus: list[Core]
+    cpus: Cores  # at least one: the service runs on them
     memory_mib: int = Field(ge=0, le=16_777_216)  # checked against free memory at start (warns)
 
 
@@ -789,7 +825,7 @@ class Slo(Section):
     max_in_flight: int = Field(ge=1, le=MAX_COUNT)  # bentoml_service_request_in_progress
     # The p99 is over the requests of the last window_s (read every poll; 0: since the previous
     # poll). A window holding a few hundred requests makes it a p99, not the slowest one.
-    window_s: float = Field(default=0.0, ge=0, le=3600)
+    window_s: float = Field(ge=0, le=3600)
 
 
 class HostConfig(Section):
@@ -808,7 +844,7 @@ class HostConfig(Section):
     resume_after_s: float = Field(ge=0, le=86_400)
     # After a pause: straight back to full share (full), or first at the throttled share for
     # another resume_after_s below resume_below (throttle: a step up, each resume costs less).
-    resume_via: Literal["full", "throttle"] = "full"
+    resume_via: Literal["full", "throttle"]
     windows: list[Window]  # off-peak hours (HH:MM-HH:MM, may wrap midnight); [] = always
     timezone: str = Field(min_length=1)
     outside_window: Literal["wait", "throttle"]
@@ -984,7 +1020,7 @@ def batch_problems(params: Params) -> list[str]:
 
 class ParamsLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader (YAML 1.1) that also reads YAML 1.2's floats without a dot (`1e-3`)
-    as numbers: 1.1 reads them as text, which the params models refuse (`_not_a_number`), while
+    as numbers: 1.1 reads them as text, which the params models refuse (`_wrong_scalar`), while
     YAML 1.2 tools (and users) mean a number. Quoted scalars stay text."""
 
 

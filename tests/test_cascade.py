@@ -263,3 +263,14 @@ def test_a_malformed_cascade_file_is_one_error_naming_it(
         read_cascade(tmp_path)
     assert str(caught.value).startswith(f"{tmp_path / CASCADE}: ")
     assert "\n" not in str(caught.value)
+
+
+def test_at_confidence_0_the_bound_is_off_and_recorded_as_none() -> None:
+    """Confidence 0 admits every threshold (the lowest row's) and claims no bound: null, not a
+    0.0 that reads as a bound below the disagreements seen."""
+    found = bounded_threshold(ROWS, DISAGREE, 0.005, 0.0)
+    assert found == Bound(float(ROWS[-1]), 1000, 3, 1.0, None, 0.0)
+    # at 0.5 the bound is about the median rate, (k + 2/3) / n: 0.0027 for k=2, 0.0037 for k=3
+    assert bounded_threshold(ROWS, DISAGREE, 0.003, 0.5) == Bound(
+        float(ROWS[599]), 1000, 2, 0.6, disagreement_upper_bound(2, 1000, 0.5), 0.5
+    )

@@ -11,6 +11,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pipelines.config import (
     DataSource,
     Params,
+    RandomResizedCrop,
     RunOverrides,
     SpaceParam,
     apply_overrides,
@@ -456,3 +457,125 @@ def test_images_take_one_value_range_and_no_model_scaling_by_default() -> None:
         load_params(REPO / "params.yaml", overrides={"data.value_range": "learn"})
     chosen = load_params(REPO / "params.yaml", overrides={"data.scaling": "minmax"})
     assert chosen.data.model_scaling == "minmax"
+
+
+# --- every key required; bools are bools; lists that must not be empty ------------------------
+
+# Keys that may be left out: a tune dimension's keys depend on its type; a crop's scale and ratio
+# are torchvision's documented defaults of an option that is off in params.yaml.
+OPTIONAL = {(SpaceParam, "low"), (SpaceParam, "high"), (SpaceParam, "log"), (SpaceParam, "choices")}
+OPTIONAL |= {(RandomResizedCrop, "scale"), (RandomResizedCrop, "ratio")}
+
+
+def sections(model: type[BaseModel]) -> Iterator[type[BaseModel]]:
+    """`model` and every model reachable from its fields' types."""
+    yield model
+    for info in model.model_fields.values():
+        for arg in (info.annotation, *get_args(info.annotation)):
+            for inner in (arg, *get_args(arg)):
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    yield from sections(inner)
+
+
+def test_every_params_key_is_required() -> None:
+    """No second default in code: a params.yaml key left out is refused, not filled in."""
+    defaulted = [
+        f"{model.__name__}.{name}"
+        for model in set(sections(Params))
+        for name, info in model.model_fields.items()
+        if not info.is_required() and (model, name) not in OPTIONAL
+    ]
+    assert defaulted == []
+
+
+@pytest.mark.parametrize(
+    "path", [("select", "cascade_confidence"), ("host", "training", "borrow_idle")]
+)
+def test_a_left_out_key_is_named(path: tuple[str, ...]) -> None:
+    raw = raw_params()
+    node = raw
+    for part in path[:-1]:
+        node = node[part]
+    del node[path[-1]]
+    assert f"{'.'.join(path)}: required key is missing" in rejected(raw)
+
+
+def bool_leaves(
+    model: type[BaseModel], raw: Any, path: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    """The params.yaml path of every true/false setting of `model` (walked from its type hints,
+    as `numeric_leaves`): those of optional sections where params.yaml sets the section, and
+    `log` of each non-categorical tune dimension."""
+    for name, info in model.model_fields.items():
+        key = info.alias or name
+        sub = raw.get(key) if isinstance(raw, dict) else None
+        union = get_origin(info.annotation) in (Union, UnionType)
+        args = get_args(info.annotation) if union else (info.annotation,)
+        if bool in args:
+            yield (*path, key)
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if models and isinstance(sub, dict):
+            yield from bool_leaves(models[0], sub, (*path, key))
+        if get_origin(info.annotation) is dict and get_args(info.annotation)[1] is SpaceParam:
+            for dim, spec in sub.items():
+                if spec["type"] != "categorical":
+                    yield (*path, key, dim, "log")
+
+
+BOOLS = list(bool_leaves(Params, raw_params()))
+
+
+def test_every_bool_setting_is_found() -> None:
+    names = {".".join(path) for path in BOOLS}
+    assert {"train.bf16", "train.augment.hflip", "host.training.borrow_idle"} <= names
+    assert {"tune.enabled", "serve.trace_predictions", "deploy.on_new_champion"} <= names
+    assert any(name.startswith("tune.space.") and name.endswith(".log") for name in names)
+
+
+@pytest.mark.parametrize(
+    ("value", "what"),
+    [("yes", "text (quoted in YAML?)"), ("on", "text (quoted in YAML?)"), (1, "a number"),
+     (0.0, "a number")],
+)  # fmt: skip
+@pytest.mark.parametrize("path", BOOLS, ids=[".".join(p) for p in BOOLS])
+def test_no_bool_setting_takes_a_number_or_text(
+    path: tuple[str, ...], value: Any, what: str
+) -> None:
+    """Pydantic's lax mode alone reads 'yes', 'on', 1 and 0.0 as true/false."""
+    raw = raw_params()
+    node = raw
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    named = ".".join(path[:3] if path[:2] == ("tune", "space") else path)
+    lines = rejected(raw).splitlines()
+    problem = next(line for line in lines if named in line)
+    assert f"{'.'.join(path)}: true or false is required, not {what} (got {value!r})" in problem
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [
+        ("host.training.cpus", [], "host.training.cpus: an empty list: give at least one core"),
+        ("host.service.cpus", [], "host.service.cpus: an empty list: give at least one core"),
+        ("host.training.cpus", [2, -1], "host.training.cpus.1: Input should be greater than or"),
+        ("host.service.cpus", [-3], "host.service.cpus.0: Input should be greater than or equal"),
+    ],
+)
+def test_core_lists_are_not_empty_nor_negative(key: str, value: Any, shown: str) -> None:
+    """An empty affinity passes pydantic alone, then os.sched_setaffinity fails at train time."""
+    with pytest.raises(ParamsError) as info:
+        load_params(REPO / "params.yaml", overrides={key: value})
+    assert len(str(info.value).splitlines()) == 1 and shown in str(info.value)
+
+
+@pytest.mark.parametrize("level", [0.01, 0.3, 0.4999])
+def test_the_cascade_confidence_is_0_or_at_least_one_half(level: float) -> None:
+    with pytest.raises(ParamsError, match=r"select.cascade_confidence: must be 0 \(no bound\)"):
+        load_params(REPO / "params.yaml", overrides={"select.cascade_confidence": level})
+
+
+@pytest.mark.parametrize("level", [0, 0.5, 0.95, 0.999])
+def test_the_cascade_confidence_takes_0_and_one_half_to_1(level: float) -> None:
+    params = load_params(REPO / "params.yaml", overrides={"select.cascade_confidence": level})
+    assert params.select.cascade_confidence == level

@@ -238,7 +238,9 @@ def test_prepare_validate_train_export_on_a_folder(project: Path) -> None:
     raw["validate"]["min_rows_per_class"] = 5
     raw["train"]["model"].update(arch="resnet18", width=4)
     raw["train"].update(
-        epochs=2, num_workers=2, augment={"random_resized_crop": {"scale": [0.8, 1.0]}}
+        epochs=2,
+        num_workers=2,
+        augment={"random_resized_crop": {"scale": [0.8, 1.0]}, "hflip": False},
     )
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -354,6 +354,23 @@ def test_a_cascade_no_threshold_admits_is_listed_as_dropped(
     assert cascade_candidate(families[:1], measured, prepared, cfg) is None  # no student
 
 
+def test_a_cascade_without_the_bound_records_no_upper_bound(
+    two_families: tuple[Path, list[Family], Any],
+) -> None:
+    """select.cascade_confidence 0 turns the bound off: the candidate's evidence says so
+    (upper_bound null), not 0.0 next to the disagreements it saw."""
+    from pipelines.select import cascade_candidate, family_candidates
+
+    prepared, families, cfg = two_families
+    measured = [c for fam in families for c, _ in family_candidates(fam, cfg)]
+    off = cfg.model_copy(update={"cascade_confidence": 0.0, "max_accuracy_drop": 1.0})
+    found = cascade_candidate(families, measured, prepared, off)
+    assert found is not None and found.servable
+    bound = found.extra["disagreement"]
+    assert bound["upper_bound"] is None and bound["confidence_level"] == 0.0
+    assert bound["student_share"] == 1.0  # no bound: every row may go to the student
+
+
 def test_a_cascade_winner_ships_both_graphs_and_its_golden_set_is_the_cascades(
     two_families: tuple[Path, list[Family], Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

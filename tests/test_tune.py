@@ -90,7 +90,9 @@ def test_space_keys_and_bounds_are_checked_against_the_train_models(tmp_path: Pa
     with pytest.raises(ParamsError, match="give `choices`"):
         tune_params(tmp_path, space={"train.model.arch": {"type": "categorical"}})
     with pytest.raises(ParamsError, match="log scale needs low > 0"):
-        tune_params(tmp_path, space={"train.lr": {"type": "float", "low": 0, "high": 1, "log": 1}})
+        tune_params(
+            tmp_path, space={"train.lr": {"type": "float", "low": 0, "high": 1, "log": True}}
+        )
     bad_choice = {"train.model.arch": {"type": "categorical", "choices": ["mlp", "vit"]}}
     with pytest.raises(ParamsError, match=r"tune\.space\.train\.model\.arch: 'vit'"):
         tune_params(tmp_path, space=bad_choice)

@@ -1,0 +1,53 @@
+"""The benchmarks' command lines: a bad argument is one error line and exit 2, before any setup
+(argparse's usage above it), never a silent exit 0 or a traceback after a long start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.deploy_rollout import model_rates
+from benchmarks.serve_load import KNOWN_SERVERS, connection_counts, server_names
+from benchmarks.shared_host import scenario_letters
+from tests.helpers import REPO
+
+BAD = [
+    ("cascade.py", ["--cases", "foo"], "argument --cases: invalid choice: 'foo'"),
+    ("prune_speed.py", ["--cases", "digits", "bar"], "argument --cases: invalid choice: 'bar'"),
+    ("shared_host.py", ["--scenarios", "z"], "argument --scenarios: unknown 'z'; give letters"),
+    ("shared_host.py", ["--scenarios", ""], "argument --scenarios: none given"),
+    ("serve_load.py", ["--servers", "service,nginx"], "argument --servers: unknown 'nginx'"),
+    ("serve_load.py", ["--connections", "1,x"], "argument --connections: '1,x': not comma"),
+    ("serve_load.py", ["--connections", "0,4"], "argument --connections: '0,4': every count"),
+    ("deploy_rollout.py", ["--rates", "100"], "argument --rates: '100': give 2 positive"),
+    ("deploy_rollout.py", ["--rates", "100,-1"], "argument --rates: '100,-1': give 2 positive"),
+]
+
+
+@pytest.mark.parametrize(("script", "args", "shown"), BAD, ids=[f"{b[0]} {b[1]}" for b in BAD])
+def test_a_bad_argument_is_one_line_and_exit_2(script: str, args: list[str], shown: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=REPO,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == "" and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and shown in errors[0], done.stderr
+
+
+def test_good_arguments_are_read() -> None:
+    assert scenario_letters("abdi") == "abdi"
+    assert server_names(" service, ray,") == ("service", "ray")
+    assert {"service_batched", "service_unbatched", "litserve"} <= set(KNOWN_SERVERS)
+    assert connection_counts("1,8,64") == (1, 8, 64)
+    assert model_rates("100,40.5") == {"digits": 100.0, "large": 40.5}
