@@ -295,7 +295,7 @@ def check_graph(
     except Exception as exc:  # ONNX Runtime's / TensorRT's own types: re-raised naming the file
         reason = " ".join(str(exc).split())
         raise ModelFileError(
-            f"{path}: does not take metadata.json's input {list(x.shape)} "
+            f"{path}: fails on one row of metadata.json's input {list(x.shape)} "
             f"({contract.features} features): {reason}"
         ) from None
     if out.shape != (1, labels):

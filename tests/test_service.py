@@ -612,7 +612,8 @@ def test_files_that_disagree_fail_the_load_naming_the_file(
     assert "\n" not in instance.load_error
     if breakage is graphs.graph_of_other_input:
         assert (
-            "does not take metadata.json's input [1, 1, 8, 8] (64 features)" in instance.load_error
+            "fails on one row of metadata.json's input [1, 1, 8, 8] (64 features)"
+            in instance.load_error
         )
     else:
         assert "but metadata.json has" in instance.load_error
