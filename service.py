@@ -58,10 +58,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from inference.errors import ModelFileError
 from pipelines import runtime
 from pipelines.cascade import STUDENT, TEACHER, Cascade, read_cascade
-from pipelines.cli import EXIT_REJECTED
 from pipelines.config import (
     Environment,
     Params,
@@ -82,6 +80,9 @@ ROOT = Path(__file__).resolve().parent
 # `bentoml build` packs. Everything else (the model, its contract, the API key) is read when the
 # service starts, and lives on the instance.
 OVERRIDES_ENV = Environment.name("serve_overrides")
+# Exit status for settings refused at import: pipelines.cli.EXIT_REJECTED's value (that module is
+# not in the lean bento: bentofile.yaml's `include`).
+EXIT_REJECTED = 2
 
 
 def import_settings(env: Mapping[str, str] | None = None) -> tuple[Environment, Params]:
@@ -195,6 +196,13 @@ class RowContract:
 
 
 METADATA = "metadata.json"
+
+
+class ModelFileError(PipelineError, ValueError):
+    """A file of the served model's folder (metadata.json, model.onnx, the cascade's student)
+    is unreadable or does not fit the others (labels vs the graph's outputs, the row contract vs
+    the graph's input); the message names the file. Defined here: the lean bento has no
+    inference/ package."""
 
 
 class Preprocessing(BaseModel):

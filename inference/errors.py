@@ -19,9 +19,3 @@ class CheckError(PipelineError):
 
 class HostError(PipelineError):
     """The supervisor or the proxy refused a command (its output is in the message)."""
-
-
-class ModelFileError(PipelineError, ValueError):
-    """A file of the served model's folder (metadata.json, model.onnx, the cascade's student)
-    is unreadable or does not fit the others (labels vs the graph's outputs, the row contract vs
-    the graph's input); the message names the file."""

@@ -567,10 +567,9 @@ def test_a_bad_metadata_json_is_one_line_naming_the_file_and_the_key(
     client: TestClient, tmp_path: Path, content: Any, message: str
 ) -> None:
     import service
-    from inference.errors import ModelFileError
 
     (tmp_path / "metadata.json").write_text(json.dumps(content))
-    with pytest.raises(ModelFileError) as caught:
+    with pytest.raises(service.ModelFileError) as caught:
         service.read_model_metadata(tmp_path)
     text = str(caught.value)
     assert text.startswith(f"{tmp_path / 'metadata.json'}: "), text
@@ -579,12 +578,15 @@ def test_a_bad_metadata_json_is_one_line_naming_the_file_and_the_key(
 
 def test_a_missing_or_unparsable_metadata_json_is_named(client: TestClient, tmp_path: Path) -> None:
     import service
-    from inference.errors import ModelFileError
 
-    with pytest.raises(ModelFileError, match=r"metadata\.json: missing from the model folder"):
+    with pytest.raises(
+        service.ModelFileError, match=r"metadata\.json: missing from the model folder"
+    ):
         service.read_model_metadata(tmp_path)
     (tmp_path / "metadata.json").write_text("{not json")
-    with pytest.raises(ModelFileError, match=r"metadata\.json: not readable JSON \(Expecting"):
+    with pytest.raises(
+        service.ModelFileError, match=r"metadata\.json: not readable JSON \(Expecting"
+    ):
         service.read_model_metadata(tmp_path)
 
 
