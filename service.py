@@ -27,9 +27,10 @@ import json
 import logging
 import re
 import shutil
+import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationError,
+    model_validator,
 )
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
@@ -57,8 +59,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pipelines import runtime
-from pipelines.cascade import STUDENT, Cascade, read_cascade
-from pipelines.config import Environment, ServeConfig, environment, load_params
+from pipelines.cascade import STUDENT, TEACHER, Cascade, read_cascade
+from pipelines.config import (
+    Environment,
+    Params,
+    ServeConfig,
+    apply_overrides,
+    environment,
+    load_params,
+    validate_params,
+)
+from pipelines.errors import EnvironmentVariableError, PipelineError
 from pipelines.prediction_log import PredictionLog
 from pipelines.preprocessing import ImageError, feature_ranges, image_to_rows, to_model_input
 from pipelines.reference import image_statistics, is_image_model, profile_columns
@@ -68,11 +79,39 @@ ROOT = Path(__file__).resolve().parent
 # threads, `traffic.timeout`, the batching settings of `predict`, and the model tag that
 # `bentoml build` packs. Everything else (the model, its contract, the API key) is read when the
 # service starts, and lives on the instance.
-AT_IMPORT = environment()  # MLOPS_SERVE_OVERRIDES, MLOPS_MODEL_TAG (pipelines.config.Environment)
-PARAMS = load_params(
-    ROOT / "params.yaml",
-    overrides={f"serve.{k}": v for k, v in AT_IMPORT.serve_overrides.items()},
-)
+OVERRIDES_ENV = Environment.name("serve_overrides")
+# Exit status for settings refused at import: pipelines.cli.EXIT_REJECTED's value (that module is
+# not in the lean bento: bentofile.yaml's `include`).
+EXIT_REJECTED = 2
+
+
+def import_settings(env: Mapping[str, str] | None = None) -> tuple[Environment, Params]:
+    """The service's environment (MLOPS_SERVE_OVERRIDES, MLOPS_MODEL_TAG, ...: `env`, default
+    os.environ) and params.yaml with the overrides applied. Raises EnvironmentVariableError
+    naming the variable (and the key: `MLOPS_SERVE_OVERRIDES: invalid parameters: serve.max_rows:
+    ...`) for a bad variable or an override params.yaml's checks refuse; ParamsError naming
+    params.yaml for params.yaml's own errors."""
+    found = environment(env)
+    params = load_params(ROOT / "params.yaml")  # its own errors name params.yaml
+    if not found.serve_overrides:
+        return found, params
+    overrides = {f"serve.{key}": value for key, value in found.serve_overrides.items()}
+    try:
+        merged = apply_overrides(params.model_dump(by_alias=True), overrides)
+        return found, validate_params(merged, source=OVERRIDES_ENV)
+    except PipelineError as exc:  # ParamsError: the override's key and what is wrong with it
+        message = str(exc) if str(exc).startswith(OVERRIDES_ENV) else f"{OVERRIDES_ENV}: {exc}"
+        raise EnvironmentVariableError(message) from None
+
+
+try:
+    AT_IMPORT, PARAMS = import_settings()
+except PipelineError as exc:
+    # Raised here, `bentoml serve` (which imports this module in its CLI process before it starts
+    # a worker) would print ~60 lines of traceback and exit 1: one line and EXIT_REJECTED instead,
+    # like the stage CLIs (pipelines/cli.py).
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(EXIT_REJECTED)
 SERVE: ServeConfig = PARAMS.serve
 # Adaptive batching only with a max batch over 1: otherwise each request is one model call, with no
 # BentoML dispatcher in between (see `serve.max_batch_size` in params.yaml for when that pays).
@@ -154,6 +193,124 @@ class RowContract:
     def feature(self, j: int) -> str:
         """`feature j`, with the column's name when the model's metadata has it."""
         return f"feature {j} ({self.columns[j]!r})" if self.columns else f"feature {j}"
+
+
+METADATA = "metadata.json"
+
+
+class ModelFileError(PipelineError, ValueError):
+    """A file of the served model's folder (metadata.json, model.onnx, the cascade's student)
+    is unreadable or does not fit the others (labels vs the graph's outputs, the row contract vs
+    the graph's input); the message names the file. Defined here: the lean bento has no
+    inference/ package."""
+
+
+class Preprocessing(BaseModel):
+    """The `preprocessing` keys of metadata.json the service reads (the spec
+    pipelines.preprocessing.make_spec writes); other keys are kept, unread here."""
+
+    model_config = ConfigDict(extra="allow")
+
+    feature_columns: list[Any] = Field(min_length=1)
+    value_range: tuple[float, float] | None = None
+    feature_ranges: list[tuple[float, float]] | None = None
+    input_shape: list[Annotated[StrictInt, Field(ge=1)]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Preprocessing":
+        features = len(self.feature_columns)
+        if self.feature_ranges is None and self.value_range is None:
+            raise ValueError("neither feature_ranges nor value_range: no legal range per feature")
+        if self.feature_ranges is not None and len(self.feature_ranges) != features:
+            raise ValueError(
+                f"{len(self.feature_ranges)} feature_ranges for {features} feature_columns"
+            )
+        if int(np.prod(self.input_shape)) != features:
+            raise ValueError(
+                f"input_shape {self.input_shape} holds {int(np.prod(self.input_shape))} values, "
+                f"not the {features} of feature_columns"
+            )
+        return self
+
+
+def unique_labels(labels: list[int | str]) -> list[int | str]:
+    """The labels, refused when one appears twice (a prediction could not tell them apart)."""
+    twice = sorted({repr(label) for label in labels if labels.count(label) > 1})
+    if twice:
+        raise ValueError(f"repeated: {', '.join(twice)}")
+    return labels
+
+
+class ModelMetadata(BaseModel):
+    """The keys of a model's metadata.json the service reads (the export stage writes it into
+    the graph: pipelines.runtime.read_metadata; `package` copies it beside the graph)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    labels: Annotated[
+        list[StrictInt | StrictStr], Field(min_length=1), AfterValidator(unique_labels)
+    ]
+    preprocessing: Preprocessing
+
+
+def read_model_metadata(model_dir: Path) -> dict[str, Any]:
+    """`model_dir`/metadata.json as a dict, checked against ModelMetadata. Raises ModelFileError,
+    one line naming the file and what is wrong: missing, not JSON, not an object, or the first
+    key that is missing or of the wrong kind (`labels: ...`, `preprocessing.input_shape: ...`)."""
+    path = model_dir / METADATA
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: missing from the model folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFileError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ModelFileError(f"{path}: a JSON object expected, got {type(raw).__name__}")
+    try:
+        ModelMetadata.model_validate(raw)
+    except ValidationError as exc:
+        first, more = exc.errors()[0], len(exc.errors()) - 1
+        what = "missing" if first["type"] == "missing" else first["msg"]
+        also = f" (and {more} more problem{'s' * (more > 1)})" if more else ""
+        message = f"{path}: {metadata_key(first['loc'])}: {what}{also}"
+        raise ModelFileError(message.replace("Value error, ", "")) from None
+    return raw
+
+
+def metadata_key(loc: tuple[int | str, ...]) -> str:
+    """pydantic's error location as the key a user finds in the file: ("labels", 3, "int") ->
+    labels[3], ("preprocessing", "input_shape") -> preprocessing.input_shape."""
+    key = ""
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        elif part not in ("int", "str"):  # the union member pydantic tried: not a key
+            key += f".{part}" if key else part
+    return key
+
+
+def check_graph(
+    path: Path, engine: Any, contract: RowContract, spec: dict[str, Any], labels: int
+) -> None:
+    """Run one row (every feature at its low end) through `engine` (the graph at `path`, on any
+    engine): it must take metadata.json's input (`preprocessing.input_shape`, the row contract's
+    features) and give one score per label, (1, `labels`). Raises ModelFileError naming `path`
+    otherwise: a graph whose outputs do not match the labels would answer with an IndexError
+    (fewer outputs) or silently wrong labels (more labels than outputs)."""
+    x = to_model_input(np.asarray([contract.low], np.float32), spec)
+    try:
+        out = np.asarray(engine(x))
+    except Exception as exc:  # ONNX Runtime's / TensorRT's own types: re-raised naming the file
+        reason = " ".join(str(exc).split())
+        raise ModelFileError(
+            f"{path}: fails on one row of metadata.json's input {list(x.shape)} "
+            f"({contract.features} features): {reason}"
+        ) from None
+    if out.shape != (1, labels):
+        raise ModelFileError(
+            f"{path}: gives outputs of shape {list(out.shape)} for one row, but metadata.json "
+            f"has {labels} labels: expected [1, {labels}]"
+        )
 
 
 def check_rows(rows: list[list[float]], contract: RowContract) -> list[list[float]]:
@@ -241,7 +398,7 @@ def pick_engine(model_dir: Path, serve: ServeConfig) -> Any:
     version); otherwise ONNX Runtime on the CPU with `serve.threads` intra-op threads."""
     from pipelines import tensorrt_engine  # numpy-level; TensorRT itself only when present
 
-    onnx_path = model_dir / "model.onnx"
+    onnx_path = model_dir / TEACHER
     reason = tensorrt_engine.unavailable_reason()
     if reason is not None:
         log.info("engine: ONNX Runtime (TensorRT unavailable: %s)", reason)
@@ -260,8 +417,9 @@ def pick_engine(model_dir: Path, serve: ServeConfig) -> Any:
 
 def load_engines(
     model_dir: Path, serve: ServeConfig
-) -> tuple[Any, list[Any], dict[str, Any] | None]:
-    """(the engine `infer` calls, the engines to warm up, the cascade's description or None).
+) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+    """(the engine `infer` calls, the engines to check and warm up by their graph's file name in
+    `model_dir`, the cascade's description or None).
 
     A model folder with a cascade.json (pipelines/cascade.py: `select` picked the cascade) runs
     the cascade: the student graph on ONNX Runtime (as `select` measured it), the teacher
@@ -271,7 +429,7 @@ def load_engines(
     teacher = pick_engine(model_dir, serve)
     spec = read_cascade(model_dir)
     if spec is None:
-        return teacher, [teacher], None
+        return teacher, {TEACHER: teacher}, None
     student = OnnxEngine(model_dir / STUDENT, serve.threads)
     counter = cascade_counter()
     student_rows, teacher_rows = counter.labels(model="student"), counter.labels(model="teacher")
@@ -288,7 +446,8 @@ def load_engines(
         "teacher": {"engine": teacher.name},
         "metric": "mlops_cascade_rows_total",
     }
-    return Cascade(student, teacher, float(spec["threshold"]), count), [student, teacher], described
+    engines = {STUDENT: student, TEACHER: teacher}
+    return Cascade(student, teacher, float(spec["threshold"]), count), engines, described
 
 
 @functools.cache
@@ -328,7 +487,8 @@ class Classifier:
 
     def __init__(self) -> None:
         """Load the model and warm it up. Any load error (no such model, a missing or corrupt
-        model.onnx, metadata.json or cascade.json, a graph that fails its first call) is kept
+        model.onnx, metadata.json or cascade.json, a graph that fails its first call, a graph
+        whose input or outputs do not fit metadata.json's features and labels) is kept
         in `load_error`, logged as one line naming the model folder and what is wrong, and the
         worker keeps running: /readyz answers 503 (`__is_ready__`), GET /metadata 503 with the
         reason, the prediction endpoints 503. Raising here instead would make BentoML restart
@@ -353,13 +513,15 @@ class Classifier:
                 "(it packages the MLflow champion), or `bentoml import` a bento archive"
             ) from None
         model_dir = self.model_dir = Path(stored.path)
-        self.metadata = json.loads((model_dir / "metadata.json").read_text())
+        self.metadata = read_model_metadata(model_dir)
         self.version = str(stored.info.metadata.get("registry_version", stored.tag.version))
         self.tag = str(stored.tag)
         self.spec = self.metadata["preprocessing"]
         self.labels: list[Any] = list(self.metadata["labels"])
         self.contract = RowContract.from_spec(self.spec, self.serve.max_rows)
         self.engine, self.engines, self.cascade = load_engines(model_dir, self.serve)
+        for name, engine in self.engines.items():
+            check_graph(model_dir / name, engine, self.contract, self.spec, len(self.labels))
         self.log_columns = profile_columns(self.spec)  # the log's `features` keys
         self.image_model = is_image_model(self.spec)
         self.known_labels = {(type(label), label) for label in self.labels}
@@ -389,7 +551,9 @@ class Classifier:
         start = time.perf_counter()
         row = np.asarray([self.contract.low], np.float32)
         for size in warm_up_sizes(LARGEST_CALL):
-            for engine in self.engines:  # a cascade's both models, whatever the rows' route
+            for (
+                engine
+            ) in self.engines.values():  # a cascade's both models, whatever the rows' route
                 engine(to_model_input(np.repeat(row, size, axis=0), self.spec))
         log.info("warm-up: %.0f ms", (time.perf_counter() - start) * 1000)
 

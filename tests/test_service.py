@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from pipelines.prepare import read_split
+from tests.helpers import graphs
 from tests.helpers.images import digit_image, encoded, mode_variants, png
 from tests.helpers.uploads import Listener, upload_cases
 
@@ -495,3 +496,138 @@ def test_rows_are_checked_against_each_features_own_range(client: TestClient) ->
     unnamed = service.RowContract.from_spec({**spec, "feature_columns": []}, max_rows=4)
     with pytest.raises(ValueError, match=r"^row 0, feature 1: 3000 is outside"):
         service.check_rows([[0.0, 3000.0]], unnamed)  # no names in the metadata: the index
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ('{"max_rows": "256"}', "serve.max_rows"),
+        ('{"max_rows": 100000}', "serve.max_rows"),
+        ('{"nope": 1}', "serve.nope"),
+        ("not json", "Invalid JSON"),
+        ('["max_rows"]', "valid dictionary"),
+    ],
+)
+def test_a_bad_serve_override_names_the_variable_and_the_key(
+    client: TestClient, overrides: str, named: str
+) -> None:
+    import service
+    from pipelines.errors import EnvironmentVariableError
+
+    with pytest.raises(EnvironmentVariableError) as caught:
+        service.import_settings({"MLOPS_SERVE_OVERRIDES": overrides})
+    message = str(caught.value)
+    assert message.startswith("MLOPS_SERVE_OVERRIDES: "), message
+    assert named in message and "params.yaml" not in message and "\n" not in message
+
+
+def test_a_good_serve_override_is_applied(client: TestClient) -> None:
+    import service
+
+    found, params = service.import_settings({"MLOPS_SERVE_OVERRIDES": '{"max_rows": 17}'})
+    assert found.serve_overrides == {"max_rows": 17}
+    assert params.serve.max_rows == 17
+    assert params.model_copy(update={"serve": service.PARAMS.serve}) == service.PARAMS
+
+
+def metadata_cases() -> list[tuple[str, Any, str]]:
+    good = {
+        "labels": [0, 1],
+        "preprocessing": {"feature_columns": ["a", "b"], "value_range": [0, 1], "input_shape": [2]},
+    }
+    spec = good["preprocessing"]
+    return [
+        ("no labels", {"preprocessing": spec}, "labels: missing"),
+        ("a string", "labels", "a JSON object expected, got str"),
+        ("labels not a list", {**good, "labels": "ab"}, "labels: Input should be a valid list"),
+        ("no labels at all", {**good, "labels": []}, "labels: List should have at least 1 item"),
+        ("a float label", {**good, "labels": [0, 1.5]}, "labels[1]: Input should be a valid"),
+        ("a repeated label", {**good, "labels": [1, 1]}, "labels: repeated: 1"),
+        ("no preprocessing", {"labels": [0, 1]}, "preprocessing: missing"),
+        ("no ranges", {**good, "preprocessing": {**spec, "value_range": None}}, "no legal range"),
+        (
+            "an input_shape of other size",
+            {**good, "preprocessing": {**spec, "input_shape": [3]}},
+            "input_shape [3] holds 3 values, not the 2 of feature_columns",
+        ),
+        (
+            "ranges of other length",
+            {**good, "preprocessing": {**spec, "feature_ranges": [[0, 1]]}},
+            "1 feature_ranges for 2 feature_columns",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(c, m) for _, c, m in metadata_cases()],
+    ids=[name for name, _, _ in metadata_cases()],
+)
+def test_a_bad_metadata_json_is_one_line_naming_the_file_and_the_key(
+    client: TestClient, tmp_path: Path, content: Any, message: str
+) -> None:
+    import service
+
+    (tmp_path / "metadata.json").write_text(json.dumps(content))
+    with pytest.raises(service.ModelFileError) as caught:
+        service.read_model_metadata(tmp_path)
+    text = str(caught.value)
+    assert text.startswith(f"{tmp_path / 'metadata.json'}: "), text
+    assert message in text and "\n" not in text, text
+
+
+def test_a_missing_or_unparsable_metadata_json_is_named(client: TestClient, tmp_path: Path) -> None:
+    import service
+
+    with pytest.raises(
+        service.ModelFileError, match=r"metadata\.json: missing from the model folder"
+    ):
+        service.read_model_metadata(tmp_path)
+    (tmp_path / "metadata.json").write_text("{not json")
+    with pytest.raises(
+        service.ModelFileError, match=r"metadata\.json: not readable JSON \(Expecting"
+    ):
+        service.read_model_metadata(tmp_path)
+
+
+@pytest.mark.parametrize("breakage", graphs.MISMATCHES, ids=lambda f: f.__name__)
+def test_files_that_disagree_fail_the_load_naming_the_file(
+    client: TestClient,
+    model: tuple[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    breakage: Callable[[Path], str],
+) -> None:
+    """Labels cut or extended against the graph's outputs, a cascade's student of another width,
+    a graph of another input: the load fails (load_error: one line naming the file, /readyz and
+    /metadata 503 through `__is_ready__` and `load_failure`), instead of a 500 or wrong labels
+    at the first request."""
+    import bentoml
+
+    import service
+
+    named = graphs.broken_copy(Path(bentoml.models.get(model[0]).path), tmp_path / "m", breakage)
+    monkeypatch.setattr(service, "MODEL_TAG", graphs.save_folder("broken", tmp_path / "m"))
+    instance = service.Classifier.inner()
+    assert instance.load_error is not None and not instance.__is_ready__()
+    assert instance.load_error.startswith(f"{Path(instance.model_dir) / named}: ")
+    assert "\n" not in instance.load_error
+    if breakage is graphs.graph_of_other_input:
+        assert (
+            "fails on one row of metadata.json's input [1, 1, 8, 8] (64 features)"
+            in instance.load_error
+        )
+    else:
+        assert "but metadata.json has" in instance.load_error
+
+
+def test_a_graph_check_passes_on_the_files_that_agree(client: TestClient) -> None:
+    """The served model itself: its graph's outputs match its labels (the check ran at load)."""
+    import service
+
+    running = service.running_service()
+    assert running is not None
+    for name, engine in running.engines.items():
+        service.check_graph(
+            running.model_dir / name, engine, running.contract, running.spec, len(running.labels)
+        )

@@ -5,7 +5,10 @@ A real `bentoml serve` in a subprocess (the in-process app is the session's shar
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,8 @@ import pytest
 
 from flows.package import save_bento_model
 from pipelines.cascade import CASCADE, STUDENT
-from tests.helpers.serving import MODEL_NAME, live_service, tiny_bento_model
+from tests.helpers import graphs
+from tests.helpers.serving import MODEL_NAME, REPO, live_service, tiny_bento_model
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +42,20 @@ def cascade_not_json(folder: Path) -> str:
     return CASCADE
 
 
-@pytest.mark.parametrize("breakage", [corrupt_graph, cascade_not_json], ids=lambda f: f.__name__)
+BREAKAGES = [corrupt_graph, cascade_not_json, graphs.labels_cut, graphs.student_of_three_classes]
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES, ids=lambda f: f.__name__)
 def test_a_model_that_fails_to_load_is_reported_not_restarted(
     tmp_path: Path, good_folder: Path, breakage: object
 ) -> None:
     folder = tmp_path / "model"
     shutil.copytree(good_folder, folder)
     named = breakage(folder)  # type: ignore[operator]
-    tag = save_bento_model(MODEL_NAME, folder, "9")
+    if breakage in (corrupt_graph, cascade_not_json):
+        tag = save_bento_model(MODEL_NAME, folder, "9")
+    else:  # the graph unchanged: `package` would reuse the good model (its digests match)
+        tag = graphs.save_folder("mismatched", folder)
     env = {"MLOPS_MODEL_TAG": tag, "MLOPS_API_KEY": ""}
     log = tmp_path / "serve.log"
     with live_service(env=env, log=log, ready_status=503, timeout_s=120) as url:
@@ -63,3 +73,19 @@ def test_a_model_that_fails_to_load_is_reported_not_restarted(
     failures = [line for line in text.splitlines() if "model failed to load" in line]
     assert len(failures) == 1 and named in failures[0], text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+
+
+def test_a_bad_serve_override_stops_bentoml_serve_with_one_line(tmp_path: Path) -> None:
+    """MLOPS_SERVE_OVERRIDES is read when service.py is imported, in `bentoml serve`'s own
+    process: one `error:` line naming the variable and the key, exit 2, no traceback."""
+    env = {**os.environ, "MLOPS_SERVE_OVERRIDES": '{"max_rows": "256"}'}
+    command = [sys.executable, "-m", "bentoml", "serve", "service:Classifier", "--port", "1"]
+    done = subprocess.run(
+        command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2, lines
+    assert lines == [
+        "error: MLOPS_SERVE_OVERRIDES: invalid parameters: serve.max_rows: a number is required, "
+        "not text (quoted in YAML?) (got '256')"
+    ]
