@@ -99,9 +99,10 @@ def save_bento_model(
 ) -> str:
     """A BentoML model `name` from `model_dir` (model.onnx + metadata.json, and golden.json,
     reference/ and a cascade's student.onnx + cascade.json when there), unless the newest model
-    of that name already holds the same graph, golden set, reference profile and cascade
-    (metadata `onnx_sha256`, `golden_sha256`, `reference_sha256`, `cascade_sha256`: "" without
-    one); returns its tag. Raises PackageError when cascade.json's student graph is missing."""
+    of that name already holds the same files: graph, metadata.json (labels, preprocessing),
+    golden set, reference profile and cascade (metadata `onnx_sha256`, `metadata_sha256`,
+    `golden_sha256`, `reference_sha256`, `cascade_sha256`: "" without one); returns its tag.
+    Raises PackageError when cascade.json's student graph is missing."""
     import bentoml
 
     onnx_path, metadata_path = model_dir / "model.onnx", model_dir / "metadata.json"
@@ -110,6 +111,7 @@ def save_bento_model(
             raise PackageError(f"version {registry_version}: no model/{path.name} to package")
     golden = model_dir / GOLDEN
     digest = file_sha256(onnx_path)
+    metadata_digest = file_sha256(metadata_path)
     golden_digest = file_sha256(golden) if golden.is_file() else ""
     reference = model_dir / REFERENCE
     reference_digest = folder_sha256(reference) if reference.is_dir() else ""
@@ -121,6 +123,7 @@ def save_bento_model(
     if (
         newest is not None
         and newest.info.metadata.get("onnx_sha256") == digest
+        and newest.info.metadata.get("metadata_sha256") == metadata_digest
         and newest.info.metadata.get("golden_sha256", "") == golden_digest
         and newest.info.metadata.get("reference_sha256", "") == reference_digest
         and newest.info.metadata.get("cascade_sha256", "") == cascade_digest
@@ -130,6 +133,7 @@ def save_bento_model(
     metadata = {
         "registry_version": registry_version,
         "onnx_sha256": digest,
+        "metadata_sha256": metadata_digest,
         "golden_sha256": golden_digest,
         "reference_sha256": reference_digest,
         "cascade_sha256": cascade_digest,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -84,3 +85,27 @@ def test_package_and_select_name_the_golden_set_alike() -> None:
     from pipelines.select import GOLDEN as WRITTEN
 
     assert GOLDEN == WRITTEN == "golden.json"
+
+
+def test_a_changed_metadata_json_alone_is_a_new_bento_model(tmp_path: Path) -> None:
+    """The newest BentoML model is reused only when every file it carries is the same: the same
+    folder again gives its tag; the same graph with other labels in metadata.json is a new
+    model holding the new file (before, it reused the old one and served the old labels)."""
+    import bentoml
+
+    from flows.package import save_bento_model
+    from tests.helpers.graphs import linear_graph
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    linear_graph(folder / "model.onnx", [4], 3)
+    metadata = {"labels": [0, 1, 2], "precision": "fp32"}
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    name = "metadata-reuse-test"
+    first = save_bento_model(name, folder, "1")
+    assert save_bento_model(name, folder, "1") == first
+    (folder / "metadata.json").write_text(json.dumps({**metadata, "labels": ["a", "b", "c"]}))
+    second = save_bento_model(name, folder, "2")
+    assert second != first
+    stored = json.loads((Path(bentoml.models.get(second).path) / "metadata.json").read_text())
+    assert stored["labels"] == ["a", "b", "c"]
