@@ -585,6 +585,8 @@ class SelectConfig(Section):
     latency_iters: int = Field(gt=0, le=MAX_COUNT)
     throughput_iters: int = Field(gt=0, le=MAX_COUNT)
     threads: int = Field(ge=0, le=MAX_PROCESSES)
+    # a challenger replaces the FP32 reference only with this relative lead (0.1: 10%)
+    min_gain: float = Field(ge=0, le=10)
     # the cascade's disagreement bound (pipelines/cascade.py: bounded_threshold): 0 turns it off,
     # else in [0.5, 1) (below 0.5 the "upper" bound would lie below the observed rate)
     cascade_confidence: float = Field(ge=0, lt=1)

@@ -72,7 +72,14 @@ class Candidate:
 
 
 def choose(candidates: Sequence[Candidate], cfg: SelectConfig) -> tuple[Candidate, str]:
-    """The winner by policy, and a one-line explanation naming the runner-up."""
+    """The winner by policy, and a one-line explanation naming the runner-up.
+
+    A challenger replaces the FP32 reference (the teacher on ONNX Runtime, when it qualifies)
+    only when it beats it by `cfg.min_gain` (throughput at least (1 + min_gain) x, or p99 at most
+    1 / (1 + min_gain) x): timings on a shared host move by several percent between runs, so a
+    smaller lead would let `dvc repro` on another (or busier) machine pick another model (seen:
+    cascade 65k vs teacher 64k samples/s, then teacher 186k vs cascade 155k). Raises
+    SelectionError when no servable candidate reaches the accuracy floor."""
     reference = _reference(candidates)
     floor = reference.accuracy - cfg.max_accuracy_drop
     eligible = [c for c in candidates if c.servable and c.accuracy >= floor]
@@ -86,7 +93,30 @@ def choose(candidates: Sequence[Candidate], cfg: SelectConfig) -> tuple[Candidat
         )
     ranked = sorted(eligible, key=_score(cfg.policy))
     winner = ranked[0]
+    if winner is not reference and reference in eligible and not _beats(winner, reference, cfg):
+        return reference, _explain_kept(reference, winner, cfg, floor)
     return winner, _explain(winner, ranked[1] if len(ranked) > 1 else None, cfg, floor)
+
+
+def _beats(challenger: Candidate, reference: Candidate, cfg: SelectConfig) -> bool:
+    """Whether `challenger` leads `reference` by at least `cfg.min_gain` on the policy's figure."""
+    gain = 1.0 + cfg.min_gain
+    if cfg.policy == "throughput":
+        return challenger.throughput >= gain * reference.throughput
+    return challenger.p99_ms * gain <= reference.p99_ms
+
+
+def _explain_kept(
+    reference: Candidate, challenger: Candidate, cfg: SelectConfig, floor: float
+) -> str:
+    unit = "samples/s" if cfg.policy == "throughput" else "ms p99"
+    value = (lambda c: c.throughput) if cfg.policy == "throughput" else (lambda c: c.p99_ms)
+    return (
+        f"{reference.name} wins as the FP32 reference: {value(reference):.4g} {unit}, accuracy "
+        f"{reference.accuracy:.4f} (floor {floor:.4f}); runner-up {challenger.name}: "
+        f"{value(challenger):.4g} {unit}, accuracy {challenger.accuracy:.4f}, leads by less than "
+        f"select.min_gain {cfg.min_gain:g}"
+    )
 
 
 def _reference(candidates: Sequence[Candidate]) -> Candidate:

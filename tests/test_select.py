@@ -411,3 +411,18 @@ def test_a_cascade_winner_ships_both_graphs_and_its_golden_set_is_the_cascades(
     labels = read_json(prepared / "manifest.json")["labels"]
     expected = {str(label): float(np.mean(predicted == i)) for i, label in enumerate(labels)}
     assert ref.predicted_label_distribution == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["throughput", "p99"])
+def test_a_challenger_must_lead_the_reference_by_min_gain(kind: str) -> None:
+    """Within select.min_gain of the FP32 reference the reference stays (a run-to-run timing
+    difference must not swap the served model); past it the challenger wins."""
+    reference = cand("teacher/onnxruntime-fp32", 0.980, 100_000, 0.100)
+    close = cand("student/onnxruntime-int8_cpu", 0.979, 109_000, 0.092)  # 9% better on both
+    far = cand("student/onnxruntime-int8_cpu", 0.979, 111_000, 0.090)  # 11% and 11.1%
+    cfg = policy(policy=kind, max_accuracy_drop=0.005, min_gain=0.1)
+    winner, why = choose([TABLE[0], reference, close], cfg)
+    assert winner is reference
+    assert "runner-up student/onnxruntime-int8_cpu" in why and "select.min_gain 0.1" in why
+    assert choose([TABLE[0], reference, far], cfg)[0] is far
+    assert choose([TABLE[0], reference, close], policy(policy=kind, min_gain=0.0))[0] is close
