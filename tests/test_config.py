@@ -159,6 +159,14 @@ ABSURD = 10**15
 NUMERIC = list(numeric_leaves(Params, raw_params()))
 
 
+def parent_of(raw: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """The mapping in `raw` that holds the last key of `path` (the setting to change)."""
+    node = raw
+    for part in path[:-1]:
+        node = node[part]
+    return node
+
+
 def test_every_numeric_setting_is_found() -> None:
     names = {".".join(path) for path, _ in NUMERIC}
     assert {"train.epochs", "data.value_range", "orchestration.stage_timeout_s"} <= names
@@ -169,9 +177,7 @@ def test_every_numeric_setting_is_found() -> None:
 @pytest.mark.parametrize(("path", "value"), NUMERIC, ids=[".".join(path) for path, _ in NUMERIC])
 def test_every_numeric_setting_has_an_upper_bound(path: tuple[str, ...], value: Any) -> None:
     raw = raw_params()
-    node = raw
-    for part in path[:-1]:
-        node = node[part]
+    node = parent_of(raw, path)
     node[path[-1]] = value
     named = ".".join(path[:3] if path[:2] == ("tune", "space") else path)
     assert f": invalid parameters: {named}" in rejected(raw)
@@ -184,9 +190,7 @@ SCALARS = [(path, value) for path, value in NUMERIC if value == ABSURD]
 def test_no_numeric_setting_takes_true_or_false(path: tuple[str, ...]) -> None:
     """YAML's `true` is no number: pydantic alone reads `epochs: true` as 1."""
     raw = raw_params()
-    node = raw
-    for part in path[:-1]:
-        node = node[part]
+    node = parent_of(raw, path)
     node[path[-1]] = True
     assert f"{'.'.join(path)}: a number is required, not true/false" in rejected(raw)
 
@@ -204,9 +208,7 @@ def as_text(value: Any) -> Any:
 def test_no_numeric_setting_takes_text(path: tuple[str, ...], value: Any) -> None:
     """`ratios: ['0.3']` (quoted) is text: pydantic's lax mode alone would read it as 0.3."""
     raw = raw_params()
-    node = raw
-    for part in path[:-1]:
-        node = node[part]
+    node = parent_of(raw, path)
     node[path[-1]] = as_text(node.get(path[-1], value))
     named = ".".join(path[:3] if path[:2] == ("tune", "space") else path)
     problem = rejected(raw)
@@ -493,9 +495,7 @@ def test_every_params_key_is_required() -> None:
 )
 def test_a_left_out_key_is_named(path: tuple[str, ...]) -> None:
     raw = raw_params()
-    node = raw
-    for part in path[:-1]:
-        node = node[part]
+    node = parent_of(raw, path)
     del node[path[-1]]
     assert f"{'.'.join(path)}: required key is missing" in rejected(raw)
 
@@ -543,9 +543,7 @@ def test_no_bool_setting_takes_a_number_or_text(
 ) -> None:
     """Pydantic's lax mode alone reads 'yes', 'on', 1 and 0.0 as true/false."""
     raw = raw_params()
-    node = raw
-    for part in path[:-1]:
-        node = node[part]
+    node = parent_of(raw, path)
     node[path[-1]] = value
     named = ".".join(path[:3] if path[:2] == ("tune", "space") else path)
     lines = rejected(raw).splitlines()
