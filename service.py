@@ -551,9 +551,8 @@ class Classifier:
         start = time.perf_counter()
         row = np.asarray([self.contract.low], np.float32)
         for size in warm_up_sizes(LARGEST_CALL):
-            for (
-                engine
-            ) in self.engines.values():  # a cascade's both models, whatever the rows' route
+            # a cascade's both models, whatever the rows' route
+            for engine in self.engines.values():
                 engine(to_model_input(np.repeat(row, size, axis=0), self.spec))
         log.info("warm-up: %.0f ms", (time.perf_counter() - start) * 1000)
 

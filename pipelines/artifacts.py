@@ -68,12 +68,18 @@ def remove_stale_temps(path: Path) -> list[Path]:
     for leftover in path.parent.glob(f".{glob_escape(path.name)}.*tmp*"):
         match = ours.fullmatch(leftover.name) or legacy.fullmatch(leftover.name)
         if match and not _running(int(match.group(1))):
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+            remove_leftover(leftover)
             removed.append(leftover)
     return removed
+
+
+def remove_leftover(path: Path) -> None:
+    """Remove a temp file or folder a killed writer left (a folder with what is in it; a
+    symlink itself, never its target); nothing when it is already gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def glob_escape(name: str) -> str:

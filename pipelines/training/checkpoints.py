@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import random
 import re
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipelines.artifacts import remove_leftover
 from pipelines.errors import CheckpointError
 from pipelines.models import cpu_copy, read_torch, save_torch
 from pipelines.training.distributed import world
@@ -76,10 +76,7 @@ class CheckpointDir:
         # A killed run's half-written checkpoint: a temp folder of `atomic_path` (or the file an
         # older version wrote). The directory is its owner's alone, so every one is stale.
         for stale in self.directory.glob(".epoch-*.tmp*"):
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
+            remove_leftover(stale)
 
     def newest_readable(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that reads back, and its content. Unreadable newer ones (a
