@@ -50,7 +50,9 @@ stage = sys.argv[1]
 tries = pathlib.Path(os.environ.get("FAKE_ATTEMPTS", "attempts")) / stage
 tries.parent.mkdir(exist_ok=True)
 attempt = int(tries.read_text()) + 1 if tries.exists() else 1
-tries.write_text(str(attempt))
+partial = tries.with_name(f"{stage}.{os.getpid()}.tmp")  # the test reads it while we write
+partial.write_text(str(attempt))
+partial.replace(tries)
 mode = os.environ.get(f"FAKE_{stage.upper()}", "")
 if mode.startswith("exit:"):
     _, code, times = mode.split(":")
