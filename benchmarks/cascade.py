@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_args import positive_float, positive_int
 
 from pipelines.config import Params, SelectConfig, load_params
 from pipelines.select import (
@@ -236,9 +237,13 @@ def main() -> None:
     parser.add_argument(
         "--cases", nargs="+", choices=["digits", "image"], default=["digits", "image"]
     )
-    parser.add_argument("--image-width", type=int, default=16, help="ResNet-18 stem channels")
-    parser.add_argument("--iters", type=float, default=1.0, help="x select's timing iterations")
-    parser.add_argument("--epochs", type=int, default=8, help="image case: train.epochs")
+    parser.add_argument(
+        "--image-width", type=positive_int, default=16, help="ResNet-18 stem channels"
+    )
+    parser.add_argument(
+        "--iters", type=positive_float, default=1.0, help="x select's timing iterations"
+    )
+    parser.add_argument("--epochs", type=positive_int, default=8, help="image case: train.epochs")
     parser.add_argument(
         "--work",
         type=Path,

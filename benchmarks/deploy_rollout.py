@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench_args import positive_float, positive_int
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MODELS = ("digits", "large")
@@ -255,8 +257,8 @@ def main() -> None:
     parser.add_argument(
         "--rates", type=model_rates, default="100,40", help="open-loop req/s: digits,large"
     )
-    parser.add_argument("--block-s", type=float, default=4.0, help="proxy-overhead block")
-    parser.add_argument("--blocks", type=int, default=3, help="blocks per side")
+    parser.add_argument("--block-s", type=positive_float, default=4.0, help="proxy-overhead block")
+    parser.add_argument("--blocks", type=positive_int, default=3, help="blocks per side")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rates = args.rates

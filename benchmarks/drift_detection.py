@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from bench_args import positive_float, positive_int
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -93,11 +94,15 @@ def delay(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--windows", type=int, default=20)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--step", type=int, default=25, help="logged rows between two judgements")
-    parser.add_argument("--shifts", type=float, nargs="+", default=[0.5, 1.0])
-    parser.add_argument("--features", type=int, default=16, help="shifted features (from 16)")
+    parser.add_argument("--windows", type=positive_int, default=20)
+    parser.add_argument("--seeds", type=positive_int, default=3)
+    parser.add_argument(
+        "--step", type=positive_int, default=25, help="logged rows between two judgements"
+    )
+    parser.add_argument("--shifts", type=positive_float, nargs="+", default=[0.5, 1.0])
+    parser.add_argument(
+        "--features", type=positive_int, default=16, help="shifted features (from 16)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     from pipelines.config import load_params

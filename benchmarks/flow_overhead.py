@@ -44,6 +44,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_args import positive_int  # noqa: E402
+
 from tests.helpers.processes import free_port  # noqa: E402
 
 RATIO_GOAL = 1.15
@@ -326,7 +328,7 @@ def totals(result: dict[str, Any]) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="measured pairs (medians)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="measured pairs (medians)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temp copy")
     args = parser.parse_args(argv)

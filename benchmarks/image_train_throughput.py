@@ -54,6 +54,8 @@ import torch.nn.functional as F  # noqa: N812
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_args import nonnegative_int, positive_int  # noqa: E402
+
 from pipelines.config import Params  # noqa: E402
 from pipelines.models import model_args, rebuild  # noqa: E402
 from pipelines.prepare import prepare, read_manifest  # noqa: E402
@@ -215,15 +217,15 @@ def bare(params: Params, prepared: Path, root: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=3000)
-    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--images", type=positive_int, default=3000)
+    parser.add_argument("--size", type=positive_int, default=32)
     parser.add_argument("--channels", type=int, default=3, choices=[1, 3])
     parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--width", type=positive_int, default=16)
+    parser.add_argument("--batch", type=positive_int, default=128)
+    parser.add_argument("--workers", type=nonnegative_int, default=2)
+    parser.add_argument("--epochs", type=positive_int, default=2)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     load_before = os.getloadavg()

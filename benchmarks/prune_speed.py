@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench_args import fraction, positive_int
+
 from benchmarks.model_speed import LARGE, synthetic_images, teacher
 from pipelines.config import Params, load_params
 from pipelines.prune import FAMILIES, prune, read_families
@@ -123,8 +125,10 @@ def run_case(name: str, params: Params, root: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--ratios", type=float, nargs="+", default=None, help="prune.ratios")
-    parser.add_argument("--image-width", type=int, default=16, help="ResNet-18 stem channels")
+    parser.add_argument("--ratios", type=fraction, nargs="+", default=None, help="prune.ratios")
+    parser.add_argument(
+        "--image-width", type=positive_int, default=16, help="ResNet-18 stem channels"
+    )
     parser.add_argument(
         "--cases", nargs="+", choices=["digits", "image"], default=["digits", "image"]
     )

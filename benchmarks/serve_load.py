@@ -62,6 +62,8 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
+from bench_args import positive_float  # noqa: E402
+
 from tests.helpers.processes import free_port, stop_group, wait_ready  # noqa: E402
 
 CONNECTIONS = (1, 2, 4, 8, 16, 32, 64)
@@ -638,8 +640,10 @@ def server_names(text: str) -> tuple[str, ...]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=5.0, help="per wrk run")
-    parser.add_argument("--rate-seconds", type=float, default=10.0, help="per open-loop run")
+    parser.add_argument("--seconds", type=positive_float, default=5.0, help="per wrk run")
+    parser.add_argument(
+        "--rate-seconds", type=positive_float, default=10.0, help="per open-loop run"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     parser.add_argument("--model", choices=("digits", *RESNETS, "large"), default="digits")
     parser.add_argument("--compare-ref", default=None, help="also serve service.py as of REF")

@@ -48,6 +48,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_args import positive_float, positive_int  # noqa: E402
+
 from benchmarks.serve_load import (  # noqa: E402
     WRK_LUA,
     large_model,
@@ -232,9 +234,11 @@ def report(results: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=5.0, help="per wrk run")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--rate-seconds", type=float, default=10.0, help="per open-loop run")
+    parser.add_argument("--seconds", type=positive_float, default=5.0, help="per wrk run")
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument(
+        "--rate-seconds", type=positive_float, default=10.0, help="per open-loop run"
+    )
     parser.add_argument("--model", choices=("digits", "large"), default="digits")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     parser.add_argument("--in-process", action="store_true", help="CPU per request, in-process")

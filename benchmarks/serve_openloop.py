@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+from bench_args import positive_float, positive_int
 
 
 class Connection(asyncio.Protocol):
@@ -163,9 +164,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", required=True)
     parser.add_argument("--body-file", type=Path, required=True)
-    parser.add_argument("--rate", type=float, required=True, help="requests per second")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds")
-    parser.add_argument("--max-connections", type=int, default=256)
+    parser.add_argument("--rate", type=positive_float, required=True, help="requests per second")
+    parser.add_argument("--duration", type=positive_float, default=10.0, help="seconds")
+    parser.add_argument("--max-connections", type=positive_int, default=256)
     args = parser.parse_args()
     load = Load(args.url, args.body_file.read_bytes(), args.max_connections)
     started = time.perf_counter()

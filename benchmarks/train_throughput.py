@@ -73,6 +73,7 @@ from pipelines.train import train  # noqa: E402
 from pipelines.training.distributed import resolve_device  # noqa: E402
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_args import positive_int  # noqa: E402
 from model_speed import LARGE, synthetic_images  # noqa: E402
 
 GOAL = 0.95
@@ -233,12 +234,16 @@ def settings(cfg: TrainConfig, rows: int, repeats: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--epochs", type=int, help="default: train.epochs of params.yaml")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument("--epochs", type=positive_int, help="default: train.epochs of params.yaml")
+    parser.add_argument(
+        "--threads", type=positive_int, help="torch intra-op threads (default: torch's)"
+    )
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
     parser.add_argument("--workload", choices=["digits", "large"], default="digits")
-    parser.add_argument("--rows", type=int, default=2000, help="rows of the large workload")
+    parser.add_argument(
+        "--rows", type=positive_int, default=2000, help="rows of the large workload"
+    )
     parser.add_argument("--before", metavar="REF", help="also measure train.py as at git REF")
     args = parser.parse_args(argv)
     if args.threads:

@@ -42,6 +42,8 @@ import optuna
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_args import nonnegative_int, positive_int, probability  # noqa: E402
+
 from pipelines.config import Params, load_params, section_dict, validate_params  # noqa: E402
 from pipelines.prepare import prepare  # noqa: E402
 from pipelines.tune import make_pruner, make_sampler, objective  # noqa: E402
@@ -116,10 +118,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    parser.add_argument("--trials", type=int, default=40, help="trial budget of each study")
-    parser.add_argument("--epochs", type=int, default=10, help="max epochs of a trial")
-    parser.add_argument("--target", type=float, default=0.99, help="validation accuracy")
-    parser.add_argument("--startup", type=int, default=5, help="TPE's random trials first")
+    parser.add_argument(
+        "--trials", type=positive_int, default=40, help="trial budget of each study"
+    )
+    parser.add_argument("--epochs", type=positive_int, default=10, help="max epochs of a trial")
+    parser.add_argument("--target", type=probability, default=0.99, help="validation accuracy")
+    parser.add_argument(
+        "--startup", type=nonnegative_int, default=5, help="TPE's random trials first"
+    )
     parser.add_argument("--pruner", choices=["median", "hyperband"], default="median")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()

@@ -24,6 +24,20 @@ BAD = [
     ("serve_load.py", ["--connections", "0,4"], "argument --connections: '0,4': every count"),
     ("deploy_rollout.py", ["--rates", "100"], "argument --rates: '100': give 2 positive"),
     ("deploy_rollout.py", ["--rates", "100,-1"], "argument --rates: '100,-1': give 2 positive"),
+    # numbers out of range (benchmarks/bench_args.py), never a silent substitute or a late failure
+    ("shared_host.py", ["--resume-below", "1.5"], "argument --resume-below: '1.5': give a number"),
+    ("shared_host.py", ["--resume-below", "0"], "argument --resume-below: '0': give a number"),
+    ("shared_host.py", ["--slo-ms", "0"], "argument --slo-ms: '0': give a number above 0"),
+    ("shared_host.py", ["--rounds", "0"], "argument --rounds: '0': give a whole number"),
+    ("shared_host.py", ["--seconds", "nan"], "argument --seconds: 'nan': not a finite number"),
+    ("shared_host.py", ["--rate", "-10"], "argument --rate: '-10': give a number above 0"),
+    ("shared_host.py", ["--scenarios", "d"], "scenarios d take their SLO from (a)"),
+    ("serve_openloop.py", ["--url", "http://x", "--rate", "0"], "argument --rate: '0': give"),
+    ("serve_load.py", ["--seconds", "-1"], "argument --seconds: '-1': give a number above 0"),
+    ("train_throughput.py", ["--repeats", "0"], "argument --repeats: '0': give a whole number"),
+    ("prune_speed.py", ["--ratios", "0.3", "1"], "argument --ratios: '1': give a number between"),
+    ("tune_compute.py", ["--target", "1.5"], "argument --target: '1.5': give a number above 0"),
+    ("image_train_throughput.py", ["--workers", "-1"], "argument --workers: '-1': give a whole"),
 ]
 
 
