@@ -90,15 +90,22 @@ def quantile(buckets: dict[float, float], q: float) -> float:
     return lower
 
 
-def window(before: Scrape, after: Scrape) -> Window:
-    """The figures between two scrapes of one version. A counter that went down (a replica
-    restarted) counts from zero: the later scrape alone."""
+def since(before: Scrape, after: Scrape) -> Scrape:
+    """What `after` counted since `before` (its requests, errors and duration buckets; in
+    progress as `after` read it). A counter that went down (a replica restarted) counts from
+    zero: the later scrape alone."""
     if after.requests < before.requests:
         before = Scrape()
     buckets = {le: n - before.buckets.get(le, 0.0) for le, n in after.buckets.items()}
-    return Window(
-        after.requests - before.requests, after.errors - before.errors, quantile(buckets, 0.99)
+    return Scrape(
+        after.requests - before.requests, after.errors - before.errors, buckets, after.in_progress
     )
+
+
+def window(before: Scrape, after: Scrape) -> Window:
+    """The figures between two scrapes of one version (`since`)."""
+    counted = since(before, after)
+    return Window(counted.requests, counted.errors, quantile(counted.buckets, 0.99))
 
 
 def breach(

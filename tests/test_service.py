@@ -3,6 +3,7 @@ Starlette's test client (lifespan included, so the model loads and warms up as u
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sys
@@ -127,6 +128,7 @@ def test_malformed_json_and_oversized_bodies(client: TestClient) -> None:
     )
     assert huge.status_code == 413
     assert "over 1048576 bytes" in huge.text
+    assert huge.headers["connection"] == "close"  # its unread bytes are not a next request
 
     def chunks() -> Iterator[bytes]:  # no content-length: counted while it streams
         for _ in range(40):
@@ -264,6 +266,115 @@ def test_without_a_key_everything_is_open(monkeypatch: pytest.MonkeyPatch) -> No
     client = guarded(monkeypatch, None)
     assert client.post("/predict", content=b"{}").status_code == 200
     assert client.post("/predict", content=b"x" * 1025).status_code == 413
+
+
+@pytest.mark.parametrize("path", ["/predict", "/predict_image", "/feedback"])
+def test_a_body_shorter_than_its_content_length_gets_a_408_not_a_timeout(path: str) -> None:
+    """A client that announces more bytes than it sends (or stalls mid-body) would wait for
+    BentoML's request timeout and get its 504: Guard gives up first, with a 408 saying how much
+    arrived, and the app never sees the request."""
+    import service
+
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+
+    async def stalls() -> dict[str, Any]:  # 10 bytes, then nothing more
+        if not sent:
+            sent.append(True)
+            return {"type": "http.request", "body": b'{"rows": [', "more_body": True}
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    sent: list[bool] = []
+    messages: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": [(b"content-length", b"100"), (b"content-type", b"application/json")],
+    }
+    guard = service.Guard(app, max_body=1024, body_timeout_s=0.2)
+    asyncio.run(asyncio.wait_for(guard(scope, stalls, send), timeout=5))
+    assert messages[0]["status"] == 408 and not reached
+    error = json.loads(messages[1]["body"])["error"]
+    assert not guard.deadlines and not guard.expired  # nothing left behind
+    assert error == (
+        "request body incomplete: Content-Length 100 announced, 10 bytes arrived within 0.2 s"
+    )
+
+
+def test_a_stalled_body_is_cut_off_and_the_requests_beside_it_are_not() -> None:
+    """Concurrent reads on one Guard: the stalled one gets its 408 at the deadline; one whose
+    body arrived (and whose app runs past the deadline) and one whose body arrives late but in
+    time get their answers."""
+    import service
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = (await receive())["body"]
+        await asyncio.sleep(0.4)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    def receiver(parts: list[tuple[float, bytes]]) -> Any:
+        async def receive() -> dict[str, Any]:
+            delay, chunk = parts.pop(0)
+            await asyncio.sleep(delay)
+            return {"type": "http.request", "body": chunk, "more_body": bool(parts)}
+
+        return receive
+
+    async def call(guard: Any, parts: list[tuple[float, bytes]]) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/predict", "headers": []}
+        scope["headers"] = [(b"content-length", b"%d" % sum(len(c) for _, c in parts))]
+        await guard(scope, receiver(parts), send)
+        return sent
+
+    async def main() -> list[list[dict[str, Any]]]:
+        guard = service.Guard(app, max_body=1024, body_timeout_s=0.2)
+        return await asyncio.gather(
+            call(guard, [(0.0, b"ab"), (3600.0, b"cd")]),  # stalls
+            call(guard, [(0.0, b"whole")]),  # arrives at once
+            call(guard, [(0.0, b"la"), (0.1, b"te")]),  # the rest after 0.1 s
+        )
+
+    stalled, whole, late = asyncio.run(asyncio.wait_for(main(), timeout=5))
+    assert stalled[0]["status"] == 408 and b"2 bytes arrived" in stalled[1]["body"]
+    assert (whole[0]["status"], whole[1]["body"]) == (200, b"whole")
+    assert (late[0]["status"], late[1]["body"]) == (200, b"late")
+
+
+def test_a_whole_body_passes_the_arrival_check_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The body Guard read within body_timeout_s reaches the app byte for byte, and a request
+    whose body arrived is never cut short later: the app may take longer than body_timeout_s."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    import service
+
+    monkeypatch.delenv(service.API_KEY_ENV, raising=False)
+
+    async def echo(request: Any) -> PlainTextResponse:
+        body = (await request.body()).decode()
+        await asyncio.sleep(0.5)  # a slow model call: 5 x body_timeout_s, 40 sweeps
+        return PlainTextResponse(body)
+
+    inner = Starlette(routes=[Route("/predict", echo, methods=["POST"])])
+    client = TestClient(service.Guard(inner, max_body=1024, body_timeout_s=0.1))
+    for _ in range(2):  # the second read restarts the sweeper the first one's end stopped
+        answer = client.post("/predict", content=b'{"rows": [[1, 2]]}')
+        assert answer.status_code == 200 and answer.text == '{"rows": [[1, 2]]}'
 
 
 def test_an_image_over_the_pixel_limit_gets_a_400_before_it_is_decoded(client: TestClient) -> None:
@@ -445,7 +556,7 @@ def test_the_openapi_document_states_the_real_contract(
     assert schemas["Error"]["properties"]["detail"]["type"] == "array"
     for path in ("/predict", "/predict_image"):
         responses = doc["paths"][path]["post"]["responses"]
-        assert set(responses) == {"200", "400", "413", "415", "500"}, path
+        assert set(responses) == {"200", "400", "408", "413", "415", "500"}, path
     assert "securitySchemes" not in doc["components"]
     monkeypatch.setenv("MLOPS_API_KEY", "k3y")  # read per request, as by Guard at start
     keyed = client.get("/docs.json").json()
