@@ -29,7 +29,9 @@ takes the cycles the service and the load generator leave; one torch thread a co
 (h) (g) with two torch threads a core (torch splits an op evenly between its threads, so one
 thread preempted by the service stalls the op; smaller shares let the other core pick up the
 waiting threads); (i) (g) with one torch thread (no op to stall: it runs on whichever core is
-idle). After the steady window of (d) to (i), once training runs at full share
+idle); (j) (d)'s quotas alone: no controller reads the service (host.poll_ms one hour, the SLO
+600 s), so what remains is what training on the other core costs the service through the caches
+and memory they share. After the steady window of (d) to (i), once training runs at full share
 again, the load steps to --overload x saturation for a few seconds: the time from that step to
 training paused is compared with one training step plus one poll.
 
@@ -64,6 +66,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
+from bench_args import fraction, positive_float, positive_int  # noqa: E402
+
 from tests.helpers.processes import free_port, stop_group, wait_ready  # noqa: E402
 
 CPUS = sorted(os.sched_getaffinity(0))
@@ -93,7 +97,7 @@ def train_worker(prepared: Path, checkpoints: Path, overrides: dict[str, Any]) -
     from model_speed import LARGE
 
     from pipelines.config import load_params
-    from pipelines.host import shared_host
+    from pipelines.host import shared_host, stopped_cleanly
     from pipelines.train import train
 
     logging.basicConfig(
@@ -101,7 +105,7 @@ def train_worker(prepared: Path, checkpoints: Path, overrides: dict[str, Any]) -
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per /metrics read
     params = load_params(REPO / "params.yaml", overrides={**LARGE, **TRAINING, **overrides})
-    with shared_host(params.host) as gate:
+    with stopped_cleanly(), shared_host(params.host) as gate:  # SIGTERM: one line, exit 143
         train(params.train, prepared, checkpoints, gate=StepEvents(gate, params.train.batch_size))
 
 
@@ -175,16 +179,79 @@ def pin_tree(pid: int, cpus: set[int]) -> None:
 # ---- load ----------------------------------------------------------------------------------------
 
 
+def scrape(url: str) -> Any:
+    """The service's /metrics now, parsed (inference.metrics.Scrape of the prediction endpoints)."""
+    import httpx
+
+    from inference import metrics
+
+    answer = httpx.get(f"{url}/metrics", timeout=10)
+    answer.raise_for_status()
+    return metrics.parse(answer.text)
+
+
+def server_side(before: Any, after: Any) -> dict[str, float]:
+    """p50/p99 (ms) the service itself measured between two scrapes
+    (bentoml_service_request_duration_seconds, service.py's buckets 25% apart: a quantile is
+    interpolated inside its bucket, so read it to about +-11%)."""
+    from inference import metrics
+
+    buckets = metrics.since(before, after).buckets
+    return {
+        "server_p50_ms": metrics.quantile(buckets, 0.5) * 1000,
+        "server_p99_ms": metrics.quantile(buckets, 0.99) * 1000,
+    }
+
+
+def scrape_cost(url: str, count: int = 30) -> dict[str, float]:
+    """Wall time (ms) of `count` /metrics reads of the idle service, one after another: what each
+    of the controller's polls costs the service's event loop (at most; the client's parse and
+    HTTP included)."""
+    import httpx
+
+    times = []
+    with httpx.Client(timeout=10) as client:
+        for _ in range(count):
+            start = time.perf_counter()
+            client.get(f"{url}/metrics").raise_for_status()
+            times.append((time.perf_counter() - start) * 1000)
+    times.sort()
+    return {"median_ms": times[len(times) // 2], "max_ms": times[-1]}
+
+
+def client_prefix(priority: str) -> list[str]:
+    """The command prefix the load generator runs under: pinned to CLIENT_CPUS and, with
+    `priority` "fifo", at real-time priority (SCHED_FIFO 10, chrt(1)): it stands in for clients
+    on other hosts, so training on the core it shares must not delay its sends and its reads of
+    the answers (at "normal", a training step holds the core for up to a scheduler slice, and
+    that wait is counted as the service's latency). SystemExit when chrt is refused (not root)."""
+    prefix = ["taskset", "-c", CLIENT_CPUS]
+    if priority == "fifo":
+        prefix = ["chrt", "-f", "10", *prefix]
+        refused = subprocess.run([*prefix, "true"], check=False, capture_output=True, text=True)
+        if refused.returncode:
+            sys.exit(
+                "--client-priority fifo: chrt -f refused (needs root or CAP_SYS_NICE): "
+                f"{refused.stderr.strip()}; run as root or pass --client-priority normal"
+            )
+    return prefix
+
+
+CLIENT_PREFIX: list[str] = ["taskset", "-c", CLIENT_CPUS]  # main() sets it from --client-priority
+
+
 def open_loop(url: str, rate: float, seconds: float, body: Path) -> dict[str, Any]:
-    """benchmarks/serve_openloop.py at a fixed `rate`, pinned to CLIENT_CPUS."""
+    """benchmarks/serve_openloop.py at a fixed `rate`, under CLIENT_PREFIX; the latency it
+    measured (from each request's due time) and the one the service measured itself."""
     command = [sys.executable, str(BENCH / "serve_openloop.py"), "--url", f"{url}/predict"]
     command += ["--body-file", str(body), "--rate", f"{rate:.1f}", "--duration", str(seconds)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(
-        ["taskset", "-c", CLIENT_CPUS, *command], capture_output=True, text=True, check=True
-    )
+    first = scrape(url)
+    out = subprocess.run([*CLIENT_PREFIX, *command], capture_output=True, text=True, check=True)
+    last = scrape(url)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    result |= server_side(first, last)
     result["ended_at"] = time.time()
     # the generator's own CPU (user + system, its start-up and imports included) per second of
     # the window: what it took from the core it shares with training
@@ -354,12 +421,17 @@ def breach(training: Training, step: dict[str, Any]) -> dict[str, Any]:
 # ---- the whole run ---------------------------------------------------------------------------
 
 
-def shared_overrides(url: str, slo_ms: float | None) -> dict[str, Any]:
+def shared_overrides(
+    url: str, slo_ms: float | None, resume_below: float | None = None
+) -> dict[str, Any]:
     """The `host` keys of scenario (d): params.yaml's `host` section as shipped, in shared mode,
-    pointed at this service (and with `slo_ms` as host.slo.p99_ms when given)."""
+    pointed at this service (and with `slo_ms` as host.slo.p99_ms, `resume_below` as
+    host.resume_below when given)."""
     overrides: dict[str, Any] = {"host.mode": "shared", "host.slo.metrics_url": f"{url}/metrics"}
     if slo_ms:
         overrides["host.slo.p99_ms"] = slo_ms
+    if resume_below:
+        overrides["host.resume_below"] = resume_below
     return overrides
 
 
@@ -382,6 +454,7 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         if args.pin_service:  # as the service's launcher on a shared host would
             pin_tree(process.pid, set(load_params(REPO / "params.yaml").host.service.cpus))
         sat = saturation(url, body, work)
+        cost = scrape_cost(url)
         load = {"url": url, "rate": args.rate or sat["rps"] / 2, "seconds": args.seconds}
         load["body"] = body
         print(f"saturation {sat['rps']:.0f}/s; load {load['rate']:.0f}/s", flush=True)
@@ -392,10 +465,13 @@ def run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "model": note,
         "cpus": len(CPUS),
         "saturation": sat,
+        "metrics_read_ms": cost,
+        "client_priority": args.client_priority,
         "rate": load["rate"],
         "overload_rate": sat["rps"] * args.overload,
         "slo_p99_ms": args.slo_ms or host.slo.p99_ms,
         "slo_factor": None if args.slo_ms_given else args.slo_factor,
+        "resume_below": args.resume_below or host.resume_below,
         "pin_service": args.pin_service,
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "results": results,
@@ -421,6 +497,7 @@ def rounds(
         "g": {"host.training.borrow_idle": True},
         "h": {"host.training.borrow_idle": True, "host.training.threads": 2 * len(CPUS)},
         "i": {"host.training.borrow_idle": True, "host.training.threads": 1},
+        "j": {"host.poll_ms": 3_600_000, "host.slo.p99_ms": 600_000},
     }
     for number in range(args.rounds):
         if "a" in args.scenarios:
@@ -432,7 +509,10 @@ def rounds(
         if args.slo_ms is None:  # the SLO the goal implies: --slo-factor x the service alone
             alone = results["a"][0]["p99_ms"] if results.get("a") else host.slo.p99_ms
             args.slo_ms = round(args.slo_factor * alone, 2)
-        overrides = shared_overrides(load["url"], args.slo_ms)
+        # An SLO near the service-alone p99 needs a resume threshold above that p99, or training
+        # never resumes (params.yaml's 0.7 x 1.2 x (a) = 0.84 x (a)): 0.9 x 1.2 = 1.08 x (a)
+        resume = args.resume_below = args.resume_below or (None if args.slo_ms_given else 0.9)
+        overrides = shared_overrides(load["url"], args.slo_ms, resume)
         for key, extra in variants.items():
             if key not in args.scenarios:
                 continue
@@ -443,7 +523,7 @@ def rounds(
                     key,
                     overrides | extra,
                     load,
-                    overload_rate,
+                    0.0 if key == "j" else overload_rate,  # (j) has no controller to hold it back
                 )
             )
         for key in args.scenarios:
@@ -482,19 +562,25 @@ def median(values: list[float]) -> float:
 def table(figures: dict[str, Any]) -> str:
     """The issue's table (medians over the rounds) and the goals."""
     res = figures["results"]
-    loads = {k: [r.get("load", r) for r in res[k]] for k in "acdefghi" if res.get(k)}
-    runs = {k: [r.get("training", r) for r in res[k]] for k in "bcdefghi" if res.get(k)}
+    loads = {k: [r.get("load", r) for r in res[k]] for k in "acdefghij" if res.get(k)}
+    runs = {k: [r.get("training", r) for r in res[k]] for k in "bcdefghij" if res.get(k)}
     p50 = {k: median([x["p50_ms"] for x in v]) for k, v in loads.items()}
     p99 = {k: median([x["p99_ms"] for x in v]) for k, v in loads.items()}
+    server = {
+        k: (median([x["server_p50_ms"] for x in v]), median([x["server_p99_ms"] for x in v]))
+        for k, v in loads.items()
+        if all("server_p99_ms" in x for x in v)
+    }
     speed = {k: median([r["samples_per_s"] or 0.0 for r in v]) for k, v in runs.items()}
     alone = speed.get("b")
 
-    def cell(key: str) -> tuple[str, str]:
+    def cell(key: str) -> tuple[str, str, str]:
         latency = f"{p50[key]:.1f} / {p99[key]:.1f} ms" if key in p50 else "—"
+        inside = f"{server[key][0]:.1f} / {server[key][1]:.1f} ms" if key in server else "—"
         if key not in speed:
-            return latency, "—"
+            return latency, inside, "—"
         share = f" ({speed[key] / alone:.0%} of b)" if alone and key != "b" else ""
-        return latency, f"{speed[key]:.0f}{share}"
+        return latency, inside, f"{speed[key]:.0f}{share}"
 
     names = {
         "a": "(a) service alone",
@@ -506,8 +592,12 @@ def table(figures: dict[str, Any]) -> str:
         "g": "(g) as (d), training.borrow_idle",
         "h": "(h) as (g), 2 torch threads a core",
         "i": "(i) as (g), 1 torch thread",
+        "j": "(j) as (d), quotas alone (no controller)",
     }
-    lines = ["| scenario | p50 / p99 latency | training samples/s |", "|---|---|---|"]
+    lines = [
+        "| scenario | p50 / p99 (client) | p50 / p99 (service's own) | training samples/s |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {names[k]} | {' | '.join(cell(k))} |" for k in names if k in res]
     sat, load = figures["saturation"]["rps"], figures["load_average"]
     lines += [
@@ -515,21 +605,34 @@ def table(figures: dict[str, Any]) -> str:
         f"request rate {figures['rate']:.0f}/s (saturation {sat:.0f}/s); overload step "
         f"{figures['overload_rate']:.0f}/s; SLO p99 {figures['slo_p99_ms']:.1f} ms"
         + (f" ({figures['slo_factor']:g} x (a))" if figures.get("slo_factor") else "")
-        + f"; service pinned: {figures['pin_service']}; "
+        + (f", resume below {figures['resume_below']:g} x it" if "resume_below" in figures else "")
+        + f"; service pinned: {figures['pin_service']}; load generator at "
+        f"{figures.get('client_priority', 'normal')} priority; "
         f"{figures['cpus']} CPUs; load average {load['start']} -> {load['end']}",
     ]
+    if "metrics_read_ms" in figures:
+        cost = figures["metrics_read_ms"]
+        lines.append(
+            f"a /metrics read of the idle service: median {cost['median_ms']:.2f} ms, "
+            f"max {cost['max_ms']:.2f} ms"
+        )
     client = [x.get("client_cpu_share") for v in loads.values() for x in v]
     if client and None not in client:
         lines.append(
             f"load generator CPU: {min(client):.1%}-{max(client):.1%} of a core (start-up included)"
         )
-    for key in "cdefghi":
+    for key in "cdefghij":
         if "a" in p99 and key in p99:
             each = [x["p99_ms"] / y["p99_ms"] for x, y in zip(loads[key], loads["a"], strict=True)]
             lines.append(
                 f"p99 ({key}) / (a): {p99[key] / p99['a']:.2f}x (round by round: "
                 + ", ".join(f"{r:.2f}" for r in each)
                 + ")"
+                + (
+                    f"; the service's own: {server[key][1] / server['a'][1]:.2f}x"
+                    if key in server and "a" in server
+                    else ""
+                )
             )
         if "b" in speed and key in speed:
             pairs = zip(runs[key], runs["b"], strict=True)
@@ -550,7 +653,7 @@ def table(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SCENARIOS = "abcdefghi"
+SCENARIOS = "abcdefghij"
 
 
 def scenario_letters(text: str) -> str:
@@ -570,18 +673,35 @@ def main() -> None:
     worker.add_argument("--prepared", type=Path, required=True)
     worker.add_argument("--checkpoints", type=Path, required=True)
     worker.add_argument("--overrides", type=json.loads, default={})
-    parser.add_argument("--seconds", type=float, default=30.0, help="per measured window")
-    parser.add_argument("--rate", type=float, default=None, help="requests/s (default: half sat.)")
-    parser.add_argument("--overload", type=float, default=1.5, help="x saturation, breach step")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--seconds", type=positive_float, default=30.0, help="per measured window")
     parser.add_argument(
-        "--scenarios", type=scenario_letters, default="abcd", help="which of a to i to run"
+        "--rate", type=positive_float, default=None, help="requests/s (default: half sat.)"
     )
     parser.add_argument(
-        "--slo-ms", type=float, default=None, help="(d): host.slo.p99_ms (default: see below)"
+        "--overload", type=positive_float, default=1.5, help="x saturation, breach step"
+    )
+    parser.add_argument("--rounds", type=positive_int, default=1)
+    parser.add_argument(
+        "--scenarios", type=scenario_letters, default="abcd", help="which of a to j to run"
     )
     parser.add_argument(
-        "--slo-factor", type=float, default=1.2, help="no --slo-ms: this x round 1's (a) p99"
+        "--slo-ms",
+        type=positive_float,
+        default=None,
+        help="(d): host.slo.p99_ms (default: see below)",
+    )
+    parser.add_argument(
+        "--slo-factor",
+        type=positive_float,
+        default=1.2,
+        help="no --slo-ms: this x round 1's (a) p99",
+    )
+    parser.add_argument(
+        "--resume-below",
+        type=fraction,
+        default=None,
+        help="(d)-(i): host.resume_below (default: 0.9 with the SLO from --slo-factor, so training "
+        "resumes below 1.08 x (a); with --slo-ms, params.yaml's)",
     )
     parser.add_argument(
         "--no-pin-service",
@@ -589,15 +709,28 @@ def main() -> None:
         action="store_false",
         help="leave the service on every core (default: on host.service.cpus only, throughout)",
     )
+    parser.add_argument(
+        "--client-priority",
+        choices=("fifo", "normal"),
+        default="fifo",
+        help="the load generator at real-time priority (default; root) or at normal priority",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     parser.add_argument("--keep", type=Path, default=None, help="work in (and keep) this folder")
     args = parser.parse_args()
     args.slo_ms_given = args.slo_ms is not None
+    controlled = sorted(set(args.scenarios) & set("defghi"))
+    if controlled and "a" not in args.scenarios and not args.slo_ms_given:
+        parser.error(
+            f"scenarios {', '.join(controlled)} take their SLO from (a) (--slo-factor x its p99): "
+            "add a to --scenarios or give --slo-ms"
+        )
     if args.command == "train-worker":
         train_worker(args.prepared, args.checkpoints, args.overrides)
         return
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install wrk")
+    CLIENT_PREFIX[:] = client_prefix(args.client_priority)
     with contextlib.ExitStack() as stack:
         tmp = (
             args.keep.resolve()

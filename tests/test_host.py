@@ -26,6 +26,7 @@ from pipelines.artifacts import read_json
 from pipelines.config import HostConfig
 from pipelines.errors import ParamsError
 from pipelines.host import (
+    STUCK_WARN_S,
     Controller,
     Mode,
     PrometheusSource,
@@ -211,6 +212,64 @@ def test_a_noisy_signal_never_flaps() -> None:
         last = mode
     assert c.gate.stats.pauses == 1  # the first spike; the noise then never let it resume
     assert changes == 1 and last == Mode.PAUSED
+
+
+def test_a_hold_stuck_between_resume_below_and_the_slo_says_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A service whose p99 sits under the SLO but above resume_below x it (as an SLO of 1.2 x
+    the service-alone p99 with resume_below 0.7 does) holds training for ever: after
+    STUCK_WARN_S the controller warns once with the figures and the setting to change, not at
+    every read; a release and a new hold may warn again."""
+    clock = Clock()
+    c = controller(host(), clock)
+    between = ok(SLO_MS * 0.8)
+    with caplog.at_level(logging.WARNING, logger="pipelines.host"):
+        c.step(ok(SLO_MS * 2))
+        for _ in range(int(STUCK_WARN_S) * 2 + 1):  # two STUCK_WARN_S at one read a second
+            clock.t += 1
+            assert c.step(between) == Mode.PAUSED
+        stuck = [r.getMessage() for r in caplog.records if "never resumes" in r.getMessage()]
+        assert len(stuck) == 1, stuck
+        assert f"p99 {SLO_MS * 0.8:.1f} ms" in stuck[0] and "host.resume_below" in stuck[0]
+        for _ in range(10):  # calm: released; then a new breach and a new stuck hold
+            clock.t += 1
+            c.step(ok(SLO_MS * 0.1))
+        assert c.gate.mode == Mode.FULL
+        c.step(ok(SLO_MS * 2))
+        for _ in range(int(STUCK_WARN_S) + 1):
+            clock.t += 1
+            c.step(between)
+    assert sum("never resumes" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_noisy_stuck_hold_warns_too_and_an_unreadable_service_restarts_the_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A breaker's findings: p99 noise around resume_below x the SLO (calm reads that never last
+    resume_after_s) still holds training for ever, so it warns too; time the service could not
+    be read is not time "under its SLO"."""
+    rng = random.Random(2)
+    clock = Clock()
+    c = controller(host(), clock)
+    with caplog.at_level(logging.WARNING, logger="pipelines.host"):
+        c.step(ok(SLO_MS * 2))
+        for i in range(int(STUCK_WARN_S) * 4):  # 4 x STUCK_WARN_S at 2 reads a second
+            clock.t += 0.5
+            p99 = SLO_MS * (0.5 if i % 20 == 0 else rng.uniform(0.66, 0.98))
+            assert c.step(ok(p99)) == Mode.PAUSED
+        stuck = [r.getMessage() for r in caplog.records if "never resumes" in r.getMessage()]
+        assert len(stuck) == 1, stuck
+        caplog.clear()
+        c = controller(host(), clock)
+        c.step(ok(SLO_MS * 2))
+        c.step(ok(SLO_MS * 0.8))
+        for _ in range(int(STUCK_WARN_S) + 10):  # unreadable longer than STUCK_WARN_S
+            clock.t += 1
+            c.step(None, "connection refused")
+        clock.t += 1
+        c.step(ok(SLO_MS * 0.8))
+    assert not [r for r in caplog.records if "never resumes" in r.getMessage()]
 
 
 def test_noise_below_the_slo_never_pauses() -> None:
@@ -872,16 +931,18 @@ def test_a_stopped_tune_trial_is_no_failure_and_the_rerun_replaces_it(
 
 def test_the_services_latency_histogram_resolves_a_tight_slo() -> None:
     """The p99 the controller reads (BentoML's duration histogram) tells a 7 ms p99 from a 9 ms
-    one: service.py gives BentoML bounds at most 15% apart from 0.5 ms to 10 s (its defaults jump
-    from 5 to 10 to 25 ms). The in-process app has no /metrics histogram: the live test
-    (test_shared_host_live.py) reads the real one."""
+    one: service.py gives BentoML bounds at most 25% apart from 0.5 ms to 1.9 s (its defaults jump
+    from 5 to 10 to 25 ms), and few of them (each bound costs every /metrics read: the
+    controller's reads slowed the service). The in-process app has no /metrics histogram: the live
+    test (test_shared_host_live.py) reads the real one."""
     import service
 
     duration = service.SERVICE.config["metrics"]["duration"]
-    bounds = [le for le in duration["buckets"] if le <= 10.5]
-    assert bounds[0] == pytest.approx(0.0005) and bounds[-1] >= 10.0
-    assert all(b / a <= 1.151 for a, b in itertools.pairwise(bounds))
-    assert len(duration["buckets"]) < 100  # BentoML's MAX_BUCKET_COUNT
+    bounds = [le for le in duration["buckets"] if le <= 2.0]
+    assert bounds[0] == pytest.approx(0.0005) and bounds[-1] >= 1.9
+    assert all(b / a <= 1.251 for a, b in itertools.pairwise(bounds))
+    assert max(duration["buckets"]) >= 120.0
+    assert len(duration["buckets"]) <= 50
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")

@@ -144,10 +144,10 @@ def test_training_pauses_while_the_load_is_high_and_finishes_after(
             load_stopped = time.monotonic()
             resumed = lines.first(RESUMED, after=paused, timeout_s=60)
             assert training.wait(timeout=300) == 0, lines.text()
-            # The p99 the controller read came from service.py's fine buckets (0.5 ms, x1.15)
+            # The p99 the controller read came from service.py's fine buckets (0.5 ms, x1.25)
             scrape = service_metrics.parse(httpx.get(f"{url}/metrics", timeout=10).text)
             assert min(scrape.buckets) == pytest.approx(0.0005), sorted(scrape.buckets)[:5]
-            assert len(scrape.buckets) > 60 and scrape.buckets[math.inf] > 0
+            assert len(scrape.buckets) > 40 and scrape.buckets[math.inf] > 0
         finally:
             if training.poll() is None:
                 stop_group(training, grace_s=10)
