@@ -301,20 +301,34 @@ def test_bad_requests_over_http_get_4xx_with_a_message(server: str) -> None:
         assert message in response.text
 
 
-def test_a_body_shorter_than_its_content_length_gets_a_408_over_http(server: str) -> None:
-    """Over a real socket: 10 of 100 announced bytes, then silence. The answer is a 408 naming
-    what arrived, before BentoML's own timer would have sent a 504; the service answers the
-    next request as before."""
+@pytest.mark.parametrize(
+    ("path", "framing", "expected"),
+    [
+        ("/predict", "Content-Length: 100", b"Content-Length 100 announced, 10 bytes arrived"),
+        ("/predict", "Transfer-Encoding: chunked", b"10 bytes arrived within"),
+        (
+            "/score_file/submit",
+            "Content-Length: 100",
+            b"Content-Length 100 announced, 10 bytes arrived",
+        ),
+    ],
+)
+def test_a_body_that_stalls_gets_a_408_over_http(
+    server: str, path: str, framing: str, expected: bytes
+) -> None:
+    """Over a real socket: 10 bytes of a body (100 announced, or one chunk of a chunked one),
+    then silence. The answer is a 408 naming what arrived, before BentoML's own timer would have
+    sent a 504; the service answers the next request as before."""
     import socket
     from urllib.parse import urlsplit
 
     address = urlsplit(server)
-    head = (
-        "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        "Content-Length: 100\r\n\r\n"
-    )
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{framing}\r\n\r\n"
+    part = b'{"rows": ['
+    if "chunked" in framing:
+        part = b"a\r\n" + part + b"\r\n"
     with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
-        sock.sendall(head.encode() + b'{"rows": [')
+        sock.sendall(head.encode() + part)
         answer = b""
         while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
             chunk = sock.recv(4096)
@@ -323,7 +337,7 @@ def test_a_body_shorter_than_its_content_length_gets_a_408_over_http(server: str
             answer += chunk
     status_line, _, rest = answer.partition(b"\r\n")
     assert b" 408 " in status_line, answer
-    assert b"request body incomplete: Content-Length 100 announced, 10 bytes arrived" in rest
+    assert b"request body incomplete: " + expected in rest, answer
     good = httpx.post(f"{server}/predict", json={"rows": [[0.0] * 64]}, timeout=10)
     assert good.status_code == 200, good.text
 
