@@ -20,10 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.` from a plain run
 
 from bench_args import fraction, positive_int
 
