@@ -1012,7 +1012,10 @@ class Guard:
         # it must stay under the limit, and every POST body under the prediction and batch paths,
         # so that one that stalls gets its 408 rather than BentoML's 504.
         if scope["method"] in {"POST", "PUT", "PATCH"} and (length is None or protected):
-            arrived = await self.read_in_time(receive, limit)
+            try:
+                arrived = await self.read_in_time(receive, limit)
+            except ClientGone:
+                return  # no one to answer; the app never sees the partial body
             if arrived is None:
                 await send_json(send, 413, too_large, (b"connection", b"close"))
                 return
@@ -1137,14 +1140,22 @@ class DirectPredict:
         await send_json(send, 200, predictions, self.server)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its body was whole: nothing is to be run or answered."""
+
+
 async def read_body(
     receive: Receive, limit: int | None = None, into: list[bytes] | None = None
 ) -> bytes | None:
     """The whole request body; None as soon as it grows over `limit` bytes. The chunks read so
-    far are kept in `into` when given (what arrived, should the read be cancelled)."""
+    far are kept in `into` when given (what arrived, should the read be cancelled). Raises
+    ClientGone when the client disconnects first: a body cut short must not run as if whole
+    (a /feedback body short of its Content-Length was once written to the log)."""
     chunks, size = into if into is not None else [], 0
     while True:
         message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if limit is not None and size > limit:

@@ -318,6 +318,46 @@ def test_a_body_that_stalls_gets_a_408_not_a_timeout(path: str, length: bytes | 
     assert error == f"request body incomplete: {announced}10 bytes arrived within 0.2 s"
 
 
+@pytest.mark.parametrize(
+    ("path", "length"),
+    [("/feedback", b"200"), ("/predict", b"200"), ("/score_file/submit", None)],
+)
+def test_a_body_cut_short_by_a_disconnect_never_reaches_the_app(
+    path: str, length: bytes | None
+) -> None:
+    """The client sent part of its body and went away: the part is not run as if whole (a
+    /feedback body 100 bytes short of its Content-Length was once written to the feedback log,
+    a batch upload submitted), and nothing is answered."""
+    import service
+
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+
+    parts = [
+        {"type": "http.request", "body": b'{"request_id": "a", "labels": [1]}', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return parts.pop(0)
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/json")]
+    if length is not None:
+        headers.append((b"content-length", length))
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    guard = service.Guard(app, max_body=1024, body_timeout_s=0.5)
+    asyncio.run(asyncio.wait_for(guard(scope, receive, send), timeout=5))
+    assert reached == [] and sent == []
+    assert not guard.deadlines and not guard.expired
+
+
 def test_a_stalled_body_is_cut_off_and_the_requests_beside_it_are_not() -> None:
     """Concurrent reads on one Guard: the stalled one gets its 408 at the deadline; one whose
     body arrived (and whose app runs past the deadline) and one whose body arrives late but in
