@@ -83,6 +83,30 @@ def check_storage_url(url: str) -> str:
     return url
 
 
+def check_http_url(url: str) -> str:
+    """`url` if it is an absolute http(s) URL with a host and, if given, a numeric port (what
+    httpx and MLflow's client accept); ValueError naming the fault otherwise (the URL itself
+    only without its credentials). `http://`, `http://:3000/x` and `http://[::1]:3911x/` are
+    refused here instead of failing at the first request, or never (a controller reading an
+    unreachable URL throttles training for good)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"expected http(s)://host[:port]/..., got scheme {parts.scheme!r}")
+    if not parts.hostname:
+        raise ValueError("no host; expected http(s)://host[:port]/...")
+    if port == 0:
+        raise ValueError("port 0; expected 1-65535")
+    return url
+
+
+HttpUrl = Annotated[str, AfterValidator(check_http_url)]
+
 # Tracking stores this project runs against: MLflow's server (http/https), a database store
 # (SQLAlchemy URLs), Databricks. MLflow 3 refuses its file store ("maintenance mode") unless
 # MLFLOW_ALLOW_FILE_STORE is set: `file:` and bare paths are refused here with that reason.
@@ -94,6 +118,8 @@ def check_tracking_uri(uri: str) -> str:
     driver after `+` allowed); ValueError naming the scheme otherwise, never the URI (it may hold
     a password)."""
     scheme = uri.split("://", 1)[0].split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme in ("http", "https"):
+        return check_http_url(uri)
     if scheme in TRACKING_SCHEMES:
         return uri
     expected = "http(s)://host:port, sqlite:///<file>, postgresql://... or databricks"
@@ -611,7 +637,7 @@ class TrackingConfig(Section):
     uri: Annotated[str, Field(min_length=1), AfterValidator(check_tracking_uri)]
     artifacts: str = Field(min_length=1)
     experiment: str = Field(min_length=1)
-    ui_url: str = Field(min_length=1)
+    ui_url: HttpUrl
 
 
 # dvc.yaml's stage names (tests/test_cli.py checks they match): what orchestration can refer to.
@@ -822,7 +848,7 @@ class ServiceReserve(Section):
 class Slo(Section):
     """The local service's objective, read from its Prometheus /metrics every host.poll_ms."""
 
-    metrics_url: str = Field(pattern=r"^https?://")
+    metrics_url: HttpUrl
     p99_ms: float = Field(gt=0, le=600_000)  # p99 latency over the last window_s
     max_in_flight: int = Field(ge=1, le=MAX_COUNT)  # bentoml_service_request_in_progress
     # The p99 is over the requests of the last window_s (read every poll; 0: since the previous
@@ -1195,7 +1221,7 @@ class Environment(BaseModel):
         description="Set on each training host (its worker's environment): the checkout the "
         "train and tune-worker flows run in (flows/deployments.py).",
     )
-    pushgateway_url: str | None = Field(
+    pushgateway_url: HttpUrl | None = Field(
         default=None,
         validation_alias="MLOPS_PUSHGATEWAY_URL",
         description="Set on the inference host (its worker's environment): the Prometheus "

@@ -105,8 +105,9 @@ class PrometheusSource:
     old, or the oldest kept; 0: the previous read; the first read only sets the baseline: NaN)
     and `bentoml_service_request_in_progress`, of the prediction endpoints, parsed with
     prometheus_client's parser (`inference.metrics`). A read that times out is a reading of
-    p99 = the timeout (a lower bound) and in-flight unknown (NaN); a refused or broken one
-    raises SourceError."""
+    p99 = the timeout (a lower bound) and in-flight unknown (NaN); a refused or broken one, or
+    a 200 without BentoML's request counter of those endpoints (another exporter, an empty
+    page: it would read as calm for good), raises SourceError."""
 
     def __init__(
         self,
@@ -118,23 +119,48 @@ class PrometheusSource:
         self.url, self.timeout_s, self.window_s, self.clock = url, timeout_s, window_s, clock
         self._history: collections.deque[tuple[float, Any]] = collections.deque()
 
+    def fetch(self) -> str | None:
+        """The /metrics body, or None when the whole answer took over timeout_s (httpx's own
+        timeout bounds each read, not their sum: an answer dripping a chunk every 0.3 s held
+        the controller for a minute). Raises httpx.HTTPError for a refused or failed one."""
+        import httpx
+
+        deadline = time.monotonic() + self.timeout_s
+        chunks = []
+        with httpx.stream("GET", self.url, timeout=self.timeout_s) as answer:
+            answer.raise_for_status()
+            for chunk in answer.iter_bytes():
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    return None
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
     def read(self) -> Reading:
         import httpx
 
         from inference import metrics
 
         try:
-            answer = httpx.get(self.url, timeout=self.timeout_s)
-            answer.raise_for_status()
-            scrape = metrics.parse(answer.text)
+            text = self.fetch()
+            scrape = None if text is None else metrics.parse(text)
         except httpx.TimeoutException:
+            scrape = None
+        except (httpx.HTTPError, ValueError) as exc:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SourceError(f"{self.url}: {message}") from None
+        if scrape is None:
             # The service is up but answers its own /metrics slower than the timeout: one event
             # loop serves both, so its requests wait at least as long. A breach (p99 >= the
             # timeout), not a lost source: measured under overload (benchmarks/shared_host.py),
             # reads timed out for 15 s on end while requests waited ~1 s.
             return Reading(self.timeout_s * 1000.0, math.nan, timed_out=True)
-        except (httpx.HTTPError, ValueError) as exc:
-            raise SourceError(f"{self.url}: {exc or type(exc).__name__}") from None
+        if not scrape.found:
+            # a 200 from something else (another exporter, an empty page) would read as calm
+            # for good: BentoML lists the request counter of every API from its start
+            raise SourceError(
+                f"{self.url}: no {metrics.TOTAL} for {' or '.join(metrics.JUDGED)}: not this "
+                "project's `bentoml serve` (host.slo.metrics_url)"
+            )
         now = self.clock()
         history = self._history
         history.append((now, scrape))
@@ -477,6 +503,13 @@ def training_cpus(share: TrainingShare, service: ServiceReserve) -> list[int]:
     not reserved for the service. Raises ParamsError naming the key when none is left or a core
     is not on this host."""
     available = sorted(os.sched_getaffinity(0))
+    cores = os.cpu_count() or len(available)
+    absent = [c for c in service.cpus if c >= cores]
+    if absent:  # the service may run outside this process's affinity, never off the host
+        raise ParamsError(
+            f"host.service.cpus: cores {', '.join(map(str, absent))} are not on this host "
+            f"(it has cores 0-{cores - 1})"
+        )
     if share.cpus is not None:
         missing = [c for c in share.cpus if c not in available]
         if missing:

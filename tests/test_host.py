@@ -4,6 +4,7 @@ SIGTERM-then-kill on a stage timeout."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import itertools
 import logging
@@ -505,6 +506,9 @@ def test_shared_mode_pauses_training_while_the_service_is_over_its_slo(
 # --- the Prometheus source --------------------------------------------------------------------
 
 METRICS = """\
+# HELP bentoml_service_request_total Multiprocess metric
+# TYPE bentoml_service_request_total counter
+bentoml_service_request_total{endpoint="/predict",http_response_code="200"} %(total)s
 # HELP bentoml_service_request_in_progress Multiprocess metric
 # TYPE bentoml_service_request_in_progress gauge
 bentoml_service_request_in_progress{endpoint="/predict",service_name="s"} %(busy)s
@@ -515,21 +519,27 @@ bentoml_service_request_duration_seconds_bucket{endpoint="/predict",le="0.1"} %(
 bentoml_service_request_duration_seconds_bucket{endpoint="/predict",le="+Inf"} %(total)s
 bentoml_service_request_duration_seconds_count{endpoint="/predict"} %(total)s
 bentoml_service_request_duration_seconds_sum{endpoint="/predict"} 1.0
-"""
+@408,le="0.01"} 0
+@408,le="0.1"} 0
+@408,le="+Inf"} %(stalled)s
+""".replace(
+    "@408",
+    'bentoml_service_request_duration_seconds_bucket{endpoint="/predict",http_response_code="408"',
+)
 
 
 @pytest.fixture
 def metrics_server() -> Iterator[tuple[str, dict[str, float], http.server.HTTPServer]]:
     """A local /metrics answering METRICS with the figures in the dict it yields."""
-    figures: dict[str, float] = {"busy": 0, "fast": 0, "total": 0}
+    figures: dict[str, float] = {"busy": 0, "fast": 0, "total": 0, "stalled": 0}
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = (METRICS % figures).encode()
+            answer = (METRICS % figures).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(answer)
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -585,6 +595,81 @@ def test_the_prometheus_source_reads_p99_over_window_s(
     assert all(value <= 10 for value in p99[6:])  # 2 s later it has left the window
 
 
+def test_a_clients_4xx_answers_do_not_move_the_p99(
+    metrics_server: tuple[str, dict[str, float], http.server.HTTPServer],
+) -> None:
+    """A stalled body is a 408 after 0.6 x serve.timeout_s: the client's time, not the
+    service's. 100 of them beside 1,000 fast answers leave the p99 where the fast ones put it
+    (one stall every 1.5 s once held training paused at a 50 ms SLO)."""
+    url, figures, _ = metrics_server
+    source = PrometheusSource(url, timeout_s=5)
+    figures.update(fast=1000, total=1000)
+    source.read()
+    figures.update(fast=2000, total=2000, stalled=100)
+    assert source.read().p99_ms <= 10
+
+
+@contextlib.contextmanager
+def answering(chunks: list[bytes], pause_s: float = 0.0) -> Iterator[str]:
+    """A local /metrics that answers 200 with `chunks`, `pause_s` apart."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(sum(map(len, chunks))))
+            self.end_headers()
+            for chunk in chunks:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                time.sleep(pause_s)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/metrics"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "not this project's `bentoml serve`"),
+        (b"# another exporter\nprocess_cpu_seconds_total 12.5\n", "not this project's"),
+        (b"<html>hello</html>", "invalid metric name"),
+    ],
+)
+def test_a_200_that_is_not_the_service_is_an_unreadable_source(body: bytes, message: str) -> None:
+    """Another exporter's metrics, or an empty page, hold none of BentoML's request counters:
+    read as calm, they would let training run at full share for good."""
+    with answering([body]) as url, pytest.raises(SourceError, match=message) as caught:
+        PrometheusSource(url, timeout_s=5).read()
+    assert "\n" not in str(caught.value)
+
+
+def test_a_dripping_answer_times_out_as_a_whole() -> None:
+    """One chunk every 0.3 s: each read is within httpx's timeout, their sum is not."""
+    with answering([b"# x\n"] * 20, pause_s=0.3) as url:
+        started = time.monotonic()
+        reading = PrometheusSource(url, timeout_s=1.0).read()
+        took = time.monotonic() - started
+    assert reading.timed_out and reading.p99_ms == 1000.0
+    assert took < 2.0
+
+
+def test_an_error_status_is_one_line_naming_the_url() -> None:
+    with answering([b"x"]) as url:
+        missing = url.replace("/metrics", "/nothing-here")
+    with pytest.raises(SourceError) as caught:  # the server is gone: refused
+        PrometheusSource(missing, timeout_s=2).read()
+    assert str(caught.value).startswith(missing) and "\n" not in str(caught.value)
+
+
 # --- quotas and settings ----------------------------------------------------------------------
 
 
@@ -616,6 +701,9 @@ def test_training_cores_leave_the_service_its_own() -> None:
     outside = max(available) + 1000
     with pytest.raises(ParamsError, match=f"host.training.cpus: cores {outside} are not"):
         training_cpus(host(training__cpus=[outside], service__cpus=available[:1]).training, service)
+    cores = os.cpu_count() or len(available)  # a service core off the host: never silently ignored
+    with pytest.raises(ParamsError, match=f"host.service.cpus: cores {cores + 98} are not on"):
+        training_cpus(share, host(service__cpus=[cores + 98]).service)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
@@ -708,14 +796,21 @@ def test_borrow_idle_counts_the_service_cores_for_torch_threads() -> None:
         ("host.windows", ["22:00-22:00"], "is not a window"),
         ("host.timezone", "Mars/Olympus", "unknown time zone"),
         ("host.training.cpus", [0], "cores 0 are reserved for the service"),
-        ("host.slo.metrics_url", "127.0.0.1:3000/metrics", "should match pattern"),
+        ("host.slo.metrics_url", "127.0.0.1:3000/metrics", "expected http"),
+        ("host.slo.metrics_url", "http://", "no host"),
+        ("host.slo.metrics_url", "http://:3000/metrics", "no host"),
+        ("host.slo.metrics_url", "http://[::1]:3911x/metrics", "not a URL"),
+        ("tracking.ui_url", "http://[::1]:50x", "not a URL"),
+        ("tracking.uri", "http://", "no host"),
         ("host.mode", "both", "dedicated"),
     ],
 )
-def test_bad_host_settings_are_refused_naming_the_key(key: str, value: Any, message: str) -> None:
+def test_bad_host_settings_and_urls_are_refused_naming_the_key(
+    key: str, value: Any, message: str
+) -> None:
     with pytest.raises(ParamsError, match=message) as caught:
         tiny_params({key: value})
-    assert "host" in str(caught.value)
+    assert key.rsplit(".", 1)[-1] in str(caught.value)
 
 
 def test_more_throttled_threads_than_threads_is_refused_naming_the_key() -> None:
