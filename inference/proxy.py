@@ -39,13 +39,49 @@ def upstream_path(settings: HostSettings) -> Path:
 
 IDENTITY_PATH = "/.mlops-serving-host"  # answers this host's id: the proxy is ours, not another
 PROXY_VERIFY_S = 15.0  # how long a (re)started nginx gets to answer on the serving address
-# nginx's own errors (a body over the limit, no version answering) in the service's error shape
+# nginx's own errors (a path outside ROUTES, a body over the limit, no version answering) in the
+# service's error shape
 NGINX_ERRORS = {
+    404: "no such endpoint; GET /docs.json lists the endpoints",
     413: "request body larger than serve.max_body_bytes",
     502: "no serving version answered (bad gateway); retry",
     503: "no serving version available; retry",
     504: "the serving version did not answer in time",
 }
+
+# The paths the service answers, and the only ones nginx forwards: its APIs and routes
+# (service.py), BentoML's task routes for score_file, probes and /metrics, /schema.json (what
+# BentoML's own clients read), and the docs page (/) with its document and assets. Every other
+# path is nginx's JSON 404: BentoML labels its request metrics by the raw path, 404s included,
+# before the service's middleware runs, so each unknown path would add series to /metrics for good
+# (500 of them made it 5.1 MB and a read 1.5 s). tests/test_inference.py checks this list against
+# the routes of the app service.py builds.
+DOCS_ASSETS = (
+    "favicon-dark-32x32.png",
+    "favicon-light-32x32.png",
+    "index.css",
+    "marked.min.js",
+    "swagger-initializer.js",
+    "swagger-ui-bundle.js",
+    "swagger-ui-standalone-preset.js",
+    "swagger-ui.css",
+)
+TASK_ROUTES = ("", "/submit", "/status", "/get", "/retry", "/cancel")  # BentoML 1.4's, per task
+ROUTES = (
+    "/predict",
+    "/predict_image",
+    "/metadata",
+    "/feedback",
+    *(f"/score_file{route}" for route in TASK_ROUTES),
+    "/livez",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/schema.json",
+    "/",
+    "/docs.json",
+    *(f"/static_content/{name}" for name in DOCS_ASSETS),
+)
 
 
 def host_id(settings: HostSettings) -> str:
@@ -62,14 +98,22 @@ def render_nginx(settings: HostSettings, max_body_bytes: int) -> str:
     (serve.max_body_bytes, so nginx refuses what the service would refuse, before the upstream
     is touched), `X-Request-ID` from $request_id (kept if the client sent one) passed upstream
     and returned, an access log with the request id, the upstream that answered and status, JSON
-    bodies (`{"error": ...}`, as the service's) for nginx's own 413/502/503/504, and
-    IDENTITY_PATH answering this host's id (see `verify`)."""
+    bodies (`{"error": ...}`, as the service's) for nginx's own 404/413/502/503/504, and
+    IDENTITY_PATH answering this host's id (see `verify`).
+
+    Only ROUTES reach the versions, one exact-match location each, and each sends its own path
+    upstream, not the client's: `/x/../predict` or `//predict` (nginx's normalized `/predict`)
+    reach the service as `/predict`, so the service never sees a path outside ROUTES. Any other
+    path is a 404 from nginx."""
     d = nginx_dir(settings)
     errors = "\n".join(
         f"        error_page {code} @e{code};\n"
         f"        location @e{code} {{ default_type application/json; "
         f'add_header X-Request-ID $rid always; return {code} \'{{"error": "{text}"}}\'; }}'
         for code, text in NGINX_ERRORS.items()
+    )
+    routes = "\n".join(
+        f"        location = {path} {{ proxy_pass http://versions{path}; }}" for path in ROUTES
     )
     logs = settings.home / "logs"
     temps = "\n".join(
@@ -97,28 +141,28 @@ http {{
     include {upstream_path(settings)};
     server {{
         listen {settings.address};
+        # For every route's location below (each holds only its proxy_pass).
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Request-ID $rid;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        # The service echoes the id it was sent ($rid): nginx's own header is the one answer.
+        proxy_hide_header X-Request-ID;
+        add_header X-Request-ID $rid always;
+        proxy_read_timeout 120s;
+        proxy_intercept_errors off;  # the versions' own 4xx/5xx bodies pass through
+        # A replica that is stopped or killed refuses connections: try the next one instead
+        # of failing the client. non_idempotent lets a POST be retried too, which is safe
+        # here because /predict is a pure function of its body (no state changes), and only
+        # errors before a response (error, timeout) are retried, never a 5xx answer: a 5xx
+        # must reach the client and the canary's figures.
+        proxy_next_upstream error timeout non_idempotent;
+        proxy_next_upstream_tries 3;
 {errors}
         location = {IDENTITY_PATH} {{ default_type text/plain; return 200 "{host_id(settings)}"; }}
-        location / {{
-            proxy_pass http://versions;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $host;
-            proxy_set_header X-Request-ID $rid;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            # The service echoes the id it was sent ($rid): nginx's own header is the one answer.
-            proxy_hide_header X-Request-ID;
-            add_header X-Request-ID $rid always;
-            proxy_read_timeout 120s;
-            proxy_intercept_errors off;  # the versions' own 5xx bodies pass through
-            # A replica that is stopped or killed refuses connections: try the next one instead
-            # of failing the client. non_idempotent lets a POST be retried too, which is safe
-            # here because /predict is a pure function of its body (no state changes), and only
-            # errors before a response (error, timeout) are retried, never a 5xx answer: a 5xx
-            # must reach the client and the canary's figures.
-            proxy_next_upstream error timeout non_idempotent;
-            proxy_next_upstream_tries 3;
-        }}
+{routes}
+        location / {{ return 404; }}
     }}
 }}
 """

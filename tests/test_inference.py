@@ -3,14 +3,19 @@ weights, state and history, archive checks; and the deploy path's imports (lean)
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import io
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
@@ -20,6 +25,7 @@ from inference.settings import host_settings
 from inference.state import Slot, State, history, read_state, record, write_state
 from inference.store import inspect
 from tests.helpers import REPO
+from tests.helpers.processes import free_port, stop_group
 
 # /metrics as BentoML 1.4 serves it (trimmed): a /predict endpoint with 200s and 500s, a /readyz
 # probe that must not count, and the duration histogram.
@@ -122,6 +128,102 @@ def test_nginx_accepts_the_rendered_conf_with_json_errors_and_the_host_id(tmp_pa
         check=False,
     )
     assert checked.returncode == 0, checked.stderr
+
+
+def test_nginx_forwards_only_the_services_routes_and_answers_the_rest_404(tmp_path: Path) -> None:
+    conf = proxy.render_nginx(host_settings({"MLOPS_SERVING_HOME": str(tmp_path)}), 4096)
+    forwarded = re.findall(r"location = (\S+) \{ proxy_pass http://versions(\S+); \}", conf)
+    assert forwarded == [(path, path) for path in proxy.ROUTES]  # each sends its own path
+    assert conf.count("proxy_pass ") == len(proxy.ROUTES)
+    assert "location / { return 404; }" in conf and "error_page 404 @e404;" in conf
+
+
+def served_paths(app: Any) -> set[str]:
+    """Every path a Starlette app answers: its routes, those of apps mounted at "/", and each file
+    of a mounted StaticFiles directory."""
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    paths: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, Route):
+            paths.add(route.path)
+        elif isinstance(route, Mount) and isinstance(route.app, StaticFiles):
+            folder = Path(str(route.app.directory))
+            paths |= {f"{route.path}/{f.name}" for f in folder.iterdir() if f.is_file()}
+        elif hasattr(route, "app") and hasattr(route.app, "routes"):  # BentoML's PassiveMount
+            assert route.path in ("", "/"), route.path
+            paths |= served_paths(route.app)
+        else:
+            raise AssertionError(f"a route of an unknown kind: {route!r}")
+    return paths
+
+
+def test_the_proxys_routes_are_the_ones_the_service_answers(service_client: Any) -> None:
+    """proxy.ROUTES is the app BentoML builds from service.py, route for route: a new endpoint
+    (or a BentoML upgrade that moves one) fails here, not as a 404 behind nginx."""
+    assert sorted(proxy.ROUTES) == sorted(served_paths(service_client.app))
+    assert len(set(proxy.ROUTES)) == len(proxy.ROUTES)
+    documented = service_client.get("/docs.json").json()["paths"]
+    assert set(documented) <= set(proxy.ROUTES)
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """An upstream that answers 200 to anything and keeps the request line's path it got."""
+
+    seen: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.seen.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def raw_get(port: int, path: str) -> tuple[int, str, str | None]:
+    """GET `path` exactly as written (no client normalizes it): status, body, X-Request-ID."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        answer = connection.getresponse()
+        return answer.status, answer.read().decode(), answer.getheader("X-Request-ID")
+    finally:
+        connection.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx (.ci/run installs it)")
+def test_nginx_sends_a_route_upstream_as_itself_and_nothing_else(tmp_path: Path) -> None:
+    """A real nginx from the rendered conf in front of a recording upstream: a route reaches it
+    as the route whatever the client wrote (dot segments, doubled slashes, escapes), with its
+    query; any other path is nginx's JSON 404 with a request id, and reaches nothing."""
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    settings = host_settings(
+        {"MLOPS_SERVING_HOME": str(tmp_path), "MLOPS_SERVING_ADDRESS": f"127.0.0.1:{free_port()}"}
+    )
+    conf = proxy.prepare(settings, 4096, [([upstream.server_address[1]], 100)])
+    command = ["nginx", "-c", str(conf), "-e", str(tmp_path / "logs" / "nginx-error.log")]
+    nginx = subprocess.Popen(command, start_new_session=True)
+    try:
+        proxy.verify(settings)
+        Recorder.seen.clear()
+        for path in ("/predict", "/x1/../predict?a=1", "//metadata", "/pred%69ct", "/"):
+            assert raw_get(settings.port, path)[0] == 200, path
+        assert Recorder.seen == ["/predict", "/predict?a=1", "/metadata", "/predict", "/"]
+        unknown = ["/x1", "/predictx", "/predict/", "/predict/../x", "/score_file/anything-else"]
+        unknown += ["/predict%0A", "/static_content/x.js", "/docs", "/metadata/x"]
+        for path in unknown:
+            status, body, rid = raw_get(settings.port, path)
+            assert (status, json.loads(body)) == (404, {"error": proxy.NGINX_ERRORS[404]}), path
+            assert rid and len(rid) == 32
+        assert len(Recorder.seen) == 5  # none of them reached the upstream
+    finally:
+        stop_group(nginx, grace_s=5)
+        upstream.shutdown()
 
 
 @pytest.mark.parametrize(

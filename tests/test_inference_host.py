@@ -4,7 +4,10 @@ goes on from the state the one before left (first deploy -> rollout -> rejection
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -14,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from inference import rollout, store, supervisor
+from inference import proxy, rollout, store, supervisor
 from inference.errors import CheckError, FetchError, HostError
 from inference.settings import HostSettings, host_settings
 from inference.state import history, read_state, state_path
@@ -139,6 +142,34 @@ def test_first_deploy_serves_through_the_proxy(world: World) -> None:
     state = read_state(world.settings.home)
     assert state.current and state.current.version == "1"
     assert supervisor.groups(world.settings) == ["v1"]
+
+
+def raw_get(world: World, path: str) -> tuple[int, str, str | None]:
+    """GET `path` through the proxy exactly as written (httpx would normalize dot segments), with
+    the API key: status, body, X-Request-ID."""
+    connection = http.client.HTTPConnection("127.0.0.1", world.settings.port, timeout=30)
+    try:
+        connection.request("GET", path, headers={"X-API-Key": API_KEY})
+        answer = connection.getresponse()
+        return answer.status, answer.read().decode(), answer.getheader("X-Request-ID")
+    finally:
+        connection.close()
+
+
+def test_an_unknown_path_is_nginxs_404_and_adds_no_series_to_metrics(world: World) -> None:
+    """BentoML labels its request metrics by the raw path, 404s included: only proxy.ROUTES may
+    reach a version, and each as itself, or every new path would grow /metrics for good."""
+    unknown = ["/x1", "/predictx", "/score_file/anything-else", "/predict/../x", "/docs"]
+    for path in unknown:
+        status, body, rid = raw_get(world, path)
+        assert (status, json.loads(body)) == (404, {"error": proxy.NGINX_ERRORS[404]}), path
+        assert rid and len(rid) == 32
+    for path in ("/x2/../metadata", "//metadata", "/metad%61ta"):  # nginx's /metadata
+        status, body, _ = raw_get(world, path)
+        assert status == 200 and json.loads(body)["model_version"] == "1", (path, body)
+    scraped = httpx.get(f"{world.settings.url}/metrics", timeout=30).text
+    endpoints = set(re.findall(r'endpoint="([^"]*)"', scraped))
+    assert "/metadata" in endpoints and endpoints <= set(proxy.ROUTES), endpoints
 
 
 def test_rollout_under_load_drops_no_request(world: World) -> None:
