@@ -268,6 +268,32 @@ def test_without_a_key_everything_is_open(monkeypatch: pytest.MonkeyPatch) -> No
     assert client.post("/predict", content=b"x" * 1025).status_code == 413
 
 
+def guarded_post(
+    path: str, length: bytes | None, receive: Any, body_timeout_s: float
+) -> tuple[list[str], list[dict[str, Any]], Any]:
+    """One JSON POST to `path` (with a Content-Length of `length`, or chunked) through a Guard
+    whose body arrives by `receive`: the paths the app behind it saw, the messages sent back,
+    and the Guard."""
+    import service
+
+    reached: list[str] = []
+    messages: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    headers = [(b"content-type", b"application/json")]
+    if length is not None:
+        headers.append((b"content-length", length))
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    guard = service.Guard(app, max_body=1024, body_timeout_s=body_timeout_s)
+    asyncio.run(asyncio.wait_for(guard(scope, receive, send), timeout=5))
+    return reached, messages, guard
+
+
 @pytest.mark.parametrize(
     ("path", "length"),
     [
@@ -284,12 +310,6 @@ def test_a_body_that_stalls_gets_a_408_not_a_timeout(path: str, length: bytes | 
     """A client that announces more bytes than it sends, or stalls mid-body, would wait for
     BentoML's request timeout and get its 504, a server error: Guard gives up first, with a 408
     saying how much arrived, and the app never sees the request."""
-    import service
-
-    reached: list[str] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        reached.append(scope["path"])
 
     async def stalls() -> dict[str, Any]:  # 10 bytes, then nothing more
         if not sent:
@@ -299,17 +319,7 @@ def test_a_body_that_stalls_gets_a_408_not_a_timeout(path: str, length: bytes | 
         raise AssertionError("unreachable")
 
     sent: list[bool] = []
-    messages: list[dict[str, Any]] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        messages.append(message)
-
-    headers = [(b"content-type", b"application/json")]
-    if length is not None:
-        headers.append((b"content-length", length))
-    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
-    guard = service.Guard(app, max_body=1024, body_timeout_s=0.2)
-    asyncio.run(asyncio.wait_for(guard(scope, stalls, send), timeout=5))
+    reached, messages, guard = guarded_post(path, length, stalls, body_timeout_s=0.2)
     assert messages[0]["status"] == 408 and not reached
     assert (b"connection", b"close") in messages[0]["headers"]
     error = json.loads(messages[1]["body"])["error"]
@@ -328,13 +338,6 @@ def test_a_body_cut_short_by_a_disconnect_never_reaches_the_app(
     """The client sent part of its body and went away: the part is not run as if whole (a
     /feedback body 100 bytes short of its Content-Length was once written to the feedback log,
     a batch upload submitted), and nothing is answered."""
-    import service
-
-    reached: list[str] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        reached.append(scope["path"])
-
     parts = [
         {"type": "http.request", "body": b'{"request_id": "a", "labels": [1]}', "more_body": True},
         {"type": "http.disconnect"},
@@ -343,17 +346,7 @@ def test_a_body_cut_short_by_a_disconnect_never_reaches_the_app(
     async def receive() -> dict[str, Any]:
         return parts.pop(0)
 
-    sent: list[dict[str, Any]] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    headers = [(b"content-type", b"application/json")]
-    if length is not None:
-        headers.append((b"content-length", length))
-    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
-    guard = service.Guard(app, max_body=1024, body_timeout_s=0.5)
-    asyncio.run(asyncio.wait_for(guard(scope, receive, send), timeout=5))
+    reached, sent, guard = guarded_post(path, length, receive, body_timeout_s=0.5)
     assert reached == [] and sent == []
     assert not guard.deadlines and not guard.expired
 
