@@ -107,6 +107,14 @@ def check_http_url(url: str) -> str:
 
 HttpUrl = Annotated[str, AfterValidator(check_http_url)]
 
+
+def check_gateway_url(url: str) -> str:
+    """`url` if check_http_url takes it, `http://` assumed when it has no scheme
+    (prometheus_client's push_to_gateway takes `host:port`)."""
+    check_http_url(url if "://" in url else f"http://{url}")
+    return url
+
+
 # Tracking stores this project runs against: MLflow's server (http/https), a database store
 # (SQLAlchemy URLs), Databricks. MLflow 3 refuses its file store ("maintenance mode") unless
 # MLFLOW_ALLOW_FILE_STORE is set: `file:` and bare paths are refused here with that reason.
@@ -1221,7 +1229,7 @@ class Environment(BaseModel):
         description="Set on each training host (its worker's environment): the checkout the "
         "train and tune-worker flows run in (flows/deployments.py).",
     )
-    pushgateway_url: HttpUrl | None = Field(
+    pushgateway_url: Annotated[str, AfterValidator(check_gateway_url)] | None = Field(
         default=None,
         validation_alias="MLOPS_PUSHGATEWAY_URL",
         description="Set on the inference host (its worker's environment): the Prometheus "

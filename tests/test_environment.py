@@ -110,6 +110,7 @@ def test_each_variable_is_read_typed() -> None:
             "MLOPS_TRT_CACHE": "/var/cache/trt",
             "MLOPS_TUNE_STORAGE": "postgresql://optuna:pw@db/optuna",
             "DVC_EXP_NAME": "exp-a",
+            "MLOPS_PUSHGATEWAY_URL": "127.0.0.1:9091",  # push_to_gateway assumes http://
             "UNRELATED": "ignored",
         }
     )
@@ -119,6 +120,7 @@ def test_each_variable_is_read_typed() -> None:
     assert env.api_key is not None and env.api_key.get_secret_value() == "k3y"
     assert "k3y" not in repr(env)  # a key never shows in a log line
     assert env.tune_storage == "postgresql://optuna:pw@db/optuna"
+    assert env.pushgateway_url == "127.0.0.1:9091"
 
 
 def test_unset_and_empty_take_the_defaults() -> None:
@@ -138,6 +140,8 @@ def test_unset_and_empty_take_the_defaults() -> None:
         ("MLOPS_TUNE_STORAGE", "mysql://u:secret@db/optuna", "unsupported scheme 'mysql'"),
         ("MLFLOW_TRACKING_URI", "ftp://u:secret@host/x", "unsupported scheme 'ftp'"),
         ("MLFLOW_TRACKING_URI", "not a uri", "a file store (MLflow 3 refuses it)"),
+        ("MLFLOW_TRACKING_URI", "http://u:secret@:5000/", "no host"),
+        ("MLOPS_PUSHGATEWAY_URL", "gateway:90x1", "not a URL"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_variable(name: str, value: str, says: str) -> None:
