@@ -92,6 +92,12 @@ class Reading:
     timed_out: bool = False
 
 
+# A /metrics answer must arrive whole within this many read timeouts: httpx's timeout bounds
+# each step (connect, each chunk), and on a loaded host (a CI run beside the test) a 0.1 s budget
+# for the sum timed out reads that each step's budget let through.
+WHOLE_READ_FACTOR = 3
+
+
 class MetricsSource(Protocol):
     """Anything with `read() -> Reading` (raises SourceError when it cannot)."""
 
@@ -120,12 +126,13 @@ class PrometheusSource:
         self._history: collections.deque[tuple[float, Any]] = collections.deque()
 
     def fetch(self) -> str | None:
-        """The /metrics body, or None when the whole answer took over timeout_s (httpx's own
-        timeout bounds each read, not their sum: an answer dripping a chunk every 0.3 s held
-        the controller for a minute). Raises httpx.HTTPError for a refused or failed one."""
+        """The /metrics body, or None when the whole answer took over WHOLE_READ_FACTOR x
+        timeout_s (httpx's own timeout bounds each step of the read, not their sum: an answer
+        dripping a chunk every 0.3 s held the controller for a minute). Raises httpx.HTTPError
+        for a refused or failed one."""
         import httpx
 
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + WHOLE_READ_FACTOR * self.timeout_s
         chunks = []
         with httpx.stream("GET", self.url, timeout=self.timeout_s) as answer:
             answer.raise_for_status()
