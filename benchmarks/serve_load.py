@@ -29,7 +29,12 @@ Load comes from separate processes: `wrk` (closed loop: N connections, one reque
 each) at several connection counts, whose best rate is the saturation throughput; then
 benchmarks/serve_openloop.py (open loop, fixed rate) at 25%, 50% and 80% of each server's own
 saturation for p50/p99 and errors (503s: load shed). Every server runs one load level before the
-next level, so slow drifts in machine load are fair to all. The batch size batching actually
+next level, so slow drifts in machine load are fair to all, and the whole schedule runs
+`--rounds` times (3 by default): each figure is the median round (the rate at a connection count,
+the p99 at a fixed rate; errors are summed), since one stalled round on this noisy 2-core machine
+moved a server's saturation by 1.5x and then overloaded it at "80%". Each `bentoml serve` gets
+its own BENTOML_HOME (sharing one model store), or the last one started empties the others'
+metrics directory. The batch size batching actually
 formed comes from the servers (BentoML's `adaptive_batch_size` histogram on /metrics; the peers'
 call counts); served / ceiling compares saturation with the ONNX Runtime engine alone, measured
 in this process at batch 1, 2, 4 ... 64 before and after the servers run (the better of the two
@@ -62,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
-from bench_args import positive_float  # noqa: E402
+from bench_args import positive_float, positive_int  # noqa: E402
 
 from tests.helpers.processes import free_port, stop_group, wait_ready  # noqa: E402
 
@@ -203,6 +208,23 @@ def server(
             stop_group(process)
 
 
+def own_bentoml_home(work: Path, name: str) -> dict[str, str]:
+    """The environment that gives the `bentoml serve` named `name` its own BENTOML_HOME under
+    `work`, sharing the model store of the BENTOML_HOME in effect (a symlink to its `models`).
+
+    Two servers side by side must not share one: each empties
+    `$BENTOML_HOME/prometheus_multiproc_dir` when it starts (README: "Several servers on one
+    host"), and what a server had written there before is gone from its /metrics. In one run
+    (2026-12-01) the batched server's batch size read 1.0 while its dispatcher, traced, merged 2
+    to 54 requests a call."""
+    store = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "models"
+    home = work / f"bentoml-{name.replace('@', '-')}"
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "models").exists():
+        (home / "models").symlink_to(store.resolve(), target_is_directory=True)
+    return {"BENTOML_HOME": str(home)}
+
+
 def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, Any]:
     """One closed-loop `wrk` run (one thread, `connections` connections)."""
     out = subprocess.run(
@@ -336,50 +358,78 @@ def mean_batch(before: tuple[float, float], after: tuple[float, float]) -> float
 Counter = Callable[[], tuple[float, float]]
 
 
+def median_point(points: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The point whose `key` is the median of `points` (the lower one of an even count), with
+    every round's `key` under `rounds`: one number that a single stalled round cannot move, and
+    the spread beside it."""
+    ordered = sorted(points, key=lambda point: point[key])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds": [point[key] for point in points]}
+
+
 def sweep(
     urls: dict[str, str],
     seconds: float,
     script: Path,
     levels: tuple[int, ...] = CONNECTIONS,
     counters: dict[str, Counter] | None = None,
+    rounds: int = 1,
 ) -> dict[str, list[dict[str, Any]]]:
-    """wrk at each connection count, every server at one count before the next count; with
-    `counters`, each point also gets the mean batch size the server formed during it."""
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in urls}
-    for connections in levels:
-        for name, url in urls.items():
-            wrk(url, connections, 1, script)  # settle after the previous server's run
-            count = (counters or {}).get(name, lambda: (0.0, 0.0))
-            before = count()
-            point = wrk(url, connections, seconds, script)
-            point["mean_batch"] = mean_batch(before, count())
-            results[name].append(point)
-            print(
-                f"  wrk c={connections:<3} {name:<18} {point['rps']:8.0f} req/s  "
-                f"p50 {point['p50_ms']:6.2f} ms  p99 {point['p99_ms']:7.2f} ms  "
-                f"batch {point['mean_batch']:5.1f}  errors {point['errors']} "
-                f"(503: {point['s503']})",
-                flush=True,
-            )
-    return results
+    """wrk at each connection count, every server at one count before the next count, the whole
+    sweep `rounds` times; each server's point at a count is the median-rate round (median_point).
+    With `counters`, each point also gets the mean batch size the server formed during it."""
+    points: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for _ in range(rounds):
+        for connections in levels:
+            for name, url in urls.items():
+                wrk(url, connections, 1, script)  # settle after the previous server's run
+                count = (counters or {}).get(name, lambda: (0.0, 0.0))
+                before = count()
+                point = wrk(url, connections, seconds, script)
+                point["mean_batch"] = mean_batch(before, count())
+                points.setdefault((name, connections), []).append(point)
+                print(
+                    f"  wrk c={connections:<3} {name:<18} {point['rps']:8.0f} req/s  "
+                    f"p50 {point['p50_ms']:6.2f} ms  p99 {point['p99_ms']:7.2f} ms  "
+                    f"batch {point['mean_batch']:5.1f}  errors {point['errors']} "
+                    f"(503: {point['s503']})",
+                    flush=True,
+                )
+    return {
+        name: [median_point(points[name, connections], "rps") for connections in levels]
+        for name in urls
+    }
 
 
 def fixed_rate(
-    urls: dict[str, str], saturation: dict[str, float], seconds: float, body: Path
+    urls: dict[str, str],
+    saturation: dict[str, float],
+    seconds: float,
+    body: Path,
+    rounds: int = 1,
 ) -> dict[str, dict[str, Any]]:
-    """Open loop: each server at 25%, 50% and 80% of its own saturation (rate_plan)."""
+    """Open loop: each server at 25%, 50% and 80% of its own saturation (rate_plan), every
+    server at one rate before the next, `rounds` times; each point is the median-p99 round
+    (median_point), its errors the sum over the rounds."""
+    points: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    plan = rate_plan(saturation)
+    for _ in range(rounds):
+        for label, rates in plan.items():
+            for name, url in urls.items():
+                point = open_loop(url, rates[name], seconds, body)
+                points.setdefault((label, name), []).append(point)
+                print(
+                    f"  open loop {label:<11} {name:<18} {point['target_rate']:7.0f}/s -> "
+                    f"{point['achieved_rate']:7.0f}/s  p50 {point['p50_ms']:6.2f} ms  "
+                    f"p99 {point['p99_ms']:7.2f} ms  errors {point['errors']} "
+                    f"{point['statuses']}",
+                    flush=True,
+                )
     results: dict[str, dict[str, Any]] = {}
-    for label, rates in rate_plan(saturation).items():
-        results[label] = {}
-        for name, url in urls.items():
-            point = open_loop(url, rates[name], seconds, body)
-            results[label][name] = point
-            print(
-                f"  open loop {label:<11} {name:<18} {point['target_rate']:7.0f}/s -> "
-                f"{point['achieved_rate']:7.0f}/s  p50 {point['p50_ms']:6.2f} ms  "
-                f"p99 {point['p99_ms']:7.2f} ms  errors {point['errors']} {point['statuses']}",
-                flush=True,
-            )
+    for (label, name), runs in points.items():
+        results.setdefault(label, {})[name] = {
+            **median_point(runs, "p99_ms"),
+            "errors": sum(run["errors"] for run in runs),
+        }
     return results
 
 
@@ -498,18 +548,15 @@ def commands_for(
     commands: dict[str, tuple[list[str], dict[str, str], Path]] = {}
     for name in servers:
         if name == "service":
-            commands[name] = (bento, {}, REPO)
+            commands[name] = (bento, own_bentoml_home(work, name), REPO)
         elif name in ("flipped", "service_batched", "service_unbatched"):
             batched = serve.max_batch_size == 1 if name == "flipped" else name == "service_batched"
             flip: dict[str, Any] = {"max_batch_size": BATCHED_MAX if batched else 1}
             if batched and batched_latency_ms is not None:
                 flip["max_latency_ms"] = batched_latency_ms
+            variant = "service_batched" if batched else "service_unbatched"
             overrides = {"MLOPS_SERVE_OVERRIDES": json.dumps(flip)}
-            commands["service_batched" if batched else "service_unbatched"] = (
-                bento,
-                overrides,
-                REPO,
-            )
+            commands[variant] = (bento, {**overrides, **own_bentoml_home(work, variant)}, REPO)
         elif name == "reference":
             command = [sys.executable, str(BENCH / "reference_server.py")]
             commands[name] = (
@@ -561,6 +608,7 @@ def run(
     servers: tuple[str, ...] = SERVERS,
     peer_python: str = sys.executable,
     batched_latency_ms: float | None = None,
+    rounds: int = 1,
 ) -> dict[str, Any]:
     from flows.package import save_bento_model
     from pipelines.config import load_params
@@ -584,16 +632,18 @@ def run(
     with contextlib.ExitStack() as stack:
         if compare_ref is not None:
             old = stack.enter_context(checkout(compare_ref, work))
-            commands[f"service@{compare_ref}"] = (BENTO, {"PYTHONPATH": str(old)}, old)
+            name = f"service@{compare_ref}"
+            env = {"PYTHONPATH": str(old), **own_bentoml_home(work, name)}
+            commands[name] = (BENTO, env, old)
         logs = {name: work / f"{name.replace('@', '-')}.log" for name in commands}
         urls = {
             name: stack.enter_context(server(name, command, env, logs[name], cwd))
             for name, (command, env, cwd) in commands.items()
         }
         counters = {name: counter_for(name, url, work) for name, url in urls.items()}
-        curves = sweep(urls, seconds, script, levels, counters)
+        curves = sweep(urls, seconds, script, levels, counters, rounds)
         saturation = {name: max(p["rps"] for p in curve) for name, curve in curves.items()}
-        rates = fixed_rate(urls, saturation, rate_seconds, body)
+        rates = fixed_rate(urls, saturation, rate_seconds, body, rounds)
     after = engine_ceiling(model_dir, serve.threads, row)
     print(f"engine alone after the servers, rows/s by batch: {after}")
     summary = summarize(curves, rates, best_of(ceiling, after))
@@ -604,6 +654,7 @@ def run(
         "engine_rows_per_s": {"before": ceiling, "after": after},
         "peer_batching": {"max_batch_size": BATCHED_MAX, "wait_ms": wait_ms},
         "batched_max_latency_ms": batched_latency_ms,
+        "rounds": rounds,
         "pinning": {"servers": SERVER_CPUS, "load_generators": CLIENT_CPUS},
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "summary": summary,
@@ -669,6 +720,12 @@ def main() -> None:
         default=None,
         help="max_latency_ms of the service's batched variant (default: params.yaml's)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="repeat the wrk sweep and the open-loop rates; each figure is the median round",
+    )
     args = parser.parse_args()
     levels, servers = args.connections, args.servers
     if shutil.which("wrk") is None:
@@ -688,6 +745,7 @@ def main() -> None:
             servers,
             args.peer_python,
             args.batched_max_latency_ms,
+            args.rounds,
         )
     report(results["summary"])
     print(f"server logs: {results['server_logs']}")

@@ -56,6 +56,7 @@ from benchmarks.serve_load import (  # noqa: E402
     model_row,
     model_source,
     open_loop,
+    own_bentoml_home,
     server,
     wrk,
 )
@@ -136,6 +137,7 @@ def run(work: Path, seconds: float, rounds: int, rate_seconds: float, model: str
                 "MLOPS_MODEL_TAG": tag,
                 "MLOPS_LOG_DIR": str(work / name),
                 "MLOPS_SERVE_OVERRIDES": json.dumps({"log_fraction": fraction}),
+                **own_bentoml_home(work, name),
             }
             urls[name] = stack.enter_context(server(name, bento, env, work / f"{name}.log"))
         figures = measure(urls, seconds, rounds, rate_seconds, work)

@@ -15,8 +15,10 @@ from benchmarks.serve_load import (
     batch_wait_ms,
     best_of,
     ceiling_at,
+    commands_for,
     file_batches,
     mean_batch,
+    own_bentoml_home,
     rate_plan,
     summarize,
 )
@@ -118,3 +120,44 @@ def test_summary_compares_the_best_bentoml_variant_with_every_other_server() -> 
     assert summary["s503_in_sweep"] == {"service": 0, "service_batched": 3, "ray": 0}
     assert summary["rates"]["own_50pct"]["ray"] == 75.0
     json.dumps(summary)  # the --out file
+
+
+def test_every_bentoml_server_side_by_side_gets_its_own_home_sharing_one_model_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server empties $BENTOML_HOME/prometheus_multiproc_dir when it starts: sharing one home,
+    the second server wiped the first one's batching histogram."""
+    store = tmp_path / "store"
+    (store / "models" / "m").mkdir(parents=True)
+    monkeypatch.setenv("BENTOML_HOME", str(store))
+    work = tmp_path / "work"
+    commands = commands_for(
+        ("service", "service_batched", "service_unbatched"), tmp_path, work, 1, 1.0, "python"
+    )
+    homes = [Path(env["BENTOML_HOME"]) for _, env, _ in commands.values()]
+    assert len(set(homes)) == 3
+    for home in homes:
+        assert home.parent == work
+        assert (home / "models" / "m").is_dir()  # the one store, seen through a symlink
+        assert (home / "models").resolve() == (store / "models").resolve()
+    assert json.loads(commands["service_batched"][1]["MLOPS_SERVE_OVERRIDES"])["max_batch_size"] > 1
+    again = own_bentoml_home(work, "service")  # idempotent: a second call keeps the link
+    assert Path(again["BENTOML_HOME"]) == homes[0]
+
+
+def test_a_round_figure_is_the_median_round_with_every_round_kept() -> None:
+    from benchmarks.serve_load import median_point
+
+    rounds = [
+        {"rps": 77.0, "p99_ms": 9.0},
+        {"rps": 52.0, "p99_ms": 30.0},
+        {"rps": 60.0, "p99_ms": 12.0},
+    ]
+    assert median_point(rounds, "rps") == {
+        "rps": 60.0,
+        "p99_ms": 12.0,
+        "rounds": [77.0, 52.0, 60.0],
+    }
+    assert median_point(rounds, "p99_ms")["p99_ms"] == 12.0
+    assert median_point(rounds[:2], "rps")["rps"] == 52.0  # an even count: the lower of the two
+    assert median_point(rounds[:1], "rps")["rps"] == 77.0
