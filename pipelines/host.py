@@ -620,21 +620,30 @@ def _ionice(process: Any, kind: str) -> str:
     return f"host: training I/O priority {kind}"
 
 
-def join_cgroup(share: TrainingShare, root: Path = CGROUP_ROOT) -> str:
+def join_cgroup(
+    share: TrainingShare, root: Path = CGROUP_ROOT, membership: Path = Path("/proc/self/cgroup")
+) -> str:
     """Move this process into a cgroup v2 of its own (`mlops-training` under its current one)
     with `cpu.weight` and `io.weight`; where cgroup v2 is absent or not writable, say so (the
-    per-process controls still apply). Returns the line to log."""
+    per-process controls still apply). Returns the line to log.
+
+    `root`: the cgroup v2 mount (a v2 host has `cgroup.controllers` there); `membership`: the
+    process's cgroup list, whose v2 entry is the `0::<path>` line (cgroups(7); on a hybrid host
+    it follows the v1 lines)."""
     if not (root / "cgroup.controllers").exists():
         return "host: no cgroup v2 here (cgroup v1 or none): per-process controls only"
     try:
-        own = Path("/proc/self/cgroup").read_text().splitlines()[0].split("::", 1)[1]
+        lines = membership.read_text().splitlines()
+        own = next(line[3:] for line in lines if line.startswith("0::"))
         group = root / own.lstrip("/") / CGROUP_NAME
         group.mkdir(exist_ok=True)
         for name, value in (("cpu.weight", share.cpu_weight), ("io.weight", share.io_weight)):
             if (group / name).exists():
                 (group / name).write_text(f"{value}\n")
         (group / "cgroup.procs").write_text(f"{os.getpid()}\n")
-    except (OSError, IndexError) as exc:
+    except StopIteration:
+        return f"host: no cgroup v2 entry (0::) in {membership}: per-process controls only"
+    except OSError as exc:
         return f"host: cgroup v2 not writable here ({exc}): per-process controls only"
     return f"host: training in cgroup {group} (cpu.weight {share.cpu_weight})"
 

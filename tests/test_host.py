@@ -1068,3 +1068,94 @@ def test_with_borrow_idle_the_controller_keeps_the_normal_policy_and_pauses() ->
     assert "mode PAUSED" in lines
     assert "thread host-controller False" in lines
     assert "thread MainThread True" in lines
+
+
+V2_MEMBERSHIP = "0::/user.slice/session-1.scope\n"
+HYBRID_MEMBERSHIP = "12:pids:/\n1:cpu:/\n0::/user.slice/session-1.scope\n"  # v2 line last
+
+
+def cgroup_tree(root: Path) -> Path:
+    """A cgroup v2 mount as the kernel shows it, with this process's own group in it."""
+    own = root / "user.slice" / "session-1.scope"
+    own.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpu io memory pids\n")
+    return own
+
+
+@pytest.mark.parametrize("membership", [V2_MEMBERSHIP, HYBRID_MEMBERSHIP], ids=["v2", "hybrid"])
+def test_training_joins_its_own_cgroup_v2_with_its_weights(tmp_path: Path, membership: str) -> None:
+    """Under its current group (the `0::` line wherever it is), `mlops-training` gets the
+    weights and this process; the kernel would make the interface files, the fake makes them."""
+    from pipelines.host import CGROUP_NAME, join_cgroup
+
+    share = host().training
+    group = cgroup_tree(tmp_path / "cg") / CGROUP_NAME
+    group.mkdir()
+    for name in ("cpu.weight", "io.weight", "cgroup.procs"):
+        (group / name).write_text("")
+    (tmp_path / "cgroup").write_text(membership)
+    line = join_cgroup(share, tmp_path / "cg", tmp_path / "cgroup")
+    assert line == f"host: training in cgroup {group} (cpu.weight {share.cpu_weight})"
+    assert (group / "cpu.weight").read_text() == f"{share.cpu_weight}\n"
+    assert (group / "io.weight").read_text() == f"{share.io_weight}\n"
+    assert (group / "cgroup.procs").read_text() == f"{os.getpid()}\n"
+
+
+def test_without_cgroup_v2_or_its_entry_or_write_access_training_says_why(tmp_path: Path) -> None:
+    from pipelines.host import CGROUP_NAME, join_cgroup
+
+    share = host().training
+    (tmp_path / "cgroup").write_text(V2_MEMBERSHIP)
+    assert "no cgroup v2 here" in join_cgroup(share, tmp_path / "none", tmp_path / "cgroup")
+    own = cgroup_tree(tmp_path / "cg")
+    (tmp_path / "v1").write_text("12:pids:/\n1:cpu:/\n")
+    line = join_cgroup(share, tmp_path / "cg", tmp_path / "v1")
+    assert line == f"host: no cgroup v2 entry (0::) in {tmp_path / 'v1'}: per-process controls only"
+    (own / CGROUP_NAME / "cgroup.procs").mkdir(parents=True)  # not a file: the write fails
+    line = join_cgroup(share, tmp_path / "cg", tmp_path / "cgroup")
+    assert line.startswith("host: cgroup v2 not writable here (") and "cgroup.procs" in line
+
+
+def live_cgroup_v2() -> Path | None:
+    """This machine's cgroup v2 mount: the whole tree (a v2 host) or a hybrid host's `unified`."""
+    for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+        if (root / "cgroup.controllers").exists():
+            return root
+    return None
+
+
+JOIN_AND_LEAVE = """
+import os, sys
+from pathlib import Path
+from pipelines.config import load_params
+from pipelines.host import CGROUP_NAME, join_cgroup
+root = Path(sys.argv[1])
+before = [l for l in Path("/proc/self/cgroup").read_text().splitlines() if l.startswith("0::")][0]
+line = join_cgroup(load_params(Path("params.yaml")).host.training, root)
+print(line)
+after = [l for l in Path("/proc/self/cgroup").read_text().splitlines() if l.startswith("0::")][0]
+print(after)
+if after != before:  # leave the group again and remove it
+    (root / before[3:].lstrip("/") / "cgroup.procs").write_text(f"{os.getpid()}\\n")
+    os.rmdir(root / before[3:].lstrip("/") / CGROUP_NAME)
+"""
+
+
+@pytest.mark.skipif(live_cgroup_v2() is None, reason="no cgroup v2 mount on this machine")
+def test_training_joins_a_real_cgroup_v2(tmp_path: Path) -> None:
+    """On the kernel's own cgroup v2 files (a child process, which leaves the group after): the
+    process is in `<its group>/mlops-training` once join_cgroup returns."""
+    root = live_cgroup_v2()
+    done = subprocess.run(
+        [sys.executable, "-c", JOIN_AND_LEAVE, str(root)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    line, membership = done.stdout.splitlines()[-2:]
+    if "not writable" in line:
+        pytest.skip(line)
+    assert line.startswith("host: training in cgroup ") and line.endswith(")")
+    assert membership.startswith("0::") and membership.endswith("/mlops-training")
