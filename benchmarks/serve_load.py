@@ -25,16 +25,16 @@ for a batch to fill; they need the `bench` extra (`pip install -e ".[bench]"`) i
 `--compare-ref REF` adds `service@REF`, service.py as of the git revision REF (a temporary
 `git worktree`), to measure a change of service.py side by side.
 
-Load comes from separate processes: `wrk` (closed loop: N connections, one request in flight
-each) at several connection counts, whose best rate is the saturation throughput; then
+Load comes from separate processes: `wrk` (closed loop: N connections, one request in flight each)
+at several connection counts, whose best rate is the saturation throughput; then
 benchmarks/serve_openloop.py (open loop, fixed rate) at 25%, 50% and 80% of each server's own
 saturation for p50/p99 and errors (503s: load shed). Every server runs one load level before the
-next level, so slow drifts in machine load are fair to all, and the whole schedule runs
-`--rounds` times (3 by default): each figure is the median round (the rate at a connection count,
-the p99 at a fixed rate; errors are summed), since on this noisy 2-core machine a single round's best
-window read 77 requests/s for a server that then got 46/s through at its "80%" (61/s). Each `bentoml serve` gets
-its own BENTOML_HOME (sharing one model store), or the last one started empties the others'
-metrics directory. The batch size batching actually
+next level, so slow drifts in machine load are fair to all, and the whole schedule runs `--rounds`
+times (3 by default): each figure is the median round (the rate at a connection count, the p99 at a
+fixed rate; errors are summed), since on this noisy 2-core machine a single round's best window
+read 77 requests/s for a server that then got 46/s through at its "80%" (61/s). Each `bentoml
+serve` gets its own BENTOML_HOME (sharing one model store), or the last one started empties the
+others' metrics directory. The batch size batching actually
 formed comes from the servers (BentoML's `adaptive_batch_size` histogram on /metrics; the peers'
 call counts); served / ceiling compares saturation with the ONNX Runtime engine alone, measured
 in this process at batch 1, 2, 4 ... 64 before and after the servers run (the better of the two
