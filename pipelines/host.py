@@ -620,6 +620,14 @@ def _ionice(process: Any, kind: str) -> str:
     return f"host: training I/O priority {kind}"
 
 
+def own_cgroup(membership: Path = Path("/proc/self/cgroup")) -> str | None:
+    """This process's cgroup v2 path (`/user.slice/...`) from its cgroup list `membership`: the
+    `0::<path>` line (cgroups(7); on a hybrid host it follows the v1 lines); None without one.
+    Raises OSError when `membership` cannot be read."""
+    lines = membership.read_text().splitlines()
+    return next((line[3:] for line in lines if line.startswith("0::")), None)
+
+
 def join_cgroup(
     share: TrainingShare, root: Path = CGROUP_ROOT, membership: Path = Path("/proc/self/cgroup")
 ) -> str:
@@ -628,21 +636,19 @@ def join_cgroup(
     per-process controls still apply). Returns the line to log.
 
     `root`: the cgroup v2 mount (a v2 host has `cgroup.controllers` there); `membership`: the
-    process's cgroup list, whose v2 entry is the `0::<path>` line (cgroups(7); on a hybrid host
-    it follows the v1 lines)."""
+    process's cgroup list (own_cgroup)."""
     if not (root / "cgroup.controllers").exists():
         return "host: no cgroup v2 here (cgroup v1 or none): per-process controls only"
     try:
-        lines = membership.read_text().splitlines()
-        own = next(line[3:] for line in lines if line.startswith("0::"))
+        own = own_cgroup(membership)
+        if own is None:
+            return f"host: no cgroup v2 entry (0::) in {membership}: per-process controls only"
         group = root / own.lstrip("/") / CGROUP_NAME
         group.mkdir(exist_ok=True)
         for name, value in (("cpu.weight", share.cpu_weight), ("io.weight", share.io_weight)):
             if (group / name).exists():
                 (group / name).write_text(f"{value}\n")
         (group / "cgroup.procs").write_text(f"{os.getpid()}\n")
-    except StopIteration:
-        return f"host: no cgroup v2 entry (0::) in {membership}: per-process controls only"
     except OSError as exc:
         return f"host: cgroup v2 not writable here ({exc}): per-process controls only"
     return f"host: training in cgroup {group} (cpu.weight {share.cpu_weight})"

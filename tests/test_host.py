@@ -1128,16 +1128,15 @@ JOIN_AND_LEAVE = """
 import os, sys
 from pathlib import Path
 from pipelines.config import load_params
-from pipelines.host import CGROUP_NAME, join_cgroup
+from pipelines.host import CGROUP_NAME, join_cgroup, own_cgroup
 root = Path(sys.argv[1])
-before = [l for l in Path("/proc/self/cgroup").read_text().splitlines() if l.startswith("0::")][0]
-line = join_cgroup(load_params(Path("params.yaml")).host.training, root)
-print(line)
-after = [l for l in Path("/proc/self/cgroup").read_text().splitlines() if l.startswith("0::")][0]
-print(after)
-if after != before:  # leave the group again and remove it
-    (root / before[3:].lstrip("/") / "cgroup.procs").write_text(f"{os.getpid()}\\n")
-    os.rmdir(root / before[3:].lstrip("/") / CGROUP_NAME)
+before = own_cgroup().lstrip("/")
+print(join_cgroup(load_params(Path("params.yaml")).host.training, root))
+after = own_cgroup()
+print(f"0::{after}")
+if after.lstrip("/") != before:  # leave the group again and remove it
+    (root / before / "cgroup.procs").write_text(f"{os.getpid()}\\n")
+    os.rmdir(root / before / CGROUP_NAME)
 """
 
 
